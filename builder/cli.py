@@ -1,0 +1,47 @@
+"""The `samebox` command: parse arguments, hand over to one command module, turn user errors into exit code 2.
+
+Each module in builder/commands/ defines ``register(subparsers)``, which adds its subcommand and sets
+``func(args) -> int`` on it. Commands stay thin: parse -> build the spec -> call the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from builder import __version__, commands
+from builder.errors import SameboxError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samebox",
+        description="One pinned GPU fine-tuning environment: image, setup script, fingerprint, self-test, trainer.",
+    )
+    parser.add_argument("--version", action="version", version=f"samebox {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"builder.commands.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SameboxError as e:
+        print(f"samebox: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("samebox: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

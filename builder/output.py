@@ -1,0 +1,26 @@
+"""Printing for commands: aligned text tables for people, JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+
+def print_json(obj: Any, out: TextIO = sys.stdout) -> None:
+    json.dump(obj, out, indent=2, sort_keys=True, default=str)
+    out.write("\n")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def add_root_argument(parser: Any) -> None:
+    """--root: a catalog root other than this checkout (holds images/ and lockfiles/)."""
+    parser.add_argument("--root", default=None, help="catalog root holding images/ and lockfiles/ (default: checkout)")
