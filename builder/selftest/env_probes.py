@@ -1,0 +1,145 @@
+"""Live probes of the environment -> readings: installed packages against the lockfile, /dev/shm, the data
+dir (free space, a write+fsync), and where the Hugging Face cache lives."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from builder.errors import SameboxError
+
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._\-]*)(\[[^\]]*\])?==([^\s;\\]+)")
+# Packages a lockfile pins that are checked elsewhere: flash-attn has its own wheel key.
+_NOT_FROM_LOCK = {"flash-attn"}
+
+
+def _canon(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_pins(lockfile: Path) -> dict[str, str]:
+    """name -> version for every `name==version` line of a (uv/pip-compile) lockfile."""
+    pins = {}
+    for line in lockfile.read_text().splitlines():
+        m = _PIN.match(line.strip())
+        if m:
+            pins[_canon(m.group(1))] = m.group(3)
+    return pins
+
+
+def lock_drift(lockfile: Path) -> list[str]:
+    """Problems between the installed packages and the lockfile: missing, or at another version. A lock pin
+    without a local tag matches an installed build with one (2.11.0 vs 2.11.0+cu130: the platform's torch)."""
+    installed = {
+        _canon(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]
+    }
+    problems = []
+    for name, want in sorted(lock_pins(lockfile).items()):
+        if name in _NOT_FROM_LOCK:
+            continue
+        have = installed.get(name)
+        if have is None:
+            problems.append(f"{name}: locked {want}, not installed")
+        elif have != want and not ("+" not in want and have.split("+")[0] == want):
+            problems.append(f"{name}: locked {want}, installed {have}")
+    return problems
+
+
+def verify_lock(lockfile: Path) -> tuple[list[str], str]:
+    """(problems, which comparison ran): builder.fingerprint's when present, else the pin comparison here."""
+    try:
+        from builder.fingerprint import verify_lock as fingerprint_verify
+    except ImportError:
+        return lock_drift(lockfile), "builder.selftest pin comparison"
+    return list(fingerprint_verify(lockfile)), "builder.fingerprint"
+
+
+def find_lockfile(explicit: str | None, torch_version: str | None) -> tuple[Path | None, str]:
+    """The lockfile for this environment: the given path, $SAMEBOX_LOCKFILE, or the catalog image whose torch
+    and Python match this interpreter. Returns (path or None, how it was chosen)."""
+    chosen = explicit or os.environ.get("SAMEBOX_LOCKFILE")
+    if chosen:
+        return Path(chosen), "given"
+    if not torch_version:
+        return None, "torch is not installed, so no catalog image matches"
+    import sys
+
+    from builder.spec import load_catalog
+
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    try:
+        catalog = load_catalog()
+    except SameboxError as e:
+        return None, f"catalog unreadable: {e.message}"
+    for spec in catalog:
+        if spec.has_torch and spec.torch_full == torch_version and spec.python == python:
+            return spec.lockfile, f"catalog image {spec.id}"
+    return None, f"no catalog image has torch {torch_version} with Python {python}"
+
+
+def lockfile_reading(explicit: str | None, torch_version: str | None) -> dict[str, Any]:
+    path, how = find_lockfile(explicit, torch_version)
+    reading: dict[str, Any] = {"lockfile": str(path) if path else None, "chosen_by": how}
+    if path is None:
+        return reading
+    if not path.is_file():
+        reading["missing"] = True
+        return reading
+    reading["problems"], reading["compared_by"] = verify_lock(path)
+    return reading
+
+
+def disk(path: str) -> dict[str, Any]:
+    st = os.statvfs(path)
+    return {
+        "path": path,
+        "total_bytes": st.f_blocks * st.f_frsize,
+        "free_bytes": st.f_bavail * st.f_frsize,
+        "device": os.stat(path).st_dev,
+    }
+
+
+def shm() -> dict[str, Any] | None:
+    return disk("/dev/shm") if os.path.isdir("/dev/shm") else None
+
+
+def data_dir(path: str | None, write_mib: int = 16) -> dict[str, Any] | None:
+    """Free space, and a write+fsync of ``write_mib`` MiB (removed afterwards) with its speed."""
+    if path is None:
+        return None
+    if not os.path.isdir(path):
+        return {"path": path, "exists": False}
+    reading = {"exists": True, **disk(path)}
+    probe = Path(path) / f".samebox-selftest-{os.getpid()}"
+    start = time.perf_counter()
+    try:
+        with open(probe, "wb") as f:
+            block = os.urandom(2**20)
+            for _ in range(write_mib):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        reading["write_mbps"] = write_mib * 2**20 / (time.perf_counter() - start) / 1e6
+    except OSError as e:
+        reading["write_error"] = f"{e.strerror or e} ({e.__class__.__name__}, errno {e.errno})"
+    finally:
+        probe.unlink(missing_ok=True)
+    return reading
+
+
+def hf_cache() -> dict[str, Any]:
+    """Where the Hugging Face hub cache resolves to, and the filesystem under it compared with '/'."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"
+    )
+    cache = (
+        os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    )
+    existing = cache
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or "/"
+    return {"cache": cache, "fs": disk(existing), "root_fs": disk("/")}

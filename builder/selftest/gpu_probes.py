@@ -1,0 +1,212 @@
+"""Live torch measurements on the GPU -> plain readings: identity, numerics, speed, memory, sustained load.
+
+Each probe returns a JSON-ready dict and never decides anything; the checks judge the numbers. A probe that
+raises is recorded by the collector as ``{"error": ...}``, which the checks also judge.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from builder.selftest import nvml_reader
+
+
+def torch_info() -> dict[str, Any]:
+    """torch's version, its CUDA, the GPUs it sees and the SASS architectures compiled into it."""
+    try:
+        import torch
+    except ImportError as e:
+        return {"available": False, "error": f"torch is not installed ({e})"}
+    info: dict[str, Any] = {
+        "available": True,
+        "version": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device_count": 0,
+        "devices": [],
+        "arch_list": [],
+    }
+    if not info["cuda_available"]:
+        return info
+    info["device_count"] = torch.cuda.device_count()
+    info["arch_list"] = list(torch.cuda.get_arch_list())
+    for i in range(info["device_count"]):
+        p = torch.cuda.get_device_properties(i)
+        info["devices"].append(
+            {
+                "name": p.name,
+                "capability": [p.major, p.minor],
+                "total_memory": p.total_memory,
+                "multi_processor_count": p.multi_processor_count,
+            }
+        )
+    return info
+
+
+def _sync() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def matmul_accuracy(n: int = 2048) -> dict[str, Any]:
+    """Max relative error of bf16 and fp16 matmuls against an fp64 reference (normalised by the reference's
+    largest magnitude, so cancellation near zero does not dominate)."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(n, n, device="cuda", dtype=torch.float64, generator=g)
+    b = torch.randn(n, n, device="cuda", dtype=torch.float64, generator=g)
+    out: dict[str, Any] = {"n": n}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32)):
+        ad, bd = a.to(dtype), b.to(dtype)
+        ref = ad.double() @ bd.double()  # reference over the same rounded inputs: only the matmul is judged
+        got = (ad @ bd).double()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        out[name] = {"max_rel_error": err, "finite": bool(torch.isfinite(got).all().item())}
+    return out
+
+
+def matmul_tflops(seconds: float = 1.5, n: int = 8192) -> dict[str, Any]:
+    """Sustained dense bf16 TFLOP/s over ``seconds`` of back-to-back n x n x n matmuls (after a warm-up)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync()
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ b
+        _sync()
+        iters += 10
+    elapsed = time.perf_counter() - start
+    return {"n": n, "iterations": iters, "seconds": elapsed, "tflops": 2 * n**3 * iters / elapsed / 1e12}
+
+
+def bandwidth(mib: int = 512, repeats: int = 10) -> dict[str, Any]:
+    """Device-to-device copy and pinned host-to-device bandwidth in GB/s."""
+    import torch
+
+    numel = mib * 2**20 // 4
+    src = torch.empty(numel, device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    host = torch.empty(numel, dtype=torch.float32).pin_memory()
+    result: dict[str, Any] = {"mib": mib}
+    for name, copy, factor in (
+        ("d2d_gbps", lambda: dst.copy_(src), 2),
+        ("h2d_pinned_gbps", lambda: dst.copy_(host), 1),
+    ):
+        copy()
+        _sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            copy()
+        _sync()
+        # d2d reads and writes every byte: count both, as bandwidth tests do.
+        result[name] = factor * src.numel() * 4 * repeats / (time.perf_counter() - start) / 1e9
+    return result
+
+
+def memory_pattern(fraction: float = 0.85, chunk_mib: int = 1024) -> dict[str, Any]:
+    """Fill most of the free memory with address-dependent patterns and read them back; counts mismatches."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    chunk = chunk_mib * 2**20 // 4
+    chunks: list[Any] = []
+    try:
+        while (len(chunks) + 1) * chunk * 4 < free * fraction:
+            chunks.append(torch.empty(chunk, device="cuda", dtype=torch.int32))
+        mismatches = 0
+        for pattern in (0x55555555, -0x55555556, 0):  # 0101..., 1010..., then the address itself
+            for i, t in enumerate(chunks):
+                if pattern:
+                    t.fill_(pattern)
+                else:
+                    torch.arange(i * chunk, (i + 1) * chunk, device="cuda", dtype=torch.int32, out=t)
+            for i, t in enumerate(chunks):
+                if pattern:
+                    mismatches += int((t != pattern).sum().item())
+                else:
+                    expect = torch.arange(i * chunk, (i + 1) * chunk, device="cuda", dtype=torch.int32)
+                    mismatches += int((t != expect).sum().item())
+        return {"bytes_tested": len(chunks) * chunk * 4, "free_bytes": int(free), "mismatches": mismatches}
+    finally:
+        del chunks
+        torch.cuda.empty_cache()
+
+
+def repeatability(repeats: int = 20, n: int = 4096) -> dict[str, Any]:
+    """A fixed-seed matmul repeated: every result must be bit-identical (else silent data corruption)."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    first = a @ b
+    differing = sum(int(not torch.equal(a @ b, first)) for _ in range(repeats))
+    return {"repeats": repeats, "differing": differing}
+
+
+class NvmlSampler:
+    """Samples NVML's fast-changing values on a background thread while a load runs."""
+
+    def __init__(self, index: int = 0, period: float = 0.25) -> None:
+        self.index, self.period = index, period
+        self.samples: list[dict[str, Any]] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            n = nvml_reader._nvml()
+            n.nvmlInit()
+        except Exception as e:  # no driver, no pynvml: the load still runs, the checks say n/a
+            self.error = str(e)
+            return
+        try:
+            h = n.nvmlDeviceGetHandleByIndex(self.index)
+            while not self._stop.is_set():
+                self.samples.append(nvml_reader.sample(n, h))
+                self._stop.wait(self.period)
+        finally:
+            n.nvmlShutdown()
+
+    def __enter__(self) -> NvmlSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def sustained_load(seconds: float, n: int = 8192) -> dict[str, Any]:
+    """bf16 matmuls for ``seconds`` with NVML sampled throughout; TFLOP/s per second-long window."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    windows: list[float] = []
+    with NvmlSampler() as sampler:
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            w0, iters = time.perf_counter(), 0
+            while time.perf_counter() - w0 < 1.0:
+                for _ in range(5):
+                    a @ b
+                _sync()
+                iters += 5
+            windows.append(2 * n**3 * iters / (time.perf_counter() - w0) / 1e12)
+    return {
+        "seconds": seconds,
+        "tflops_windows": windows,
+        "samples": sampler.samples,
+        "sampler_error": sampler.error,
+    }

@@ -1,0 +1,220 @@
+"""Live probes of the job's own kernels -> readings: flash-attn varlen, bitsandbytes NF4 and 8-bit AdamW,
+torch SDPA backends, and a five-step LoRA smoke run. Each returns a JSON-ready dict; the checks judge it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+# Calls that need a compile-time-disabled flash-attn feature; the build's runtime guard raises for each.
+FLASH_ATTN_FEATURES = ("local", "softcap", "alibi", "dropout")
+
+
+def elf_archs(shared_object: str) -> list[str] | None:
+    """SASS architectures inside a CUDA extension ('9.0', ...) from `cuobjdump --list-elf`, or None when
+    cuobjdump is not installed."""
+    tool = shutil.which("cuobjdump")
+    if not tool:
+        return None
+    out = subprocess.run(
+        [tool, "--list-elf", shared_object], capture_output=True, text=True, timeout=120
+    ).stdout
+    archs = set()
+    for token in out.replace(".", " ").split():
+        if token.startswith("sm_") and token[3:].rstrip("a").isdigit():
+            digits = token[3:].rstrip("a")
+            archs.add(f"{digits[:-1]}.{digits[-1]}")
+    return sorted(archs, key=lambda a: tuple(int(p) for p in a.split(".")))
+
+
+def _flash_attn_extension() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("flash_attn_2_cuda")
+    return spec.origin if spec and spec.origin else None
+
+
+def _varlen_case(fa: Any, head_dim: int, dtype: Any, window: int | None) -> dict[str, float]:
+    """flash-attn varlen fwd+bwd over three packed sequences against SDPA run on each sequence alone."""
+    import torch
+    import torch.nn.functional as F
+
+    lens, heads = [37, 128, 91], 4
+    total = sum(lens)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(total, heads, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
+        for _ in range(3)
+    )
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    window_size = (window, 0) if window else (-1, -1)
+    out = fa.flash_attn_varlen_func(
+        q, k, v, cu, cu, max(lens), max(lens), causal=True, window_size=window_size
+    )
+    grad = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+
+    ref_out, ref_grads = [], []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (t[s:e].detach().float().transpose(0, 1).requires_grad_() for t in (q, k, v))
+        n = e - s
+        i = torch.arange(n, device="cuda")
+        mask = i[None, :] <= i[:, None]
+        if window:
+            mask &= i[:, None] - i[None, :] <= window
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+        ref_grads.append(torch.autograd.grad(o, (qs, ks, vs), grad[s:e].float().transpose(0, 1)))
+        ref_out.append(o.transpose(0, 1))
+    errs = {"out": (out.float() - torch.cat(ref_out)).abs().max().item()}
+    for j, name in enumerate(("dq", "dk", "dv")):
+        ref = torch.cat([g_[j].transpose(0, 1) for g_ in ref_grads])
+        errs[name] = ((dq, dk, dv)[j].float() - ref).abs().max().item()
+    return errs
+
+
+def _feature_call(fa: Any, feature: str) -> str | None:
+    """Calls flash-attn with one optional feature on; None when it ran, else the error text."""
+    import torch
+
+    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
+    kwargs: dict[str, Any] = {
+        "local": {"window_size": (16, 0), "causal": True},
+        "softcap": {"softcap": 30.0},
+        "alibi": {"alibi_slopes": torch.ones(2, device="cuda", dtype=torch.float32)},
+        "dropout": {"dropout_p": 0.1},
+    }[feature]
+    try:
+        fa.flash_attn_func(q, q, q, **kwargs)
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # the build's runtime guard: "This flash attention build does not support ..."
+        return str(e).splitlines()[0]
+
+
+def flash_attn(
+    head_dims: list[int],
+    dtype_name: str = "bfloat16",
+    window: int | None = None,
+    extension: str | None = None,
+) -> dict[str, Any]:
+    """Readings for flash-attn: installed version, SASS archs of its extension, each head dim's errors against
+    SDPA (or the error text), and which optional features the build has."""
+    import torch
+
+    reading: dict[str, Any] = {"head_dims": head_dims, "dtype": dtype_name, "window": window}
+    try:
+        import flash_attn as fa
+    except Exception as e:  # ImportError, or an undefined-symbol OSError from a wheel built for another torch
+        reading.update(installed=False, import_error=f"{type(e).__name__}: {e}")
+        return reading
+    so = extension or _flash_attn_extension()
+    reading.update(
+        installed=True,
+        version=getattr(fa, "__version__", "?"),
+        extension=so,
+        elf_archs=elf_archs(so) if so else None,
+    )
+    dtype = getattr(torch, dtype_name)
+    cases: dict[str, Any] = {}
+    for hd in head_dims:
+        try:
+            cases[str(hd)] = _varlen_case(fa, hd, dtype, None)
+        except Exception as e:
+            cases[str(hd)] = {"error": str(e).splitlines()[0]}
+    reading["cases"] = cases
+    reading["features"] = {f: _feature_call(fa, f) for f in FLASH_ATTN_FEATURES}
+    if window:
+        try:
+            reading["window_case"] = _varlen_case(fa, head_dims[-1], dtype, window)
+        except Exception as e:
+            reading["window_case"] = {"error": str(e).splitlines()[0]}
+    return reading
+
+
+def bitsandbytes() -> dict[str, Any]:
+    """NF4 Linear4bit forward against x @ dequantized weight, and one 8-bit AdamW step."""
+    import torch
+
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except Exception as e:
+        return {"installed": False, "import_error": f"{type(e).__name__}: {e}"}
+    reading: dict[str, Any] = {"installed": True, "version": getattr(bnb, "__version__", "?")}
+    try:
+        torch.manual_seed(0)
+        layer = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
+        x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+        y = layer(x)
+        w = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+        ref = x @ w.t()
+        reading["nf4_max_rel_error"] = (
+            (y.float() - ref.float()).abs().max() / ref.float().abs().max()
+        ).item()
+    except Exception as e:
+        reading["nf4_error"] = str(e).splitlines()[0]
+    try:
+        p = torch.nn.Parameter(torch.randn(4096, device="cuda"))
+        before = p.detach().clone()
+        opt = bnb.optim.AdamW8bit([p], lr=1e-2)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        reading["adamw8bit_changed"] = bool((p.detach() != before).any().item())
+        reading["adamw8bit_finite"] = bool(torch.isfinite(p.detach()).all().item())
+    except Exception as e:
+        reading["adamw8bit_error"] = str(e).splitlines()[0]
+    return reading
+
+
+def sdpa_backends() -> dict[str, Any]:
+    """Which SDPA backends torch enables and which of them actually run a bf16 causal attention here."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 4, 128, 64, device="cuda", dtype=torch.bfloat16)
+    result: dict[str, Any] = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            result[name.lower()] = "absent from this torch"
+            continue
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            torch.cuda.synchronize()
+            result[name.lower()] = True
+        except RuntimeError as e:
+            result[name.lower()] = str(e).splitlines()[0][:200]
+    return result
+
+
+def lora_smoke(steps: int = 5) -> dict[str, Any]:
+    """Five LoRA steps (peft) on a tiny random Llama on the GPU, one fixed batch: the losses."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    ids = torch.randint(0, 256, (4, 64), device="cuda")
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "steps": steps}
