@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     except SameboxError as e:
         print(f"samebox: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader (head, less) went away: not an error of ours.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("samebox: interrupted", file=sys.stderr)
         return 130

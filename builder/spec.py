@@ -67,6 +67,8 @@ class ImageSpec:
     torch_index: str  # "pypi" or an index URL
     platforms: tuple[str, ...]
     cxx11abi: bool
+    conda_installer: str  # "Miniconda3-py312_25.1.1-2-Linux-x86_64.sh", "" for the system provider
+    conda_sha256: str
     root: Path = field(compare=False)
 
     @property
@@ -115,7 +117,8 @@ def catalog_path(root: Path | None = None) -> Path:
     return (root or project_root()) / "images" / "matrix.toml"
 
 
-def parse_catalog(path: Path) -> list[dict[str, Any]]:
+def parse_catalog(path: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Raw [[image]] entries and the [[conda]] installers keyed by Python major.minor."""
     if not path.is_file():
         raise SameboxError(f"catalog not found: {path}", "run from a samebox checkout or set SAMEBOX_ROOT")
     try:
@@ -125,7 +128,13 @@ def parse_catalog(path: Path) -> list[dict[str, Any]]:
     entries = data.get("image")
     if not isinstance(entries, list) or not entries:
         raise SameboxError(f"{path}: no [[image]] entries", "add at least one [[image]] table")
-    return entries
+    installers: dict[str, dict[str, Any]] = {}
+    for i, inst in enumerate(data.get("conda", [])):
+        fields = ("python", "installer", "sha256")
+        if not (isinstance(inst, dict) and all(isinstance(inst.get(k), str) for k in fields)):
+            raise SameboxError(f"{path}: [[conda]] #{i + 1} needs string fields python, installer, sha256")
+        installers[inst["python"]] = inst
+    return entries, installers
 
 
 # --- validate ---------------------------------------------------------------------------------------------------
@@ -192,7 +201,9 @@ def _torch_problems(where: str, raw: dict[str, Any]) -> list[str]:
         )
     expected_local = "cu" + compat.cuda_tag(raw["cuda"])
     if raw["torch_local"] != expected_local:
-        problems.append(f"{where}: field 'torch_local' is {raw['torch_local']!r}; CUDA {raw['cuda']} means {expected_local!r}")
+        problems.append(
+            f"{where}: field 'torch_local' is {raw['torch_local']!r}; CUDA {raw['cuda']} means {expected_local!r}"
+        )
     if raw["torch_index"] != "pypi" and not raw["torch_index"].startswith(("http://", "https://", "file:")):
         problems.append(f"{where}: field 'torch_index' must be 'pypi' or an index URL")
     if raw["torch_index"] == "pypi" and raw["cuda"] in release.cuda and raw["cuda"] != release.pypi_cuda:
@@ -204,7 +215,7 @@ def _torch_problems(where: str, raw: dict[str, Any]) -> list[str]:
     return problems
 
 
-def validate_entries(entries: list[dict[str, Any]], path: Path) -> None:
+def validate_entries(entries: list[dict[str, Any]], installers: dict[str, dict[str, Any]], path: Path) -> None:
     problems: list[str] = []
     seen: set[str] = set()
     for i, raw in enumerate(entries):
@@ -212,6 +223,11 @@ def validate_entries(entries: list[dict[str, Any]], path: Path) -> None:
             problems.append(f"image #{i + 1}: must be a table")
             continue
         problems += _entry_problems(i, raw)
+        if raw.get("python_provider") == "conda" and raw.get("python") not in installers:
+            problems.append(
+                f"image {raw.get('id')!r}: no [[conda]] installer for Python {raw.get('python')}; "
+                f"known: {', '.join(sorted(installers)) or 'none'}"
+            )
         ident = raw.get("id")
         if isinstance(ident, str):
             if ident in seen:
@@ -228,11 +244,12 @@ def validate_entries(entries: list[dict[str, Any]], path: Path) -> None:
 # --- complete ---------------------------------------------------------------------------------------------------
 
 
-def complete_entry(raw: dict[str, Any], root: Path) -> ImageSpec:
+def complete_entry(raw: dict[str, Any], installers: dict[str, dict[str, Any]], root: Path) -> ImageSpec:
     if raw["torch"] == NO_TORCH:
         cxx11abi = True
     else:
         cxx11abi = compat.TORCH_RELEASES[compat.torch_minor(raw["torch"])].cxx11abi
+    conda = installers.get(raw["python"]) if raw["python_provider"] == "conda" else None
     return ImageSpec(
         id=raw["id"],
         torch=raw["torch"],
@@ -249,6 +266,8 @@ def complete_entry(raw: dict[str, Any], root: Path) -> ImageSpec:
         torch_index=raw["torch_index"],
         platforms=tuple(raw["platforms"]),
         cxx11abi=cxx11abi,
+        conda_installer=conda["installer"] if conda else "",
+        conda_sha256=conda["sha256"] if conda else "",
         root=root,
     )
 
@@ -257,9 +276,9 @@ def load_catalog(root: Path | None = None) -> list[ImageSpec]:
     """Every catalog entry, validated and completed, in file order."""
     root = root or project_root()
     path = catalog_path(root)
-    entries = parse_catalog(path)
-    validate_entries(entries, path)
-    return [complete_entry(raw, root) for raw in entries]
+    entries, installers = parse_catalog(path)
+    validate_entries(entries, installers, path)
+    return [complete_entry(raw, installers, root) for raw in entries]
 
 
 # --- resolve ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""`samebox image`: resolve -> render the context -> build it with a container engine (or just print, --engine none)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from builder.engine import ENGINES, BuildRequest, ca_bundle_path, detect_engine, printed_command, run_build
+from builder.render import default_tag, write_context
+from builder.selection import add_selection_arguments, select_image
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("image", help="build the image for a catalog entry")
+    add_selection_arguments(p)
+    p.add_argument("--engine", default="docker", choices=ENGINES, help="container engine (none: write context only)")
+    p.add_argument("--tag", help="image tag (default: samebox:<id>-<lock hash>)")
+    p.add_argument("--push", action="store_true", help="push the tag after a successful build")
+    p.add_argument("--base-image", help="build on this base instead of the catalog's (e.g. a local mirror)")
+    p.add_argument("--output", help="where to write the build context (default: build/<id>)")
+    p.add_argument("--flash-attn", action="store_true", help="enable the flash-attn wheel stage")
+    p.add_argument("--ca-bundle", help="proxy CA bundle to pass as a build secret (default: $PIP_CERT/$SSL_CERT_FILE)")
+    p.add_argument("--no-host-network", action="store_true", help="do not pass --network host to the build")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = select_image(args)
+    engine = detect_engine(args.engine)
+    context = write_context(spec, Path(args.output or f"build/{spec.id}"), args.flash_attn)
+    req = BuildRequest(context=context, tag=args.tag or default_tag(spec), base_image=args.base_image,
+                       network_host=not args.no_host_network, push=args.push)
+    print(f"samebox: image {spec.id} (torch {spec.torch_full}, CUDA {spec.cuda}, Python {spec.python}) -> {req.tag}")
+    if engine.name == "none":
+        print(f"samebox: context written to {context}; build it with:\n  {printed_command(req)}")
+        return 0
+    log = context.parent / f"{spec.id}.build.log"
+    rc = run_build(engine, req, log, ca_bundle_path(args.ca_bundle))
+    if rc != 0:
+        print(f"samebox: error: the {engine.name} build failed (exit {rc}); no tag was created; "
+              f"full log kept at {log}", file=sys.stderr)
+        return 1
+    print(f"samebox: built {req.tag} (log: {log})")
+    return 0

@@ -1,0 +1,117 @@
+"""Integration: build the test catalog's image with a real Docker daemon and check it from the inside and out."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from builder.fsutil import sha256_file
+from tests.harness import TEST_IMAGE_ID, TEST_ROOT, Docker, build_test_image, docker, test_base_image  # noqa: F401
+
+pytestmark = pytest.mark.docker
+CASES = Path(__file__).parent / "cases"
+CANARY = f"samebox-canary-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+def built(docker: Docker, test_base_image: str, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
+    """One build of the test image, with a credential-like pip index secret that must not reach the image."""
+    out = tmp_path_factory.mktemp("ctx")
+    tag = f"samebox-test:{uuid.uuid4().hex[:8]}"
+    secret_url = f"file:///nonexistent/{CANARY}/simple"
+    proc = build_test_image(out / TEST_IMAGE_ID, tag, env={"PIP_EXTRA_INDEX_URL": secret_url})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield {"tag": tag, "context": out / TEST_IMAGE_ID, "log": out / f"{TEST_IMAGE_ID}.build.log",
+           "stdout": proc.stdout, "stderr": proc.stderr}
+    docker("rmi", "-f", tag, check=False)
+
+
+def test_labels_name_the_image_and_lockfile(docker: Docker, built: dict) -> None:  # noqa: F811
+    labels = docker.inspect(built["tag"])["Config"]["Labels"]
+    lock = TEST_ROOT / "lockfiles" / f"{TEST_IMAGE_ID}.txt"
+    assert labels["io.samebox.image-id"] == TEST_IMAGE_ID
+    assert labels["io.samebox.lock-sha256"] == sha256_file(lock)
+    assert labels["org.opencontainers.image.title"] == f"samebox {TEST_IMAGE_ID}"
+    assert labels["io.samebox.flash-attn"].startswith("disabled")
+
+
+def test_every_locked_package_installed_at_its_version(docker: Docker, built: dict) -> None:  # noqa: F811
+    out = docker.run(built["tag"], "python3", "/case/verify", extra=("-v", f"{CASES / 'minimal'}:/case:ro"))
+    assert "installed at their locked versions" in out
+
+
+def test_no_build_secret_in_image_or_history(docker: Docker, built: dict, tmp_path: Path) -> None:  # noqa: F811
+    history = docker("history", "--no-trunc", built["tag"]).stdout
+    assert CANARY not in history
+    tar = tmp_path / "image.tar"
+    docker("save", "-o", str(tar), built["tag"])
+    assert CANARY.encode() not in tar.read_bytes()
+    assert CANARY not in docker("image", "inspect", built["tag"]).stdout
+    # It went to the build as a BuildKit secret file, and its value was never printed.
+    assert "--secret id=pip_extra_index_url,src=" in built["stderr"]
+    assert CANARY not in built["stderr"] + built["stdout"]
+
+
+def _copy_checkout(dest: Path) -> Path:
+    repo = Path(__file__).resolve().parents[2]
+    dest.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
+    for item in ("pyproject.toml", "README.md", "builder", "trainer", "images", "configs"):
+        src = repo / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item, ignore=ignore)
+        elif src.exists():
+            shutil.copyfile(src, dest / item)
+    shutil.copytree(TEST_ROOT, dest / "catalog")
+    return dest
+
+
+def _cached_steps(log: str) -> set[str]:
+    """BuildKit plain progress: '#8 [deps 2/2] RUN ...' then '#8 CACHED'. Returns the cached step titles."""
+    titles = dict(re.findall(r"^(#\d+) (\[.*)$", log, re.M))
+    return {titles[n] for n in re.findall(r"^(#\d+) CACHED$", log, re.M) if n in titles}
+
+
+def test_code_change_rebuild_reuses_dependency_layers(docker: Docker, test_base_image: str,  # noqa: F811
+                                                      tmp_path: Path) -> None:
+    checkout = _copy_checkout(tmp_path / "checkout")
+    env = {"SAMEBOX_ROOT": str(checkout)}
+    tags = [f"samebox-test:{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    root = checkout / "catalog"
+    first = build_test_image(tmp_path / "a" / TEST_IMAGE_ID, tags[0], env=env, root=root)
+    assert first.returncode == 0, first.stderr
+    with open(checkout / "trainer" / "__init__.py", "a") as fh:
+        fh.write("\n# a code change\n")
+    second = build_test_image(tmp_path / "b" / TEST_IMAGE_ID, tags[1], env=env, root=root)
+    assert second.returncode == 0, second.stderr
+    try:
+        cached = _cached_steps((tmp_path / "b" / f"{TEST_IMAGE_ID}.build.log").read_text())
+        assert any("--require-hashes" in step for step in cached), cached
+        layers = [docker.inspect(t)["RootFS"]["Layers"] for t in tags]
+        assert layers[0] != layers[1]
+        base_layers = len(docker.inspect(test_base_image)["RootFS"]["Layers"])
+        shared = next(i for i, (x, y) in enumerate(zip(*layers, strict=False)) if x != y)
+        assert shared >= base_layers + 2, "venv and dependency layers should be reused"
+    finally:
+        docker("rmi", "-f", *tags, check=False)
+
+
+def test_failed_build_keeps_log_and_creates_no_tag(docker: Docker, test_base_image: str,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    root = tmp_path / "catalog"
+    shutil.copytree(TEST_ROOT, root)
+    lock = root / "lockfiles" / f"{TEST_IMAGE_ID}.txt"
+    text = lock.read_text()
+    tampered = re.sub(r"--hash=sha256:[0-9a-f]{64}", "--hash=sha256:" + "0" * 64, text)
+    lock.write_text(tampered)
+    tag = f"samebox-test:{uuid.uuid4().hex[:8]}"
+    proc = build_test_image(tmp_path / "out" / TEST_IMAGE_ID, tag, root=root)
+    assert proc.returncode == 1
+    assert "no tag was created" in proc.stderr
+    log = tmp_path / "out" / f"{TEST_IMAGE_ID}.build.log"
+    assert log.is_file() and "hash" in log.read_text().lower()
+    assert not docker.exists(tag)
