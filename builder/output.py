@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 
-def print_json(obj: Any, out: TextIO = sys.stdout) -> None:
+def print_json(obj: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     json.dump(obj, out, indent=2, sort_keys=True, default=str)
     out.write("\n")
 

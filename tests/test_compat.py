@@ -1,0 +1,44 @@
+"""The compatibility tables answer the questions users ask."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder import compat
+
+
+@pytest.mark.parametrize(
+    ("name", "cc"),
+    [("RTX 4090", "8.9"), ("4090D", "8.9"), ("NVIDIA GeForce RTX 4090 D", "8.9"), ("H20", "9.0"), ("A800-80GB", "8.0"),
+     ("vGPU-32GB", "8.9"), ("RTX 5090", "12.0"), ("V100-32GB", "7.0"), ("NVIDIA H100 80GB HBM3", "9.0"),
+     ("NVIDIA A100-SXM4-80GB", "8.0"), ("RTX 3090", "8.6")],
+)
+def test_gpu_names(name: str, cc: str) -> None:
+    found = compat.gpu_capability(name)
+    assert found is not None and found[0] == cc
+
+
+def test_unknown_gpu() -> None:
+    assert compat.gpu_capability("Voodoo 5") is None
+
+
+def test_arch_compatibility() -> None:
+    assert compat.arch_runs_on("8.6", "8.9")
+    assert not compat.arch_runs_on("9.0", "8.9")
+    assert not compat.arch_runs_on("9.0", "12.0")
+
+
+def test_driver_minimums() -> None:
+    assert compat.driver_supports("535.104.05", "12.1")
+    assert not compat.driver_supports("525.60.13", "12.1")
+    assert compat.driver_supports("580.159.04", "13.0")
+    assert not compat.driver_supports("570.86", "12.9")
+    assert compat.min_driver("12.5") == compat.CUDA_MIN_DRIVER["12.4"]
+
+
+def test_every_torch_cuda_variant_has_arch_and_driver_facts() -> None:
+    for minor, release in compat.TORCH_RELEASES.items():
+        assert release.pypi_cuda in release.cuda, minor
+        for cuda in release.cuda:
+            assert cuda in compat.TORCH_ARCHES, (minor, cuda)
+            assert compat.min_driver(cuda), (minor, cuda)
