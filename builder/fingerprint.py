@@ -1,0 +1,298 @@
+"""Collect and serialise a fingerprint: what is installed in this Python environment and what the machine is.
+
+Two environments are the same when their fingerprints' environment parts are equal (see builder/drift.py). The
+JSON is deterministic (sorted keys, sorted lists, no timestamps), so equal environments give byte-equal files.
+Secrets never enter it: environment variables come from an allowlist, any name holding TOKEN/KEY/SECRET/PASSWORD/
+CREDENTIAL is dropped, and user:password@ is stripped from URLs.
+
+Imports the standard library only (setup.sh runs parts of it before samebox's dependencies are installed).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+ENV_ALLOWLIST = (
+    "AutoDLRegion", "CONDA_DEFAULT_ENV", "CONDA_PREFIX", "CUDA_HOME", "CUDA_VISIBLE_DEVICES", "HF_ENDPOINT",
+    "HF_HOME", "HF_HUB_OFFLINE", "HTTPS_PROXY", "HTTP_PROXY", "LD_LIBRARY_PATH", "NO_PROXY", "PIP_CACHE_DIR",
+    "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_TRUSTED_HOST", "PYTHONPATH",
+    "TORCH_CUDA_ARCH_LIST", "TORCH_HOME", "TRANSFORMERS_CACHE", "UV_EXTRA_INDEX_URL", "UV_INDEX_URL",
+    "VIRTUAL_ENV", "http_proxy", "https_proxy", "no_proxy",
+)
+ENV_PREFIXES = ("SAMEBOX_",)
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]+@")
+# RECORD rows an installer writes itself: they differ between pip and uv, and between runs.
+_INSTALLER_FILES = ("INSTALLER", "REQUESTED", "RECORD", "direct_url.json")
+
+
+def redact(value: str) -> str:
+    """Strip user:password@ from every URL in a value."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>", value)
+
+
+def is_secret_name(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in SECRET_WORDS)
+
+
+def selected_env(environ: dict[str, str] | os._Environ[str] | None = None) -> dict[str, str]:
+    environ = os.environ if environ is None else environ
+    return {
+        k: redact(v) for k, v in sorted(environ.items())
+        if (k in ENV_ALLOWLIST or k.startswith(ENV_PREFIXES)) and not is_secret_name(k)
+    }
+
+
+# --- distributions ----------------------------------------------------------------------------------------------
+
+
+def canonical_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _wheel_rows(dist: md.Distribution) -> list[tuple[str, str]]:
+    """(path, 'sha256=...') RECORD rows of the files the wheel brought: no bytecode, no installer bookkeeping.
+    Rows outside site-packages (console scripts, which installers rewrite) keep their path and lose their hash."""
+    rows = []
+    for f in dist.files or []:
+        path = str(f).replace("\\", "/")
+        if path.endswith(".pyc") or "/__pycache__/" in path:
+            continue
+        if ".dist-info/" in path and path.rsplit("/", 1)[-1] in _INSTALLER_FILES:
+            continue
+        digest = f"{f.hash.mode}={f.hash.value}" if f.hash else ""
+        rows.append((path, "" if path.startswith("..") else digest))
+    return sorted(rows)
+
+
+def _file_matches(dist: md.Distribution, path: str, digest: str) -> bool:
+    mode, _, want = digest.partition("=")
+    try:
+        h = hashlib.new(mode)
+        with open(dist.locate_file(path), "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except (OSError, ValueError):
+        return False
+    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode() == want
+
+
+def dist_dir(dist: md.Distribution) -> str:
+    return str(getattr(dist, "_path", ""))
+
+
+def installed_distributions() -> dict[str, md.Distribution]:
+    """Canonical name -> the distribution Python would import (first on sys.path wins, as importlib does).
+    pip's leftovers from an interrupted run ('~umpy-1.26.dist-info') are not distributions."""
+    found: dict[str, md.Distribution] = {}
+    for dist in md.distributions():
+        name = dist.metadata["Name"] if dist.metadata else None
+        if not name or Path(dist_dir(dist)).name.startswith("~"):
+            continue
+        found.setdefault(canonical_name(name), dist)
+    return found
+
+
+def check_files(dists: dict[str, md.Distribution], workers: int = 8) -> dict[str, list[str]]:
+    """Canonical name -> RECORD paths whose file is missing or differs from its RECORD hash (hashed in threads;
+    hashlib releases the GIL). A distribution without a RECORD is reported as ['RECORD']."""
+    jobs: list[tuple[str, md.Distribution, str, str]] = []
+    problems: dict[str, list[str]] = {name: [] for name in dists}
+    for name, dist in dists.items():
+        if dist.files is None:
+            problems[name].append("RECORD")
+            continue
+        jobs += [(name, dist, p, d) for p, d in _wheel_rows(dist) if d]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda j: _file_matches(j[1], j[2], j[3]), jobs)
+        for (name, _, path, _), ok in zip(jobs, results, strict=True):
+            if not ok:
+                problems[name].append(path)
+    return {name: sorted(paths) for name, paths in problems.items()}
+
+
+def record_digest(dist: md.Distribution) -> str:
+    rows = _wheel_rows(dist)
+    return hashlib.sha256("".join(f"{p},{d}\n" for p, d in rows).encode()).hexdigest() if rows else ""
+
+
+def packages(with_files: bool = True) -> dict[str, dict[str, Any]]:
+    dists = installed_distributions()
+    modified = check_files(dists) if with_files else {}
+    out = {}
+    for name, dist in sorted(dists.items()):
+        entry: dict[str, Any] = {"version": dist.version, "record": record_digest(dist)}
+        if with_files:
+            entry["modified"] = modified[name]
+        out[name] = entry
+    return out
+
+
+# --- python, os, torch, cuda, machine ---------------------------------------------------------------------------
+
+
+def python_facts() -> dict[str, Any]:
+    return {
+        "build": list(platform.python_build()),
+        "compiler": platform.python_compiler(),
+        "executable": sys.executable,
+        "implementation": platform.python_implementation(),
+        "prefix": sys.prefix,
+        "version": platform.python_version(),
+    }
+
+
+def os_facts() -> dict[str, str]:
+    release: dict[str, str] = {}
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key in ("ID", "VERSION_ID", "PRETTY_NAME"):
+                release[key.lower()] = value.strip().strip('"')
+    except OSError:
+        pass
+    libc, version = platform.libc_ver()
+    return {**release, "glibc": f"{libc} {version}".strip(), "machine": platform.machine(), "system": platform.system()}
+
+
+def torch_facts() -> dict[str, Any] | None:
+    """torch as it reports itself, or None when it is not installed (imported lazily: it takes seconds)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        import torch
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    archs: list[str] = []
+    if hasattr(torch._C, "_cuda_getArchFlags") and torch.version.cuda:
+        archs = sorted(str(torch._C._cuda_getArchFlags()).split())
+    try:
+        cudnn = torch.backends.cudnn.version() if torch.version.cuda else None
+    except Exception:
+        cudnn = None
+    return {
+        "arch_list": archs,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "cxx11abi": bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", False)),
+        "version": str(torch.__version__),
+    }
+
+
+def nvcc_version() -> str | None:
+    candidates = [shutil.which("nvcc")]
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(str(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"))
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    for nvcc in filter(None, candidates):
+        if not Path(nvcc).is_file():
+            continue
+        try:
+            out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        found = re.search(r"release ([\d.]+), V([\d.]+)", out)
+        if found:
+            return found.group(2)
+    return None
+
+
+def machine_facts() -> dict[str, Any]:
+    """Driver and GPUs through NVML (nvidia-ml-py) when present; empty on a machine without either."""
+    facts: dict[str, Any] = {"driver": None, "gpus": []}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return facts
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        facts["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            facts["gpus"].append({
+                "compute_capability": f"{major}.{minor}",
+                "memory_mib": pynvml.nvmlDeviceGetMemoryInfo(handle).total // (1 << 20),
+                "name": name.decode() if isinstance(name, bytes) else name,
+            })
+    except Exception as e:
+        facts["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        pynvml.nvmlShutdown()
+    return facts
+
+
+def pip_config_sources(environ: dict[str, str] | os._Environ[str] | None = None) -> list[dict[str, Any]]:
+    """pip configuration files that exist, in pip's order, with their settings (URLs without credentials)."""
+    environ = os.environ if environ is None else environ
+    home = Path(environ.get("HOME", "~")).expanduser()
+    xdg = environ.get("XDG_CONFIG_HOME", str(home / ".config"))
+    paths = ["/etc/pip.conf", "/etc/xdg/pip/pip.conf", str(Path(xdg) / "pip" / "pip.conf"),
+             str(home / ".pip" / "pip.conf"), str(Path(sys.prefix) / "pip.conf")]
+    if environ.get("PIP_CONFIG_FILE"):
+        paths.append(environ["PIP_CONFIG_FILE"])
+    sources = []
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        settings = {}
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            key = key.strip()
+            if sep and not key.startswith(("#", ";")) and not is_secret_name(key):
+                settings[key] = redact(value.strip())
+        sources.append({"path": path, "settings": dict(sorted(settings.items()))})
+    return sources
+
+
+def collect(with_files: bool = True) -> dict[str, Any]:
+    """The fingerprint of the running interpreter's environment and of this machine."""
+    return {
+        "env": selected_env(),
+        "machine": machine_facts(),
+        "nvcc": nvcc_version(),
+        "os": os_facts(),
+        "packages": packages(with_files),
+        "pip_config": pip_config_sources(),
+        "python": python_facts(),
+        "schema": SCHEMA,
+        "torch": torch_facts(),
+    }
+
+
+def dumps(fingerprint: dict[str, Any]) -> str:
+    return json.dumps(fingerprint, indent=2, sort_keys=True) + "\n"
+
+
+def load(path: Path) -> dict[str, Any]:
+    from builder.errors import SameboxError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SameboxError(f"cannot read fingerprint {path}: {e}", "make one with `samebox fingerprint -o FILE`") from e
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or "packages" not in data:
+        raise SameboxError(f"{path} is not a samebox fingerprint (schema {SCHEMA})",
+                           "make one with `samebox fingerprint -o FILE`")
+    return data
