@@ -171,3 +171,109 @@ def min_driver(cuda: str) -> str | None:
     known = sorted(CUDA_MIN_DRIVER, key=version_tuple)
     candidates = [c for c in known if version_tuple(c) <= version_tuple(cuda)]
     return CUDA_MIN_DRIVER[candidates[-1]] if candidates else None
+
+# --- flash-attn wheels (builder/wheels) -------------------------------------------------------------------------
+
+# flash-attn's setup.py compiles SASS for these compute capabilities only (no PTX): a GPU runs the highest one of
+# the same major that is not above it (8.6 and 8.9 run the sm_80 build). Value: the least nvcc that targets it.
+FLASH_ATTN_BUILD_ARCHS: dict[str, str] = {"8.0": "11.7", "9.0": "11.8", "10.0": "12.8", "12.0": "12.8"}
+
+
+@dataclass(frozen=True)
+class FlashAttnRelease:
+    """One flash-attn release: its PyPI sdist and how its official GitHub wheels are named and built.
+
+    ``wheel_cuda`` lists the CUDA tags in official wheel names (setup.py ``get_wheel_url``: 2.6.x names
+    major+minor, cu118/cu123; 2.7.0 on names the major only, cu12). ``release_archs`` is the SASS in those wheels.
+    ``arch_env``: whether setup.py honours FLASH_ATTN_CUDA_ARCHS (older ones always build sm_80 + sm_90).
+    ``objects``: compile units of the CUDA extension (ninja's total), for the ETA.
+    """
+
+    sdist_sha256: str
+    sdist_url: str
+    wheel_cuda: tuple[str, ...]
+    torch: tuple[str, ...]
+    python: tuple[str, ...]
+    release_archs: tuple[str, ...]
+    arch_env: bool
+    objects: int
+
+
+_PYPI_FILES = "https://files.pythonhosted.org/packages"
+
+FLASH_ATTN_RELEASES: dict[str, FlashAttnRelease] = {
+    "2.6.3": FlashAttnRelease(
+        "5bfae9500ad8e7d2937ebccb4906f3bc464d1bf66eedd0e4adabd520811c7b52",
+        f"{_PYPI_FILES}/cd/1e/21321670cd3c2f225026d9fd89272cae661529238850e79f48ccf2f9e4e3/flash_attn-2.6.3.tar.gz",
+        ("11.8", "12.3"), ("2.0", "2.1", "2.2", "2.3", "2.4"), ("3.8", "3.9", "3.10", "3.11", "3.12"),
+        ("8.0", "9.0"), False, 73,
+    ),
+    "2.7.4.post1": FlashAttnRelease(
+        "f03485c9a49a4d68d0733acdcad80ab0e72afa025a777fdc2966ceccf9d51765",
+        f"{_PYPI_FILES}/11/34/9bf60e736ed7bbe15055ac2dab48ec67d9dbd088d2b4ae318fd77190ab4e/"
+        "flash_attn-2.7.4.post1.tar.gz",
+        ("12",), ("2.2", "2.3", "2.4", "2.5", "2.6"), ("3.9", "3.10", "3.11", "3.12", "3.13"),
+        ("8.0", "9.0"), True, 73,
+    ),
+    "2.8.3": FlashAttnRelease(
+        "1e71dd64a9e0280e0447b8a0c2541bad4bf6ac65bdeaa2f90e51a9e57de0370d",
+        f"{_PYPI_FILES}/3b/b2/8d76c41ad7974ee264754709c22963447f7f8134613fd9ce80984ed0dab7/flash_attn-2.8.3.tar.gz",
+        ("12",), ("2.4", "2.5", "2.6", "2.7", "2.8"), ("3.9", "3.10", "3.11", "3.12", "3.13"),
+        ("8.0", "9.0", "10.0", "12.0"), True, 73,
+    ),
+    "2.8.3.post2": FlashAttnRelease(
+        "d0f9f0b08a986cdeadbffcf5ec8b3a8f514366c68ad1853d3ab061bc83cc340b",
+        f"{_PYPI_FILES}/6c/b1/b77625e3d11260d2bd6a4fc249a4be9a3da97ff848e2222e810c4f0e0211/"
+        "flash_attn-2.8.3.post2.tar.gz",
+        ("12",), ("2.4", "2.5", "2.6", "2.7", "2.8"), ("3.9", "3.10", "3.11", "3.12", "3.13"),
+        ("8.0", "9.0", "10.0", "12.0"), True, 73,
+    ),
+}
+
+# Build profiles: preprocessor switches flash-attn's sources read (csrc/flash_attn/src/static_switch.h compiles the
+# feature's kernel variants out; flash_api.cpp keeps a TORCH_CHECK that raises when a call asks for it).
+FLASH_ATTN_PROFILES: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "slim": (
+        "FLASHATTENTION_DISABLE_DROPOUT",
+        "FLASHATTENTION_DISABLE_ALIBI",
+        "FLASHATTENTION_DISABLE_SOFTCAP",
+        "FLASHATTENTION_DISABLE_LOCAL",
+    ),
+}
+
+# Measured on 16 cores (flash-attn 2.8.3, torch 2.11, CUDA 13.0, sm_90 only): slim 383 s, full ~25 min, 73 objects
+# at 16 jobs -> seconds one job spends on one object for one arch. Used for the ETA only.
+FLASH_ATTN_OBJECT_SECONDS: dict[str, float] = {"slim": 80.0, "full": 320.0}
+# RAM one nvcc job needs (GB); MAX_JOBS = min(cores, free RAM / this) for one arch.
+FLASH_ATTN_JOB_RAM_GB = 4.0
+
+# --- matmul throughput ------------------------------------------------------------------------------------------
+
+# GPU (name as ``normalise_gpu_name`` writes it; "-PCIE" marks the PCIe form factor where it differs) -> dense
+# bf16 TFLOP/s that a healthy card sustains on back-to-back 8192^3 torch matmuls (builder/selftest/gpu_probes.py).
+# The self-test fails a card under 0.75x of this. H100 is measured by bench/selftest_gpu.py; the others are
+# 0.7x the datasheet's dense bf16 (fp32 accumulate) peak, the fraction cuBLAS reaches on these sizes.
+BF16_MATMUL_TFLOPS: dict[str, float] = {
+    "A100": 220.0,
+    "A800": 220.0,
+    "A30": 115.0,
+    "A10": 85.0,
+    "A40": 105.0,
+    "A6000": 108.0,
+    "3090": 50.0,
+    "4090": 115.0,
+    "4090D": 103.0,
+    "L4": 85.0,
+    "L20": 84.0,
+    "L40": 127.0,
+    "L40S": 253.0,
+    "H20": 104.0,
+    "H100": 690.0,
+    "H100-PCIE": 530.0,
+    "H800": 690.0,
+    "H200": 690.0,
+    "GH200": 690.0,
+    "B200": 1575.0,
+    "5090": 147.0,
+}

@@ -1,0 +1,181 @@
+"""Checks a flash-attn wheel must pass: its file-name tags, the SASS archs `cuobjdump --list-elf` finds in its
+extension, whether that SASS runs on the GPUs here, and (torch + GPU present) a numeric check of
+flash_attn_varlen_func forward and backward against torch SDPA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+from packaging.version import Version
+
+from builder import compat
+from builder.errors import SameboxError
+from builder.wheels.key import WheelKey
+
+_ELF_SM = re.compile(r"\.sm_(\d+)[a-z]?\.cubin")
+EXTENSION = "flash_attn_2_cuda"
+# bf16 carries 8 bits of mantissa (eps 2**-8 = 3.9e-3); flash-attn's own tests allow twice SDPA's bf16 error.
+# Relative error ||x - ref||_F / ||ref||_F against an fp32 SDPA reference, for the output and each gradient:
+REL_ERR_BOUND = 2e-2
+
+
+def wheel_tag_problems(wheel: Path, key: WheelKey) -> list[str]:
+    """Mismatches between a wheel's file name and the key (name, version, Python tag, linux x86_64)."""
+    try:
+        name, version, _build, tags = parse_wheel_filename(wheel.name)
+    except InvalidWheelFilename as e:
+        return [f"{wheel.name}: not a wheel file name ({e})"]
+    problems = []
+    if name != "flash-attn":
+        problems.append(f"{wheel.name}: distribution is {name}, not flash-attn")
+    if version.public != Version(key.flash_attn).public:
+        problems.append(f"{wheel.name}: version {version.public}, the key wants {key.flash_attn}")
+    if not any(t.interpreter == key.python and t.abi == key.python for t in tags):
+        problems.append(f"{wheel.name}: tags {sorted(str(t) for t in tags)}, the key wants {key.python}")
+    if not any(t.platform.endswith("x86_64") and t.platform.startswith(("linux", "manylinux")) for t in tags):
+        problems.append(f"{wheel.name}: not a Linux x86_64 wheel")
+    return problems + _metadata_problems(wheel, key)
+
+
+def _metadata_problems(wheel: Path, key: WheelKey) -> list[str]:
+    """What the wheel says inside (.dist-info/WHEEL tags, METADATA version), which a rename cannot change."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            info = {Path(n).name: zf.read(n).decode(errors="replace") for n in zf.namelist()
+                    if n.count("/") == 1 and n.split("/")[0].endswith(".dist-info")
+                    and Path(n).name in ("WHEEL", "METADATA")}
+    except zipfile.BadZipFile:
+        return [f"{wheel.name}: not a zip archive"]
+    if set(info) != {"WHEEL", "METADATA"}:
+        return [f"{wheel.name}: no .dist-info/WHEEL and METADATA inside"]
+    problems = []
+    tags = re.findall(r"^Tag: (\S+)", info["WHEEL"], re.M)
+    if not any(t.startswith(f"{key.python}-{key.python}-") for t in tags):
+        problems.append(f"{wheel.name}: .dist-info/WHEEL tags {tags}, the key wants {key.python}")
+    version = re.search(r"^Version: (\S+)", info["METADATA"], re.M)
+    if not version or Version(version.group(1)).public != Version(key.flash_attn).public:
+        problems.append(f"{wheel.name}: METADATA version {version.group(1) if version else None}, "
+                        f"the key wants {key.flash_attn}")
+    return problems
+
+
+def extract_extension(wheel: Path, dest: Path) -> Path:
+    """The CUDA extension (flash_attn_2_cuda*.so) from a wheel, unpacked into ``dest``."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = [n for n in zf.namelist() if Path(n).name.startswith(EXTENSION) and n.endswith(".so")]
+        if len(names) != 1:
+            raise SameboxError(f"{wheel.name} holds {len(names)} {EXTENSION} extensions, expected 1",
+                               "the wheel is not a flash-attn CUDA build")
+        return Path(zf.extract(names[0], dest))
+
+
+def find_cuobjdump(env: dict[str, str] | None = None) -> str | None:
+    env = os.environ if env is None else env
+    for home in (env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "cuobjdump").is_file():
+            return str(Path(home) / "bin" / "cuobjdump")
+    return shutil.which("cuobjdump", path=env.get("PATH"))
+
+
+def elf_archs(wheel: Path, cuobjdump: str) -> tuple[str, ...]:
+    """The SASS archs in the wheel's extension per `cuobjdump --list-elf`: ('8.0', '9.0')."""
+    with tempfile.TemporaryDirectory() as tmp:
+        so = extract_extension(wheel, Path(tmp))
+        res = subprocess.run([cuobjdump, "--list-elf", str(so)], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SameboxError(f"cuobjdump --list-elf failed on {wheel.name}: {res.stderr.strip()[:300]}",
+                           "the extension may be damaged; rebuild the wheel")
+    codes = {int(m.group(1)) for m in _ELF_SM.finditer(res.stdout)}
+    return tuple(f"{c // 10}.{c % 10}" for c in sorted(codes))
+
+
+def arch_problems(found: tuple[str, ...], key: WheelKey, exact: bool) -> list[str]:
+    """Source builds must hold exactly the key's SASS; official wheels at least the key's archs."""
+    want = set(key.archs)
+    if exact and set(found) != want or not exact and not want <= set(found):
+        relation = "exactly" if exact else "at least"
+        return [f"cuobjdump lists sm_{', sm_'.join(a.replace('.', '') for a in found) or 'nothing'}; "
+                f"the key wants {relation} sm_{', sm_'.join(key.sm_codes)}"]
+    return []
+
+
+def gpu_problems(archs: tuple[str, ...], gpus: tuple[tuple[str, str], ...], key: WheelKey) -> list[str]:
+    """GPUs here that no SASS in the wheel runs on, each with the command that builds one that does."""
+    problems = []
+    for name, cap in gpus:
+        if not any(compat.arch_runs_on(a, cap) for a in archs):
+            built = ", ".join(f"sm_{a.replace('.', '')}" for a in archs)
+            problems.append(
+                f"{name} is sm_{cap.replace('.', '')} but this flash-attn wheel only has {built}: it would fail "
+                f"with 'no kernel image is available'. Rebuild for it: samebox wheel flash-attn --from-env "
+                f"--arch {cap} --profile {key.profile}"
+            )
+    return problems
+
+
+def verify_wheel(wheel: Path, key: WheelKey, exact_archs: bool, cuobjdump: str | None) -> tuple[str, ...]:
+    """Tags and archs, or SameboxError listing what is wrong. Returns the archs cuobjdump found (or ())."""
+    problems = wheel_tag_problems(wheel, key)
+    found: tuple[str, ...] = ()
+    if not problems and cuobjdump:
+        found = elf_archs(wheel, cuobjdump)
+        problems += arch_problems(found, key, exact_archs)
+    if problems:
+        raise SameboxError(f"{wheel.name} does not fit key {key.id}:", "it was not added to the cache", problems)
+    return found
+
+
+_NUMERIC_CHECK = r"""
+import json, sys, torch, torch.nn.functional as F
+from flash_attn import flash_attn_varlen_func
+torch.manual_seed(0)
+lens, h, d, dev = [37, 128, 211, 64], 8, 128, "cuda"
+cu = torch.tensor([0] + lens, device=dev).cumsum(0).to(torch.int32)
+q, k, v = (torch.randn(sum(lens), h, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+g = torch.randn_like(out)
+out.backward(g)
+fa = [out.float()] + [t.grad.float() for t in (q, k, v)]
+q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+refs = []
+for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+    qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q32, k32, v32))
+    refs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).squeeze(0).transpose(0, 1))
+ref_out = torch.cat(refs)
+ref_out.backward(g.float())
+ref = [ref_out.detach()] + [t.grad for t in (q32, k32, v32)]
+errs = {n: ((a - b).norm() / b.norm()).item() for n, a, b in zip(("out", "dq", "dk", "dv"), fa, ref)}
+print(json.dumps({"rel_err": errs, "device": torch.cuda.get_device_name(0), "seqlens": lens, "heads": h,
+                  "head_dim": d, "dtype": "bfloat16"}))
+"""
+
+
+def numeric_check(wheel: Path, python: str = sys.executable) -> dict[str, object]:
+    """Import the wheel's flash_attn (unpacked, not installed) in a child Python and compare varlen fwd+bwd with
+    an fp32 SDPA reference; SameboxError when any relative error exceeds REL_ERR_BOUND."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(tmp)
+        env = {**os.environ, "PYTHONPATH": tmp + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        res = subprocess.run([python, "-c", _NUMERIC_CHECK], capture_output=True, text=True, env=env,
+                             cwd=tmp, check=False)
+    if res.returncode != 0:
+        raise SameboxError(f"numeric check of {wheel.name} could not run", "see the error below",
+                           res.stderr.strip().splitlines()[-8:])
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    result["bound"] = REL_ERR_BOUND
+    bad = [f"{n}: relative error {e:.2e} > {REL_ERR_BOUND:.0e}" for n, e in result["rel_err"].items()
+           if not e <= REL_ERR_BOUND]
+    if bad:
+        raise SameboxError(f"{wheel.name} computes wrong attention against torch SDPA:", "do not use it", bad)
+    return result
