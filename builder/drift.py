@@ -101,6 +101,15 @@ def verify_lock(lockfile: Path, torch: str = "", check_files: bool = True) -> li
     return out
 
 
+def is_intact(name: str, version: str = "") -> bool:
+    """Whether a distribution is installed (at ``version``'s public part, when given) with every file as its RECORD
+    says."""
+    dist = fingerprint.installed_distributions().get(fingerprint.canonical_name(name))
+    if dist is None or (version and _base_version(dist.version) != _base_version(version)):
+        return False
+    return not fingerprint.check_files({name: dist})[name]
+
+
 def plan_install(lockfile: Path) -> tuple[list[LockedPackage], list[str]]:
     """The locked packages (not platform-provided) a setup run must (re)install, each with why.
 
@@ -205,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--out", type=Path, required=True)
     p_platform = sub.add_parser("platform", help="verify torch/triton/nvidia-* of the platform against the lock")
     p_platform.add_argument("--lock", type=Path, required=True)
+    p_intact = sub.add_parser("intact", help="exit 0 when a distribution is installed, intact, at --version")
+    p_intact.add_argument("name")
+    p_intact.add_argument("--version", default="")
     args = parser.parse_args(argv)
+    if args.cmd == "intact":
+        return 0 if is_intact(args.name, args.version) else 1
     if args.cmd == "plan":
         todo, why = plan_install(args.lock)
         args.out.write_text("".join(p.block + "\n" for p in todo))

@@ -209,6 +209,7 @@ def shell_assignments(plat: Platform, entry: dict[str, Any]) -> str:
         "SB_TORCH_CUDA": plat.torch_cuda,
         "SB_GPUS": ", ".join(plat.gpus),
         "SB_DRIVER": plat.driver,
+        "SB_FLASH_ATTN": entry.get("flash_attn", ""),
         "SB_AUTODL": "1" if plat.autodl else "",
         "SB_AUTODL_REGION": plat.autodl_region,
         "SB_DATA_DISK": plat.data_disk,
