@@ -54,9 +54,7 @@ def readings_subprocess(mode: str, env: dict[str, str], data_dir: str) -> dict:
         "from builder.selftest.model import attention_needs; "
         f"print(json.dumps(collect({mode!r}, attention_needs(None), {data_dir!r}), default=str))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         return {"subprocess_error": out.stderr[-4000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -69,9 +67,7 @@ def capture(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     smi = shutil.which("nvidia-smi")
     if smi:
-        (out_dir / "nvidia-smi-q.txt").write_text(
-            subprocess.run([smi, "-q"], capture_output=True, text=True).stdout
-        )
+        (out_dir / "nvidia-smi-q.txt").write_text(subprocess.run([smi, "-q"], capture_output=True, text=True).stdout)
     with tempfile.TemporaryDirectory() as data_dir:
         for mode in ("quick", "full"):
             start = time.perf_counter()
@@ -83,17 +79,259 @@ def capture(out_dir: Path) -> None:
         write_json(out_dir / "no_visible_devices.json", readings_subprocess("quick", env, data_dir))
 
 
+STANDIN_CU = r"""
+#include <cuda_runtime.h>
+__global__ void k(int *x) { if (x) *x = 1; }
+extern "C" const char *launch() {
+    k<<<1, 1>>>(nullptr);
+    return cudaGetErrorString(cudaGetLastError());
+}
+"""
+
+
+def timed_selftest(mode: str, data_dir: str) -> dict:
+    from builder.selftest import run_selftest
+
+    start = time.perf_counter()
+    report = run_selftest(mode, data_dir=data_dir)
+    wall = time.perf_counter() - start
+    return {"wall_s": round(wall, 2), "report": report.to_dict(), "text": report.format(), "readings": report.readings}
+
+
+def findings_of(report: dict, check: str) -> list[dict]:
+    return [f for f in report["findings"] if f["check"] == check]
+
+
+def judged(readings: dict, check: str) -> list[dict]:
+    from builder.selftest import report_from_readings
+
+    return findings_of(report_from_readings(readings).to_dict(), check)
+
+
+def fault_no_visible_devices() -> dict:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = {
+        "injected": 'CUDA_VISIBLE_DEVICES="" samebox selftest --quick --json',
+        "exit_code": out.returncode,
+        "wall_s": round(time.perf_counter() - start, 2),
+    }
+    try:
+        report = json.loads(out.stdout)
+        result["findings"] = [f for f in report["findings"] if f["severity"] == "fail"]
+    except json.JSONDecodeError:
+        result["stderr"] = out.stderr[-3000:]
+    return result
+
+
+def fault_lock_drift(healthy: dict) -> dict:
+    from importlib import metadata
+
+    from builder.selftest import env_probes
+
+    pins = [f"{name}=={metadata.version(name)}" for name in ("transformers", "peft", "safetensors")]
+    pins[0] = "transformers==4.40.0"  # the injected drift: the lock says another transformers
+    with tempfile.TemporaryDirectory() as d:
+        lock = Path(d) / "drifted.txt"
+        lock.write_text("# injected fault: transformers pinned to a version not installed\n" + "\n".join(pins) + "\n")
+        readings = {
+            **healthy,
+            "env": {**healthy["env"], "lock": env_probes.lockfile_reading(str(lock), healthy["torch"].get("version"))},
+        }
+        return {"injected": f"lockfile pinning {', '.join(pins)}", "findings": judged(readings, "lockfile")}
+
+
+def _readonly_mount() -> str | None:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _dev, point, _fs, opts, *_ = line.split()
+        if "ro" in opts.split(",") and os.path.isdir(point) and not point.startswith("/proc"):
+            return point
+    return None
+
+
+def _mount(*args: str) -> str | None:
+    """Runs mount; None on success, else why not (no root, no mount in this container)."""
+    try:
+        out = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        return str(e)
+    return None if out.returncode == 0 else out.stderr.strip() or f"exit {out.returncode}"
+
+
+def fault_data_dir(healthy: dict) -> dict:
+    """--data-dir on a 1 MiB tmpfs and on a read-only bind mount (or an existing read-only mount)."""
+    from builder.selftest import env_probes
+
+    results, mounted = [], []
+    with tempfile.TemporaryDirectory() as d:
+        tiny, ro = Path(d) / "tiny", Path(d) / "ro"
+        tiny.mkdir()
+        ro.mkdir()
+        try:
+            targets = []
+            why = _mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny))
+            if why is None:
+                mounted.append(tiny)
+                targets.append(("1 MiB tmpfs", str(tiny)))
+            else:
+                results.append({"injected": "1 MiB tmpfs", "skipped": f"mount failed: {why}"})
+            why = _mount("--bind", d, str(ro))
+            if why is None:
+                mounted.append(ro)
+                why = _mount("-o", "remount,ro,bind", str(ro))
+            if why is None:
+                targets.append(("read-only bind mount", str(ro)))
+            elif _readonly_mount():
+                targets.append((f"read-only filesystem {_readonly_mount()}", str(_readonly_mount())))
+            for label, path in targets:
+                readings = {**healthy, "env": {**healthy["env"], "data_dir": env_probes.data_dir(path)}}
+                results.append({"injected": f"--data-dir on a {label}", "findings": judged(readings, "data_dir")})
+        finally:
+            for point in reversed(mounted):
+                subprocess.run(["umount", str(point)], check=False)
+    return {"cases": results}
+
+
+def fault_sliding_window_slim(healthy: dict) -> dict:
+    from builder.selftest import kernel_probes
+    from builder.selftest.model import attention_needs
+
+    with tempfile.TemporaryDirectory() as d:
+        config = {
+            "model_type": "mistral",
+            "hidden_size": 4096,
+            "num_attention_heads": 32,
+            "head_dim": 128,
+            "sliding_window": 4096,
+            "torch_dtype": "bfloat16",
+        }
+        (Path(d) / "config.json").write_text(json.dumps(config))
+        needs = attention_needs(d)
+        reading = kernel_probes.flash_attn(list(needs.head_dims), needs.dtype, needs.window)
+    readings = {**healthy, "model": needs.to_dict(), "gpu": {**(healthy["gpu"] or {}), "flash_attn": reading}}
+    result = {
+        "injected": "--model config with sliding_window=4096 (Mistral-like)",
+        "flash_attn_version": reading.get("dist_version") or reading.get("version"),
+        "findings": judged(readings, "flash_attn"),
+    }
+    if not reading.get("installed"):
+        result["note"] = "n/a: flash-attn is not installed here (carry a slim wheel with --wheels)"
+    return result
+
+
+def _standin_extension(work: Path) -> tuple[str | None, str | None]:
+    """A CUDA library built for sm_80 only with nvcc, and the error its kernel launch really gives here."""
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    if not nvcc:
+        return None, None
+    src, so = work / "standin.cu", work / "standin_sm80.so"
+    src.write_text(STANDIN_CU)
+    build = subprocess.run(
+        [nvcc, "-shared", "-Xcompiler", "-fPIC", "-gencode", "arch=compute_80,code=sm_80", "-o", str(so), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if build.returncode != 0:
+        return None, build.stderr[-500:]
+    import ctypes
+
+    lib = ctypes.CDLL(str(so))
+    lib.launch.restype = ctypes.c_char_p
+    return str(so), lib.launch().decode()
+
+
+def fault_sm80_flash_attn(healthy: dict, sm80: Path | None) -> dict:
+    from builder.selftest import kernel_probes
+
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        error = None
+        if sm80 and sm80.suffix == ".whl":
+            with zipfile.ZipFile(sm80) as z:
+                names = [n for n in z.namelist() if n.startswith("flash_attn_2_cuda") and n.endswith(".so")]
+                z.extract(names[0], work)
+                extension, source = str(work / names[0]), f"wheel {sm80.name}"
+        elif sm80:
+            extension, source = str(sm80), f"extension {sm80}"
+        else:
+            extension, error = _standin_extension(work)
+            source = "stand-in CUDA library built here with nvcc for sm_80 only"
+        if not extension:
+            return {
+                "injected": "flash-attn for sm_80 only",
+                "severity": "n/a",
+                "note": f"no --sm80-extension given and no nvcc to build a stand-in ({error})",
+            }
+        archs = kernel_probes.elf_archs(extension)
+        reading = {
+            "installed": True,
+            "version": "sm_80-only",
+            "extension": extension,
+            "elf_archs": archs,
+            "head_dims": [64, 128],
+            "dtype": "bfloat16",
+            "window": None,
+            "cases": {"128": {"error": error}} if error else {},
+            "features": {},
+        }
+        readings = {**healthy, "gpu": {**(healthy["gpu"] or {}), "flash_attn": reading}}
+        result = {
+            "injected": f"flash-attn extension with SASS for sm_80 only ({source})",
+            "elf_archs": archs,
+            "findings": judged(readings, "flash_attn"),
+        }
+        if error:
+            result["launch_error"] = error
+            # The same readings without cuobjdump's answer: the 'no kernel image' message alone must be caught.
+            reading_no_elf = {**reading, "elf_archs": None}
+            result["findings_from_launch_error"] = judged(
+                {**healthy, "gpu": {**(healthy["gpu"] or {}), "flash_attn": reading_no_elf}}, "flash_attn"
+            )
+        return result
+
+
+def run_all(unpacked: list[str], sm80: Path | None) -> dict:
+    out: dict = {"wheels": unpacked, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with tempfile.TemporaryDirectory() as data_dir:
+        for mode in ("quick", "full"):
+            out[mode] = timed_selftest(mode, data_dir)
+            print(f"{mode}: {out[mode]['wall_s']}s, {out[mode]['report']['summary']}", flush=True)
+    healthy = out["quick"]["readings"]
+    faults = {}
+    for name, fn in (
+        ("cuda_visible_devices_empty", fault_no_visible_devices),
+        ("lock_drift", lambda: fault_lock_drift(healthy)),
+        ("data_dir", lambda: fault_data_dir(healthy)),
+        ("sliding_window_on_slim_flash_attn", lambda: fault_sliding_window_slim(healthy)),
+        ("flash_attn_sm80_only", lambda: fault_sm80_flash_attn(healthy, sm80)),
+    ):
+        try:
+            faults[name] = fn()
+        except Exception as e:  # one broken injection must not lose the others' results
+            faults[name] = {"bench_error": f"{type(e).__name__}: {e}"}
+        print(f"fault {name}: {json.dumps(faults[name], default=str)[:400]}", flush=True)
+    out["faults"] = faults
+    for mode in ("quick", "full"):
+        samples = out[mode]["readings"].get("gpu", {}) or {}
+        if "load" in samples and isinstance(samples["load"], dict):
+            samples["load"]["samples"] = samples["load"].get("samples", [])[:8]  # keep the file small
+    return out
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--capture", type=Path, help="write healthy-machine readings (fixtures) into this dir"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--capture", type=Path, help="write healthy-machine readings (fixtures) into this dir")
     parser.add_argument("--out", type=Path, help="write the quick/full/fault-injection report to this file")
-    parser.add_argument(
-        "--wheels", type=Path, help="dir of flash-attn / bitsandbytes wheels to unpack for this run"
-    )
+    parser.add_argument("--wheels", type=Path, help="dir of flash-attn / bitsandbytes wheels to unpack for this run")
     parser.add_argument("--sm80-extension", type=Path, help="flash-attn wheel or .so built for sm_80 only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as site:
@@ -102,8 +340,6 @@ def main() -> int:
         if args.capture:
             capture(args.capture)
         if args.out:
-            from bench.selftest_faults import run_all  # noqa: PLC0415 - only the --out mode needs it
-
             write_json(args.out, run_all(unpacked, args.sm80_extension))
     return 0
 

@@ -3,59 +3,21 @@ dir (free space, a write+fsync), and where the Hugging Face cache lives."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from builder.errors import SameboxError
 
-_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._\-]*)(\[[^\]]*\])?==([^\s;\\]+)")
-# Packages a lockfile pins that are checked elsewhere: flash-attn has its own wheel key.
-_NOT_FROM_LOCK = {"flash-attn"}
 
+def verify_lock(lockfile: Path, check_files: bool) -> list[str]:
+    """builder.drift's comparison of the live environment with the lockfile (imported here, on use: it hashes
+    installed files against their RECORD when ``check_files``)."""
+    from builder.drift import verify_lock as drift_verify_lock
 
-def _canon(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def lock_pins(lockfile: Path) -> dict[str, str]:
-    """name -> version for every `name==version` line of a (uv/pip-compile) lockfile."""
-    pins = {}
-    for line in lockfile.read_text().splitlines():
-        m = _PIN.match(line.strip())
-        if m:
-            pins[_canon(m.group(1))] = m.group(3)
-    return pins
-
-
-def lock_drift(lockfile: Path) -> list[str]:
-    """Problems between the installed packages and the lockfile: missing, or at another version. A lock pin
-    without a local tag matches an installed build with one (2.11.0 vs 2.11.0+cu130: the platform's torch)."""
-    installed = {
-        _canon(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]
-    }
-    problems = []
-    for name, want in sorted(lock_pins(lockfile).items()):
-        if name in _NOT_FROM_LOCK:
-            continue
-        have = installed.get(name)
-        if have is None:
-            problems.append(f"{name}: locked {want}, not installed")
-        elif have != want and not ("+" not in want and have.split("+")[0] == want):
-            problems.append(f"{name}: locked {want}, installed {have}")
-    return problems
-
-
-def verify_lock(lockfile: Path) -> tuple[list[str], str]:
-    """(problems, which comparison ran): builder.fingerprint's when present, else the pin comparison here."""
-    try:
-        from builder.fingerprint import verify_lock as fingerprint_verify
-    except ImportError:
-        return lock_drift(lockfile), "builder.selftest pin comparison"
-    return list(fingerprint_verify(lockfile)), "builder.fingerprint"
+    return list(drift_verify_lock(lockfile, check_files=check_files))
 
 
 def find_lockfile(explicit: str | None, torch_version: str | None) -> tuple[Path | None, str]:
@@ -81,7 +43,7 @@ def find_lockfile(explicit: str | None, torch_version: str | None) -> tuple[Path
     return None, f"no catalog image has torch {torch_version} with Python {python}"
 
 
-def lockfile_reading(explicit: str | None, torch_version: str | None) -> dict[str, Any]:
+def lockfile_reading(explicit: str | None, torch_version: str | None, check_files: bool = False) -> dict[str, Any]:
     path, how = find_lockfile(explicit, torch_version)
     reading: dict[str, Any] = {"lockfile": str(path) if path else None, "chosen_by": how}
     if path is None:
@@ -89,7 +51,8 @@ def lockfile_reading(explicit: str | None, torch_version: str | None) -> dict[st
     if not path.is_file():
         reading["missing"] = True
         return reading
-    reading["problems"], reading["compared_by"] = verify_lock(path)
+    reading["problems"] = verify_lock(path, check_files)
+    reading["files_checked"] = check_files
     return reading
 
 
@@ -127,7 +90,8 @@ def data_dir(path: str | None, write_mib: int = 16) -> dict[str, Any] | None:
     except OSError as e:
         reading["write_error"] = f"{e.strerror or e} ({e.__class__.__name__}, errno {e.errno})"
     finally:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing was created on a read-only or full filesystem
+            probe.unlink(missing_ok=True)
     return reading
 
 
@@ -136,9 +100,7 @@ def hf_cache() -> dict[str, Any]:
     home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"
     )
-    cache = (
-        os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-    )
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
     existing = cache
     while not os.path.exists(existing):
         existing = os.path.dirname(existing) or "/"

@@ -17,15 +17,23 @@ def elf_archs(shared_object: str) -> list[str] | None:
     tool = shutil.which("cuobjdump")
     if not tool:
         return None
-    out = subprocess.run(
-        [tool, "--list-elf", shared_object], capture_output=True, text=True, timeout=120
-    ).stdout
+    out = subprocess.run([tool, "--list-elf", shared_object], capture_output=True, text=True, timeout=120).stdout
     archs = set()
     for token in out.replace(".", " ").split():
         if token.startswith("sm_") and token[3:].rstrip("a").isdigit():
             digits = token[3:].rstrip("a")
             archs.add(f"{digits[:-1]}.{digits[-1]}")
     return sorted(archs, key=lambda a: tuple(int(p) for p in a.split(".")))
+
+
+def _dist_version(name: str) -> str | None:
+    """The installed distribution's version; samebox-built wheels end it with '.slim' or '.full'."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _flash_attn_extension() -> str | None:
@@ -36,7 +44,8 @@ def _flash_attn_extension() -> str | None:
 
 
 def _varlen_case(fa: Any, head_dim: int, dtype: Any, window: int | None) -> dict[str, float]:
-    """flash-attn varlen fwd+bwd over three packed sequences against SDPA run on each sequence alone."""
+    """flash-attn varlen fwd+bwd over three packed sequences against fp32 SDPA run on each sequence alone:
+    relative errors ||x - ref||_F / ||ref||_F of the output and each gradient."""
     import torch
     import torch.nn.functional as F
 
@@ -44,14 +53,11 @@ def _varlen_case(fa: Any, head_dim: int, dtype: Any, window: int | None) -> dict
     total = sum(lens)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (
-        torch.randn(total, heads, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
-        for _ in range(3)
+        torch.randn(total, heads, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3)
     )
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
     window_size = (window, 0) if window else (-1, -1)
-    out = fa.flash_attn_varlen_func(
-        q, k, v, cu, cu, max(lens), max(lens), causal=True, window_size=window_size
-    )
+    out = fa.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, window_size=window_size)
     grad = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
 
@@ -66,10 +72,14 @@ def _varlen_case(fa: Any, head_dim: int, dtype: Any, window: int | None) -> dict
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
         ref_grads.append(torch.autograd.grad(o, (qs, ks, vs), grad[s:e].float().transpose(0, 1)))
         ref_out.append(o.transpose(0, 1))
-    errs = {"out": (out.float() - torch.cat(ref_out)).abs().max().item()}
+
+    def rel(x: Any, ref: Any) -> float:
+        return ((x.float() - ref).norm() / ref.norm()).item()
+
+    errs = {"out": rel(out, torch.cat(ref_out))}
     for j, name in enumerate(("dq", "dk", "dv")):
         ref = torch.cat([g_[j].transpose(0, 1) for g_ in ref_grads])
-        errs[name] = ((dq, dk, dv)[j].float() - ref).abs().max().item()
+        errs[name] = rel((dq, dk, dv)[j], ref)
     return errs
 
 
@@ -112,6 +122,7 @@ def flash_attn(
     reading.update(
         installed=True,
         version=getattr(fa, "__version__", "?"),
+        dist_version=_dist_version("flash_attn"),
         extension=so,
         elf_archs=elf_archs(so) if so else None,
     )
@@ -149,9 +160,7 @@ def bitsandbytes() -> dict[str, Any]:
         y = layer(x)
         w = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
         ref = x @ w.t()
-        reading["nf4_max_rel_error"] = (
-            (y.float() - ref.float()).abs().max() / ref.float().abs().max()
-        ).item()
+        reading["nf4_max_rel_error"] = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     except Exception as e:
         reading["nf4_error"] = str(e).splitlines()[0]
     try:

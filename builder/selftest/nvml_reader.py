@@ -78,9 +78,7 @@ def _retired_pages(r: _Reader, h: Any) -> dict[str, Any] | None:
         return None
     single = r.get(
         "retired_pages.single_bit",
-        lambda: len(
-            n.nvmlDeviceGetRetiredPages(h, n.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS)
-        ),
+        lambda: len(n.nvmlDeviceGetRetiredPages(h, n.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS)),
     )
     pending = r.get("retired_pages.pending", lambda: bool(n.nvmlDeviceGetRetiredPagesPendingStatus(h)))
     return {"double_bit": double, "single_bit": single, "pending": pending}
@@ -112,14 +110,10 @@ def sample(nvml: Any, h: Any) -> dict[str, Any]:
     n = nvml
     return {
         "t": time.monotonic(),
-        "clocks_event_reasons": r.get(
-            "clocks_event_reasons", lambda: int(n.nvmlDeviceGetCurrentClocksEventReasons(h))
-        ),
+        "clocks_event_reasons": r.get("clocks_event_reasons", lambda: int(n.nvmlDeviceGetCurrentClocksEventReasons(h))),
         "pcie_gen": r.get("pcie_gen", lambda: int(n.nvmlDeviceGetCurrPcieLinkGeneration(h))),
         "pcie_width": r.get("pcie_width", lambda: int(n.nvmlDeviceGetCurrPcieLinkWidth(h))),
-        "temperature_c": r.get(
-            "temperature", lambda: int(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU))
-        ),
+        "temperature_c": r.get("temperature", lambda: int(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU))),
         "power_mw": r.get("power", lambda: int(n.nvmlDeviceGetPowerUsage(h))),
         "sm_clock_mhz": r.get("sm_clock", lambda: int(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM))),
         "utilization_gpu": r.get("utilization", lambda: int(n.nvmlDeviceGetUtilizationRates(h).gpu)),
@@ -132,9 +126,7 @@ def _device(nvml: Any, index: int) -> dict[str, Any]:
     r = _Reader(n)
     mem = r.get("memory", lambda: n.nvmlDeviceGetMemoryInfo(h))
     thresholds = {
-        name: r.get(
-            f"temperature_threshold.{name}", lambda c=const: int(n.nvmlDeviceGetTemperatureThreshold(h, c))
-        )
+        name: r.get(f"temperature_threshold.{name}", lambda c=const: int(n.nvmlDeviceGetTemperatureThreshold(h, c)))
         for name, const in (
             ("slowdown", n.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN),
             ("shutdown", n.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN),
@@ -146,13 +138,9 @@ def _device(nvml: Any, index: int) -> dict[str, Any]:
         "name": _text(n.nvmlDeviceGetName(h)),
         "uuid": r.get("uuid", lambda: _text(n.nvmlDeviceGetUUID(h))),
         "pci_bus_id": r.get("pci", lambda: _text(n.nvmlDeviceGetPciInfo(h).busId)),
-        "compute_capability": r.get(
-            "compute_capability", lambda: list(n.nvmlDeviceGetCudaComputeCapability(h))
-        ),
+        "compute_capability": r.get("compute_capability", lambda: list(n.nvmlDeviceGetCudaComputeCapability(h))),
         "mig_mode": r.get("mig_mode", lambda: list(n.nvmlDeviceGetMigMode(h))),
-        "memory": None
-        if mem is None
-        else {"total": int(mem.total), "used": int(mem.used), "free": int(mem.free)},
+        "memory": None if mem is None else {"total": int(mem.total), "used": int(mem.used), "free": int(mem.free)},
         "processes": _processes(r, h),
         "ecc": _ecc(r, h),
         "remapped_rows": _remapped_rows(r, h),
@@ -162,15 +150,11 @@ def _device(nvml: Any, index: int) -> dict[str, Any]:
             "supported_clocks_event_reasons", lambda: int(n.nvmlDeviceGetSupportedClocksEventReasons(h))
         ),
         "pcie_max_gen": r.get("pcie_max_gen", lambda: int(n.nvmlDeviceGetMaxPcieLinkGeneration(h))),
-        "pcie_gpu_max_gen": r.get(
-            "pcie_gpu_max_gen", lambda: int(n.nvmlDeviceGetGpuMaxPcieLinkGeneration(h))
-        ),
+        "pcie_gpu_max_gen": r.get("pcie_gpu_max_gen", lambda: int(n.nvmlDeviceGetGpuMaxPcieLinkGeneration(h))),
         "pcie_max_width": r.get("pcie_max_width", lambda: int(n.nvmlDeviceGetMaxPcieLinkWidth(h))),
         "temperature_thresholds": thresholds,
         "power_limit_enforced_mw": r.get("power_enforced", lambda: int(n.nvmlDeviceGetEnforcedPowerLimit(h))),
-        "power_limit_default_mw": r.get(
-            "power_default", lambda: int(n.nvmlDeviceGetPowerManagementDefaultLimit(h))
-        ),
+        "power_limit_default_mw": r.get("power_default", lambda: int(n.nvmlDeviceGetPowerManagementDefaultLimit(h))),
         "persistence_mode": r.get("persistence_mode", lambda: int(n.nvmlDeviceGetPersistenceMode(h))),
         "idle": sample(n, h),
         "errors": r.errors,

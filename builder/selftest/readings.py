@@ -6,6 +6,7 @@ records as test fixtures, so every decision runs in CI on readings taken from a 
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -21,13 +22,13 @@ LOAD_SECONDS = {"quick": 3.0, "full": 25.0}
 
 
 def _probe(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
-    """Runs one probe; an exception becomes ``{"error": ...}`` (the checks judge it), never a traceback."""
+    """Runs one probe; an exception becomes ``{"probe_error": ...}`` (the checks judge it), never a traceback."""
     start = time.perf_counter()
     try:
         return fn()
     except Exception as e:
         return {
-            "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            "probe_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
             "where": traceback.format_exc(limit=-2).splitlines()[-3:],
         }
     finally:
@@ -48,12 +49,13 @@ def collect(
         "mode": mode,
         "model": needs.to_dict(),
         "timings": timings,
+        "process": {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")},
     }
     r["nvml"] = _probe(timings, "nvml", nvml_reader.read_nvml)
     r["torch"] = _probe(timings, "torch", gpu_probes.torch_info)
     torch_version = r["torch"].get("version") if isinstance(r["torch"], dict) else None
     r["env"] = {
-        "lock": _probe(timings, "lock", lambda: env_probes.lockfile_reading(lockfile, torch_version)),
+        "lock": _probe(timings, "lock", lambda: env_probes.lockfile_reading(lockfile, torch_version, mode == "full")),
         "shm": _probe(timings, "shm", env_probes.shm),
         "data_dir": _probe(timings, "data_dir", lambda: env_probes.data_dir(data_dir)),
         "hf_cache": _probe(timings, "hf_cache", env_probes.hf_cache),
@@ -71,9 +73,7 @@ def collect(
     gpu["flash_attn"] = _probe(
         timings,
         "flash_attn",
-        lambda: kernel_probes.flash_attn(
-            list(needs.head_dims), needs.dtype, needs.window, flash_attn_extension
-        ),
+        lambda: kernel_probes.flash_attn(list(needs.head_dims), needs.dtype, needs.window, flash_attn_extension),
     )
     gpu["bitsandbytes"] = _probe(timings, "bitsandbytes", kernel_probes.bitsandbytes)
     gpu["sdpa"] = _probe(timings, "sdpa", kernel_probes.sdpa_backends)

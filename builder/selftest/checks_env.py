@@ -1,0 +1,111 @@
+"""Environment checks: installed packages against the lockfile, /dev/shm, the data dir (space and a
+write+fsync), and whether the Hugging Face cache sits on a small system disk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from builder.selftest.findings import Finding, fail, gib, na, ok, probe_error, warn
+
+SHM_WARN_BYTES = 2**30
+DATA_FAIL_FREE, DATA_WARN_FREE = 5 * 2**30, 20 * 2**30
+DATA_WARN_MBPS = 50.0
+# AutoDL's system disk is 30 GB: a cache of a few 7B checkpoints fills it.
+SMALL_SYSTEM_DISK = 64 * 2**30
+HF_WARN_FREE = 20 * 2**30
+SHOWN_PROBLEMS = 12
+
+
+def _crash(reading: Any, what: str) -> Finding | None:
+    err = probe_error(reading)
+    return fail(f"the {what} probe crashed: {err}", "run `samebox selftest --json` for details") if err else None
+
+
+def lockfile(r: dict[str, Any]) -> Finding:
+    lock = (r.get("env") or {}).get("lock")
+    early = _crash(lock, "lockfile")
+    if early:
+        return early
+    if not lock.get("lockfile"):
+        return na(
+            f"no lockfile to compare with: {lock.get('chosen_by')}",
+            "set SAMEBOX_LOCKFILE=lockfiles/<image>.txt to compare this environment with a lock",
+        )
+    if lock.get("missing"):
+        return warn(
+            f"lockfile {lock['lockfile']} ({lock['chosen_by']}) does not exist",
+            "generate it: make lock IMAGE=<id>, or set SAMEBOX_LOCKFILE to the lock this machine was set up from",
+        )
+    problems = lock.get("problems") or []
+    if problems:
+        shown = "; ".join(problems[:SHOWN_PROBLEMS]) + (
+            f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        )
+        return fail(
+            f"{len(problems)} package(s) drifted from {lock['lockfile']}: {shown}",
+            f"reinstall from the lock: pip install --no-deps --require-hashes -r {lock['lockfile']} "
+            "(or re-run the setup script); a drifted torch means another platform image",
+        )
+    files = ", files hashed against their RECORD" if lock.get("files_checked") else ""
+    return ok(f"installed packages match {lock['lockfile']} ({lock['chosen_by']}{files})")
+
+
+def shm(r: dict[str, Any]) -> Finding:
+    reading = (r.get("env") or {}).get("shm")
+    early = _crash(reading, "/dev/shm")
+    if early:
+        return early
+    if reading is None:
+        return na("no /dev/shm on this system")
+    if reading["total_bytes"] < SHM_WARN_BYTES:
+        return warn(
+            f"/dev/shm is {gib(reading['total_bytes'])}: DataLoader workers die with 'bus error'",
+            "docker run --shm-size=16g (or --ipc=host); or set the trainer's num_workers to 0",
+        )
+    return ok(f"/dev/shm {gib(reading['total_bytes'])} ({gib(reading['free_bytes'])} free)")
+
+
+def data_dir(r: dict[str, Any]) -> Finding:
+    d = (r.get("env") or {}).get("data_dir")
+    early = _crash(d, "data dir")
+    if early:
+        return early
+    if d is None:
+        return na("no --data-dir given", "pass --data-dir where checkpoints go (AutoDL: /root/autodl-tmp)")
+    if not d.get("exists"):
+        return fail(f"data dir {d['path']} does not exist", f"mkdir -p {d['path']}, or pass the right --data-dir")
+    space = f"{gib(d['free_bytes'])} free of {gib(d['total_bytes'])}"
+    if "write_error" in d:
+        return fail(
+            f"data dir {d['path']}: writing 16 MiB + fsync failed: {d['write_error']} ({space})",
+            "use a writable data disk with room for checkpoints (AutoDL: /root/autodl-tmp); "
+            "free space or remount read-write",
+        )
+    if d["free_bytes"] < DATA_FAIL_FREE:
+        return fail(
+            f"data dir {d['path']}: only {space}: checkpoints will not fit",
+            "free space (old checkpoints, caches) or pass another --data-dir",
+        )
+    if d["free_bytes"] < DATA_WARN_FREE:
+        return warn(f"data dir {d['path']}: {space}", "a 7B LoRA run writes several GiB of checkpoints: free space")
+    if d["write_mbps"] < DATA_WARN_MBPS:
+        return warn(
+            f"data dir {d['path']}: {space}, but write+fsync runs at {d['write_mbps']:.0f} MB/s",
+            "network storage (e.g. autodl-fs) is slow for checkpoints: use the local data disk",
+        )
+    return ok(f"data dir {d['path']}: {space}, write+fsync {d['write_mbps']:.0f} MB/s")
+
+
+def hf_cache(r: dict[str, Any]) -> Finding:
+    h = (r.get("env") or {}).get("hf_cache")
+    early = _crash(h, "HF cache")
+    if early:
+        return early
+    fs, root = h["fs"], h["root_fs"]
+    where = f"Hugging Face cache {h['cache']}: {gib(fs['free_bytes'])} free of {gib(fs['total_bytes'])}"
+    move = "export HF_HOME=<data disk>/hf (AutoDL: /root/autodl-tmp/hf) before downloading models"
+    if fs["device"] == root["device"] and root["total_bytes"] < SMALL_SYSTEM_DISK:
+        return warn(f"{where}, on the {gib(root['total_bytes'])} system disk", move)
+    if fs["free_bytes"] < HF_WARN_FREE:
+        return warn(f"{where}: too little for model downloads", move)
+    return ok(where)

@@ -1,0 +1,212 @@
+"""Checks of the job's own kernels: flash-attn varlen against SDPA for the model's head dims (and the features
+it needs), bitsandbytes NF4 and 8-bit AdamW, torch's SDPA backends, and a five-step LoRA smoke run."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from builder import compat
+from builder.selftest.findings import Finding, fail, gpu_readings, na, no_gpu, nvml_devices, ok, probe_error, warn
+
+# Relative error ||x - ref||_F / ||ref||_F against fp32 SDPA (as builder/wheels/verify.py): bf16 has 8 mantissa
+# bits; flash-attn's own tests allow twice SDPA's low-precision error.
+FLASH_ATTN_REL_ERROR = 2e-2
+NF4_REL_ERROR = 1e-2
+NO_KERNEL_IMAGE = "no kernel image is available"
+FEATURE_NAMES = {
+    "local": "sliding-window (local) attention",
+    "softcap": "logit soft-capping",
+    "alibi": "ALiBi",
+    "dropout": "dropout",
+}
+
+
+def gpu_capability(r: dict[str, Any]) -> str | None:
+    devices = nvml_devices(r)
+    if devices and devices[0].get("compute_capability"):
+        cc = devices[0]["compute_capability"]
+        return f"{cc[0]}.{cc[1]}"
+    tdev = (r.get("torch") or {}).get("devices") or []
+    return f"{tdev[0]['capability'][0]}.{tdev[0]['capability'][1]}" if tdev else None
+
+
+def rebuild_flash_attn(cap: str | None) -> str:
+    return (
+        f"rebuild it for this GPU and torch: samebox wheel flash-attn --from-env --arch {cap or 'X.Y'} --profile full"
+    )
+
+
+def _crashed(reading: Any, what: str) -> Finding | None:
+    if reading is None:
+        return no_gpu()
+    err = probe_error(reading)
+    return fail(f"the {what} probe crashed: {err}", "run `samebox selftest --json` for details") if err else None
+
+
+def flash_attn(r: dict[str, Any]) -> list[Finding]:
+    fa = gpu_readings(r, "flash_attn")
+    early = _crashed(fa, "flash-attn")
+    if early:
+        return [early]
+    cap = gpu_capability(r)
+    needs = r.get("model") or {}
+    if not fa.get("installed"):
+        error = fa.get("import_error", "")
+        if "ModuleNotFoundError" in error:
+            return [
+                warn(
+                    "flash-attn is not installed: the trainer falls back to SDPA (no padding-free packing)",
+                    f"install a matching wheel: samebox wheel flash-attn --from-env --arch {cap or 'X.Y'}",
+                )
+            ]
+        return [fail(f"flash-attn does not import: {error} (built for another torch/ABI?)", rebuild_flash_attn(cap))]
+    label = f"flash-attn {fa.get('dist_version') or fa.get('version')}"
+    archs = fa.get("elf_archs")
+    if cap and archs is not None and not any(compat.arch_runs_on(a, cap) for a in archs):
+        built = ", ".join(f"sm_{a.replace('.', '')}" for a in archs) or "no SASS"
+        return [
+            fail(
+                f"{label} has kernels for {built} only; this GPU is sm_{cap.replace('.', '')}: '{NO_KERNEL_IMAGE}'",
+                rebuild_flash_attn(cap),
+            )
+        ]
+    found = []
+    for hd, case in sorted((fa.get("cases") or {}).items(), key=lambda kv: int(kv[0])):
+        what = f"{label} varlen fwd+bwd, head dim {hd}, {fa.get('dtype')}"
+        if "error" in case:
+            if NO_KERNEL_IMAGE in case["error"]:
+                found.append(
+                    fail(
+                        f"{what}: '{NO_KERNEL_IMAGE}' (no SASS for sm_{(cap or '?').replace('.', '')})",
+                        rebuild_flash_attn(cap),
+                    )
+                )
+            else:
+                found.append(fail(f"{what}: {case['error']}", rebuild_flash_attn(cap)))
+            continue
+        worst = max(case, key=lambda k: case[k])
+        text = f"{what} vs SDPA: worst relative error {case[worst]:.1e} ({worst}), bound {FLASH_ATTN_REL_ERROR:.0e}"
+        bad = not all(math.isfinite(v) for v in case.values()) or case[worst] > FLASH_ATTN_REL_ERROR
+        found.append(fail(text, rebuild_flash_attn(cap)) if bad else ok(text))
+    features = fa.get("features") or {}
+    missing = [f for f, err in features.items() if err]
+    for feature in needs.get("features") or []:
+        if features.get(feature):
+            found.append(
+                fail(
+                    f"{label} is a slim build without {FEATURE_NAMES[feature]}, which {needs.get('source')} needs "
+                    f"({features[feature]})",
+                    rebuild_flash_attn(cap),
+                )
+            )
+    window = fa.get("window_case")
+    if window and "local" not in missing:
+        if "error" in window:
+            found.append(fail(f"{label} sliding window {fa.get('window')}: {window['error']}", rebuild_flash_attn(cap)))
+        else:
+            worst = max(window.values())
+            text = f"{label} sliding window {fa.get('window')} vs SDPA: worst relative error {worst:.1e}"
+            found.append(fail(text, rebuild_flash_attn(cap)) if worst > FLASH_ATTN_REL_ERROR else ok(text))
+    if missing and not set(missing) & set(needs.get("features") or []):
+        found.append(
+            ok(
+                f"{label} is built without {', '.join(FEATURE_NAMES[f] for f in missing)}; "
+                "the model given does not need them"
+            )
+        )
+    return found
+
+
+def bitsandbytes(r: dict[str, Any]) -> list[Finding]:
+    bnb = gpu_readings(r, "bitsandbytes")
+    early = _crashed(bnb, "bitsandbytes")
+    if early:
+        return [early]
+    if not bnb.get("installed"):
+        return [
+            warn(
+                f"bitsandbytes is not installed ({bnb.get('import_error')}): QLoRA (NF4) cannot run",
+                "pip install --no-deps the bitsandbytes version your lockfile pins (or re-run the setup script)",
+            )
+        ]
+    label = f"bitsandbytes {bnb.get('version')}"
+    found = []
+    if "nf4_error" in bnb:
+        found.append(
+            fail(
+                f"{label} NF4 Linear4bit forward: {bnb['nf4_error']}",
+                "reinstall bitsandbytes from the lock; it needs a CUDA build for this GPU",
+            )
+        )
+    else:
+        err = bnb["nf4_max_rel_error"]
+        text = (
+            f"{label} NF4 Linear4bit forward vs dequantized weights: relative error {err:.1e} (bound {NF4_REL_ERROR})"
+        )
+        found.append(
+            ok(text)
+            if math.isfinite(err) and err <= NF4_REL_ERROR
+            else fail(text, "reinstall bitsandbytes from the lock")
+        )
+    if "adamw8bit_error" in bnb:
+        found.append(
+            fail(f"{label} 8-bit AdamW step: {bnb['adamw8bit_error']}", "reinstall bitsandbytes from the lock")
+        )
+    elif not (bnb.get("adamw8bit_changed") and bnb.get("adamw8bit_finite")):
+        found.append(
+            fail(
+                f"{label} 8-bit AdamW step left the parameters unchanged or non-finite",
+                "reinstall bitsandbytes from the lock",
+            )
+        )
+    else:
+        found.append(ok(f"{label} 8-bit AdamW step: parameters updated, finite"))
+    return found
+
+
+def sdpa_backends(r: dict[str, Any]) -> Finding:
+    sdpa = gpu_readings(r, "sdpa")
+    early = _crashed(sdpa, "SDPA")
+    if early:
+        return early
+    working = sorted(k for k, v in sdpa.items() if v is True)
+    if "flash_attention" in working or "efficient_attention" in working:
+        return ok(f"torch SDPA backends that run here: {', '.join(working)}")
+    if "math" in working:
+        return warn(
+            "only torch's math SDPA backend runs here: attention will be slow and memory-hungry",
+            "use a GPU of compute capability >= 8.0 or a torch build with fused attention for it",
+        )
+    return fail(f"no torch SDPA backend runs here: {sdpa}", "reinstall the environment's torch")
+
+
+def lora_smoke(r: dict[str, Any]) -> Finding:
+    smoke = gpu_readings(r, "lora_smoke")
+    early = _crashed(smoke, "LoRA smoke")
+    if early:
+        return early
+    losses = smoke["losses"]
+    shown = " -> ".join(f"{x:.3f}" for x in losses)
+    if not all(math.isfinite(x) for x in losses):
+        return fail(
+            f"{smoke['steps']} LoRA steps on a tiny Llama: loss not finite ({shown})",
+            "check the matmul_accuracy finding; reinstall torch/peft from the lock",
+        )
+    if losses[-1] >= losses[0]:
+        return fail(
+            f"{smoke['steps']} LoRA steps on a tiny Llama: loss did not fall ({shown})",
+            "peft/transformers do not train here: reinstall them from the lock (see lockfile finding)",
+        )
+    return ok(f"{smoke['steps']} LoRA steps on a tiny Llama: loss {shown}")
+
+
+def model_needs(r: dict[str, Any]) -> Finding:
+    """The model's attention needs as read from --model (a finding so the report shows what was tested)."""
+    m = r.get("model") or {}
+    if m.get("source", "default") == "default":
+        return na("no --model given: flash-attn tested at head dims 64 and 128, no sliding window")
+    return ok(
+        f"{m['source']}: head dim {', '.join(map(str, m['head_dims']))}, {m['dtype']}, "
+        f"features {', '.join(m['features']) or 'none'}" + (f", window {m['window']}" if m.get("window") else "")
+    )
