@@ -1,0 +1,28 @@
+"""`samebox train CONFIG.yaml [--resume auto|PATH] [--no-preflight] [key=value ...]`: LoRA/QLoRA fine-tuning."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune with LoRA/QLoRA from a YAML config (see configs/)")
+    p.add_argument("config", help="YAML config, e.g. configs/qwen2.5-7b-qlora-24gb.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest checkpoint in output.dir (auto) or from PATH")
+    p.add_argument("--no-preflight", action="store_true", help="skip `samebox selftest --quick` before training")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here: torch and transformers load only for this command.
+    from trainer.config import load_config
+    from trainer.preflight import run_preflight
+    from trainer.recipe import main
+
+    cfg = load_config(Path(args.config), args.overrides)
+    if not args.no_preflight:
+        run_preflight()
+    return main(cfg, resume=args.resume)

@@ -1,0 +1,55 @@
+"""Model source resolution, precision/attention choices on CPU, and the preflight self-test gate."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from builder.cli import main as cli_main
+from builder.errors import SameboxError
+from trainer.config import ModelConfig
+from trainer.model import fetch_model, pick_attention, quantization_config, resolve_source
+from trainer.preflight import run_preflight
+
+
+def test_model_sources(tiny_model_dir, tmp_path):
+    assert resolve_source(ModelConfig(name=str(tiny_model_dir))) == ("local", str(tiny_model_dir))
+    assert resolve_source(ModelConfig(name="Qwen/Qwen2.5-7B")) == ("hub", "Qwen/Qwen2.5-7B")
+    assert resolve_source(ModelConfig(name="modelscope://Qwen/Qwen2.5-7B")) == ("modelscope", "Qwen/Qwen2.5-7B")
+    with pytest.raises(SameboxError, match="no config.json"):
+        resolve_source(ModelConfig(name=str(tmp_path)))
+    with pytest.raises(SameboxError, match="neither a directory nor a hub id"):
+        resolve_source(ModelConfig(name="not a model"))
+    if importlib.util.find_spec("modelscope") is None:
+        with pytest.raises(SameboxError, match="modelscope package is not installed"):
+            fetch_model(ModelConfig(name="modelscope://Qwen/Qwen2.5-7B"))
+
+
+def test_cpu_refuses_qlora_and_flash_attention():
+    cpu = torch.device("cpu")
+    with pytest.raises(SameboxError, match="needs a CUDA GPU"):
+        quantization_config(ModelConfig(name="m", quantization="nf4"), cpu, torch.bfloat16)
+    with pytest.raises(SameboxError, match="flash-attn"):
+        pick_attention(ModelConfig(name="m", attention="flash_attention_2"), cpu)
+    assert pick_attention(ModelConfig(name="m"), cpu) == "sdpa"
+
+
+def test_preflight_passes_fails_or_explains_a_missing_selftest():
+    run_preflight([sys.executable, "-c", "print('{}')"])
+    failing = [sys.executable, "-c", "import json,sys; print(json.dumps({'failed': ['gpu: ECC errors']})); sys.exit(1)"]
+    with pytest.raises(SameboxError) as e:
+        run_preflight(failing)
+    assert e.value.problems == ["gpu: ECC errors"]
+    missing = [sys.executable, "-c", "import sys; sys.stderr.write(\"invalid choice: 'selftest'\"); sys.exit(2)"]
+    with pytest.raises(SameboxError, match="--no-preflight"):
+        run_preflight(missing)
+
+
+def test_train_command_reports_config_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  nme: x\n")
+    assert cli_main(["train", str(bad), "--no-preflight"]) == 2
+    assert "unknown key model.nme" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""Training on a tiny random Qwen2 (CPU): loss falls, packing == padding, chunked loss, OOM and NaN handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer import step as step_mod
+from trainer.batching import build_micro_batches, plan_micro_batches, step_indices
+from trainer.loss import chunked_cross_entropy_sum
+from trainer.recipe import LoRAFinetuneRecipe, main
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_chunked_loss_matches_full_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 7))
+    targets[0, :3] = -100
+    full = F.cross_entropy((hidden @ weight.T).reshape(-1, 50), targets.reshape(-1), reduction="sum")
+    gh, gw = torch.autograd.grad(full, (hidden, weight))
+    chunked = chunked_cross_entropy_sum(hidden, weight, targets, chunk=3)
+    ch, cw = torch.autograd.grad(chunked * 1.0, (hidden, weight))
+    assert torch.allclose(full, chunked) and torch.allclose(gh, ch) and torch.allclose(gw, cw)
+
+
+def test_micro_batches_respect_the_budget_and_steps_cover_the_epoch():
+    lengths = [300, 50, 120, 700, 90, 10]
+    for packing in (True, False):
+        groups = plan_micro_batches(lengths, 400, packing)
+        assert sorted(i for g in groups for i in g) == list(range(6))
+        for g in groups:
+            cost = sum(lengths[i] for i in g) if packing else len(g) * max(lengths[i] for i in g)
+            assert cost <= 400 or len(g) == 1
+    seen = [i for s in range(3) for i in step_indices(20, 8, s, seed=1, shuffle=True)]
+    assert sorted(seen) == list(range(20))
+    assert step_indices(20, 8, 4, 1, True) == step_indices(20, 8, 4, 1, True) != step_indices(20, 8, 1, 1, True)
+
+
+def test_loss_falls_and_everything_is_written(make_config):
+    cfg = make_config(overrides=("train.epochs=3", "train.lr=1e-2", "output.tensorboard=true"))
+    assert main(cfg) == 0
+    run = Path(cfg.output.dir)
+    rows = read_metrics(run)
+    assert len(rows) == 24
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first * 0.9, (first, last)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "checkpoints" / "step-00000024" / "optimizer.pt").is_file()
+    assert any((run / "tensorboard").iterdir())
+    assert json.loads((run / "summary.json").read_text())["steps"] == 24
+
+
+def _step_loss_and_grads(make_config, packing: str, budget: int):
+    cfg = make_config(overrides=(f"data.packing={packing}", f"train.micro_batch_tokens={budget}",
+                                 "lora.targets=all-linear"), name=f"p-{packing}-{budget}")
+    recipe = LoRAFinetuneRecipe(cfg)
+    recipe.setup()
+    try:
+        # LoRA B starts at zero; make it non-zero so every LoRA weight gets a gradient.
+        torch.manual_seed(1)
+        for p in recipe.params:
+            p.data.normal_(0, 0.05)
+        recipe.model.train()
+        indices = recipe._step_samples(0)
+        label_total = sum(recipe.label_counts[i] for i in indices)
+        result = step_mod.run_step(
+            recipe.decoder, recipe.head,
+            lambda b: build_micro_batches(recipe.data, indices, b, recipe.packing, False, 0),
+            recipe.params, label_total, recipe.budget, recipe.loaded.device, recipe.loaded.dtype, 64)
+        return result, float(result.loss_sum) / label_total, [p.grad.clone() for p in recipe.params]
+    finally:
+        recipe.cleanup()
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_gradient(make_config):
+    packed, packed_loss, packed_grads = _step_loss_and_grads(make_config, "true", 4096)
+    padded, padded_loss, padded_grads = _step_loss_and_grads(make_config, "false", 64)
+    assert packed.micro_batches == 1 and padded.micro_batches > 2
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    for a, b in zip(packed_grads, padded_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_out_of_memory_halves_the_budget(make_config, monkeypatch):
+    real = step_mod.forward_loss_sum
+
+    def small_memory(decoder, head, mb, *args):
+        if mb.tokens > 100:
+            raise torch.OutOfMemoryError("fake: CUDA out of memory")
+        return real(decoder, head, mb, *args)
+
+    monkeypatch.setattr(step_mod, "forward_loss_sum", small_memory)
+    cfg = make_config(overrides=("train.max_steps=2", "data.packing=true", "train.micro_batch_tokens=1024"))
+    assert main(cfg) == 0
+    rows = read_metrics(Path(cfg.output.dir))
+    assert rows[0]["oom_retries"] >= 3 and rows[0]["micro_batches"] > 1 and "oom_retries" not in rows[1]
+    assert all(r["loss"] == r["loss"] for r in rows)
+
+
+def test_non_finite_step_is_skipped_and_reported(make_config, monkeypatch, capsys):
+    real = step_mod.forward_loss_sum
+    calls = {"n": 0}
+
+    def nan_once(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == 1 else loss
+
+    monkeypatch.setattr(step_mod, "forward_loss_sum", nan_once)
+    cfg = make_config(overrides=("train.max_steps=3", "train.micro_batch_tokens=4096", "data.packing=true"))
+    recipe = LoRAFinetuneRecipe(cfg)
+    recipe.setup()
+    before = [p.detach().clone() for p in recipe.params]
+    recipe.model.train()
+    row = recipe._train_one()
+    assert row["skipped"] == "non-finite loss" and recipe.skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, recipe.params, strict=True))
+    assert recipe.scheduler.last_epoch == 0
+    assert "skipped" not in recipe._train_one()
+    recipe.cleanup()

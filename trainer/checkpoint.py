@@ -1,0 +1,129 @@
+"""Atomic checkpoints: adapter, optimizer, scheduler, RNG states and data position in one directory per step.
+
+A checkpoint is written into a hidden temp directory, every file fsynced, then renamed into place: a directory
+named ``step-NNNNNNNN`` is always complete, so ``--resume auto`` can trust the newest one. The last K are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from builder.errors import SameboxError
+
+PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f".{PREFIX}{step:08d}.partial"
+
+
+def write_rank_rng(run_dir: Path, step: int, rank: int) -> None:
+    """Every rank's RNG (LoRA dropout differs per rank); called on all ranks before rank 0 commits."""
+    tmp = staging_dir(run_dir, step)
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+
+
+def commit_checkpoint(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
+                      state: dict[str, Any], keep_last: int) -> Path:
+    """Rank 0: write the rest into the staging directory, fsync, rename into place, prune old ones."""
+    from peft import get_peft_model_state_dict
+
+    tmp = staging_dir(run_dir, step)
+    tmp.mkdir(parents=True, exist_ok=True)
+    adapter = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(adapter, str(tmp / "adapter_model.safetensors"))
+    model.peft_config["default"].save_pretrained(str(tmp))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+    _fsync_tree(tmp)
+    final = checkpoint_dir(run_dir) / f"{PREFIX}{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """--resume auto -> newest complete checkpoint of this run (or None: fresh start); PATH -> that checkpoint."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise SameboxError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})",
+                           hint=f"use --resume auto, or a directory under {checkpoint_dir(run_dir)}")
+    return path
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int) -> dict[str, Any]:
+    """Restore adapter, optimizer, scheduler and this rank's RNG; returns the saved trainer state."""
+    from peft import set_peft_model_state_dict
+
+    state = json.loads((path / STATE_FILE).read_text())
+    result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise SameboxError(f"checkpoint {path} does not match the LoRA setup (unexpected {unexpected[:3]})",
+                           hint="resume with the config the checkpoint was written with")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng-{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state

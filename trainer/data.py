@@ -1,0 +1,212 @@
+"""Training data: JSONL rows (alpaca, chat messages, prompt/completion) -> token ids and next-token targets, cached.
+
+A sample is ``(input_ids, targets)``: ``targets[i]`` is the token that position ``i`` must predict, or -100. Targets
+are shifted here, per sample, so packing samples end to end never trains a sample's first token on the previous
+sample's last one. The completion (and the EOS appended to it) is trained; the prompt only with train_on_prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from builder.errors import SameboxError
+from builder.fsutil import sha256_file
+from trainer.config import DataConfig
+
+IGNORE = -100
+# Bump when tokenization changes so old caches are not reused.
+CACHE_VERSION = "1"
+FORMATS = {
+    "alpaca": "keys instruction (str), output (str) and optional input (str)",
+    "messages": "key messages: a list of {role, content} with at least one assistant turn",
+    "prompt_completion": "keys prompt (str) and completion (str)",
+}
+MAX_REPORTED = 20
+
+
+@dataclass
+class TokenizedData:
+    input_ids: list[list[int]]
+    targets: list[list[int]]
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def label_count(self, i: int) -> int:
+        return sum(1 for t in self.targets[i] if t != IGNORE)
+
+
+def detect_format(row: dict[str, Any]) -> str | None:
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    return None
+
+
+def _row_problem(row: Any, fmt: str) -> str | None:
+    if not isinstance(row, dict):
+        return "a JSON object"
+    if fmt == "alpaca":
+        ok = isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str)
+        ok = ok and isinstance(row.get("input", ""), str)
+    elif fmt == "prompt_completion":
+        ok = isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
+    else:
+        msgs = row.get("messages")
+        ok = isinstance(msgs, list) and bool(msgs) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs
+        ) and any(m["role"] == "assistant" for m in msgs)
+    return None if ok else FORMATS[fmt]
+
+
+def read_rows(path: Path, fmt: str) -> tuple[str, list[dict[str, Any]]]:
+    """Parse and check every row; all malformed rows are reported together as file:line with what was expected."""
+    if not path.is_file():
+        raise SameboxError(f"data file not found: {path}", hint="set data.path to a JSONL file")
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if fmt == "auto" and isinstance(row, dict):
+                fmt = detect_format(row) or "auto"
+                if fmt == "auto":
+                    problems.append(f"{path}:{lineno}: unknown row shape with keys {sorted(row)}; expected "
+                                    + "; or ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+                    break
+            expected = _row_problem(row, fmt) if fmt != "auto" else "a JSON object"
+            if expected:
+                problems.append(f"{path}:{lineno}: expected {expected}")
+            else:
+                rows.append(row)
+    if problems:
+        shown = problems[:MAX_REPORTED]
+        more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
+        raise SameboxError(f"malformed training data in {path}{more}", problems=shown,
+                           hint="fix the rows above or set data.format to the format the file uses")
+    if not rows:
+        raise SameboxError(f"{path} has no rows", hint="one JSON object per line")
+    return fmt, rows
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _prompt_completion(tokenizer: Any, fmt: str, row: dict[str, Any]) -> tuple[str, str]:
+    if fmt == "prompt_completion":
+        return row["prompt"], row["completion"]
+    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    if tokenizer.chat_template:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                               add_generation_prompt=True)
+        return prompt, row["output"]
+    return f"{user}\n\n", row["output"]
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[bool]]:
+    """Render the chat template turn by turn; assistant turns are the trained spans."""
+    if not tokenizer.chat_template:
+        raise SameboxError(f"{where}: messages rows need a tokenizer with a chat template",
+                           hint="use alpaca or prompt_completion rows for a base model without one")
+    ids: list[int] = []
+    trained: list[bool] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] == "assistant":
+            prefix = _encode(tokenizer, tokenizer.apply_chat_template(messages[:i], tokenize=False,
+                                                                      add_generation_prompt=True)) if i else []
+        full = _encode(tokenizer, tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        if full[: len(ids)] != ids or (msg["role"] == "assistant" and full[: len(prefix)] != prefix):
+            raise SameboxError(f"{where}: the chat template does not render turns as prefixes of each other",
+                               hint="use prompt_completion rows with the conversation rendered by you")
+        if msg["role"] == "assistant":
+            trained += [False] * (len(prefix) - len(ids)) + [True] * (len(full) - len(prefix))
+        else:
+            trained += [False] * (len(full) - len(ids))
+        ids = full
+    return ids, trained
+
+
+def tokenize_row(tokenizer: Any, fmt: str, row: dict[str, Any], cfg: DataConfig, where: str) -> tuple[
+        list[int], list[int], bool]:
+    """One row -> (input_ids, shifted targets, truncated?). EOS closes every sample and is trained."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise SameboxError("the tokenizer has no EOS token", hint="set tokenizer.eos_token in the model directory")
+    if fmt == "messages":
+        ids, trained = _chat_ids(tokenizer, row["messages"], where)
+    else:
+        prompt, completion = _prompt_completion(tokenizer, fmt, row)
+        p, c = _encode(tokenizer, prompt), _encode(tokenizer, completion)
+        ids, trained = p + c, [False] * len(p) + [True] * len(c)
+    if not ids or ids[-1] != eos:
+        ids, trained = ids + [eos], trained + [True]
+    if cfg.train_on_prompt:
+        trained = [True] * len(ids)
+    truncated = len(ids) > cfg.max_length
+    ids, trained = ids[: cfg.max_length], trained[: cfg.max_length]
+    targets = [ids[i + 1] if trained[i + 1] else IGNORE for i in range(len(ids) - 1)] + [IGNORE]
+    return ids, targets, truncated
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    text += repr((tokenizer.chat_template, tokenizer.eos_token_id, type(tokenizer).__name__))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_key(path: Path, tokenizer: Any, cfg: DataConfig) -> str:
+    parts = [CACHE_VERSION, sha256_file(path), tokenizer_fingerprint(tokenizer), cfg.format,
+             str(cfg.max_length), str(cfg.train_on_prompt)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SAMEBOX_CACHE", Path.home() / ".cache" / "samebox")) / "tokenized"
+
+
+def load_dataset(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedData, bool]:
+    """Tokenized samples, from the cache when the file, tokenizer and data settings are unchanged."""
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise SameboxError(f"data file not found: {path}", hint="set data.path to a JSONL file")
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache_file = cache / f"{cache_key(path, tokenizer, cfg)}.pt"
+    if cache_file.is_file():
+        blob = torch.load(cache_file, weights_only=True)
+        lengths = blob["lengths"].tolist()
+        ids, targets = blob["input_ids"].split(lengths), blob["targets"].split(lengths)
+        return TokenizedData([t.tolist() for t in ids], [t.tolist() for t in targets], blob["truncated"]), True
+    fmt, rows = read_rows(path, cfg.format)
+    data = TokenizedData([], [])
+    for i, row in enumerate(rows):
+        ids, targets, truncated = tokenize_row(tokenizer, fmt, row, cfg, f"{path} row {i + 1}")
+        data.input_ids.append(ids)
+        data.targets.append(targets)
+        data.truncated += truncated
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"input_ids": torch.tensor([t for s in data.input_ids for t in s], dtype=torch.int32),
+                "targets": torch.tensor([t for s in data.targets for t in s], dtype=torch.int32),
+                "lengths": torch.tensor([len(s) for s in data.input_ids]), "truncated": data.truncated}, tmp)
+    os.replace(tmp, cache_file)
+    return data, False

@@ -1,0 +1,179 @@
+"""The model side of a run: find the weights, pick attention and precision, load (4-bit or not), add LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from builder.errors import SameboxError
+from trainer.config import ModelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # the PEFT model
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+    model_dir: str
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str]:
+    """(source, name): local directory, hub id or ModelScope id, decided from the name when source is auto."""
+    name = cfg.name
+    if cfg.source == "modelscope" or name.startswith("modelscope://"):
+        return "modelscope", name.removeprefix("modelscope://")
+    local = Path(name).expanduser()
+    if cfg.source == "local" or (cfg.source == "auto" and local.exists()):
+        if not (local / "config.json").is_file():
+            raise SameboxError(f"model directory {local} has no config.json",
+                               hint="point model.name at a directory saved with save_pretrained")
+        return "local", str(local)
+    if HUB_ID.match(name):
+        return "hub", name
+    raise SameboxError(f"model.name={name!r} is neither a directory nor a hub id",
+                       hint="use a local path, an id such as Qwen/Qwen2.5-7B, or modelscope://Qwen/Qwen2.5-7B")
+
+
+def fetch_model(cfg: ModelConfig) -> str:
+    """A local directory or a hub id that from_pretrained can load (the hub honours HF_ENDPOINT by itself)."""
+    source, name = resolve_source(cfg)
+    if source == "modelscope":
+        if importlib.util.find_spec("modelscope") is None:
+            raise SameboxError("model.source is ModelScope but the modelscope package is not installed",
+                               hint="pip install modelscope, or use a hub id with HF_ENDPOINT=https://hf-mirror.com")
+        from modelscope import snapshot_download
+
+        return str(snapshot_download(name, revision=cfg.revision))
+    if source == "hub":
+        print(f"samebox: loading {name} from {os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}", flush=True)
+    return name
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def flash_attn_usable(device: torch.device) -> bool:
+    """flash-attn's varlen kernels: importable and an Ampere-or-newer GPU."""
+    if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def pick_attention(cfg: ModelConfig, device: torch.device) -> str:
+    if cfg.attention == "auto":
+        return "flash_attention_2" if flash_attn_usable(device) else "sdpa"
+    if cfg.attention == "flash_attention_2" and not flash_attn_usable(device):
+        raise SameboxError("model.attention=flash_attention_2 but flash-attn is not installed or the GPU is older "
+                           "than sm80", hint="set model.attention=sdpa (or auto)")
+    return cfg.attention
+
+
+def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    dtype = DTYPES[cfg.dtype]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SameboxError(f"{torch.cuda.get_device_name(device)} has no bf16", hint="set model.dtype=fp16")
+    return dtype
+
+
+def quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    if cfg.quantization == "none":
+        return None
+    if device.type != "cuda":
+        raise SameboxError("model.quantization=nf4 (QLoRA) needs a CUDA GPU",
+                           hint="set model.quantization=none to train bf16/fp32 LoRA on this machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SameboxError("model.quantization=nf4 needs bitsandbytes", hint="pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_tokenizer(model_dir: str, cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, revision=cfg.revision,
+                                              trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def activation_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Rough activation memory kept for backward per token without checkpointing (attention + MLP)."""
+    hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    return config.num_hidden_layers * (20 * hidden + 6 * inter) * torch.finfo(dtype).bits // 8
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing: works with frozen inputs, no enable_input_require_grads needed."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def wants_checkpointing(cfg: ModelConfig, base: Any, device: torch.device, dtype: torch.dtype,
+                        micro_batch_tokens: int) -> bool:
+    if cfg.gradient_checkpointing != "auto":
+        return cfg.gradient_checkpointing == "true"
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return activation_bytes_per_token(base.config, dtype) * micro_batch_tokens > 0.6 * free
+
+
+def setup_model(cfg: ModelConfig, lora: Any, micro_batch_tokens: int) -> tuple[LoadedModel, bool]:
+    """Load the base model frozen, wrap it with LoRA; returns the model and whether checkpointing is on."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device()
+    dtype = pick_dtype(cfg, device)
+    attention = pick_attention(cfg, device)
+    quant = quantization_config(cfg, device, dtype)
+    model_dir = fetch_model(cfg)
+    tokenizer = load_tokenizer(model_dir, cfg)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "revision": cfg.revision,
+                              "trust_remote_code": cfg.trust_remote_code, "device_map": {"": str(device)}}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except OSError as e:
+        raise SameboxError(f"could not load model {model_dir}: {e}",
+                           hint="check the path or id; behind the GFW set HF_ENDPOINT=https://hf-mirror.com") from None
+    base.config.use_cache = False
+    checkpointing = wants_checkpointing(cfg, base, device, dtype, micro_batch_tokens)
+    if checkpointing:
+        enable_checkpointing(base)
+    targets = lora.targets if isinstance(lora.targets, str) else list(lora.targets)
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(base, peft_cfg)
+    except ValueError as e:
+        raise SameboxError(f"LoRA targets {targets} do not match the model: {e}",
+                           hint="use lora.targets=all-linear or names such as [q_proj, v_proj]") from None
+    return LoadedModel(model, tokenizer, device, dtype, attention, model_dir), checkpointing
+
+
+def decoder_and_head(model: Any) -> tuple[Any, torch.nn.Module]:
+    """The transformer body (hidden states out) and the output projection of a PEFT-wrapped causal LM."""
+    causal_lm = model.get_base_model()
+    return getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()

@@ -1,0 +1,43 @@
+"""Preflight: `samebox selftest --quick` must pass before hours of GPU time are spent on a training run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from builder.errors import SameboxError
+
+SELFTEST = [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"]
+
+
+def _failed_checks(stdout: str) -> list[str]:
+    """Names/messages of failed checks from the selftest JSON, when it parses; else nothing."""
+    try:
+        report = json.loads(stdout)
+    except json.JSONDecodeError:
+        return []
+    failed = report.get("failed", []) if isinstance(report, dict) else []
+    return [json.dumps(f, sort_keys=True) if not isinstance(f, str) else f for f in failed][:20]
+
+
+def run_preflight(command: list[str] | None = None, timeout: float = 600) -> None:
+    """Run the quick self-test in a subprocess; a failure (or a missing selftest) stops the run before setup."""
+    if os.environ.get("RANK", "0") != "0":
+        return  # one self-test per machine, from rank 0
+    cmd = command or SELFTEST
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SameboxError(f"preflight self-test did not finish in {timeout:.0f} s",
+                           hint="run `samebox selftest --quick` by hand, or pass --no-preflight") from None
+    if proc.returncode == 0:
+        return
+    if "invalid choice" in proc.stderr and "selftest" in proc.stderr:
+        raise SameboxError("preflight needs `samebox selftest`, which this samebox does not have",
+                           hint="update samebox, or pass --no-preflight to train without the self-test")
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    raise SameboxError("preflight self-test failed; not starting training",
+                       problems=_failed_checks(proc.stdout) or tail,
+                       hint="fix the findings (`samebox selftest --quick` shows them), or pass --no-preflight")

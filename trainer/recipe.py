@@ -1,0 +1,276 @@
+"""The LoRA/QLoRA fine-tuning recipe: setup -> train -> cleanup, with a short main.
+
+Setup loads the model (``_setup_model``), the tokenized data (``_setup_data``), the optimizer and schedule
+(``_setup_optimizer``), then restores a checkpoint when resuming. Train runs optimizer steps, each a fixed set of
+samples, saving atomically every N steps / T minutes and when SIGTERM or SIGINT asks it to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from builder.errors import SameboxError
+from builder.fsutil import write_atomic
+from trainer import checkpoint as ckpt
+from trainer.batching import build_micro_batches, step_indices, steps_per_epoch
+from trainer.config import TrainConfig
+from trainer.data import TokenizedData, load_dataset
+from trainer.metrics import MetricsLogger
+from trainer.model import LoadedModel, decoder_and_head, setup_model
+from trainer.step import clip_and_check, is_finite, run_step
+
+
+def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class LoRAFinetuneRecipe:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.run_dir = Path(cfg.output.dir).expanduser()
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.step = 0
+        self.stop_signal: int | None = None
+        self.skipped = 0
+        self.label_tokens_seen = 0
+        self.train_seconds = 0.0
+
+    # ----- setup -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.manual_seed(self.cfg.train.seed)
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        self._restore()
+        self.logger = MetricsLogger(self.cfg.output, self.run_dir, self.total_steps, self.cfg.to_dict(),
+                                    enabled=self.rank == 0)
+        if self.rank == 0:
+            write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            self.logger.event(self._describe())
+        self.previous_handlers = {sig: signal.signal(sig, self._request_stop)
+                                  for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _setup_model(self) -> None:
+        loaded, self.checkpointing = setup_model(self.cfg.model, self.cfg.lora, self.cfg.train.micro_batch_tokens)
+        self.loaded: LoadedModel = loaded
+        self.model = loaded.model
+        self.decoder, self.head = decoder_and_head(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.packing = self.cfg.data.packing == "true" or (
+            self.cfg.data.packing == "auto" and loaded.attention == "flash_attention_2")
+
+    def _setup_data(self) -> None:
+        self.data: TokenizedData
+        self.data, cached = load_dataset(self.cfg.data, self.loaded.tokenizer)
+        self.data_note = f"{len(self.data)} samples ({'cached' if cached else 'tokenized'}"
+        self.data_note += f", {self.data.truncated} truncated to {self.cfg.data.max_length})"
+        self.label_counts = [self.data.label_count(i) for i in range(len(self.data))]
+        self.lengths = [len(s) for s in self.data.input_ids]
+        per_epoch = steps_per_epoch(len(self.data), self.cfg.train.samples_per_step)
+        self.total_steps = self.cfg.train.max_steps or per_epoch * self.cfg.train.epochs
+        self.budget = self.cfg.train.micro_batch_tokens
+
+    def _setup_optimizer(self) -> None:
+        t = self.cfg.train
+        fused = self.loaded.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+        warmup = max(1, int(t.warmup_ratio * self.total_steps)) if t.warmup_ratio > 0 else 0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(warmup, self.total_steps, t.min_lr_ratio))
+        self.scaler = torch.amp.GradScaler("cuda") if self.loaded.dtype == torch.float16 else None
+
+    def _restore(self) -> None:
+        path = ckpt.resolve_resume(self.run_dir, self.resume)
+        self.resumed_from = path
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.rank)
+        expected = {"samples": len(self.data), "samples_per_step": self.cfg.train.samples_per_step,
+                    "seed": self.cfg.train.seed, "shuffle": self.cfg.data.shuffle}
+        changed = [f"{k}: checkpoint {state['data'].get(k)!r}, now {v!r}" for k, v in expected.items()
+                   if state["data"].get(k) != v]
+        if changed:
+            raise SameboxError(f"cannot resume from {path}: the data order would differ", problems=changed,
+                               hint="resume with the same data and train settings, or start a new output.dir")
+        self.step = state["step"]
+        self.budget = state["micro_batch_tokens"]
+        self.skipped = state["skipped"]
+        self.label_tokens_seen = state["label_tokens_seen"]
+        self.train_seconds = state["train_seconds"]
+
+    def _describe(self) -> str:
+        resumed = f", resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""
+        trainable = sum(p.numel() for p in self.params)
+        return (f"{self.loaded.model_dir} on {self.loaded.device} ({self.cfg.model.quantization}, "
+                f"{self.loaded.dtype}, {self.loaded.attention}, {'packed' if self.packing else 'padded buckets'}, "
+                f"checkpointing {'on' if self.checkpointing else 'off'}); {trainable:,} trainable; "
+                f"{self.data_note}; {self.total_steps} steps{resumed}")
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signum
+        # A second Ctrl-C stops at once.
+        signal.signal(signum, signal.SIG_DFL)
+
+    # ----- train -------------------------------------------------------------------------------------------
+    def _step_samples(self, step: int) -> list[int]:
+        return step_indices(len(self.data), self.cfg.train.samples_per_step, step, self.cfg.train.seed,
+                            self.cfg.data.shuffle)
+
+    def _train_one(self) -> dict[str, Any]:
+        t = self.cfg.train
+        started = time.perf_counter()
+        indices = self._step_samples(self.step)
+        local = indices[self.rank::self.world]
+        label_total = sum(self.label_counts[i] for i in indices)
+        tokens = sum(self.lengths[i] for i in indices)
+        pad_id = self.loaded.tokenizer.pad_token_id
+        varlen = self.loaded.attention == "flash_attention_2"
+
+        def make(budget: int) -> list:
+            return build_micro_batches(self.data, local, budget, self.packing, varlen, pad_id) if local else []
+
+        result = run_step(self.decoder, self.head, make, self.params, label_total, self.budget,
+                          self.loaded.device, self.loaded.dtype, t.loss_chunk_tokens,
+                          scale=self.scaler.scale if self.scaler else None,
+                          on_oom=lambda b: self.logger.event(f"out of memory: micro-batch budget now {b} tokens"))
+        self.budget = result.budget
+        loss_sum = result.loss_sum
+        if self.world > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+            torch.distributed.all_reduce(loss_sum)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm, loss_value = clip_and_check(self.params, t.max_grad_norm, loss_sum)
+        lr = self.scheduler.get_last_lr()[0]
+        skipped = None
+        if not is_finite(grad_norm, loss_value):
+            skipped = "non-finite loss" if not math.isfinite(loss_value) else "non-finite gradient"
+            self.skipped += 1
+        else:
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+        if self.scaler:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        self.train_seconds += elapsed
+        self.label_tokens_seen += label_total
+        row: dict[str, Any] = {
+            "step": self.step, "loss": loss_value / max(label_total, 1), "lr": lr, "grad_norm": grad_norm,
+            "tokens": tokens, "label_tokens": label_total, "micro_batches": result.micro_batches,
+            "step_s": elapsed, "tokens_per_s": tokens / elapsed, "label_tokens_per_s": label_total / elapsed,
+            "eta_s": self.train_seconds / max(1, self.step) * (self.total_steps - self.step),
+        }
+        if self.loaded.device.type == "cuda":
+            row["mem_gib"] = torch.cuda.max_memory_allocated(self.loaded.device) / 2**30
+        if skipped:
+            row["skipped"] = skipped
+        if result.oom_retries:
+            row["oom_retries"] = result.oom_retries
+        return row
+
+    def _agreed_flags(self, stop: bool, save_by_time: bool) -> tuple[bool, bool]:
+        """Every rank stops and saves at the same step."""
+        if self.world == 1:
+            return stop, save_by_time
+        flags = torch.tensor([float(stop), float(save_by_time)], device=self.loaded.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def save(self) -> Path | None:
+        ckpt.write_rank_rng(self.run_dir, self.step, self.rank)
+        if self.world > 1:
+            torch.distributed.barrier()
+        path = None
+        if self.rank == 0:
+            state = {"step": self.step, "total_steps": self.total_steps, "micro_batch_tokens": self.budget,
+                     "skipped": self.skipped, "label_tokens_seen": self.label_tokens_seen,
+                     "train_seconds": self.train_seconds, "world_size": self.world,
+                     "data": {"samples": len(self.data), "samples_per_step": self.cfg.train.samples_per_step,
+                              "seed": self.cfg.train.seed, "shuffle": self.cfg.data.shuffle}}
+            path = ckpt.commit_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
+                                          state, self.cfg.output.keep_last)
+        if self.world > 1:
+            torch.distributed.barrier()
+        return path
+
+    def train(self) -> int:
+        out = self.cfg.output
+        if self.step >= self.total_steps:
+            self.logger.event(f"already finished ({self.step}/{self.total_steps} steps); nothing to do")
+            return 0
+        self.model.train()
+        last_save = time.monotonic()
+        while self.step < self.total_steps:
+            row = self._train_one()
+            self.logger.log(row)
+            by_time = time.monotonic() - last_save >= out.save_every_minutes * 60
+            stop, by_time = self._agreed_flags(self.stop_signal is not None, by_time)
+            if stop or by_time or self.step % out.save_every_steps == 0 or self.step == self.total_steps:
+                path = self.save()
+                last_save = time.monotonic()
+                if path is not None:
+                    self.logger.event(f"checkpoint {path}")
+            if stop:
+                self.logger.event(f"stopped by signal at step {self.step}; resume with --resume auto")
+                return 0
+        self._finish()
+        return 0
+
+    def _finish(self) -> None:
+        if self.rank != 0:
+            return
+        self.model.save_pretrained(str(self.run_dir / "adapter"))
+        summary = {"steps": self.step, "skipped_steps": self.skipped, "label_tokens": self.label_tokens_seen,
+                   "train_seconds": self.train_seconds, "attention": self.loaded.attention,
+                   "packing": self.packing, "gradient_checkpointing": self.checkpointing,
+                   "micro_batch_tokens": self.budget}
+        if self.loaded.device.type == "cuda":
+            summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.loaded.device) / 2**30
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+        self.logger.event(f"done: adapter in {self.run_dir / 'adapter'}")
+
+    # ----- cleanup -----------------------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        for sig, handler in getattr(self, "previous_handlers", {}).items():
+            signal.signal(sig, handler)
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def main(cfg: TrainConfig, resume: str | None = None) -> int:
+    recipe = LoRAFinetuneRecipe(cfg, resume)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()

@@ -1,0 +1,88 @@
+"""One optimizer step's forward/backward: micro-batches under a token budget, loss normalised over the whole step.
+
+Each micro-batch contributes ``sum of its token losses / label tokens of the entire step`` to the gradient, so the
+step's gradient is the same whether its samples are packed, padded, split in two or spread over GPUs. Out of
+memory halves the budget and redoes the step from a clean gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from builder.errors import SameboxError
+from trainer.batching import MicroBatch
+from trainer.loss import chunked_cross_entropy_sum
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # sum of token losses over this rank's samples (fp32, on device)
+    micro_batches: int
+    budget: int  # the token budget the step ended with (halved on OOM)
+    oom_retries: int
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """bf16/fp16 compute for everything but the loss (the frozen weights are stored in that dtype already)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def forward_loss_sum(decoder: Any, head: torch.nn.Module, mb: MicroBatch, device: torch.device,
+                     dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    """Sum of token losses of one micro-batch; logits are never materialised for the whole batch."""
+    with autocast_context(device, dtype):
+        hidden = decoder(**mb.model_inputs(device), use_cache=False).last_hidden_state
+    return chunked_cross_entropy_sum(hidden, head.weight, mb.targets.to(device, non_blocking=True), chunk)
+
+
+def run_step(decoder: Any, head: torch.nn.Module, make_batches: Callable[[int], list[MicroBatch]],
+             params: list[torch.nn.Parameter], label_total: int, budget: int, device: torch.device,
+             dtype: torch.dtype, chunk: int, scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             on_oom: Callable[[int], None] | None = None) -> StepResult:
+    """Accumulate the step's gradient into ``params``; ``make_batches(budget)`` cuts the step's samples."""
+    retries = 0
+    while True:
+        batches = make_batches(budget)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        try:
+            for mb in batches:
+                loss = forward_loss_sum(decoder, head, mb, device, dtype, chunk)
+                normalised = loss / max(label_total, 1)
+                (scale(normalised) if scale else normalised).backward()
+                loss_sum += loss.detach()
+            return StepResult(loss_sum, len(batches), budget, retries)
+        except torch.OutOfMemoryError:
+            longest = max(int(mb.input_ids.shape[-1]) for mb in batches)
+            for p in params:
+                p.grad = None
+            loss = normalised = loss_sum = None  # noqa: F841 - drop references so the cache can be freed
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if all(mb.samples == 1 for mb in batches):
+                raise SameboxError(f"out of memory with one sample of {longest} tokens per micro-batch",
+                                   hint="lower data.max_length, set model.gradient_checkpointing=true, or use "
+                                        "model.quantization=nf4") from None
+            budget = max(1, budget // 2)
+            retries += 1
+            if on_oom:
+                on_oom(budget)
+
+
+def clip_and_check(params: list[torch.nn.Parameter], max_norm: float, loss_sum: torch.Tensor) -> tuple[float, float]:
+    """(grad norm, loss sum) as floats; either non-finite means the step must be skipped."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # One device->host sync per step, here.
+    values = torch.stack([norm.float(), loss_sum.float()]).tolist()
+    return values[0], values[1]
+
+
+def is_finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
