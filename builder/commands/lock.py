@@ -1,0 +1,57 @@
+"""`samebox lock`: write or check hashed lockfiles for catalog images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from builder import lock
+from builder.errors import SameboxError
+from builder.output import add_root_argument, format_table, print_json
+from builder.spec import ImageSpec, find_image, load_catalog
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lock", help="resolve lockfiles/<id>.txt with uv, or check they are fresh")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--image", metavar="ID", help="one catalog image (see `samebox images`)")
+    which.add_argument("--all", action="store_true", help="every catalog image (the default)")
+    p.add_argument("--check", action="store_true", help="exit 1 if a lockfile is stale; no network")
+    p.add_argument("--upgrade", action="store_true", help="re-resolve from scratch instead of keeping pins")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_root_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    catalog = load_catalog(Path(args.root) if args.root else None)
+    specs = [find_image(args.image, catalog)] if args.image else catalog
+    if args.check:
+        return _check(specs, args.json)
+    results = []
+    for spec in specs:
+        print(f"locking {spec.id} ...", file=sys.stderr)
+        results.append(lock.lock_image(spec, upgrade=args.upgrade))
+        for name in results[-1].unchecked:
+            print(f"  warning: no index served metadata for {name}; its torch bound is unchecked", file=sys.stderr)
+    rows = [lock.lock_summary(s) for s in specs]
+    if args.json:
+        print_json(rows)
+    else:
+        print(format_table(list(rows[0]), [list(r.values()) for r in rows]))
+    return 0
+
+
+def _check(specs: list[ImageSpec], as_json: bool) -> int:
+    statuses = [lock.check_lock(s) for s in specs]
+    missing = [s for s, st in zip(specs, statuses, strict=True) if st.state == "missing"]
+    if missing:
+        raise lock.missing_lock_error(missing[0]) if len(missing) == 1 else SameboxError(
+            f"{len(missing)} lockfiles are missing:", "make them with `samebox lock --all`",
+            [f"{s.id}: {lock.lock_command(s)}" for s in missing])
+    if as_json:
+        print_json([{"id": st.id, "state": st.state, "reason": st.reason, "path": str(st.path)} for st in statuses])
+    else:
+        print(format_table(("id", "state", "reason"), [(st.id, st.state, st.reason) for st in statuses]))
+    return 1 if any(st.state != "fresh" for st in statuses) else 0
