@@ -31,6 +31,7 @@ Say = Callable[[str], None]
 _PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")
 _NVCC_RELEASE = re.compile(r"release (\d+)\.(\d+)")
 BUILD_MODULES = ("setuptools", "wheel", "packaging")
+CUDA_DEFAULT = Path("/usr/local/cuda")
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def find_nvcc(env: dict[str, str]) -> Path | None:
     found = shutil.which("nvcc", path=env.get("PATH"))
     if found:
         return Path(found)
-    fallback = Path("/usr/local/cuda/bin/nvcc")
+    fallback = CUDA_DEFAULT / "bin" / "nvcc"
     return fallback if fallback.is_file() else None
 
 
@@ -221,6 +222,7 @@ def fetch_sdist(version: str, dest_dir: Path, given: Path | None, offline: bool,
 
 def prepare_source(sdist: Path, build_dir: Path) -> Path:
     """Unpacked sources under ``build_dir``/src, kept between runs (ninja's state lives in src/*/build)."""
+    build_dir.mkdir(parents=True, exist_ok=True)
     src_root = build_dir / "src"
     marker = src_root / ".sdist-sha256"
     sha = sha256_file(sdist)

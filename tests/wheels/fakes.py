@@ -46,7 +46,7 @@ with zipfile.ZipFile(dist / f"flash_attn-{version}-{py}-{py}-linux_x86_64.whl", 
     zf.writestr("flash_attn/build_env.json", json.dumps({k: os.environ.get(k) for k in (
         "CPPFLAGS", "NVCC_APPEND_FLAGS", "MAX_JOBS", "NVCC_THREADS", "FLASH_ATTN_CUDA_ARCHS")}))
     zf.writestr(f"flash_attn-{version}.dist-info/WHEEL", f"Wheel-Version: 1.0\nTag: {py}-{py}-linux_x86_64\n")
-    zf.writestr(f"flash_attn-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: flash_attn\nVersion: {version}\n")
+    zf.writestr(f"flash_attn-{version}.dist-info/METADATA", f"Name: flash_attn\nVersion: {version}\n")
 print("built", flush=True)
 '''
 

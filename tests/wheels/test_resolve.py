@@ -39,7 +39,8 @@ def test_missing_release_falls_back_to_build(world):
     assert result.source == "build"
     assert [s.split(":")[0] for s in result.steps] == ["cache", "release", "build", "build", "numeric check"]
     assert "not found" in result.steps[1]
-    assert result.entry.path.name == f"flash_attn-9.9.9+cu130torch2.11cxx11abitrue.sm90.full-{fakes.PY}-{fakes.PY}-linux_x86_64.whl"
+    local = "cu130torch2.11cxx11abitrue.sm90.full"
+    assert result.entry.path.name == f"flash_attn-9.9.9+{local}-{fakes.PY}-{fakes.PY}-linux_x86_64.whl"
     assert result.entry.elf_archs == ("9.0",)
     assert len(world.build_runs()) == 1
     manifest = json.loads(world.cache.manifest_path.read_text())
