@@ -95,11 +95,11 @@ def dist_dir(dist: md.Distribution) -> str:
     return str(getattr(dist, "_path", ""))
 
 
-def installed_distributions() -> dict[str, md.Distribution]:
-    """Canonical name -> the distribution Python would import (first on sys.path wins, as importlib does).
-    pip's leftovers from an interrupted run ('~umpy-1.26.dist-info') are not distributions."""
+def installed_distributions(path: list[str] | None = None) -> dict[str, md.Distribution]:
+    """Canonical name -> the distribution Python would import (first on sys.path, or ``path``, wins, as importlib
+    does). pip's leftovers from an interrupted run ('~umpy-1.26.dist-info') are not distributions."""
     found: dict[str, md.Distribution] = {}
-    for dist in md.distributions():
+    for dist in md.distributions(**({"path": path} if path is not None else {})):
         name = dist.metadata["Name"] if dist.metadata else None
         if not name or Path(dist_dir(dist)).name.startswith("~"):
             continue

@@ -1,0 +1,91 @@
+"""builder/fingerprint.py: secrets never enter, installed files are checked against RECORD, JSON is deterministic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from builder import fingerprint
+from builder.errors import SameboxError
+from tests.fingerprint.fakesite import add_dist
+
+
+def test_redact_strips_credentials_from_urls() -> None:
+    assert fingerprint.redact("https://user:s3cret@mirror.example/simple") == "https://mirror.example/simple"
+    assert fingerprint.redact("http://tok@a/x http://b/y") == "http://a/x http://b/y"
+    assert fingerprint.redact("/opt/wheels") == "/opt/wheels"
+
+
+def test_selected_env_keeps_the_allowlist_and_drops_secrets() -> None:
+    env = {
+        "PIP_INDEX_URL": "https://u:p@mirror/simple", "HF_TOKEN": "hf_x", "HF_HOME": "/data/hf",
+        "SAMEBOX_API_KEY": "k", "SAMEBOX_IMAGE": "img", "AWS_SECRET_ACCESS_KEY": "a", "HOME": "/root",
+        "SAMEBOX_PASSWORD": "p", "AutoDLRegion": "west-b",
+    }
+    got = fingerprint.selected_env(env)
+    assert got == {"PIP_INDEX_URL": "https://mirror/simple", "HF_HOME": "/data/hf", "SAMEBOX_IMAGE": "img",
+                   "AutoDLRegion": "west-b"}
+    assert list(got) == sorted(got)
+
+
+def test_pip_config_sources_redacts_and_drops_secret_keys(tmp_path: Path) -> None:
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nindex-url = https://me:pw@mirror.example/simple\nclient-cert-key = /k.pem\n")
+    sources = fingerprint.pip_config_sources({"HOME": str(tmp_path / "home"), "PIP_CONFIG_FILE": str(conf)})
+    mine = [s for s in sources if s["path"] == str(conf)]
+    assert mine == [{"path": str(conf), "settings": {"index-url": "https://mirror.example/simple"}}]
+
+
+def test_check_files_finds_a_modified_file_and_a_missing_record(tmp_path: Path) -> None:
+    add_dist(tmp_path, "alpha", "1.0")
+    add_dist(tmp_path, "beta", "2.0", record=False)
+    dists = fingerprint.installed_distributions([str(tmp_path)])
+    assert fingerprint.check_files(dists) == {"alpha": [], "beta": ["RECORD"]}
+    (tmp_path / "alpha" / "__init__.py").write_text("VERSION = 'patched'\n")
+    assert fingerprint.check_files(dists)["alpha"] == ["alpha/__init__.py"]
+    (tmp_path / "alpha" / "__init__.py").unlink()
+    assert fingerprint.check_files(dists)["alpha"] == ["alpha/__init__.py"]
+
+
+def test_record_digest_ignores_installer_rows_and_bytecode(tmp_path: Path) -> None:
+    a = add_dist(tmp_path / "a", "alpha", "1.0")
+    b = add_dist(tmp_path / "b", "alpha", "1.0")
+    with open(b / "RECORD", "a") as fh:  # what pip adds and uv does not
+        fh.write("alpha/__pycache__/__init__.cpython-311.pyc,sha256=abc,10\nalpha-1.0.dist-info/REQUESTED,,\n")
+    text = (b / "RECORD").read_text().replace("../../../bin/alpha,sha256=", "../../../bin/alpha,sha256=X")
+    (b / "RECORD").write_text(text)
+    da = fingerprint.installed_distributions([str(a.parent)])["alpha"]
+    db = fingerprint.installed_distributions([str(b.parent)])["alpha"]
+    assert fingerprint.record_digest(da) == fingerprint.record_digest(db) != ""
+    with open(b / "RECORD", "a") as fh:
+        fh.write("alpha/extra.py,sha256=def,3\n")
+    assert fingerprint.record_digest(da) != fingerprint.record_digest(db)
+
+
+def test_pip_leftovers_are_not_distributions(tmp_path: Path) -> None:
+    add_dist(tmp_path, "alpha", "1.0")
+    (tmp_path / "~lpha-0.9.dist-info").mkdir()
+    (tmp_path / "~lpha-0.9.dist-info" / "METADATA").write_text("Name: ~lpha\nVersion: 0.9\n")
+    assert list(fingerprint.installed_distributions([str(tmp_path)])) == ["alpha"]
+
+
+def test_collect_is_deterministic_and_complete() -> None:
+    first = fingerprint.dumps(fingerprint.collect(with_files=False))
+    second = fingerprint.dumps(fingerprint.collect(with_files=False))
+    assert first == second
+    fp = json.loads(first)
+    assert set(fp) == {"env", "machine", "nvcc", "os", "packages", "pip_config", "python", "schema", "torch"}
+    assert fp["python"]["implementation"] == "CPython" and fp["os"]["glibc"].startswith("glibc")
+    assert fp["packages"]["samebox"]["version"]
+    assert fp["torch"] is None or "version" in fp["torch"]
+
+
+def test_load_refuses_what_is_not_a_fingerprint(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(SameboxError, match="not a samebox fingerprint"):
+        fingerprint.load(bad)
+    with pytest.raises(SameboxError, match="cannot read"):
+        fingerprint.load(tmp_path / "missing.json")
