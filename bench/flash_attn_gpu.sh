@@ -22,16 +22,21 @@ NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 
 # A venv that sees the machine's torch but takes our installs (the system Python may be externally managed).
 VENV=$REPO/.out/fa-venv
-[ -x "$VENV/bin/python" ] || "$PY" -m venv --without-pip --system-site-packages "$VENV"
 VPY=$VENV/bin/python
-if ! "$VPY" -c "import torch" 2>/dev/null; then
-  # $PY is itself a venv: its packages are not "system" ones. Use it directly (a throwaway machine).
+if [ ! -x "$VPY" ]; then
+  "$PY" -m venv --system-site-packages "$VENV" 2>/dev/null \
+    || { rm -rf "$VENV"; "$PY" -m venv --without-pip --system-site-packages "$VENV"; }
+fi
+if ! "$VPY" -c "import torch, pip" 2>/dev/null; then
+  # $PY is itself a venv (its packages are not "system" ones) or has no pip for the venv: use it directly,
+  # this is a throwaway machine.
   VPY=$PY
   export PIP_BREAK_SYSTEM_PACKAGES=1
 fi
 if ! "$VPY" -c "import setuptools, wheel, packaging" 2>/dev/null; then
   "$VPY" -m pip install -q --no-index --find-links .whl setuptools wheel packaging 2>&1 | tail -2
 fi
+echo "python: $VPY ($("$VPY" -c 'import torch, setuptools; print("torch", torch.__version__, "setuptools", setuptools.__version__)'))"
 SAMEBOX=("$VPY" -m builder.cli wheel flash-attn --from-env --version "$FA_VERSION" --cache "$CACHE")
 SDIST=.whl/flash_attn-$FA_VERSION.tar.gz
 

@@ -53,11 +53,38 @@ class BuildPlan:
                 "cores": self.cores, "free_ram_gb": round(self.free_ram_gb, 1), "notes": list(self.notes)}
 
 
-def free_ram_gb(meminfo: Path = Path("/proc/meminfo")) -> float:
+def free_ram_gb(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> float:
+    """MemAvailable, capped by the container's cgroup limit (/proc/meminfo shows the host's RAM in containers,
+    as on AutoDL: a build sized from it gets OOM-killed)."""
+    available = None
     for line in meminfo.read_text().splitlines():
         if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / (1024 * 1024)
-    raise SameboxError(f"{meminfo} has no MemAvailable line", "set MAX_JOBS yourself")
+            available = int(line.split()[1]) * 1024
+    if available is None:
+        raise SameboxError(f"{meminfo} has no MemAvailable line", "set MAX_JOBS yourself")
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (cgroup / limit_file).read_text().strip()
+            usage = int((cgroup / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            available = min(available, int(limit) - usage)
+        break
+    return max(available, 0) / 2**30
+
+
+def cpu_count(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def job_count(cores: int, ram_gb: float, nvcc_threads: int) -> int:
@@ -169,7 +196,15 @@ def check_toolchain(key: WheelKey, facts: EnvFacts, env: dict[str, str], python:
 
 
 def ninja_path(env: dict[str, str], python: str) -> str | None:
-    return shutil.which("ninja", path=env.get("PATH")) or shutil.which("ninja", path=str(Path(python).parent))
+    """ninja on PATH, next to the Python, or inside the `ninja` pip package (its bin dir may not be on PATH)."""
+    found = shutil.which("ninja", path=env.get("PATH")) or shutil.which("ninja", path=str(Path(python).parent))
+    if found or python != sys.executable:
+        return found
+    try:
+        import ninja  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return shutil.which("ninja", path=str(getattr(ninja, "BIN_DIR", "")))
 
 
 def _importable(python: str, module: str) -> bool:

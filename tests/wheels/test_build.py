@@ -131,3 +131,21 @@ def test_failed_build_says_how_to_resume(world, tmp_path, monkeypatch):
     assert "nvcc: killed" in str(e.value) and "again to resume" in str(e.value)
     assert build.compiled_objects(src) == 1
     assert build.prepare_source(world.sdist, tmp_path / "b") == src  # unpacked once, ninja state kept
+
+
+def test_free_ram_capped_by_cgroup(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 263000000 kB\nMemAvailable: 251658240 kB\n")  # the host: 240 GiB free
+    cg = tmp_path / "cg"
+    assert round(build.free_ram_gb(meminfo, cg)) == 240
+    cg.mkdir()
+    (cg / "memory.max").write_text(str(32 * 2**30))
+    (cg / "memory.current").write_text(str(2 * 2**30))
+    assert round(build.free_ram_gb(meminfo, cg)) == 30
+    (cg / "memory.max").write_text("max\n")
+    assert round(build.free_ram_gb(meminfo, cg)) == 240
+
+
+def test_cpu_count_capped_by_cgroup_quota(tmp_path):
+    (tmp_path / "cpu.max").write_text("400000 100000\n")
+    assert build.cpu_count(tmp_path) == min(4, build.cpu_count(tmp_path / "none"))
