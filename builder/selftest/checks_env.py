@@ -26,6 +26,8 @@ def lockfile(r: dict[str, Any]) -> Finding:
     early = _crash(lock, "lockfile")
     if early:
         return early
+    if lock is None:
+        return na("the lockfile probe did not run")
     if not lock.get("lockfile"):
         return na(
             f"no lockfile to compare with: {lock.get('chosen_by')}",
@@ -101,6 +103,8 @@ def hf_cache(r: dict[str, Any]) -> Finding:
     early = _crash(h, "HF cache")
     if early:
         return early
+    if h is None:
+        return na("the Hugging Face cache probe did not run")
     fs, root = h["fs"], h["root_fs"]
     where = f"Hugging Face cache {h['cache']}: {gib(fs['free_bytes'])} free of {gib(fs['total_bytes'])}"
     move = "export HF_HOME=<data disk>/hf (AutoDL: /root/autodl-tmp/hf) before downloading models"

@@ -69,9 +69,14 @@ def ecc(r: dict[str, Any]) -> list[Finding]:
 
 def remapped_rows(r: dict[str, Any]) -> list[Finding]:
     def judge(d: dict[str, Any], gpu: str) -> Finding:
-        rows = _after(r, d["index"]).get("remapped_rows") or d.get("remapped_rows")
-        if rows is None:
+        readings = [x for x in (d.get("remapped_rows"), _after(r, d["index"]).get("remapped_rows")) if x]
+        if not readings:
             return na(f"{gpu}: {d['name']} has no row remapping (pre-Ampere or GeForce)")
+        rows = {
+            "failure": any(x["failure"] for x in readings),
+            "pending": any(x["pending"] for x in readings),
+            **{k: max(x[k] for x in readings) for k in ("correctable", "uncorrectable")},
+        }
         if rows["failure"]:
             return fail(f"{gpu}: a row remapping failed", REPLACE)
         if rows["pending"]:
@@ -101,9 +106,10 @@ def retired_pages(r: dict[str, Any]) -> list[Finding]:
 
 def recovery_action(r: dict[str, Any]) -> list[Finding]:
     def judge(d: dict[str, Any], gpu: str) -> Finding:
-        action = _after(r, d["index"]).get("recovery_action", d.get("recovery_action"))
-        if action is None:
+        actions = [a for a in (d.get("recovery_action"), _after(r, d["index"]).get("recovery_action")) if a is not None]
+        if not actions:
             return na(f"{gpu}: this driver does not report a recovery action")
+        action = max(actions)
         if action == 0:
             return ok(f"{gpu}: the driver asks for no recovery action")
         name = RECOVERY_ACTIONS.get(action, f"action {action}")

@@ -33,7 +33,8 @@ def gpu_capability(r: dict[str, Any]) -> str | None:
 
 def rebuild_flash_attn(cap: str | None) -> str:
     return (
-        f"rebuild it for this GPU and torch: samebox wheel flash-attn --from-env --arch {cap or 'X.Y'} --profile full"
+        "rebuild it for this GPU and torch: "
+        f"samebox wheel flash-attn --from-env --arch {cap or 'X.Y'} --profile full --install"
     )
 
 
@@ -57,7 +58,7 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
             return [
                 warn(
                     "flash-attn is not installed: the trainer falls back to SDPA (no padding-free packing)",
-                    f"install a matching wheel: samebox wheel flash-attn --from-env --arch {cap or 'X.Y'}",
+                    f"install a matching wheel: samebox wheel flash-attn --from-env --arch {cap or 'X.Y'} --install",
                 )
             ]
         return [fail(f"flash-attn does not import: {error} (built for another torch/ABI?)", rebuild_flash_attn(cap))]

@@ -1,0 +1,446 @@
+"""Each fault, injected by editing a copy of a healthy machine's recorded readings, is caught by the right check
+with the right remediation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.selftest.conftest import findings, severities
+
+GiB = 2**30
+
+
+def dev(r: dict[str, Any]) -> dict[str, Any]:
+    return r["nvml"]["devices"][0]
+
+
+def after(r: dict[str, Any]) -> dict[str, Any]:
+    import copy
+
+    r["nvml_after"] = copy.deepcopy(r["nvml"])
+    return r["nvml_after"]["devices"][0]
+
+
+def samples(r: dict[str, Any]) -> list[dict[str, Any]]:
+    return r["gpu"]["load"]["samples"]
+
+
+def set_reason(r: dict[str, Any], bit: int) -> None:
+    samples(r)[5]["clocks_event_reasons"] |= bit
+
+
+def fa(r: dict[str, Any], **reading: Any) -> None:
+    r["gpu"]["flash_attn"] = {
+        "head_dims": [64, 128],
+        "dtype": "bfloat16",
+        "window": None,
+        "installed": True,
+        "version": "2.8.3",
+        "dist_version": "2.8.3+cu130torch2.11cxx11abitrue.sm90.slim",
+        "extension": "/x/flash_attn_2_cuda.so",
+        "elf_archs": ["9.0"],
+        "cases": {
+            "64": {"out": 3e-3, "dq": 5e-3, "dk": 5e-3, "dv": 4e-3},
+            "128": {"out": 3e-3, "dq": 5e-3, "dk": 5e-3, "dv": 4e-3},
+        },
+        "features": {"local": None, "softcap": None, "alibi": None, "dropout": None},
+    }
+    r["gpu"]["flash_attn"].update(reading)
+
+
+SLIM = {
+    "local": "This flash attention build does not support local attention.",
+    "softcap": "This flash attention build does not support tanh softcapping.",
+    "alibi": "This flash attention build does not support alibi.",
+    "dropout": "This flash attention build does not support dropout.",
+}
+
+
+def needs_window(r: dict[str, Any]) -> None:
+    r["model"] = {
+        "source": "/m/config.json",
+        "head_dims": [128],
+        "dtype": "bfloat16",
+        "window": 4096,
+        "features": ["local"],
+    }
+
+
+# (fault id, edit, check, severity, text expected in the message, text expected in the remediation)
+FAULTS = [
+    (
+        "ecc volatile",
+        lambda r: dev(r)["ecc"].update(uncorrected_volatile=2),
+        "ecc",
+        "fail",
+        "2 uncorrectable ECC error(s) since the last reset",
+        "move to another machine",
+    ),
+    (
+        "ecc during test",
+        lambda r: after(r)["ecc"].update(uncorrected_volatile=1),
+        "ecc",
+        "fail",
+        "during the test",
+        "move to another machine",
+    ),
+    ("ecc aggregate only", lambda r: dev(r)["ecc"].update(uncorrected_aggregate=3), "ecc", "warn", "lifetime", ""),
+    ("ecc off", lambda r: dev(r)["ecc"].update(mode=[0, 0]), "ecc", "warn", "ECC is off", "nvidia-smi -i N -e 1"),
+    (
+        "geforce no ecc",
+        lambda r: dev(r)["ecc"].update(mode=None, uncorrected_volatile=None),
+        "ecc",
+        "n/a",
+        "does not report ECC",
+        "",
+    ),
+    (
+        "remap pending",
+        lambda r: dev(r)["remapped_rows"].update(pending=True),
+        "remapped_rows",
+        "fail",
+        "pending",
+        "nvidia-smi -r",
+    ),
+    (
+        "remap failed",
+        lambda r: dev(r)["remapped_rows"].update(failure=True),
+        "remapped_rows",
+        "fail",
+        "failed",
+        "tell the provider",
+    ),
+    (
+        "no row remapper",
+        lambda r: [d.update(remapped_rows=None) for d in (dev(r), r["nvml_after"]["devices"][0])],
+        "remapped_rows",
+        "n/a",
+        "no row remapping",
+        "",
+    ),
+    (
+        "retired pages limit",
+        lambda r: dev(r).update(retired_pages={"double_bit": 40, "single_bit": 20, "pending": False}),
+        "retired_pages",
+        "fail",
+        "60 retired pages",
+        "move to another machine",
+    ),
+    (
+        "retirement pending",
+        lambda r: dev(r).update(retired_pages={"double_bit": 1, "single_bit": 0, "pending": True}),
+        "retired_pages",
+        "fail",
+        "pending",
+        "reset the GPU",
+    ),
+    (
+        "recovery reset",
+        lambda r: dev(r).update(recovery_action=1),
+        "recovery_action",
+        "fail",
+        "GPU reset",
+        "nvidia-smi -r",
+    ),
+    (
+        "recovery reboot",
+        lambda r: dev(r).update(recovery_action=2),
+        "recovery_action",
+        "fail",
+        "node reboot",
+        "migrate",
+    ),
+    ("hw slowdown", lambda r: set_reason(r, 0x8), "clock_events", "fail", "hardware slowdown", "cooling"),
+    ("hw thermal", lambda r: set_reason(r, 0x40), "clock_events", "fail", "thermal", "cooling"),
+    ("power brake", lambda r: set_reason(r, 0x80), "clock_events", "fail", "power-brake", "power delivery"),
+    ("sw thermal", lambda r: set_reason(r, 0x20), "clock_events", "warn", "temperature", "airflow"),
+    ("pcie narrow", lambda r: [s.update(pcie_width=8) for s in samples(r)], "pcie", "fail", "x8 under load", "reseat"),
+    ("pcie gen", lambda r: [s.update(pcie_gen=3) for s in samples(r)], "pcie", "warn", "gen3", "BIOS"),
+    ("hot", lambda r: samples(r)[3].update(temperature_c=87), "temperature", "fail", "3 C margin", "cooling"),
+    ("warm", lambda r: samples(r)[3].update(temperature_c=82), "temperature", "warn", "8 C margin", "airflow"),
+    (
+        "power capped",
+        lambda r: dev(r).update(power_limit_enforced_mw=450000),
+        "power_limit",
+        "warn",
+        "450 W of the default 700 W",
+        "-pl",
+    ),
+    ("mig on", lambda r: dev(r).update(mig_mode=[1, 1]), "mig", "warn", "MIG is on", "-mig 0"),
+    (
+        "other process",
+        lambda r: dev(r).update(processes=[{"pid": 999, "used_memory": 12 * GiB}]),
+        "memory_in_use",
+        "warn",
+        "999 (12.0 GiB)",
+        "stop them",
+    ),
+    (
+        "own process ignored",
+        lambda r: dev(r).update(processes=[{"pid": 4242, "used_memory": 12 * GiB}]),
+        "memory_in_use",
+        "ok",
+        "0 other process",
+        "",
+    ),
+    (
+        "bf16 wrong",
+        lambda r: r["gpu"]["accuracy"]["bf16"].update(max_rel_error=0.2),
+        "matmul_accuracy",
+        "fail",
+        "bf16 matmul",
+        "do not train on it",
+    ),
+    (
+        "fp16 nan",
+        lambda r: r["gpu"]["accuracy"]["fp16"].update(finite=False),
+        "matmul_accuracy",
+        "fail",
+        "fp16 matmul",
+        "do not train on it",
+    ),
+    (
+        "slow",
+        lambda r: r["gpu"]["load"].update(tflops_windows=[400.0, 480.0, 490.0]),
+        "matmul_tflops",
+        "fail",
+        "0.70x the H100 reference",
+        "clock_events",
+    ),
+    (
+        "slow h2d",
+        lambda r: r["gpu"]["bandwidth"].update(h2d_pinned_gbps=12.0),
+        "bandwidth",
+        "warn",
+        "host-to-device 12.0 GB/s",
+        "NUMA",
+    ),
+    (
+        "driver too old",
+        lambda r: r["nvml"].update(driver_version="535.104.05", cuda_driver_version="12.2"),
+        "driver_cuda",
+        "fail",
+        "too old for torch's CUDA 13.0 (needs >= 580.65.06)",
+        "torch2.3-cu121-py312",
+    ),
+    (
+        "lock drift",
+        lambda r: r["env"]["lock"].update(problems=["transformers is 5.23.0, the lock has 4.57.1"]),
+        "lockfile",
+        "fail",
+        "transformers is 5.23.0, the lock has 4.57.1",
+        "pip install --no-deps --require-hashes",
+    ),
+    (
+        "lock not generated",
+        lambda r: r["env"]["lock"].update(missing=True),
+        "lockfile",
+        "warn",
+        "does not exist",
+        "make lock",
+    ),
+    (
+        "no lock",
+        lambda r: r["env"].update(lock={"lockfile": None, "chosen_by": "no catalog image has torch 2.4.0"}),
+        "lockfile",
+        "n/a",
+        "no catalog image",
+        "SAMEBOX_LOCKFILE",
+    ),
+    ("small shm", lambda r: r["env"]["shm"].update(total_bytes=64 * 2**20), "shm", "warn", "64.0 MiB", "--shm-size"),
+    (
+        "data dir full",
+        lambda r: r["env"]["data_dir"].update(free_bytes=GiB),
+        "data_dir",
+        "fail",
+        "1.0 GiB free",
+        "free space",
+    ),
+    (
+        "data dir ro",
+        lambda r: r["env"]["data_dir"].update(write_error="Read-only file system (OSError, errno 30)"),
+        "data_dir",
+        "fail",
+        "Read-only file system",
+        "writable data disk",
+    ),
+    (
+        "data dir missing",
+        lambda r: r["env"].update(data_dir={"path": "/nope", "exists": False}),
+        "data_dir",
+        "fail",
+        "does not exist",
+        "mkdir -p /nope",
+    ),
+    (
+        "data dir slow",
+        lambda r: r["env"]["data_dir"].update(write_mbps=12.0),
+        "data_dir",
+        "warn",
+        "12 MB/s",
+        "local data disk",
+    ),
+    (
+        "hf cache on system disk",
+        lambda r: [r["env"]["hf_cache"][k].update(total_bytes=30 * GiB, device=1) for k in ("fs", "root_fs")],
+        "hf_cache",
+        "warn",
+        "30.0 GiB system disk",
+        "HF_HOME",
+    ),
+    (
+        "only math sdpa",
+        lambda r: r["gpu"].update(
+            sdpa={"flash_attention": "No available kernel", "math": True, "efficient_attention": "No available kernel"}
+        ),
+        "sdpa_backends",
+        "warn",
+        "only torch's math",
+        "",
+    ),
+    (
+        "loss rising",
+        lambda r: r["gpu"]["lora_smoke"].update(losses=[5.0, 5.1, 5.2, 5.3, 5.4]),
+        "lora_smoke",
+        "fail",
+        "did not fall",
+        "reinstall",
+    ),
+    (
+        "loss nan",
+        lambda r: r["gpu"]["lora_smoke"].update(losses=[5.0, float("nan"), 5.2, 5.3, 4.0]),
+        "lora_smoke",
+        "fail",
+        "not finite",
+        "matmul_accuracy",
+    ),
+    (
+        "probe crashed",
+        lambda r: r["gpu"].update(accuracy={"probe_error": "RuntimeError: CUDA error: unknown error"}),
+        "matmul_accuracy",
+        "fail",
+        "CUDA error: unknown error",
+        "driver or GPU",
+    ),
+    ("bnb missing", lambda r: None, "bitsandbytes", "warn", "not installed", "lockfile pins"),
+    (
+        "bnb nf4 broken",
+        lambda r: r["gpu"].update(
+            bitsandbytes={
+                "installed": True,
+                "version": "0.50.2",
+                "nf4_error": "CUDA Setup failed",
+                "adamw8bit_changed": True,
+                "adamw8bit_finite": True,
+            }
+        ),
+        "bitsandbytes",
+        "fail",
+        "CUDA Setup failed",
+        "reinstall bitsandbytes",
+    ),
+    (
+        "flash-attn missing",
+        lambda r: None,
+        "flash_attn",
+        "warn",
+        "not installed",
+        "samebox wheel flash-attn --from-env --arch 9.0 --install",
+    ),
+    (
+        "flash-attn abi",
+        lambda r: r["gpu"].update(
+            flash_attn={
+                "installed": False,
+                "import_error": "ImportError: flash_attn_2_cuda.so: undefined symbol: _ZN3c105ErrorC2E",
+            }
+        ),
+        "flash_attn",
+        "fail",
+        "undefined symbol",
+        "--arch 9.0 --profile full",
+    ),
+    (
+        "flash-attn sm80 only",
+        lambda r: fa(r, elf_archs=["8.0"]),
+        "flash_attn",
+        "fail",
+        "kernels for sm_80 only; this GPU is sm_90",
+        "samebox wheel flash-attn --from-env --arch 9.0 --profile full",
+    ),
+    (
+        "flash-attn no kernel image",
+        lambda r: fa(
+            r,
+            elf_archs=None,
+            cases={"128": {"error": "CUDA error: no kernel image is available for execution on the device"}},
+        ),
+        "flash_attn",
+        "fail",
+        "no kernel image is available",
+        "--arch 9.0 --profile full",
+    ),
+    (
+        "flash-attn wrong numbers",
+        lambda r: fa(r, cases={"128": {"out": 0.3, "dq": 0.1, "dk": 0.1, "dv": 0.1}}),
+        "flash_attn",
+        "fail",
+        "worst relative error 3.0e-01 (out)",
+        "--profile full",
+    ),
+    (
+        "slim build, model needs window",
+        lambda r: (fa(r, features=SLIM), needs_window(r)),
+        "flash_attn",
+        "fail",
+        "slim build without sliding-window (local) attention",
+        "--arch 9.0 --profile full",
+    ),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f[0] for f in FAULTS])
+def test_fault_is_caught(healthy, fault) -> None:
+    _, edit, check, severity, message, remediation = fault
+    edit(healthy)
+    found = findings(healthy, check)
+    hits = [f for f in found if f.severity == severity and message in f.message]
+    assert hits, found
+    assert remediation in hits[0].remediation
+    if severity in ("fail", "warn"):
+        assert hits[0].remediation, "every fail and warn says what to do"
+
+
+def test_slim_build_is_fine_when_the_model_does_not_need_its_features(healthy) -> None:
+    fa(healthy, features=SLIM)
+    assert set(severities(healthy, "flash_attn")) == {"ok"}
+    assert any("built without sliding-window" in f.message for f in findings(healthy, "flash_attn"))
+
+
+def test_healthy_flash_attn_and_bitsandbytes(healthy) -> None:
+    fa(healthy)
+    healthy["gpu"]["bitsandbytes"] = {
+        "installed": True,
+        "version": "0.50.2",
+        "nf4_max_rel_error": 2e-3,
+        "adamw8bit_changed": True,
+        "adamw8bit_finite": True,
+    }
+    assert severities(healthy, "flash_attn") == ["ok", "ok"]
+    assert severities(healthy, "bitsandbytes") == ["ok", "ok"]
+
+
+def test_unknown_gpu_gets_no_verdict_on_speed(healthy) -> None:
+    dev(healthy)["name"] = "NVIDIA Future GPU 9000"
+    assert severities(healthy, "matmul_tflops") == ["n/a"]
+
+
+def test_full_mode_faults(healthy_full) -> None:
+    healthy_full["gpu"]["memory_pattern"]["mismatches"] = 17
+    healthy_full["gpu"]["repeatability"]["differing"] = 2
+    healthy_full["gpu"]["load"]["tflops_windows"][10] = 350.0
+    assert severities(healthy_full, "memory_pattern") == ["fail"]
+    assert "silent data corruption" in findings(healthy_full, "repeatability")[0].message
+    assert severities(healthy_full, "load_steadiness") == ["warn"]

@@ -1,0 +1,74 @@
+"""Probes that need no GPU, run for real: the model's attention needs, the lockfile, the data dir."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+
+import pytest
+
+from builder.errors import SameboxError
+from builder.selftest import env_probes
+from builder.selftest.model import attention_needs, attention_needs_from_config
+
+
+def test_model_needs() -> None:
+    qwen = attention_needs_from_config(
+        {
+            "hidden_size": 3584,
+            "num_attention_heads": 28,
+            "sliding_window": 131072,
+            "use_sliding_window": False,
+            "torch_dtype": "bfloat16",
+        },
+        "qwen",
+    )
+    assert (qwen.head_dims, qwen.window, qwen.features) == ((128,), None, ())
+    mistral = attention_needs_from_config(
+        {"head_dim": 128, "sliding_window": 4096, "hidden_size": 4096, "num_attention_heads": 32}, "mistral"
+    )
+    assert (mistral.window, mistral.features) == (4096, ("local",))
+    gemma = attention_needs_from_config(
+        {"text_config": {"head_dim": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0}, "dtype": "float32"},
+        "g",
+    )
+    assert (gemma.head_dims, gemma.features, gemma.dtype) == ((256,), ("local", "softcap"), "bfloat16")
+    with pytest.raises(SameboxError, match="neither head_dim"):
+        attention_needs_from_config({"vocab_size": 10}, "bad")
+
+
+def test_model_needs_from_a_directory(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"head_dim": 64, "num_attention_heads": 8}))
+    assert attention_needs(str(tmp_path)).head_dims == (64,)
+    assert attention_needs(None).head_dims == (64, 128)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SameboxError, match="not valid JSON"):
+        attention_needs(str(tmp_path))
+
+
+def test_lockfile_drift_is_listed(tmp_path) -> None:
+    peft = metadata.version("peft")
+    lock = tmp_path / "lock.txt"
+    lock.write_text(f"peft=={peft} \\\n    --hash=sha256:{'0' * 64}\npyyaml==0.0.1\nno-such-package==1.0\n")
+    reading = env_probes.lockfile_reading(str(lock), "2.11.0+cu130")
+    assert reading["chosen_by"] == "given"
+    problems = " | ".join(reading["problems"])
+    assert "pyyaml" in problems and "0.0.1" in problems and "no-such-package" in problems
+    assert "peft" not in problems
+
+
+def test_lockfile_from_catalog() -> None:
+    path, how = env_probes.find_lockfile(None, "2.11.0+cu130")
+    import sys
+
+    if sys.version_info[:2] == (3, 12):
+        assert path is not None and path.name == "torch2.11-cu130-py312.txt"
+    else:
+        assert path is None and "Python" in how
+
+
+def test_data_dir_write(tmp_path) -> None:
+    reading = env_probes.data_dir(str(tmp_path), write_mib=2)
+    assert reading["exists"] and reading["write_mbps"] > 0 and "write_error" not in reading
+    assert list(tmp_path.iterdir()) == []
+    assert env_probes.data_dir(str(tmp_path / "nope")) == {"path": str(tmp_path / "nope"), "exists": False}
