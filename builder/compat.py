@@ -187,6 +187,8 @@ class FlashAttnRelease:
     major+minor, cu118/cu123; 2.7.0 on names the major only, cu12). ``release_archs`` is the SASS in those wheels.
     ``arch_env``: whether setup.py honours FLASH_ATTN_CUDA_ARCHS (older ones always build sm_80 + sm_90).
     ``objects``: compile units of the CUDA extension (ninja's total), for the ETA.
+    ``torch``: minors with official wheels, as seen in wheel URLs under the release's GitHub tag (not every
+    minor was checked for every Python/ABI; a miss is a 404 and the resolver goes on to build). Empty: none known.
     """
 
     sdist_sha256: str
@@ -206,26 +208,26 @@ FLASH_ATTN_RELEASES: dict[str, FlashAttnRelease] = {
         "5bfae9500ad8e7d2937ebccb4906f3bc464d1bf66eedd0e4adabd520811c7b52",
         f"{_PYPI_FILES}/cd/1e/21321670cd3c2f225026d9fd89272cae661529238850e79f48ccf2f9e4e3/flash_attn-2.6.3.tar.gz",
         ("11.8", "12.3"), ("2.0", "2.1", "2.2", "2.3", "2.4"), ("3.8", "3.9", "3.10", "3.11", "3.12"),
-        ("8.0", "9.0"), False, 73,
+        ("8.0", "9.0"), False, 85,
     ),
     "2.7.4.post1": FlashAttnRelease(
         "f03485c9a49a4d68d0733acdcad80ab0e72afa025a777fdc2966ceccf9d51765",
         f"{_PYPI_FILES}/11/34/9bf60e736ed7bbe15055ac2dab48ec67d9dbd088d2b4ae318fd77190ab4e/"
         "flash_attn-2.7.4.post1.tar.gz",
-        ("12",), ("2.2", "2.3", "2.4", "2.5", "2.6"), ("3.9", "3.10", "3.11", "3.12", "3.13"),
-        ("8.0", "9.0"), True, 73,
+        ("12",), ("2.2", "2.3", "2.4", "2.5", "2.6", "2.7"), ("3.9", "3.10", "3.11", "3.12", "3.13"),
+        ("8.0", "9.0"), True, 85,
     ),
     "2.8.3": FlashAttnRelease(
         "1e71dd64a9e0280e0447b8a0c2541bad4bf6ac65bdeaa2f90e51a9e57de0370d",
         f"{_PYPI_FILES}/3b/b2/8d76c41ad7974ee264754709c22963447f7f8134613fd9ce80984ed0dab7/flash_attn-2.8.3.tar.gz",
-        ("12",), ("2.4", "2.5", "2.6", "2.7", "2.8"), ("3.9", "3.10", "3.11", "3.12", "3.13"),
+        ("12",), ("2.4", "2.5", "2.6", "2.7", "2.8", "2.9"), ("3.9", "3.10", "3.11", "3.12", "3.13"),
         ("8.0", "9.0", "10.0", "12.0"), True, 73,
     ),
     "2.8.3.post2": FlashAttnRelease(
         "d0f9f0b08a986cdeadbffcf5ec8b3a8f514366c68ad1853d3ab061bc83cc340b",
         f"{_PYPI_FILES}/6c/b1/b77625e3d11260d2bd6a4fc249a4be9a3da97ff848e2222e810c4f0e0211/"
         "flash_attn-2.8.3.post2.tar.gz",
-        ("12",), ("2.4", "2.5", "2.6", "2.7", "2.8"), ("3.9", "3.10", "3.11", "3.12", "3.13"),
+        ("12",), (), ("3.9", "3.10", "3.11", "3.12", "3.13"),
         ("8.0", "9.0", "10.0", "12.0"), True, 73,
     ),
 }
