@@ -33,6 +33,8 @@ def lockfile(r: dict[str, Any]) -> Finding:
             f"no lockfile to compare with: {lock.get('chosen_by')}",
             "set SAMEBOX_LOCKFILE=lockfiles/<image>.txt to compare this environment with a lock",
         )
+    if lock.get("missing") and not lock.get("claimed", True):
+        return na(f"no lockfile {lock['lockfile']} to compare with ({lock['chosen_by']})")
     if lock.get("missing"):
         return warn(
             f"lockfile {lock['lockfile']} ({lock['chosen_by']}) does not exist",
@@ -40,13 +42,20 @@ def lockfile(r: dict[str, Any]) -> Finding:
         )
     problems = lock.get("problems") or []
     if problems:
-        shown = "; ".join(problems[:SHOWN_PROBLEMS]) + (
-            f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
-        )
-        return fail(
-            f"{len(problems)} package(s) drifted from {lock['lockfile']}: {shown}",
+        shown = "; ".join(problems[:SHOWN_PROBLEMS])
+        if len(problems) > SHOWN_PROBLEMS:
+            shown += f"; and {len(problems) - SHOWN_PROBLEMS} more"
+        text = f"{len(problems)} package(s) differ from {lock['lockfile']} ({lock['chosen_by']}): {shown}"
+        fix = (
             f"reinstall from the lock: pip install --no-deps --require-hashes -r {lock['lockfile']} "
-            "(or re-run the setup script); a drifted torch means another platform image",
+            "(or re-run the setup script); a drifted torch means another platform image"
+        )
+        if lock.get("claimed", True):
+            return fail(text, fix)
+        return warn(
+            text,
+            "this environment does not claim a lock; set it up with samebox (setup script or image) "
+            "to make it reproducible, or " + fix,
         )
     files = ", files hashed against their RECORD" if lock.get("files_checked") else ""
     return ok(f"installed packages match {lock['lockfile']} ({lock['chosen_by']}{files})")

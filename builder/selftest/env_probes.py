@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,32 +21,39 @@ def verify_lock(lockfile: Path, check_files: bool) -> list[str]:
     return list(drift_verify_lock(lockfile, check_files=check_files))
 
 
-def find_lockfile(explicit: str | None, torch_version: str | None) -> tuple[Path | None, str]:
-    """The lockfile for this environment: the given path, $SAMEBOX_LOCKFILE, or the catalog image whose torch
-    and Python match this interpreter. Returns (path or None, how it was chosen)."""
+# Where a samebox Docker image keeps the lock it was built from (images/Dockerfile.j2).
+IMAGE_LOCKFILE = Path("/opt/samebox/lock.txt")
+
+
+def find_lockfile(explicit: str | None, torch_version: str | None) -> tuple[Path | None, str, bool]:
+    """(lockfile or None, how it was chosen, whether this environment claims it). Claimed: the given path or
+    $SAMEBOX_LOCKFILE, a samebox image's /opt/samebox/lock.txt, or the lock of $SAMEBOX_IMAGE (set by the setup
+    script). Otherwise the catalog image whose torch and Python match this interpreter, for comparison only."""
     chosen = explicit or os.environ.get("SAMEBOX_LOCKFILE")
     if chosen:
-        return Path(chosen), "given"
-    if not torch_version:
-        return None, "torch is not installed, so no catalog image matches"
-    import sys
+        return Path(chosen), "given", True
+    if IMAGE_LOCKFILE.is_file():
+        return IMAGE_LOCKFILE, "the samebox image's lock", True
+    from builder.spec import find_image, load_catalog
 
-    from builder.spec import load_catalog
-
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
     try:
         catalog = load_catalog()
+        if os.environ.get("SAMEBOX_IMAGE"):
+            return find_image(os.environ["SAMEBOX_IMAGE"], catalog).lockfile, "set up by samebox: $SAMEBOX_IMAGE", True
     except SameboxError as e:
-        return None, f"catalog unreadable: {e.message}"
+        return None, f"catalog: {e.message}", False
+    if not torch_version:
+        return None, "torch is not installed, so no catalog image matches", False
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
     for spec in catalog:
         if spec.has_torch and spec.torch_full == torch_version and spec.python == python:
-            return spec.lockfile, f"catalog image {spec.id}"
-    return None, f"no catalog image has torch {torch_version} with Python {python}"
+            return spec.lockfile, f"not set up by samebox; nearest catalog image {spec.id}", False
+    return None, f"no catalog image has torch {torch_version} with Python {python}", False
 
 
 def lockfile_reading(explicit: str | None, torch_version: str | None, check_files: bool = False) -> dict[str, Any]:
-    path, how = find_lockfile(explicit, torch_version)
-    reading: dict[str, Any] = {"lockfile": str(path) if path else None, "chosen_by": how}
+    path, how, claimed = find_lockfile(explicit, torch_version)
+    reading: dict[str, Any] = {"lockfile": str(path) if path else None, "chosen_by": how, "claimed": claimed}
     if path is None:
         return reading
     if not path.is_file():

@@ -234,6 +234,22 @@ FAULTS = [
         "pip install --no-deps --require-hashes",
     ),
     (
+        "drift, no lock claimed",
+        lambda r: r["env"]["lock"].update(problems=["peft is 0.21.2, the lock has 0.17.0"], claimed=False),
+        "lockfile",
+        "warn",
+        "peft is 0.21.2",
+        "set it up with samebox",
+    ),
+    (
+        "lock unclaimed and not generated",
+        lambda r: r["env"]["lock"].update(missing=True, claimed=False),
+        "lockfile",
+        "n/a",
+        "no lockfile",
+        "",
+    ),
+    (
         "lock not generated",
         lambda r: r["env"]["lock"].update(missing=True),
         "lockfile",
