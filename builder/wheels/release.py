@@ -17,7 +17,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import compat
 from builder.errors import SameboxError
 from builder.wheels.key import WheelKey, release_facts
 
@@ -93,6 +92,3 @@ def download(url: str, name: str, dest_dir: Path, timeout: float = 60.0) -> Path
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
-
-def covers(key: WheelKey) -> tuple[str, ...]:
-    return compat.FLASH_ATTN_RELEASES[key.flash_attn].release_archs
