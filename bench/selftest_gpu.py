@@ -320,10 +320,6 @@ def run_all(unpacked: list[str], sm80: Path | None) -> dict:
             faults[name] = {"bench_error": f"{type(e).__name__}: {e}"}
         print(f"fault {name}: {json.dumps(faults[name], default=str)[:400]}", flush=True)
     out["faults"] = faults
-    for mode in ("quick", "full"):
-        samples = out[mode]["readings"].get("gpu", {}) or {}
-        if "load" in samples and isinstance(samples["load"], dict):
-            samples["load"]["samples"] = samples["load"].get("samples", [])[:8]  # keep the file small
     return out
 
 

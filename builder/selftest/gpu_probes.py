@@ -113,31 +113,33 @@ def bandwidth(mib: int = 512, repeats: int = 10) -> dict[str, Any]:
 
 
 def memory_pattern(fraction: float = 0.85, chunk_mib: int = 1024) -> dict[str, Any]:
-    """Fill most of the free memory with address-dependent patterns and read them back; counts mismatches."""
+    """Fill most of the free memory with 0101..., 1010..., then an address-dependent pattern (offset in the
+    chunk + chunk index), read each back and count the words that differ."""
     import torch
 
+    torch.cuda.empty_cache()  # memory cached by earlier probes counts as free here
     free, _ = torch.cuda.mem_get_info()
     chunk = chunk_mib * 2**20 // 4
+    offsets = torch.arange(chunk, device="cuda", dtype=torch.int32)
     chunks: list[Any] = []
     try:
-        while (len(chunks) + 1) * chunk * 4 < free * fraction:
+        # Leave room for one comparison temporary (a chunk of bools) beside the chunks.
+        while (len(chunks) + 2) * chunk * 4 < free * fraction:
             chunks.append(torch.empty(chunk, device="cuda", dtype=torch.int32))
         mismatches = 0
-        for pattern in (0x55555555, -0x55555556, 0):  # 0101..., 1010..., then the address itself
+        for pattern in (0x55555555, -0x55555556, None):
             for i, t in enumerate(chunks):
-                if pattern:
+                if pattern is None:
+                    torch.add(offsets, i, out=t)
+                else:
                     t.fill_(pattern)
-                else:
-                    torch.arange(i * chunk, (i + 1) * chunk, device="cuda", dtype=torch.int32, out=t)
+            torch.cuda.synchronize()
             for i, t in enumerate(chunks):
-                if pattern:
-                    mismatches += int((t != pattern).sum().item())
-                else:
-                    expect = torch.arange(i * chunk, (i + 1) * chunk, device="cuda", dtype=torch.int32)
-                    mismatches += int((t != expect).sum().item())
+                expect = offsets + i if pattern is None else pattern
+                mismatches += int((t != expect).sum().item())
         return {"bytes_tested": len(chunks) * chunk * 4, "free_bytes": int(free), "mismatches": mismatches}
     finally:
-        del chunks
+        del chunks, offsets
         torch.cuda.empty_cache()
 
 

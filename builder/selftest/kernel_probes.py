@@ -3,6 +3,7 @@ torch SDPA backends, and a five-step LoRA smoke run. Each returns a JSON-ready d
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from typing import Any
@@ -14,14 +15,15 @@ FLASH_ATTN_FEATURES = ("local", "softcap", "alibi", "dropout")
 def elf_archs(shared_object: str) -> list[str] | None:
     """SASS architectures inside a CUDA extension ('9.0', ...) from `cuobjdump --list-elf`, or None when
     cuobjdump is not installed."""
-    tool = shutil.which("cuobjdump")
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    tool = shutil.which("cuobjdump") or shutil.which("cuobjdump", path=os.path.join(cuda_home, "bin"))
     if not tool:
         return None
     out = subprocess.run([tool, "--list-elf", shared_object], capture_output=True, text=True, timeout=120).stdout
     archs = set()
     for token in out.replace(".", " ").split():
-        if token.startswith("sm_") and token[3:].rstrip("a").isdigit():
-            digits = token[3:].rstrip("a")
+        digits = token[3:].rstrip("af")  # sm_90a, sm_100f: arch-specific variants of the same SASS
+        if token.startswith("sm_") and digits.isdigit():
             archs.add(f"{digits[:-1]}.{digits[-1]}")
     return sorted(archs, key=lambda a: tuple(int(p) for p in a.split(".")))
 

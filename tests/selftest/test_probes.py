@@ -83,3 +83,19 @@ def test_data_dir_write(tmp_path) -> None:
     assert reading["exists"] and reading["write_mbps"] > 0 and "write_error" not in reading
     assert list(tmp_path.iterdir()) == []
     assert env_probes.data_dir(str(tmp_path / "nope")) == {"path": str(tmp_path / "nope"), "exists": False}
+
+
+def test_elf_archs_reads_cuobjdump(monkeypatch, tmp_path) -> None:
+    from builder.selftest import kernel_probes
+
+    tool = tmp_path / "cuobjdump"
+    tool.write_text(
+        "#!/bin/sh\necho 'ELF file    1: flash_attn_2_cuda.1.sm_80.cubin'\n"
+        "echo 'ELF file    2: flash_attn_2_cuda.2.sm_90a.cubin'\n"
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert kernel_probes.elf_archs("/x.so") == ["8.0", "9.0"]
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent")
+    assert kernel_probes.elf_archs("/x.so") is None
