@@ -147,3 +147,11 @@ def test_drift_main_plan_writes_requirements_with_hashes(site: Path, tmp_path: P
     assert out.read_text() == "alpha==1.0 \\\n    --hash=sha256:" + "0" * 64 + "\n"
     assert drift.main(["platform", "--lock", str(lock)]) == 1
     assert "torch 2.3.0 is locked but not installed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["torch", "triton", "pytorch-triton", "nvidia-cudnn-cu12", "nvidia-nccl-cu12",
+                                  "nvidia-ml-py", "cuda-toolkit", "cuda-bindings", "numpy", "transformers"])
+def test_platform_packages_agree_with_the_lock_module(name: str) -> None:
+    from builder import lock
+
+    assert drift.LockedPackage(name, "1", "").platform_provided == lock.is_platform_package(name)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Prepare an offline wheelhouse for `setup.sh --offline --wheelhouse DIR`: every package of a lockfile except the
+# platform's own torch/triton/nvidia-* (an instance never installs those), hash-checked against the lock, plus a
+# setuptools wheel (samebox's build backend, for interpreters without setuptools >= 70.1). Run on any machine with
+# PyPI (or a mirror in pip.conf / PIP_INDEX_URL); the target Python and platform are given, not this machine's.
+#   bash bench/wheelhouse.sh LOCKFILE DEST [PYTHON_VERSION]
+#   bash bench/wheelhouse.sh lockfiles/torch2.11-cu130-py312.txt .whl/wheelhouse 3.12
+set -euo pipefail
+lock=${1:?usage: wheelhouse.sh LOCKFILE DEST [PYTHON_VERSION]}
+dest=${2:?usage: wheelhouse.sh LOCKFILE DEST [PYTHON_VERSION]}
+pyver=${3:-3.12}
+py=${PYTHON:-python3}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+req=$(mktemp)
+trap 'rm -f "$req"' EXIT
+PYTHONPATH="$here" "$py" -c '
+import sys
+from pathlib import Path
+from builder import drift
+sys.stdout.write("".join(p.block + "\n" for p in drift.read_pins(Path(sys.argv[1])) if not p.platform_provided))
+' "$lock" > "$req"
+mkdir -p "$dest"
+target=(--only-binary=:all: --python-version "$pyver" --implementation cp --abi "cp${pyver/./}" --abi abi3 --abi none
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+        --platform manylinux1_x86_64 --platform linux_x86_64 --platform any)
+"$py" -m pip download -q --disable-pip-version-check --no-deps --require-hashes "${target[@]}" -r "$req" -d "$dest"
+"$py" -m pip download -q --disable-pip-version-check --no-deps "${target[@]}" 'setuptools>=70.1' -d "$dest"
+echo "wheelhouse $dest: $(find "$dest" -maxdepth 1 -name '*.whl' | wc -l) wheels for Python $pyver ($(du -sh "$dest" | cut -f1))"
