@@ -27,6 +27,16 @@ def samples(r: dict[str, Any]) -> list[dict[str, Any]]:
     return r["gpu"]["load"]["samples"]
 
 
+def slowdown(r: dict[str, Any]) -> int:
+    return dev(r)["temperature_thresholds"]["slowdown"]
+
+
+def reference(r: dict[str, Any]) -> float:
+    from builder.selftest.checks_numerics import reference_tflops
+
+    return reference_tflops(dev(r)["name"])[1]
+
+
 def set_reason(r: dict[str, Any], bit: int) -> None:
     samples(r)[5]["clocks_event_reasons"] |= bit
 
@@ -158,14 +168,28 @@ FAULTS = [
     ("sw thermal", lambda r: set_reason(r, 0x20), "clock_events", "warn", "temperature", "airflow"),
     ("pcie narrow", lambda r: [s.update(pcie_width=8) for s in samples(r)], "pcie", "fail", "x8 under load", "reseat"),
     ("pcie gen", lambda r: [s.update(pcie_gen=3) for s in samples(r)], "pcie", "warn", "gen3", "BIOS"),
-    ("hot", lambda r: samples(r)[3].update(temperature_c=87), "temperature", "fail", "3 C margin", "cooling"),
-    ("warm", lambda r: samples(r)[3].update(temperature_c=82), "temperature", "warn", "8 C margin", "airflow"),
+    (
+        "hot",
+        lambda r: samples(r)[3].update(temperature_c=slowdown(r) - 3),
+        "temperature",
+        "fail",
+        "3 C margin",
+        "cooling",
+    ),
+    (
+        "warm",
+        lambda r: samples(r)[3].update(temperature_c=slowdown(r) - 8),
+        "temperature",
+        "warn",
+        "8 C margin",
+        "airflow",
+    ),
     (
         "power capped",
-        lambda r: dev(r).update(power_limit_enforced_mw=450000),
+        lambda r: dev(r).update(power_limit_enforced_mw=dev(r)["power_limit_default_mw"] // 2),
         "power_limit",
         "warn",
-        "450 W of the default 700 W",
+        "the card is power-capped",
         "-pl",
     ),
     ("mig on", lambda r: dev(r).update(mig_mode=[1, 1]), "mig", "warn", "MIG is on", "-mig 0"),
@@ -179,7 +203,7 @@ FAULTS = [
     ),
     (
         "own process ignored",
-        lambda r: dev(r).update(processes=[{"pid": 4242, "used_memory": 12 * GiB}]),
+        lambda r: dev(r).update(processes=[{"pid": r["process"]["pid"], "used_memory": 12 * GiB}]),
         "memory_in_use",
         "ok",
         "0 other process",
@@ -203,10 +227,10 @@ FAULTS = [
     ),
     (
         "slow",
-        lambda r: r["gpu"]["load"].update(tflops_windows=[400.0, 480.0, 490.0]),
+        lambda r: r["gpu"]["load"].update(tflops_windows=[1.0, *[0.7 * reference(r)] * 2]),
         "matmul_tflops",
         "fail",
-        "0.70x the H100 reference",
+        "0.70x the",
         "clock_events",
     ),
     (
