@@ -2,7 +2,9 @@
 
     python bench/selftest_gpu.py --capture DIR [--wheels DIR]
         records the readings of a healthy machine as fixtures: DIR/{quick,full,no_visible_devices}.json and
-        DIR/nvidia-smi-q.txt (the tests' fixtures under tests/fixtures/nvml/ are made from these).
+        DIR/nvidia-smi-q.txt.
+    python bench/selftest_gpu.py --to-fixtures DIR
+        (on any machine) copies DIR/{quick,full}.json over tests/fixtures/nvml/healthy_{quick,full}.json.
     python bench/selftest_gpu.py --out FILE [--wheels DIR] [--sm80-extension PATH]
         runs quick and full (timed), then each injected fault, and writes one JSON report.
 
@@ -323,13 +325,28 @@ def run_all(unpacked: list[str], sm80: Path | None) -> dict:
     return out
 
 
+def to_fixtures(capture_dir: Path) -> None:
+    """Copies a capture's quick/full readings over the healthy fixtures the CI tests judge."""
+    fixtures = REPO / "tests" / "fixtures" / "nvml"
+    for mode in ("quick", "full"):
+        readings = json.loads((capture_dir / f"{mode}.json").read_text())
+        gpus = ", ".join(d["name"] for d in readings["nvml"].get("devices", [])) or "no GPU"
+        readings["fixture_source"] = f"captured by bench/selftest_gpu.py --capture on {gpus}"
+        write_json(fixtures / f"healthy_{mode}.json", readings)
+        print(f"wrote {fixtures / f'healthy_{mode}.json'} ({gpus})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capture", type=Path, help="write healthy-machine readings (fixtures) into this dir")
+    parser.add_argument("--to-fixtures", type=Path, help="copy a capture dir's readings over the CI fixtures")
     parser.add_argument("--out", type=Path, help="write the quick/full/fault-injection report to this file")
     parser.add_argument("--wheels", type=Path, help="dir of flash-attn / bitsandbytes wheels to unpack for this run")
     parser.add_argument("--sm80-extension", type=Path, help="flash-attn wheel or .so built for sm_80 only")
     args = parser.parse_args()
+    if args.to_fixtures:
+        to_fixtures(args.to_fixtures)
+        return 0
     with tempfile.TemporaryDirectory() as site:
         unpacked = unpack_wheels(args.wheels, Path(site))
         print(f"unpacked wheels: {unpacked}", flush=True)

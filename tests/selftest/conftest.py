@@ -23,12 +23,12 @@ def load_readings(name: str) -> dict[str, Any]:
 @pytest.fixture
 def healthy() -> dict[str, Any]:
     """A healthy H100's quick-mode readings (a fresh deep copy: tests edit it to inject one fault)."""
-    return copy.deepcopy(load_readings("h100_quick"))
+    return copy.deepcopy(load_readings("healthy_quick"))
 
 
 @pytest.fixture
 def healthy_full() -> dict[str, Any]:
-    return copy.deepcopy(load_readings("h100_full"))
+    return copy.deepcopy(load_readings("healthy_full"))
 
 
 def findings(readings: dict[str, Any], check: str) -> list[Finding]:

@@ -9,8 +9,8 @@ from builder.selftest.registry import CHECKS, judge
 from tests.selftest.conftest import load_readings
 
 
-@pytest.mark.parametrize("name", ["h100_quick", "h100_full"])
-def test_healthy_h100_has_no_failure(name: str) -> None:
+@pytest.mark.parametrize("name", ["healthy_quick", "healthy_full"])
+def test_healthy_gpu_machine_has_no_failure(name: str) -> None:
     report = report_from_readings(load_readings(name))
     assert not report.failed, [f for f in report.findings if f.severity == "fail"]
     by_check = {f.check: f.severity for f in report.findings}

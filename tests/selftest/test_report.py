@@ -13,14 +13,14 @@ from tests.selftest.conftest import load_readings
 
 
 def test_reports_match_the_schema() -> None:
-    for name in ("h100_quick", "h100_full", "cpu_only"):
+    for name in ("healthy_quick", "healthy_full", "cpu_only"):
         d = report_from_readings(load_readings(name)).to_dict()
         assert schema_problems(d) == [], name
         assert json.loads(json.dumps(d)) == d
 
 
 def test_schema_catches_broken_reports() -> None:
-    d = report_from_readings(load_readings("h100_quick")).to_dict()
+    d = report_from_readings(load_readings("healthy_quick")).to_dict()
     d["findings"][0]["severity"] = "great"
     del d["summary"]
     d["failed"] = "no"
