@@ -13,20 +13,24 @@ SELFTEST = [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"
 
 
 def _failed_checks(stdout: str) -> list[str]:
-    """Names/messages of failed checks from the selftest JSON, when it parses; else nothing."""
+    """Failed findings from the selftest JSON report (schema: docs/selftest.md), when it parses; else nothing."""
     try:
         report = json.loads(stdout)
     except json.JSONDecodeError:
         return []
-    failed = report.get("failed", []) if isinstance(report, dict) else []
-    return [json.dumps(f, sort_keys=True) if not isinstance(f, str) else f for f in failed][:20]
+    findings = report.get("findings", []) if isinstance(report, dict) else []
+    return [f"{f.get('check')}: {f.get('message')} -> {f.get('remediation')}"
+            for f in findings if isinstance(f, dict) and f.get("severity") == "fail"][:20]
 
 
-def run_preflight(command: list[str] | None = None, timeout: float = 600) -> None:
-    """Run the quick self-test in a subprocess; a failure (or a missing selftest) stops the run before setup."""
+def run_preflight(data_dir: str | None = None, command: list[str] | None = None, timeout: float = 600) -> None:
+    """Run the quick self-test in a subprocess; a failure (or a missing selftest) stops the run before setup.
+
+    ``data_dir`` (where checkpoints go) gets the self-test's free-space and write+fsync check.
+    """
     if os.environ.get("RANK", "0") != "0":
         return  # one self-test per machine, from rank 0
-    cmd = command or SELFTEST
+    cmd = command or SELFTEST + (["--data-dir", data_dir] if data_dir else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

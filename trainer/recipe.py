@@ -254,6 +254,7 @@ class LoRAFinetuneRecipe:
                    "micro_batch_tokens": self.budget}
         if self.loaded.device.type == "cuda":
             summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.loaded.device) / 2**30
+            summary["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.loaded.device) / 2**30
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         self.logger.event(f"done: adapter in {self.run_dir / 'adapter'}")
 

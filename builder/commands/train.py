@@ -24,5 +24,5 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(Path(args.config), args.overrides)
     if not args.no_preflight:
-        run_preflight()
+        run_preflight(data_dir=cfg.output.dir)
     return main(cfg, resume=args.resume)

@@ -38,14 +38,17 @@ def test_cpu_refuses_qlora_and_flash_attention():
 
 
 def test_preflight_passes_fails_or_explains_a_missing_selftest():
-    run_preflight([sys.executable, "-c", "print('{}')"])
-    failing = [sys.executable, "-c", "import json,sys; print(json.dumps({'failed': ['gpu: ECC errors']})); sys.exit(1)"]
+    run_preflight(command=[sys.executable, "-c", "print('{}')"])
+    report = {"failed": True, "findings": [
+        {"check": "ecc", "severity": "fail", "message": "GPU 0: 3 uncorrectable ECC errors", "remediation": "move"},
+        {"check": "mig", "severity": "pass", "message": "off", "remediation": ""}]}
+    failing = [sys.executable, "-c", f"import json,sys; print(json.dumps({report!r})); sys.exit(1)"]
     with pytest.raises(SameboxError) as e:
-        run_preflight(failing)
-    assert e.value.problems == ["gpu: ECC errors"]
+        run_preflight(command=failing)
+    assert e.value.problems == ["ecc: GPU 0: 3 uncorrectable ECC errors -> move"]
     missing = [sys.executable, "-c", "import sys; sys.stderr.write(\"invalid choice: 'selftest'\"); sys.exit(2)"]
     with pytest.raises(SameboxError, match="--no-preflight"):
-        run_preflight(missing)
+        run_preflight(command=missing)
 
 
 def test_train_command_reports_config_errors(tmp_path, capsys):
@@ -53,3 +56,13 @@ def test_train_command_reports_config_errors(tmp_path, capsys):
     bad.write_text("model:\n  nme: x\n")
     assert cli_main(["train", str(bad), "--no-preflight"]) == 2
     assert "unknown key model.nme" in capsys.readouterr().err
+
+
+def test_train_command_runs_the_real_selftest_first(tmp_path, capsys):
+    """Without --no-preflight the real `samebox selftest --quick` runs; on a machine without a GPU it fails."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  name: {tmp_path}\ndata:\n  path: {tmp_path}/d.jsonl\n")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine may pass the self-test")
+    assert cli_main(["train", str(cfg)]) == 2
+    assert "preflight self-test failed" in capsys.readouterr().err

@@ -1,0 +1,415 @@
+"""Benchmark: `samebox train` against the plain QLoRA recipe (HF Trainer, batch 1 x 16 accumulation, fp16).
+
+Both arms load the same saved random-weight model (Qwen2.5-7B and -1.5B configs) in 4-bit, train LoRA r16/alpha32
+on q_proj,v_proj over the same synthetic samples (lognormal lengths, median ~250 tokens, capped at 2048), 16
+samples per optimizer step, in order, for a limited number of steps. Each arm runs in its own process (its peak
+memory is its own; a crash in one still leaves the other's result). Writes one JSON file.
+
+  python bench/trainer_vs_recipe.py --out $OUT/trainer_gpu.json            # GPU (H100/H200), ~6-8 min
+  python bench/trainer_vs_recipe.py --smoke --out /tmp/trainer_smoke.json  # CPU, tiny config, ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES_PER_STEP = 16
+QWEN = {  # the public Qwen2.5 configs (hidden, layers, intermediate, heads, kv heads, vocab, tied embeddings)
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "smoke": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False),
+}
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "4090": 165.2}
+SPECIALS = ["<unk>", "<pad>", "</s>"]
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+# ----- preparation (child process) ------------------------------------------------------------------------------
+def prepare(size: str, workdir: Path, samples: int, median: int, cap: int, seed: int) -> None:
+    """Random bf16 weights from the config, a byte-level tokenizer without merges (one letter = one token, however
+    transformers 5 rebuilds it for a qwen2 model), synthetic prompt/completion JSONL."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+    model_dir = workdir / f"model-{size}"
+    if not (model_dir / "config.json").is_file():
+        dims = QWEN[size]
+        vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+        vocab.update({c: len(SPECIALS) + i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                            eos_token="</s>")
+        config = Qwen2Config(**dims, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                             eos_token_id=2, pad_token_id=1, bos_token_id=None, use_sliding_window=False)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        del model
+    probe = "qwertyasdf"
+    got = AutoTokenizer.from_pretrained(model_dir)(probe + "</s>" + probe, add_special_tokens=False)["input_ids"]
+    if len(got) != 2 * len(probe) + 1:
+        raise SystemExit(f"bench tokenizer does not map one letter to one token: {got}")
+    rng = random.Random(seed)
+    data = workdir / f"data-{size}.jsonl"
+    with open(data, "w") as fh:
+        for _ in range(samples):
+            # Total tokens = prompt + completion + EOS, lognormal around the median, capped.
+            total = max(8, min(cap, int(rng.lognormvariate(math.log(median), 0.8))))
+            prompt_len = max(1, int(total * rng.uniform(0.2, 0.5)))
+            text = "".join(rng.choice(LETTERS) for _ in range(total - 1))
+            fh.write(json.dumps({"prompt": text[:prompt_len], "completion": text[prompt_len:]}) + "\n")
+
+
+# ----- the plain recipe, ported to transformers 5 (child process) ---------------------------------------------
+def recipe_arm(model_dir: Path, data: Path, steps: int, out: Path, quantize: bool) -> None:
+    """The seed recipe as written, with only what transformers 5 needs: labels (a causal-LM collator; the
+    recipe passes none), an in-memory dataset (no `datasets` here), batches in file order (as the samebox arm),
+    and BitsAndBytesConfig(load_in_4bit=True) for the removed load_in_4bit= argument."""
+    import importlib.util
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import SequentialSampler
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    rows = [json.loads(line) for line in data.read_text().splitlines()][: steps * SAMPLES_PER_STEP]
+    dataset = [{"input_ids": tokenizer(r["prompt"] + tokenizer.eos_token + r["completion"], truncation=True,
+                                       max_length=2048)["input_ids"]} for r in rows]
+    cuda = torch.cuda.is_available()
+    attention = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True)} if quantize else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention, device_map="auto",
+                                                 **kwargs)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                             lora_dropout=0.05))
+    times: list[float] = []
+    losses: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    class InOrderTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kw):
+            return SequentialSampler(self.train_dataset)
+
+    args = TrainingArguments(output_dir=str(out.parent / "recipe-out"), per_device_train_batch_size=1,
+                             gradient_accumulation_steps=16, logging_steps=1, max_steps=steps, fp16=cuda,
+                             report_to="none", save_strategy="no", remove_unused_columns=False,
+                             use_cpu=not cuda)
+    trainer = InOrderTrainer(model=model, args=args, train_dataset=dataset, callbacks=[StepTimer()],
+                             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
+    lengths = [len(d["input_ids"]) for d in dataset]
+    labels = [sum(n - 1 for n in lengths[s * SAMPLES_PER_STEP:(s + 1) * SAMPLES_PER_STEP]) for s in range(steps)]
+    result = {"attention": attention, "step_s": times, "losses": losses, "label_tokens": labels,
+              "tokens": [sum(lengths[s * 16:(s + 1) * 16]) for s in range(steps)],
+              "in_process_s": time.perf_counter() - started}
+    if cuda:
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    out.write_text(json.dumps(result))
+
+
+# ----- samebox train (child process through the CLI) ----------------------------------------------------------
+def samebox_config(model_dir: Path, data: Path, run_dir: Path, steps: int, budget: int, quantize: bool) -> dict:
+    return {
+        "model": {"name": str(model_dir), "quantization": "nf4" if quantize else "none",
+                  "dtype": "bf16" if quantize else "fp32"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
+        # The recipe trains on every token: so does this arm, for the same labels and a comparable loss.
+        "data": {"path": str(data), "format": "prompt_completion", "max_length": 2048, "train_on_prompt": True,
+                 "shuffle": False, "cache_dir": str(run_dir / "cache")},
+        # Trainer defaults for lr / warmup / clipping, so the first steps' losses are comparable.
+        "train": {"max_steps": steps, "samples_per_step": SAMPLES_PER_STEP, "micro_batch_tokens": budget,
+                  "lr": 5e-5, "warmup_ratio": 0.0, "max_grad_norm": 1.0},
+        "output": {"dir": str(run_dir), "save_every_steps": 100000, "save_every_minutes": 10000.0,
+                   "tensorboard": "false"},
+    }
+
+
+def read_samebox(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"step_s": [r["step_s"] for r in rows], "losses": [r["loss"] for r in rows],
+            "label_tokens": [r["label_tokens"] for r in rows], "tokens": [r["tokens"] for r in rows],
+            "micro_batches": [r["micro_batches"] for r in rows], "summary": summary,
+            "peak_mem_gib": summary.get("peak_mem_gib"), "peak_reserved_gib": summary.get("peak_reserved_gib")}
+
+
+# ----- measures ------------------------------------------------------------------------------------------------
+def sample_lengths(data: Path) -> list[int]:
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    return [len(r["prompt"]) + len(r["completion"]) + 1 for r in rows]
+
+
+def lora_flops(size: str, lengths: list[int], rank: int = 16) -> float:
+    """Model FLOPs of LoRA training, not 6N: forward (2 per weight) + input gradients through the frozen weights
+    (2 per weight, no weight gradients), attention forward + backward (3x a causal forward), the output layer on
+    label positions, and the full 6 per trainable LoRA weight. Recomputation is not counted (MFU, not HFU)."""
+    d = QWEN[size]
+    h, layers, inter, vocab = d["hidden_size"], d["num_hidden_layers"], d["intermediate_size"], d["vocab_size"]
+    kv = d["num_key_value_heads"] * h // d["num_attention_heads"]
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    lora = layers * rank * (2 * h + h + kv)
+    total = 0.0
+    for t in lengths:
+        total += 4 * linear * t + 4 * vocab * h * (t - 1) + 6 * layers * h * t * t + 6 * lora * t
+    return total
+
+
+def steady(arm: dict, skip: int) -> dict:
+    """Throughput over the steps after the first ``skip`` (warm-up: allocator, kernels, autotuning)."""
+    times, labels = arm["step_s"], arm["label_tokens"]
+    first = skip if len(times) > skip else 0
+    seconds = sum(times[first:])
+    return {"steps_measured": len(times) - first, "seconds": seconds,
+            "label_tokens_per_s": sum(labels[first:]) / seconds if seconds else None,
+            "tokens_per_s": sum(arm["tokens"][first:]) / seconds if seconds else None, "first_step": first}
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def peak_tflops(name: str | None, override: float | None) -> float | None:
+    if override:
+        return override
+    for key, value in PEAK_BF16_TFLOPS.items():  # "H100 PCIe" is checked before "H100"
+        if name and key in name:
+            return value
+    return None
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "flash-attn", "tokenizers"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = None
+    return found
+
+
+# ----- orchestration -------------------------------------------------------------------------------------------
+def child(argv: list[str], timeout: float, log: Path) -> tuple[int | None, float, str]:
+    """Run one arm in its own process; (exit code or None on timeout, wall seconds, output tail)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    started = time.perf_counter()
+    with open(log, "w") as fh:
+        try:
+            rc: int | None = subprocess.run(argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                            timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    wall = time.perf_counter() - started
+    return rc, wall, log.read_text(errors="replace")[-3000:]
+
+
+def run_size(size: str, opts: argparse.Namespace, deadline: float, peak: float | None) -> dict:
+    work = Path(opts.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    quantize = not opts.smoke
+    row: dict = {"model": f"qwen2.5-{size}-config" if size != "smoke" else "tiny-qwen2 (smoke)", "errors": []}
+    me = [sys.executable, str(Path(__file__).resolve())]
+
+    def remaining() -> float:
+        return deadline - time.monotonic()
+
+    rc, wall, tail = child(me + ["--child", "prepare", "--size", size, "--workdir", str(work),
+                                 "--samples", str(opts.samples), "--median", str(opts.median),
+                                 "--cap", str(opts.cap)], max(1, remaining()), work / f"prepare-{size}.log")
+    row["prepare_s"] = wall
+    if rc != 0:
+        row["errors"].append({"stage": "prepare", "exit": rc, "output": tail})
+        return row
+    model_dir, data = work / f"model-{size}", work / f"data-{size}.jsonl"
+    steps = opts.steps
+    lengths = sample_lengths(data)[: steps * SAMPLES_PER_STEP]
+    step_flops = [lora_flops(size, lengths[s * SAMPLES_PER_STEP:(s + 1) * SAMPLES_PER_STEP]) for s in range(steps)]
+
+    arms = {}
+    run_dir = work / f"samebox-{size}"
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    run_dir.mkdir(parents=True)
+    cfg_file = run_dir.parent / f"samebox-{size}.yaml"
+    import yaml
+
+    cfg_file.write_text(yaml.safe_dump(samebox_config(model_dir, data, run_dir, steps, opts.budget, quantize)))
+    plans = [("samebox", [sys.executable, "-m", "builder.cli", "train", str(cfg_file), "--no-preflight"]),
+             ("recipe", me + ["--child", "recipe", "--model-dir", str(model_dir), "--data", str(data),
+                              "--steps", str(steps), "--result", str(work / f"recipe-{size}.json")]
+              + ([] if quantize else ["--no-quantize"]))]
+    for name, argv in plans:
+        if remaining() < 20:
+            row["errors"].append({"stage": name, "error": "skipped: the device time budget (--budget-s) ran out"})
+            continue
+        rc, wall, tail = child(argv, min(opts.arm_timeout, remaining()), work / f"{name}-{size}.log")
+        if rc != 0:
+            row["errors"].append({"stage": name, "exit": rc, "wall_s": wall, "output": tail,
+                                  "error": "timed out" if rc is None else "crashed"})
+            continue
+        try:
+            arm = read_samebox(run_dir) if name == "samebox" else json.loads(
+                (work / f"recipe-{size}.json").read_text())
+        except (OSError, ValueError, KeyError) as e:
+            row["errors"].append({"stage": name, "error": f"no result: {e}", "output": tail})
+            continue
+        arm["end_to_end_s"] = wall
+        arm["steady"] = steady(arm, opts.warmup_steps)
+        measured = slice(arm["steady"]["first_step"], len(arm["step_s"]))
+        flops = sum(step_flops[measured])
+        if peak and arm["steady"]["seconds"]:
+            arm["lora_mfu"] = flops / arm["steady"]["seconds"] / (peak * 1e12)
+        arms[name] = arm
+    row.update(arms)
+    if "samebox" in arms and "recipe" in arms:
+        try:
+            row.update(compare(arms["samebox"], arms["recipe"]))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            row["errors"].append({"stage": "compare", "error": repr(e)})
+    return row
+
+
+def compare(s: dict, r: dict) -> dict:
+    out: dict = {}
+    if s["steady"]["label_tokens_per_s"] and r["steady"]["label_tokens_per_s"]:
+        out["speedup_label_tokens_per_s"] = s["steady"]["label_tokens_per_s"] / r["steady"]["label_tokens_per_s"]
+    if s.get("peak_mem_gib") and r.get("peak_mem_gib"):
+        out["peak_memory_ratio"] = s["peak_mem_gib"] / r["peak_mem_gib"]
+    n = min(len(s["losses"]), len(r["losses"]))
+    diffs = [abs(a - b) for a, b in zip(s["losses"][:n], r["losses"][:n], strict=True)]
+    out["loss_agreement"] = {"steps": n, "samebox": s["losses"][:n], "recipe": r["losses"][:n],
+                             "max_abs_diff": max(diffs) if diffs else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=False, help="JSON result path")
+    p.add_argument("--sizes", default="7b,1.5b", help="comma list of 7b, 1.5b")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per arm (16 samples each)")
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--median", type=int, default=250)
+    p.add_argument("--cap", type=int, default=2048)
+    p.add_argument("--budget", type=int, default=16384, help="samebox micro-batch token budget")
+    p.add_argument("--warmup-steps", type=int, default=1, help="first steps left out of the throughput")
+    p.add_argument("--budget-s", type=float, default=480, help="stop starting arms after this many seconds")
+    p.add_argument("--arm-timeout", type=float, default=240)
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
+    p.add_argument("--workdir", default="/tmp/samebox-trainer-bench")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny config, few samples: checks the script works")
+    p.add_argument("--child", choices=("prepare", "recipe"), help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--no-quantize", action="store_true", help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    if opts.child == "prepare":
+        prepare(opts.size, Path(opts.workdir), opts.samples, opts.median, opts.cap, seed=0)
+        return 0
+    if opts.child == "recipe":
+        recipe_arm(Path(opts.model_dir), Path(opts.data), opts.steps, Path(opts.result), not opts.no_quantize)
+        return 0
+    if not opts.out:
+        p.error("--out is required")
+    if opts.smoke:
+        opts.sizes, opts.samples, opts.median, opts.cap, opts.budget = "smoke", 64, 30, 128, 1024
+        opts.steps = min(opts.steps, 3)
+    started = time.monotonic()
+    name = gpu_name()
+    peak = peak_tflops(name, opts.peak_tflops)
+    result: dict = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "machine": {"gpu": name, "cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": versions(),
+        "settings": {"steps_per_arm": opts.steps, "samples_per_step": SAMPLES_PER_STEP, "samples": opts.samples,
+                     "length_median": opts.median, "length_cap": opts.cap, "samebox_micro_batch_tokens": opts.budget,
+                     "peak_bf16_tflops": peak, "warmup_steps_excluded": opts.warmup_steps},
+        "note": (f"Each arm ran {opts.steps} optimizer steps of {SAMPLES_PER_STEP} samples (not the full "
+                 f"{opts.samples}-sample epoch) to fit the device-time budget; throughput leaves out the first "
+                 f"{opts.warmup_steps} step(s); end_to_end_s includes process start, model load and tokenization. "
+                 "Both arms train on every token (the recipe has no prompt masking)."),
+        "rows": [],
+    }
+    for size in opts.sizes.split(","):
+        try:
+            row = run_size(size.strip(), opts, started + opts.budget_s, peak)
+        except Exception:  # noqa: BLE001 - a broken row must not lose the others
+            row = {"model": size, "errors": [{"stage": "bench", "error": traceback.format_exc()[-3000:]}]}
+        result["rows"].append(row)
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.out).write_text(json.dumps(result, indent=2, sort_keys=True))
+    result["total_s"] = time.monotonic() - started
+    Path(opts.out).write_text(json.dumps(result, indent=2, sort_keys=True))
+    for row in result["rows"]:
+        print(summary_line(row))
+    return 0 if all(not r["errors"] for r in result["rows"]) else 1
+
+
+def summary_line(row: dict) -> str:
+    parts = [row["model"]]
+    for arm in ("recipe", "samebox"):
+        if arm in row:
+            a = row[arm]
+            parts.append(f"{arm}: {a['steady']['label_tokens_per_s'] or 0:,.0f} label tok/s, "
+                         f"{a.get('peak_mem_gib') or float('nan'):.1f} GiB, e2e {a['end_to_end_s']:.0f} s")
+    if "speedup_label_tokens_per_s" in row:
+        parts.append(f"speedup {row['speedup_label_tokens_per_s']:.2f}x")
+    if row["errors"]:
+        parts.append(f"errors: {[e['stage'] for e in row['errors']]}")
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
