@@ -20,9 +20,10 @@ from builder import drift
 sys.stdout.write("".join(p.block + "\n" for p in drift.read_pins(Path(sys.argv[1])) if not p.platform_provided))
 ' "$lock" > "$req"
 mkdir -p "$dest"
+# pip does not widen --platform to older compatible tags: name every manylinux the lock's glibc 2.28 floor accepts.
 target=(--only-binary=:all: --python-version "$pyver" --implementation cp --abi "cp${pyver/./}" --abi abi3 --abi none
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
-        --platform manylinux1_x86_64 --platform linux_x86_64 --platform any)
+        --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64 --platform any)
+for glibc in $(seq 5 28); do target+=(--platform "manylinux_2_${glibc}_x86_64"); done
 "$py" -m pip download -q --disable-pip-version-check --no-deps --require-hashes "${target[@]}" -r "$req" -d "$dest"
 "$py" -m pip download -q --disable-pip-version-check --no-deps "${target[@]}" 'setuptools>=70.1' -d "$dest"
 echo "wheelhouse $dest: $(find "$dest" -maxdepth 1 -name '*.whl' | wc -l) wheels for Python $pyver ($(du -sh "$dest" | cut -f1))"

@@ -30,7 +30,8 @@ CASES = REPO / "tests" / "setup" / "cases"
 LOCK = TEST_ROOT / "lockfiles" / f"{TEST_IMAGE_ID}.txt"
 SETUP = "bash /src/setup.sh --root /src/tests/fixtures/catalog --offline --wheelhouse /wheels"
 VENV_PY = "/opt/samebox/venv/bin/python"
-RESET = "rm -rf /opt/samebox /root/.samebox /root/.cache /root/.bashrc /tmp/tampered /tmp/t /tmp/platform-torch"
+RESET = "rm -rf /opt/samebox /root/.samebox /root/.cache /root/.bashrc /tmp/tampered /tmp/t /tmp/platform-torch " \
+        "/tmp/uvbin"
 KILL_TRIALS = 10
 
 
