@@ -41,6 +41,7 @@ _SHA = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 _PLATFORM_NAMES = {"torch", "triton", "pytorch-triton", "cuda-toolkit", "cuda-bindings", "cuda-pathfinder"}
 _NOT_PLATFORM = {"nvidia-ml-py"}
 _CUDA_RUNTIME = re.compile(r"^nvidia-cuda-runtime(-cu\d+)?$")
+_CUDNN = re.compile(r"^nvidia-cudnn(-cu\d+)?$")
 
 
 # --- inputs, header, freshness (no network) ---------------------------------------------------------------------
@@ -71,6 +72,7 @@ def lock_inputs(spec: ImageSpec) -> dict[str, str]:
         "torch": spec.torch,
         "torch_local": spec.torch_local,
         "cuda": spec.cuda,
+        "cudnn": spec.cudnn,
         "torch_index": pyindex.redact(spec.torch_index),
         "requirements.in": sha256_file(spec.requirements_in),
         "constraints": sha256_file(cons) if cons.is_file() else "",
@@ -203,20 +205,33 @@ def lockfile_sha256(spec: ImageSpec) -> str:
     return sha256_file(spec.lockfile)
 
 
-def cuda_runtime(locked: dict[str, str]) -> str | None:
-    """major.minor of the CUDA runtime wheel torch pulls in (nvidia-cuda-runtime-cu12==12.1.105 -> '12.1')."""
+def _major_minor(locked: dict[str, str], pattern: re.Pattern[str]) -> str | None:
     for name, version in locked.items():
-        if _CUDA_RUNTIME.match(name):
+        if pattern.match(name):
             return ".".join(version.split(".")[:2])
     return None
 
 
-def torch_matches(spec: ImageSpec, version: str, cuda: str | None) -> bool:
-    """Whether an installed torch (``torch.__version__``, ``torch.version.cuda``) is this spec's torch build.
+def cuda_runtime(locked: dict[str, str]) -> str | None:
+    """major.minor of the CUDA runtime wheel torch pulls in (nvidia-cuda-runtime-cu12==12.1.105 -> '12.1')."""
+    return _major_minor(locked, _CUDA_RUNTIME)
 
-    PyPI's wheels report no local tag ("2.3.0"); the PyTorch index's report one ("2.3.0+cu121"). Both are the
-    spec's build when the base version is ``spec.torch``, a local tag (if any) is ``spec.torch_local`` and the
-    CUDA torch was built with (``torch.version.cuda``, None for a CPU build) is ``spec.cuda``.
+
+def cudnn_version(locked: dict[str, str]) -> str | None:
+    """major.minor of the cuDNN wheel torch pins (nvidia-cudnn-cu12==8.9.2.26 -> '8.9')."""
+    return _major_minor(locked, _CUDNN)
+
+
+def torch_matches(spec: ImageSpec, version: str, cuda: str | None) -> bool:
+    """Whether an installed torch is this spec's torch build. ``version`` is either torch.__version__ or the
+    distribution version pip records (importlib.metadata / pip freeze); ``cuda`` is torch.version.cuda (None for
+    a CPU build).
+
+    The two version strings differ by where the wheel came from. torch.__version__ carries the CUDA tag for
+    every CUDA wheel ("2.3.0+cu121", PyPI's included: checked for 2.1.2, 2.3.0, 2.5.1, 2.8.0, 2.11.0). The
+    distribution version does not on PyPI ("2.3.0", what a PyPI lock pins and `pip freeze` shows) and does on
+    the PyTorch index ("2.3.0+cu121"). So: same base version, a local tag (when present) equal to
+    ``spec.torch_local``, and the CUDA torch was built with equal to ``spec.cuda``.
     """
     base, _, local = version.strip().partition("+")
     if not spec.has_torch or base != spec.torch:
@@ -318,6 +333,10 @@ def _problems(spec: ImageSpec, packages: list[LockedPackage]) -> list[str]:
         if found and found != spec.cuda:
             problems.append(f"torch {want} from {spec.torch_index} pulls the CUDA {found} runtime, the catalog says "
                             f"CUDA {spec.cuda}: fix torch_index/cuda for {spec.id} in images/matrix.toml")
+        cudnn = cudnn_version(locked)
+        if cudnn and cudnn != spec.cudnn:
+            problems.append(f"torch {want} pins cuDNN {cudnn}, the catalog says {spec.cudnn}: "
+                            f"set cudnn = \"{cudnn}\" for {spec.id} in images/matrix.toml")
     return problems
 
 

@@ -4,6 +4,10 @@ The resolver only enforces requirements it activates. Many packages state their 
 (transformers: ``torch>=2.2; extra == "torch"``), so a lock can hold a package that says it does not support the
 image's torch. This reads each locked wheel's metadata and reports every torch requirement, in any extra, whose
 marker applies to the image's Python and platform and whose specifier excludes the image's torch.
+
+Only the base requirements and the torch runtime extra speak for a package's torch support. Other extras pin
+torch for their own tooling (datasets[benchmarks] says torch==2.0.1, datasets[audio] torch>=2.8 for torchcodec),
+and counting them would reject every torch.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
+# "" = no extra. The runtime extra's usual names.
+RUNTIME_EXTRAS = ("", "torch", "pytorch")
 # Keep the index polite and the check a few seconds long.
 _WORKERS = 16
 
@@ -38,9 +44,11 @@ def target_environment(python: str) -> dict[str, str]:
 
 
 def declared_torch_requirements(metadata: str, python: str) -> list[tuple[str, str]]:
-    """(specifier, extra or "") for every ``Requires-Dist: torch...`` that applies on the target Python/platform."""
+    """(specifier, extra or "") for every ``Requires-Dist: torch...`` that applies on the target Python/platform,
+    with no extra or a RUNTIME_EXTRAS one."""
     msg = HeaderParser().parsestr(metadata)
-    extras = [""] + [canonicalize_name(e) for e in msg.get_all("Provides-Extra") or []]
+    provided = {canonicalize_name(e) for e in msg.get_all("Provides-Extra") or []}
+    extras = [e for e in RUNTIME_EXTRAS if not e or e in provided]
     env = target_environment(python)
     found: list[tuple[str, str]] = []
     for line in msg.get_all("Requires-Dist") or []:
