@@ -52,6 +52,9 @@ def uv_environment() -> dict[str, str]:
     the CA bundle passed as SSL_CERT_FILE, or the system store when none is named. URLs stay in the
     environment, never on a command line that could be logged."""
     env = dict(os.environ)
+    # Resolving for a target Python needs no interpreter of that version; without this uv first tries to
+    # download one (seconds of retries where GitHub is unreachable) before falling back to any interpreter.
+    env.setdefault("UV_PYTHON_DOWNLOADS", "never")
     if not (env.get("UV_DEFAULT_INDEX") or env.get("UV_INDEX_URL")) and env.get("PIP_INDEX_URL"):
         env["UV_DEFAULT_INDEX"] = env["PIP_INDEX_URL"]
     ca = ca_bundle()
@@ -112,9 +115,15 @@ class _Anchors(HTMLParser):
 
 
 def simple_files(index_url: str, project: str) -> dict[str, str]:
-    """sha256 -> absolute file URL for every file of ``project`` on a PEP 691 (JSON) or PEP 503 (HTML) index."""
+    """sha256 -> absolute file URL for every file of ``project`` on a PEP 691 (JSON) or PEP 503 (HTML) index
+    ({} when the index does not carry the project)."""
     page = f"{index_url.rstrip('/')}/{project}/"
-    body, ctype = http_get(page, accept=f"{_SIMPLE_JSON}, text/html;q=0.1")
+    try:
+        body, ctype = http_get(page, accept=f"{_SIMPLE_JSON}, text/html;q=0.1")
+    except urllib.error.HTTPError as e:
+        if e.code == 404:  # the index does not carry this project
+            return {}
+        raise
     files: dict[str, str] = {}
     if _SIMPLE_JSON in ctype:
         for f in json.loads(body)["files"]:
