@@ -370,9 +370,9 @@ def lock_image(spec: ImageSpec, upgrade: bool = False,
 
 
 def lock_summary(spec: ImageSpec) -> dict[str, str | int]:
-    """A committed lock at a glance: package count, torch and the CUDA runtime it pulls, key library versions."""
+    """A committed lock at a glance: package count, torch with the CUDA runtime and cuDNN it pulls, key libraries."""
     locked = read_lock(spec.lockfile)
     return {"id": spec.id, "packages": len(locked), "torch": locked.get("torch", "none"),
-            "cuda_runtime": cuda_runtime(locked) or "none", "transformers": locked.get("transformers", "-"),
-            "peft": locked.get("peft", "-"), "bitsandbytes": locked.get("bitsandbytes", "-")}
-
+            "cuda_runtime": cuda_runtime(locked) or "-", "cudnn": cudnn_version(locked) or "-",
+            "transformers": locked.get("transformers", "-"), "peft": locked.get("peft", "-"),
+            "accelerate": locked.get("accelerate", "-"), "bitsandbytes": locked.get("bitsandbytes", "-")}

@@ -50,8 +50,10 @@ def _check(specs: list[ImageSpec], as_json: bool) -> int:
         raise lock.missing_lock_error(missing[0]) if len(missing) == 1 else SameboxError(
             f"{len(missing)} lockfiles are missing:", "make them with `samebox lock --all`",
             [f"{s.id}: {lock.lock_command(s)}" for s in missing])
+    rows = [{"state": st.state, **lock.lock_summary(s), "reason": st.reason} for s, st in zip(specs, statuses,
+                                                                                             strict=True)]
     if as_json:
-        print_json([{"id": st.id, "state": st.state, "reason": st.reason, "path": str(st.path)} for st in statuses])
+        print_json(rows)
     else:
-        print(format_table(("id", "state", "reason"), [(st.id, st.state, st.reason) for st in statuses]))
+        print(format_table(list(rows[0]), [list(r.values()) for r in rows]))
     return 1 if any(st.state != "fresh" for st in statuses) else 0
