@@ -29,6 +29,7 @@ extra=()
 if [ -x .whl/uv ]; then mkdir -p "$work/bin" && cp .whl/uv "$work/bin/uv" && export PATH=$work/bin:$PATH; fi
 if [ -f .whl/wheel-cache/manifest.json ]; then
     cp -r .whl/wheel-cache "$work/wheel-cache" && export SAMEBOX_WHEEL_CACHE=$work/wheel-cache
+    extra+=(--flash-attn-profile "${FA_PROFILE:-slim}")
 else
     extra+=(--no-flash-attn)
 fi

@@ -85,17 +85,29 @@ def _package_problems(pins: list[LockedPackage], check_files: bool = True) -> di
     return problems
 
 
+def split_lock_problems(lockfile: Path, check_files: bool = True) -> tuple[list[str], list[str]]:
+    """(drift, platform): problems of the packages samebox installs (and of torch itself), and version differences
+    of the other libraries the platform ships with its torch (nvidia-*, triton, cuda-*), which setup keeps as
+    they are: those say the base image differs from the one the lock was made for, not that the environment drifted.
+    """
+    pins = read_pins(lockfile)
+    if not pins:
+        return [f"{lockfile}: no pinned requirements found"], []
+    problems = _package_problems(pins, check_files)
+    platform_libs = {p.name for p in pins if p.platform_provided and p.name != "torch"}
+    drift = [problems[n] for n in sorted(problems) if n not in platform_libs]
+    platform = [problems[n] for n in sorted(problems) if n in platform_libs]
+    return drift, platform
+
+
 def verify_lock(lockfile: Path, torch: str = "", check_files: bool = True) -> list[str]:
     """Problems of the live environment against ``lockfile``, one line each; empty when it matches.
 
     ``torch`` is the torch.__version__ the catalog entry expects ('2.3.0+cu121'); when given, the local tag is
     checked too. ``check_files=False`` skips hashing installed files against their RECORD.
     """
-    pins = read_pins(lockfile)
-    if not pins:
-        return [f"{lockfile}: no pinned requirements found"]
-    problems = _package_problems(pins, check_files)
-    out = [problems[name] for name in sorted(problems)]
+    drift, platform = split_lock_problems(lockfile, check_files)
+    out = sorted(drift + platform)
     if torch and torch != "none":
         dists = fingerprint.installed_distributions()
         have = dists["torch"].version if "torch" in dists else "none"

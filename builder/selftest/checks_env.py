@@ -57,6 +57,16 @@ def lockfile(r: dict[str, Any]) -> Finding:
             "this environment does not claim a lock; set it up with samebox (setup script or image) "
             "to make it reproducible, or " + fix,
         )
+    platform = lock.get("platform") or []
+    if platform:
+        shown = "; ".join(platform[:SHOWN_PROBLEMS]) + (
+            f"; and {len(platform) - SHOWN_PROBLEMS} more" if len(platform) > SHOWN_PROBLEMS else "")
+        return warn(
+            f"the samebox packages match {lock['lockfile']}, but {len(platform)} library(ies) that come with the "
+            f"platform's torch differ (kept as the platform ships them): {shown}",
+            "these come with the base image: rent the platform image the lock was made for "
+            "(`samebox images`, the platforms column), or lock for this one",
+        )
     files = ", files hashed against their RECORD" if lock.get("files_checked") else ""
     return ok(f"installed packages match {lock['lockfile']} ({lock['chosen_by']}{files})")
 

@@ -13,12 +13,12 @@ from typing import Any
 from builder.errors import SameboxError
 
 
-def verify_lock(lockfile: Path, check_files: bool) -> list[str]:
-    """builder.drift's comparison of the live environment with the lockfile (imported here, on use: it hashes
-    installed files against their RECORD when ``check_files``)."""
-    from builder.drift import verify_lock as drift_verify_lock
+def verify_lock(lockfile: Path, check_files: bool) -> tuple[list[str], list[str]]:
+    """builder.drift's comparison of the live environment with the lockfile, as (drift, platform libraries that
+    differ) (imported here, on use: it hashes installed files against their RECORD when ``check_files``)."""
+    from builder.drift import split_lock_problems
 
-    return list(drift_verify_lock(lockfile, check_files=check_files))
+    return split_lock_problems(lockfile, check_files=check_files)
 
 
 # Where a samebox Docker image keeps the lock it was built from (images/Dockerfile.j2).
@@ -59,7 +59,7 @@ def lockfile_reading(explicit: str | None, torch_version: str | None, check_file
     if not path.is_file():
         reading["missing"] = True
         return reading
-    reading["problems"] = verify_lock(path, check_files)
+    reading["problems"], reading["platform"] = verify_lock(path, check_files)
     reading["files_checked"] = check_files
     return reading
 

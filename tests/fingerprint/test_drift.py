@@ -155,3 +155,17 @@ def test_platform_packages_agree_with_the_lock_module(name: str) -> None:
     from builder import lock
 
     assert drift.LockedPackage(name, "1", "").platform_provided == lock.is_platform_package(name)
+
+
+def test_platform_libraries_are_reported_apart_from_drift(tmp_path) -> None:
+    from importlib.metadata import version
+
+    from builder.drift import split_lock_problems
+
+    h = " \\\n    --hash=sha256:" + "0" * 64 + "\n"
+    lock = tmp_path / "lock.txt"
+    lock.write_text(f"triton==0.0.1{h}torch==0.0.1{h}jinja2==0.0.1{h}packaging=={version('packaging')}{h}")
+    drift, platform = split_lock_problems(lock, check_files=False)
+    assert any(p.startswith("triton") for p in platform) and len(platform) == 1
+    assert any(p.startswith("torch") for p in drift) and any(p.startswith("jinja2") for p in drift)
+    assert not any(p.startswith("packaging") for p in drift + platform)

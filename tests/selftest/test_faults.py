@@ -258,6 +258,15 @@ FAULTS = [
         "pip install --no-deps --require-hashes",
     ),
     (
+        "platform libraries differ from the lock",
+        lambda r: r["env"]["lock"].update(
+            problems=[], platform=["cuda-bindings 13.3.1 comes with the platform but the lock has 13.5.0"]),
+        "lockfile",
+        "warn",
+        "cuda-bindings 13.3.1",
+        "rent the platform image the lock was made for",
+    ),
+    (
         "drift, no lock claimed",
         lambda r: r["env"]["lock"].update(problems=["peft is 0.21.2, the lock has 0.17.0"], claimed=False),
         "lockfile",
