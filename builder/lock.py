@@ -356,9 +356,14 @@ def lock_image(spec: ImageSpec, upgrade: bool = False,
     if spec.has_torch and not problems:
         indexes = required_indexes(spec)
         candidates = {p.name: (p.version, set(p.hashes)) for p in packages if not is_platform_package(p.name)}
-        bound_problems, unchecked = torchbounds.torch_bound_problems(
-            spec.torch, spec.python, candidates,
-            fetch or (lambda name, hashes: pyindex.wheel_metadata(indexes, name, hashes)))
+        try:
+            bound_problems, unchecked = torchbounds.torch_bound_problems(
+                spec.torch, spec.python, candidates,
+                fetch or (lambda name, hashes: pyindex.wheel_metadata(indexes, name, hashes)))
+        except OSError as e:
+            raise SameboxError(f"reading the locked packages' metadata from {', '.join(indexes)} failed: {e}",
+                               "check the network or mirror (PIP_INDEX_URL) and run the lock again; "
+                               "nothing was written") from e
         problems += bound_problems
     if problems:
         raise SameboxError(f"the lock for {spec.id} is not usable; nothing written:",

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -80,11 +81,21 @@ def _request(url: str, accept: str | None = None) -> urllib.request.Request:
     return urllib.request.Request(url, headers=headers)
 
 
-def http_get(url: str, accept: str | None = None, timeout: float = 30) -> tuple[bytes, str]:
-    """GET through the environment's proxy and CA; returns (body, content type). Raises OSError on failure."""
+def http_get(url: str, accept: str | None = None, timeout: float = 30, attempts: int = 3) -> tuple[bytes, str]:
+    """GET through the environment's proxy and CA; returns (body, content type). Transient failures (DNS, reset
+    connections) are retried with a short backoff; an HTTP error answer is not. Raises OSError on failure."""
     context = ssl.create_default_context(cafile=ca_bundle())
-    with urllib.request.urlopen(_request(url, accept), timeout=timeout, context=context) as resp:
-        return resp.read(), resp.headers.get("Content-Type", "")
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(_request(url, accept), timeout=timeout, context=context) as resp:
+                return resp.read(), resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError:
+            raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
 
 
 def reachable(index_url: str, timeout: float = 10) -> bool:
