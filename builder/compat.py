@@ -279,3 +279,11 @@ BF16_MATMUL_TFLOPS: dict[str, float] = {
     "B200": 1575.0,
     "5090": 147.0,
 }
+
+
+# --- image build tools ------------------------------------------------------------------------------------------
+
+# Installed (hash-checked) only in the Dockerfile's flash-attn stage, for source builds; never in the final image.
+FLASH_ATTN_BUILD_TOOLS: tuple[str, ...] = (
+    "ninja==1.13.0 --hash=sha256:fb46acf6b93b8dd0322adc3a4945452a4e774b75b91293bafcc7b7f8e6517dfa",
+)

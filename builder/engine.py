@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.errors import SameboxError
@@ -35,6 +35,7 @@ class BuildRequest:
     base_image: str | None = None
     network_host: bool = True
     push: bool = False
+    build_args: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,9 @@ class Engine:
             argv = [self.binary, "build", "--layers"]
         for sid, path in sorted(secrets.items()):
             argv += ["--secret", f"id={sid},src={path}"]
-        if req.base_image:
-            argv += ["--build-arg", f"BASE_IMAGE={req.base_image}"]
+        args = {**req.build_args, **({"BASE_IMAGE": req.base_image} if req.base_image else {})}
+        for name, value in sorted(args.items()):
+            argv += ["--build-arg", f"{name}={value}"]
         if req.network_host:
             argv += ["--network", "host"]
         argv += ["-t", req.tag, "-f", str(req.context / "Dockerfile"), str(req.context)]

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import jinja2
 
-from builder import __version__
+from builder import __version__, compat
 from builder.errors import SameboxError
 from builder.fsutil import sha256_file, sha256_text, write_atomic
 from builder.paths import project_root
 from builder.spec import ImageSpec
 
 MINICONDA_BASE_URL = "https://repo.anaconda.com/miniconda/"
+FLASH_ATTN_PROFILES = ("full", "slim")
 SOURCE_URL = "https://github.com/samebox/samebox"
 # What of the checkout goes into an image as samebox's own source (the final, fast-changing layer).
 SOURCE_ITEMS = ("pyproject.toml", "README.md", "builder", "trainer", "images", "configs")
@@ -39,8 +40,11 @@ def default_tag(spec: ImageSpec) -> str:
     return f"samebox:{spec.id}-{lock_sha256(spec)[:12]}"
 
 
-def image_labels(spec: ImageSpec, flash_attn_enabled: bool) -> dict[str, str]:
-    fa = f"{spec.flash_attn} (samebox wheel flash-attn)" if flash_attn_enabled else "disabled: build with --flash-attn"
+def image_labels(spec: ImageSpec, flash_attn_enabled: bool, profile: str) -> dict[str, str]:
+    if flash_attn_enabled:
+        fa = f"{spec.flash_attn} {profile} (samebox wheel flash-attn)"
+    else:
+        fa = "none: this image has no torch" if not spec.has_torch else "not built (--no-flash-attn)"
     return {
         "org.opencontainers.image.title": f"samebox {spec.id}",
         "org.opencontainers.image.description": f"torch {spec.torch_full}, CUDA {spec.cuda}, Python {spec.python}",
@@ -64,18 +68,27 @@ def _template_env() -> jinja2.Environment:
     )
 
 
-def render_dockerfile(spec: ImageSpec, flash_attn_enabled: bool = False) -> str:
+def render_dockerfile(spec: ImageSpec, flash_attn: bool = True, flash_attn_profile: str = "full") -> str:
+    """The Dockerfile for ``spec``. The flash-attn stage is there for images with torch unless ``flash_attn`` is off."""
+    if flash_attn_profile not in FLASH_ATTN_PROFILES:
+        raise SameboxError(f"unknown flash-attn profile {flash_attn_profile!r}",
+                           f"choose one of: {', '.join(FLASH_ATTN_PROFILES)}")
+    flash_attn_enabled = flash_attn and spec.has_torch
     template_path = project_root() / "images" / "Dockerfile.j2"
     lock = lock_sha256(spec)
     inputs = sha256_text(
         json.dumps(
             {"template": template_path.read_text(), "spec": {k: v for k, v in spec.to_dict().items()
                                                              if k not in ("root", "lockfile")},
-             "lock": lock, "flash_attn": flash_attn_enabled},
+             "lock": lock, "flash_attn": flash_attn_enabled, "profile": flash_attn_profile},
             sort_keys=True,
         )
     )
-    command = f"samebox render --image {spec.id}" + (" --flash-attn" if flash_attn_enabled else "")
+    command = f"samebox render --image {spec.id}"
+    if spec.has_torch and not flash_attn:
+        command += " --no-flash-attn"
+    elif flash_attn_enabled and flash_attn_profile != "full":
+        command += f" --flash-attn-profile {flash_attn_profile}"
     return _template_env().get_template("Dockerfile.j2").render(
         spec=spec,
         base_ref=spec.base_ref,
@@ -83,18 +96,20 @@ def render_dockerfile(spec: ImageSpec, flash_attn_enabled: bool = False) -> str:
         inputs_sha256=inputs,
         lock_sha256=lock,
         lock_name=f"{spec.id}.lock.txt",
-        conda_url=MINICONDA_BASE_URL + spec.conda_installer,
+        conda_mirror=MINICONDA_BASE_URL,
         flash_attn_enabled=flash_attn_enabled,
-        labels=image_labels(spec, flash_attn_enabled),
+        flash_attn_profile=flash_attn_profile,
+        build_tools=compat.FLASH_ATTN_BUILD_TOOLS,
+        labels=image_labels(spec, flash_attn_enabled, flash_attn_profile),
     )
 
 
-def write_context(spec: ImageSpec, out_dir: Path, flash_attn_enabled: bool = False) -> Path:
+def write_context(spec: ImageSpec, out_dir: Path, flash_attn: bool = True, flash_attn_profile: str = "full") -> Path:
     """Write a self-contained build context (Dockerfile, lockfile, src/) to out_dir, replacing it whole.
 
     The context is assembled in a sibling temp dir and renamed into place, so a half-written one never exists.
     """
-    dockerfile = render_dockerfile(spec, flash_attn_enabled)
+    dockerfile = render_dockerfile(spec, flash_attn, flash_attn_profile)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -18,6 +18,12 @@ def add_selection_arguments(p: argparse.ArgumentParser) -> None:
     add_root_argument(p)
 
 
+def add_flash_attn_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-flash-attn", action="store_true", help="leave the flash-attn wheel stage out")
+    p.add_argument("--flash-attn-profile", choices=("full", "slim"), default="full",
+                   help="full: every feature; slim: no dropout/ALiBi/softcap/local window, builds ~4x faster")
+
+
 def select_image(args: argparse.Namespace) -> ImageSpec:
     catalog = load_catalog(Path(args.root) if args.root else None)
     if args.image:

@@ -13,11 +13,12 @@ from builder.errors import SameboxError
 
 
 def test_buildkit_argv_carries_secrets_as_files_and_base_override(tmp_path: Path) -> None:
-    req = BuildRequest(context=tmp_path, tag="samebox:x", base_image="local/base:1")
+    req = BuildRequest(context=tmp_path, tag="samebox:x", base_image="local/base:1",
+                       build_args={"CONDA_MIRROR": "https://mirror.example/miniconda/"})
     argv = Engine("docker", "/usr/bin/docker", "buildkit").build_argv(req, {"ca_bundle": Path("/ca.pem")})
     assert argv[:2] == ["/usr/bin/docker", "build"]
     assert "--secret" in argv and "id=ca_bundle,src=/ca.pem" in argv
-    assert "BASE_IMAGE=local/base:1" in argv
+    assert "BASE_IMAGE=local/base:1" in argv and "CONDA_MIRROR=https://mirror.example/miniconda/" in argv
     assert argv[-1] == str(tmp_path) and argv[argv.index("-t") + 1] == "samebox:x"
     assert Engine("docker", "d", "buildkit").env()["DOCKER_BUILDKIT"] == "1"
 
