@@ -3,8 +3,9 @@
     python bench/selftest_gpu.py --capture DIR [--wheels DIR]
         records the readings of a healthy machine as fixtures: DIR/{quick,full,no_visible_devices}.json and
         DIR/nvidia-smi-q.txt.
-    python bench/selftest_gpu.py --to-fixtures DIR
-        (on any machine) copies DIR/{quick,full}.json over tests/fixtures/nvml/healthy_{quick,full}.json.
+    python bench/selftest_gpu.py --to-fixtures DIR [--flash-attn-from FILE]
+        (on any machine) copies DIR/{quick,full,no_visible_devices}.json over tests/fixtures/nvml/ (quick and
+        full become healthy_{quick,full}.json), and FILE's (an --out report) flash-attn reading.
     python bench/selftest_gpu.py --out FILE [--wheels DIR] [--sm80-extension PATH]
         runs quick and full (timed), then each injected fault, and writes one JSON report.
 
@@ -325,27 +326,43 @@ def run_all(unpacked: list[str], sm80: Path | None) -> dict:
     return out
 
 
-def to_fixtures(capture_dir: Path) -> None:
-    """Copies a capture's quick/full readings over the healthy fixtures the CI tests judge."""
+def to_fixtures(capture_dir: Path, run: Path | None = None) -> None:
+    """Copies a capture's readings over the fixtures the CI tests judge: quick/full -> healthy_{quick,full},
+    no_visible_devices -> no_visible_devices. With ``run`` (a --out report), also its quick run's flash-attn
+    reading -> flash_attn_slim.json (the capture may have had no flash-attn installed)."""
     fixtures = REPO / "tests" / "fixtures" / "nvml"
-    for mode in ("quick", "full"):
-        readings = json.loads((capture_dir / f"{mode}.json").read_text())
-        gpus = ", ".join(d["name"] for d in readings["nvml"].get("devices", [])) or "no GPU"
-        readings["fixture_source"] = f"captured by bench/selftest_gpu.py --capture on {gpus}"
-        write_json(fixtures / f"healthy_{mode}.json", readings)
-        print(f"wrote {fixtures / f'healthy_{mode}.json'} ({gpus})")
+    for name, fixture in (("quick", "healthy_quick"), ("full", "healthy_full"), ("no_visible_devices", None)):
+        path = capture_dir / f"{name}.json"
+        if not path.is_file():
+            continue
+        readings = json.loads(path.read_text())
+        gpus = ", ".join(d["name"] for d in (readings.get("nvml") or {}).get("devices", [])) or "no GPU"
+        readings["fixture_source"] = f"captured by bench/selftest_gpu.py --capture on {gpus} ({name})"
+        write_json(fixtures / f"{fixture or name}.json", readings)
+        print(f"wrote {fixtures / f'{fixture or name}.json'} ({gpus})")
+    if run:
+        quick = json.loads(run.read_text())["quick"]["readings"]
+        reading = {
+            "fixture_source": f"the quick run's flash_attn reading in {run.name} on "
+            + ", ".join(d["name"] for d in quick["nvml"]["devices"]),
+            **quick["gpu"]["flash_attn"],
+        }
+        write_json(fixtures / "flash_attn_slim.json", reading)
+        print(f"wrote {fixtures / 'flash_attn_slim.json'} ({reading.get('dist_version')})")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capture", type=Path, help="write healthy-machine readings (fixtures) into this dir")
     parser.add_argument("--to-fixtures", type=Path, help="copy a capture dir's readings over the CI fixtures")
+    parser.add_argument("--flash-attn-from", type=Path, help="with --to-fixtures: a --out report whose flash-attn "
+                        "reading becomes tests/fixtures/nvml/flash_attn_slim.json")
     parser.add_argument("--out", type=Path, help="write the quick/full/fault-injection report to this file")
     parser.add_argument("--wheels", type=Path, help="dir of flash-attn / bitsandbytes wheels to unpack for this run")
     parser.add_argument("--sm80-extension", type=Path, help="flash-attn wheel or .so built for sm_80 only")
     args = parser.parse_args()
     if args.to_fixtures:
-        to_fixtures(args.to_fixtures)
+        to_fixtures(args.to_fixtures, args.flash_attn_from)
         return 0
     with tempfile.TemporaryDirectory() as site:
         unpacked = unpack_wheels(args.wheels, Path(site))

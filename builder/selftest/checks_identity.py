@@ -102,6 +102,9 @@ def gpu_arch(r: dict[str, Any]) -> list[Finding]:
     if not devices or not torch.get("cuda"):
         return [na("needs the NVIDIA driver and a CUDA build of torch", "see the nvidia_driver finding")]
     arch_list = torch.get("arch_list") or []
+    if not torch.get("cuda_available") and not arch_list:
+        # torch reports its architectures only once CUDA starts: hidden or broken GPUs leave nothing to compare.
+        return [na("torch sees no CUDA device, so its GPU architectures are unknown", "see the nvidia_driver finding")]
     built = sorted({a.split("_")[1] for a in arch_list if a.startswith("sm_")})
     ptx = sorted({a.split("_")[1] for a in arch_list if a.startswith("compute_")})
     found = []

@@ -92,7 +92,7 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
         found.append(fail(text, rebuild_flash_attn(cap)) if bad else ok(text))
     features = fa.get("features") or {}
     # The build's runtime guard says "does not support"; any other error is a broken kernel, reported by the cases.
-    missing = [f for f, err in features.items() if err and "does not support" in err]
+    missing = [f for f in FEATURE_NAMES if features.get(f) and "does not support" in features[f]]
     for feature in needs.get("features") or []:
         if feature in missing:
             found.append(

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.selftest.conftest import findings, severities
+from tests.selftest.conftest import findings, load_readings, severities
 
 GiB = 2**30
 
@@ -42,22 +42,26 @@ def set_reason(r: dict[str, Any], bit: int) -> None:
 
 
 def fa(r: dict[str, Any], **reading: Any) -> None:
-    r["gpu"]["flash_attn"] = {
-        "head_dims": [64, 128],
-        "dtype": "bfloat16",
-        "window": None,
-        "installed": True,
-        "version": "2.8.3",
-        "dist_version": "2.8.3+cu130torch2.11cxx11abitrue.sm90.slim",
-        "extension": "/x/flash_attn_2_cuda.so",
-        "elf_archs": ["9.0"],
-        "cases": {
-            "64": {"out": 3e-3, "dq": 5e-3, "dk": 5e-3, "dv": 4e-3},
-            "128": {"out": 3e-3, "dq": 5e-3, "dk": 5e-3, "dv": 4e-3},
-        },
-        "features": {"local": None, "softcap": None, "alibi": None, "dropout": None},
-    }
+    """flash-attn readings: the slim sm_90 build's, recorded on the H100 (fixture flash_attn_slim.json), edited."""
+    r["gpu"]["flash_attn"] = {k: v for k, v in load_readings("flash_attn_slim").items() if k != "fixture_source"}
     r["gpu"]["flash_attn"].update(reading)
+
+
+FULL_BUILD = {"local": None, "softcap": None, "alibi": None, "dropout": None}
+
+
+def lock(r: dict[str, Any], **reading: Any) -> None:
+    """A lock the environment claims (set up by samebox), with no drift, then edited. The capture's checkout had
+    no lockfiles yet, so its own lock reading says 'missing'."""
+    r["env"]["lock"] = {
+        "lockfile": "/work/main/lockfiles/torch2.11-cu130-py312.txt",
+        "chosen_by": "set up by samebox: $SAMEBOX_IMAGE",
+        "claimed": True,
+        "files_checked": False,
+        "problems": [],
+        "platform": [],
+    }
+    r["env"]["lock"].update(reading)
 
 
 SLIM = {
@@ -251,7 +255,7 @@ FAULTS = [
     ),
     (
         "lock drift",
-        lambda r: r["env"]["lock"].update(problems=["transformers is 5.23.0, the lock has 4.57.1"]),
+        lambda r: lock(r, problems=["transformers is 5.23.0, the lock has 4.57.1"]),
         "lockfile",
         "fail",
         "transformers is 5.23.0, the lock has 4.57.1",
@@ -259,8 +263,7 @@ FAULTS = [
     ),
     (
         "platform libraries differ from the lock",
-        lambda r: r["env"]["lock"].update(
-            problems=[], platform=["cuda-bindings 13.3.1 comes with the platform but the lock has 13.5.0"]),
+        lambda r: lock(r, platform=["cuda-bindings 13.3.1 comes with the platform but the lock has 13.5.0"]),
         "lockfile",
         "warn",
         "cuda-bindings 13.3.1",
@@ -268,7 +271,7 @@ FAULTS = [
     ),
     (
         "drift, no lock claimed",
-        lambda r: r["env"]["lock"].update(problems=["peft is 0.21.2, the lock has 0.17.0"], claimed=False),
+        lambda r: lock(r, problems=["peft is 0.21.2, the lock has 0.17.0"], claimed=False),
         "lockfile",
         "warn",
         "peft is 0.21.2",
@@ -276,7 +279,7 @@ FAULTS = [
     ),
     (
         "lock unclaimed and not generated",
-        lambda r: r["env"]["lock"].update(missing=True, claimed=False),
+        lambda r: lock(r, missing=True, claimed=False),
         "lockfile",
         "n/a",
         "no lockfile",
@@ -284,7 +287,7 @@ FAULTS = [
     ),
     (
         "lock not generated",
-        lambda r: r["env"]["lock"].update(missing=True),
+        lambda r: lock(r, missing=True),
         "lockfile",
         "warn",
         "does not exist",
@@ -373,7 +376,16 @@ FAULTS = [
         "CUDA error: unknown error",
         "driver or GPU",
     ),
-    ("bnb missing", lambda r: None, "bitsandbytes", "warn", "not installed", "lockfile pins"),
+    (
+        "bnb missing",
+        lambda r: r["gpu"].update(
+            bitsandbytes={"installed": False, "import_error": "ModuleNotFoundError: No module named 'bitsandbytes'"}
+        ),
+        "bitsandbytes",
+        "warn",
+        "not installed",
+        "lockfile pins",
+    ),
     (
         "bnb nf4 broken",
         lambda r: r["gpu"].update(
@@ -392,7 +404,9 @@ FAULTS = [
     ),
     (
         "flash-attn missing",
-        lambda r: None,
+        lambda r: r["gpu"].update(
+            flash_attn={"installed": False, "import_error": "ModuleNotFoundError: No module named 'flash_attn'"}
+        ),
         "flash_attn",
         "warn",
         "not installed",
@@ -441,7 +455,7 @@ FAULTS = [
     ),
     (
         "slim build, model needs window",
-        lambda r: (fa(r, features=SLIM), needs_window(r)),
+        lambda r: (fa(r), needs_window(r)),
         "flash_attn",
         "fail",
         "slim build without sliding-window (local) attention",
@@ -463,22 +477,21 @@ def test_fault_is_caught(healthy, fault) -> None:
 
 
 def test_slim_build_is_fine_when_the_model_does_not_need_its_features(healthy) -> None:
-    fa(healthy, features=SLIM)
+    fa(healthy)
     assert set(severities(healthy, "flash_attn")) == {"ok"}
     assert any("built without sliding-window" in f.message for f in findings(healthy, "flash_attn"))
 
 
 def test_healthy_flash_attn_and_bitsandbytes(healthy) -> None:
-    fa(healthy)
-    healthy["gpu"]["bitsandbytes"] = {
-        "installed": True,
-        "version": "0.50.2",
-        "nf4_max_rel_error": 2e-3,
-        "adamw8bit_changed": True,
-        "adamw8bit_finite": True,
-    }
+    fa(healthy, features=FULL_BUILD)
     assert severities(healthy, "flash_attn") == ["ok", "ok"]
-    assert severities(healthy, "bitsandbytes") == ["ok", "ok"]
+    assert severities(healthy, "bitsandbytes") == ["ok", "ok"]  # the capture's bitsandbytes 0.50.2
+
+
+def test_full_build_runs_a_sliding_window_model(healthy) -> None:
+    fa(healthy, features=FULL_BUILD, window_case={"out": 2e-3, "dq": 3e-3, "dk": 3e-3, "dv": 2e-3})
+    needs_window(healthy)
+    assert set(severities(healthy, "flash_attn")) == {"ok"}
 
 
 def test_unknown_gpu_gets_no_verdict_on_speed(healthy) -> None:

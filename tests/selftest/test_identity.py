@@ -17,6 +17,17 @@ def test_cpu_only_machine_fails_clearly_with_a_remedy() -> None:
     assert all(f.severity == "n/a" for f in report.findings if f.group in ("health", "numerics"))
 
 
+def test_cuda_visible_devices_empty_on_the_h100() -> None:
+    """Captured on the H100 with CUDA_VISIBLE_DEVICES="": one failure, naming the variable, and no second
+    'no kernel image' failure from torch's (then empty) architecture list."""
+    report = report_from_readings(load_readings("no_visible_devices"))
+    failed = [f for f in report.findings if f.severity == "fail"]
+    assert [f.check for f in failed] == ["nvidia_driver"]
+    assert "CUDA sees none: CUDA_VISIBLE_DEVICES=''" in failed[0].message
+    assert "unset CUDA_VISIBLE_DEVICES" in failed[0].remediation
+    assert {f.severity for f in findings(report.readings, "gpu_arch")} == {"n/a"}
+
+
 def test_hidden_gpus_name_cuda_visible_devices(healthy) -> None:
     healthy["torch"].update(cuda_available=False, device_count=0, devices=[])
     healthy["process"]["cuda_visible_devices"] = ""
