@@ -15,11 +15,13 @@ from builder.selftest import nvml_reader
 
 def torch_info() -> dict[str, Any]:
     """torch's version, its CUDA, the GPUs it sees and the SASS architectures compiled into it."""
+    start = time.perf_counter()
     try:
         import torch
     except ImportError as e:
         return {"available": False, "error": f"torch is not installed ({e})"}
     info: dict[str, Any] = {
+        "import_s": round(time.perf_counter() - start, 3),
         "available": True,
         "version": torch.__version__,
         "cuda": torch.version.cuda,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from typing import Any
 
 # Calls that need a compile-time-disabled flash-attn feature; the build's runtime guard raises for each.
@@ -115,11 +116,13 @@ def flash_attn(
     import torch
 
     reading: dict[str, Any] = {"head_dims": head_dims, "dtype": dtype_name, "window": window}
+    start = time.perf_counter()
     try:
         import flash_attn as fa
     except Exception as e:  # ImportError, or an undefined-symbol OSError from a wheel built for another torch
         reading.update(installed=False, import_error=f"{type(e).__name__}: {e}")
         return reading
+    reading["import_s"] = round(time.perf_counter() - start, 3)
     so = extension or _flash_attn_extension()
     reading.update(
         installed=True,
@@ -149,12 +152,17 @@ def bitsandbytes() -> dict[str, Any]:
     """NF4 Linear4bit forward against x @ dequantized weight, and one 8-bit AdamW step."""
     import torch
 
+    start = time.perf_counter()
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
     except Exception as e:
         return {"installed": False, "import_error": f"{type(e).__name__}: {e}"}
-    reading: dict[str, Any] = {"installed": True, "version": getattr(bnb, "__version__", "?")}
+    reading: dict[str, Any] = {
+        "installed": True,
+        "version": getattr(bnb, "__version__", "?"),
+        "import_s": round(time.perf_counter() - start, 3),
+    }
     try:
         torch.manual_seed(0)
         layer = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
@@ -203,10 +211,12 @@ def sdpa_backends() -> dict[str, Any]:
 
 def lora_smoke(steps: int = 5) -> dict[str, Any]:
     """Five LoRA steps (peft) on a tiny random Llama on the GPU, one fixed batch: the losses."""
+    start = time.perf_counter()
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    import_s = round(time.perf_counter() - start, 3)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=256,
@@ -228,4 +238,4 @@ def lora_smoke(steps: int = 5) -> dict[str, Any]:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "steps": steps}
+    return {"losses": losses, "steps": steps, "import_s": import_s}

@@ -53,7 +53,9 @@ CHECKS: tuple[Check, ...] = (
     Check("shm", "environment", env.shm),
     Check("data_dir", "environment", env.data_dir),
     Check("hf_cache", "environment", env.hf_cache),
-    Check("lora_smoke", "trainer", kernels.lora_smoke),
+    # full only: in quick, importing transformers and peft costs ~5 s, and the trainer's preflight is followed by
+    # the trainer's own first steps anyway.
+    Check("lora_smoke", "trainer", kernels.lora_smoke, full_only=True),
 )
 
 

@@ -353,22 +353,6 @@ FAULTS = [
         "",
     ),
     (
-        "loss rising",
-        lambda r: r["gpu"]["lora_smoke"].update(losses=[5.0, 5.1, 5.2, 5.3, 5.4]),
-        "lora_smoke",
-        "fail",
-        "did not fall",
-        "reinstall",
-    ),
-    (
-        "loss nan",
-        lambda r: r["gpu"]["lora_smoke"].update(losses=[5.0, float("nan"), 5.2, 5.3, 4.0]),
-        "lora_smoke",
-        "fail",
-        "not finite",
-        "matmul_accuracy",
-    ),
-    (
         "probe crashed",
         lambda r: r["gpu"].update(accuracy={"probe_error": "RuntimeError: CUDA error: unknown error"}),
         "matmul_accuracy",
@@ -464,11 +448,33 @@ FAULTS = [
 ]
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=[f[0] for f in FAULTS])
-def test_fault_is_caught(healthy, fault) -> None:
+# Faults of full-mode checks, injected into the full capture.
+FULL_FAULTS = [
+    (
+        "loss rising",
+        lambda r: r["gpu"]["lora_smoke"].update(losses=[5.0, 5.1, 5.2, 5.3, 5.4]),
+        "lora_smoke",
+        "fail",
+        "did not fall",
+        "reinstall",
+    ),
+    (
+        "loss nan",
+        lambda r: r["gpu"]["lora_smoke"].update(losses=[5.0, float("nan"), 5.2, 5.3, 4.0]),
+        "lora_smoke",
+        "fail",
+        "not finite",
+        "matmul_accuracy",
+    ),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS + FULL_FAULTS, ids=[f[0] for f in FAULTS + FULL_FAULTS])
+def test_fault_is_caught(healthy, healthy_full, fault) -> None:
     _, edit, check, severity, message, remediation = fault
-    edit(healthy)
-    found = findings(healthy, check)
+    readings = healthy_full if fault in FULL_FAULTS else healthy
+    edit(readings)
+    found = findings(readings, check)
     hits = [f for f in found if f.severity == severity and message in f.message]
     assert hits, found
     assert remediation in hits[0].remediation

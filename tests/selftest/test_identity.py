@@ -36,7 +36,7 @@ def test_hidden_gpus_name_cuda_visible_devices(healthy) -> None:
     assert f.severity == "fail"
     assert "CUDA sees none: CUDA_VISIBLE_DEVICES=''" in f.message
     assert "unset CUDA_VISIBLE_DEVICES" in f.remediation
-    assert {x.severity for x in findings(healthy, "lora_smoke")} == {"n/a"}
+    assert {x.severity for x in findings(healthy, "sdpa_backends")} == {"n/a"}
 
 
 def test_cpu_build_of_torch(healthy) -> None:
