@@ -62,8 +62,9 @@ def test_unknown_flash_attn_profile_is_a_user_error() -> None:
 
 def test_stage_order_keeps_code_last() -> None:
     text = render_dockerfile(_spec("torch2.11-cu130-py312"))
-    order = [text.index(s) for s in ("AS base", "AS python", "AS deps", "AS flash-attn", "AS final",
-                                     "COPY --from=flash-attn", "COPY src/ /opt/samebox/src/\nRUN python -m pip install")]
+    stages = ("AS base", "AS python", "AS deps", "AS flash-attn", "AS final", "COPY --from=flash-attn",
+              "COPY src/ /opt/samebox/src/\nRUN python -m pip install")
+    order = [text.index(s) for s in stages]
     assert order == sorted(order)
     assert text.index("--require-hashes") < text.index("COPY src/")
 
