@@ -28,8 +28,8 @@ def run_preflight(data_dir: str | None = None, command: list[str] | None = None,
 
     ``data_dir`` (where checkpoints go) gets the self-test's free-space and write+fsync check.
     """
-    if os.environ.get("RANK", "0") != "0":
-        return  # one self-test per machine, from rank 0
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return  # one self-test per machine (it checks every local GPU), from each machine's first process
     cmd = command or SELFTEST + (["--data-dir", data_dir] if data_dir else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 from builder.errors import SameboxError
 from builder.fsutil import write_atomic
 from trainer import checkpoint as ckpt
+from trainer import distributed as dist
 from trainer.batching import build_micro_batches, step_indices, steps_per_epoch
 from trainer.config import TrainConfig
 from trainer.data import TokenizedData, load_dataset
@@ -43,8 +43,8 @@ class LoRAFinetuneRecipe:
         self.cfg = cfg
         self.resume = resume
         self.run_dir = Path(cfg.output.dir).expanduser()
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.ranks = dist.ranks_from_env()
+        self.rank, self.world = self.ranks.rank, self.ranks.world
         self.step = 0
         self.stop_signal: int | None = None
         self.skipped = 0
@@ -53,12 +53,10 @@ class LoRAFinetuneRecipe:
 
     # ----- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init(self.ranks)
         torch.manual_seed(self.cfg.train.seed)
         self._setup_model()
+        dist.broadcast_params(self.params, self.ranks)
         self._setup_data()
         self._setup_optimizer()
         self._restore()
@@ -67,6 +65,9 @@ class LoRAFinetuneRecipe:
         if self.rank == 0:
             write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             self.logger.event(self._describe())
+            if self.world > self.cfg.train.samples_per_step:
+                self.logger.event(f"train.samples_per_step={self.cfg.train.samples_per_step} is less than the "
+                                  f"{self.world} processes: some GPUs idle every step")
         self.previous_handlers = {sig: signal.signal(sig, self._request_stop)
                                   for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -121,10 +122,12 @@ class LoRAFinetuneRecipe:
     def _describe(self) -> str:
         resumed = f", resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""
         trainable = sum(p.numel() for p in self.params)
+        ranks = f"; {self.world} processes, {self.cfg.train.samples_per_step} samples per step in all" \
+            if self.world > 1 else ""
         return (f"{self.loaded.model_dir} on {self.loaded.device} ({self.cfg.model.quantization}, "
                 f"{self.loaded.dtype}, {self.loaded.attention}, {'packed' if self.packing else 'padded buckets'}, "
                 f"checkpointing {'on' if self.checkpointing else 'off'}); {trainable:,} trainable; "
-                f"{self.data_note}; {self.total_steps} steps{resumed}")
+                f"{self.data_note}; {self.total_steps} steps{ranks}{resumed}")
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signum
@@ -140,7 +143,7 @@ class LoRAFinetuneRecipe:
         t = self.cfg.train
         started = time.perf_counter()
         indices = self._step_samples(self.step)
-        local = indices[self.rank::self.world]
+        local = dist.share_of_step(indices, self.lengths, self.ranks)
         label_total = sum(self.label_counts[i] for i in indices)
         tokens = sum(self.lengths[i] for i in indices)
         pad_id = self.loaded.tokenizer.pad_token_id
@@ -155,12 +158,7 @@ class LoRAFinetuneRecipe:
                           on_oom=lambda b: self.logger.event(f"out of memory: micro-batch budget now {b} tokens"))
         self.budget = result.budget
         loss_sum = result.loss_sum
-        if self.world > 1:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-            torch.distributed.all_reduce(loss_sum)
+        dist.all_reduce_step(self.params, loss_sum, self.ranks)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm, loss_value = clip_and_check(self.params, t.max_grad_norm, loss_sum)
@@ -196,18 +194,9 @@ class LoRAFinetuneRecipe:
             row["oom_retries"] = result.oom_retries
         return row
 
-    def _agreed_flags(self, stop: bool, save_by_time: bool) -> tuple[bool, bool]:
-        """Every rank stops and saves at the same step."""
-        if self.world == 1:
-            return stop, save_by_time
-        flags = torch.tensor([float(stop), float(save_by_time)], device=self.loaded.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
-
     def save(self) -> Path | None:
         ckpt.write_rank_rng(self.run_dir, self.step, self.rank)
-        if self.world > 1:
-            torch.distributed.barrier()
+        dist.barrier(self.ranks)
         path = None
         if self.rank == 0:
             state = {"step": self.step, "total_steps": self.total_steps, "micro_batch_tokens": self.budget,
@@ -217,8 +206,7 @@ class LoRAFinetuneRecipe:
                               "seed": self.cfg.train.seed, "shuffle": self.cfg.data.shuffle}}
             path = ckpt.commit_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
                                           state, self.cfg.output.keep_last)
-        if self.world > 1:
-            torch.distributed.barrier()
+        dist.barrier(self.ranks)
         return path
 
     def train(self) -> int:
@@ -232,7 +220,7 @@ class LoRAFinetuneRecipe:
             row = self._train_one()
             self.logger.log(row)
             by_time = time.monotonic() - last_save >= out.save_every_minutes * 60
-            stop, by_time = self._agreed_flags(self.stop_signal is not None, by_time)
+            stop, by_time = dist.any_rank([self.stop_signal is not None, by_time], self.loaded.device, self.ranks)
             if stop or by_time or self.step % out.save_every_steps == 0 or self.step == self.total_steps:
                 path = self.save()
                 last_save = time.monotonic()
@@ -264,8 +252,7 @@ class LoRAFinetuneRecipe:
             signal.signal(sig, handler)
         if getattr(self, "logger", None) is not None:
             self.logger.close()
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        dist.shutdown(self.ranks)
 
 
 def main(cfg: TrainConfig, resume: str | None = None) -> int:

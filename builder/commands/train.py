@@ -1,4 +1,8 @@
-"""`samebox train CONFIG.yaml [--resume auto|PATH] [--no-preflight] [key=value ...]`: LoRA/QLoRA fine-tuning."""
+"""`samebox train CONFIG.yaml [--resume auto|PATH] [--no-preflight] [key=value ...]`: LoRA/QLoRA fine-tuning.
+
+Under several GPUs the launcher runs it once per GPU: `torchrun --nproc_per_node 2 -m builder.cli train ...`
+(or `accelerate launch -m builder.cli train ...`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue from the newest checkpoint in output.dir (auto) or from PATH")
     p.add_argument("--no-preflight", action="store_true", help="skip `samebox selftest --quick` before training")
     p.set_defaults(func=run)
+    plain = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        # argparse ends the positionals at the first flag: `train C --resume auto lr=1` would leave lr=1 unparsed.
+        ns, extra = plain(args, namespace)
+        late = [a for a in extra if "=" in a and not a.startswith("-")]
+        ns.overrides = list(ns.overrides or []) + late
+        return ns, [a for a in extra if a not in late]
+
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def run(args: argparse.Namespace) -> int:

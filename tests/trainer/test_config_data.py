@@ -36,6 +36,16 @@ def test_every_problem_is_reported_and_overrides_apply(tmp_path):
         load_config(None, ["lr=1"])
 
 
+def test_overrides_may_follow_the_flags():
+    from builder.cli import build_parser
+
+    args = build_parser().parse_args(["train", "c.yaml", "a.b=1", "--resume", "auto", "c.d=2", "--no-preflight"])
+    assert (args.config, args.overrides, args.resume, args.no_preflight) == ("c.yaml", ["a.b=1", "c.d=2"], "auto",
+                                                                              True)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "c.yaml", "--resume", "auto", "--bogus"])
+
+
 def test_every_shipped_config_loads_and_says_how_to_run_it():
     configs = sorted((REPO / "configs").glob("*.yaml"))
     assert len(configs) >= 2

@@ -1,0 +1,107 @@
+"""Data parallelism under torchrun / `accelerate launch`: one process per GPU, LoRA gradients summed by all-reduce.
+
+The launcher starts the processes and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; nothing here
+starts a process. Every rank takes a share of each optimizer step's samples (balanced by tokens). Each micro-batch's
+loss is divided by the label tokens of the whole step on every rank, so the sum of the ranks' gradients is the
+one-process gradient of the same step. LoRA weights are a few MB: one flat all-reduce per step does what DDP's
+buckets and hooks would, and leaves gradient checkpointing, 4-bit layers and the OOM retry untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def ranks_from_env() -> Ranks:
+    return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                 int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(ranks: Ranks) -> None:
+    """Join the launcher's process group: NCCL with one GPU per process, gloo on CPU."""
+    if ranks.world == 1 or torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        # The device is set before the group exists, so NCCL never guesses it (a barrier on GPU 0 from every rank).
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl", device_id=device)
+    else:
+        torch.distributed.init_process_group("gloo")
+
+
+def shutdown(ranks: Ranks) -> None:
+    if ranks.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        torch.distributed.barrier()
+
+
+def broadcast_params(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
+    """Start every rank from rank 0's LoRA weights (the same seed gives the same init only on the same hardware)."""
+    if ranks.world == 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+
+
+def all_reduce_step(params: list[torch.nn.Parameter], loss_sum: torch.Tensor, ranks: Ranks) -> None:
+    """Sum the step's gradients and loss over ranks in one collective per dtype (a rank without samples adds 0)."""
+    if ranks.world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in [p.grad for p in params] + [loss_sum]:
+        groups.setdefault(t.dtype, []).append(t)
+    for tensors in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(part.view_as(t))
+
+
+def any_rank(flags: list[bool], device: torch.device, ranks: Ranks) -> list[bool]:
+    """Each flag true on every rank when it is true on one, so all ranks save and stop at the same step."""
+    if ranks.world == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def share_of_step(indices: list[int], lengths: list[int], ranks: Ranks) -> list[int]:
+    """This rank's samples of a step: longest first, each to the rank with the fewest tokens so far.
+
+    The step waits for its slowest rank, so ranks get about equal tokens rather than equal sample counts.
+    A pure function of the step's samples: every rank computes the same split without talking.
+    """
+    if ranks.world == 1:
+        return list(indices)
+    load = [0] * ranks.world
+    mine: list[int] = []
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        target = min(range(ranks.world), key=lambda r: load[r])
+        load[target] += lengths[i]
+        if target == ranks.rank:
+            mine.append(i)
+    return mine
