@@ -6,6 +6,7 @@ samples per optimizer step, in order, for a limited number of steps. Each arm ru
 memory is its own; a crash in one still leaves the other's result). Writes one JSON file.
 
   python bench/trainer_vs_recipe.py --out $OUT/trainer_gpu.json            # GPU (H100/H200), ~6-8 min
+  python bench/trainer_vs_recipe.py --sizes 7b --steps 50 --out $OUT/trainer_gpu.json  # 50-step loss curves, ~6 min
   python bench/trainer_vs_recipe.py --smoke --out /tmp/trainer_smoke.json  # CPU, tiny config, ~1 min
 """
 
@@ -130,6 +131,15 @@ def recipe_arm(model_dir: Path, data: Path, steps: int, out: Path, quantize: boo
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    seen: list[int] = []
+
+    class CountingCollator(DataCollatorForLanguageModeling):
+        # The label tokens the loss really sees (shifted: a row of n tokens has n - 1), not a count derived here.
+        def __call__(self, features, *a, **kw):
+            batch = super().__call__(features, *a, **kw)
+            seen.append(int(batch["labels"][..., 1:].ne(-100).sum()))
+            return batch
+
     class InOrderTrainer(Trainer):
         def _get_train_sampler(self, *args, **kw):
             return SequentialSampler(self.train_dataset)
@@ -139,17 +149,51 @@ def recipe_arm(model_dir: Path, data: Path, steps: int, out: Path, quantize: boo
                              report_to="none", save_strategy="no", remove_unused_columns=False,
                              use_cpu=not cuda)
     trainer = InOrderTrainer(model=model, args=args, train_dataset=dataset, callbacks=[StepTimer()],
-                             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+                             data_collator=CountingCollator(tokenizer, mlm=False))
     trainer.train()
     lengths = [len(d["input_ids"]) for d in dataset]
-    labels = [sum(n - 1 for n in lengths[s * SAMPLES_PER_STEP:(s + 1) * SAMPLES_PER_STEP]) for s in range(steps)]
-    result = {"attention": attention, "step_s": times, "losses": losses, "label_tokens": labels,
-              "tokens": [sum(lengths[s * 16:(s + 1) * 16]) for s in range(steps)],
+    per_step = [seen[s * SAMPLES_PER_STEP:(s + 1) * SAMPLES_PER_STEP] for s in range(steps)]
+    result = {"attention": attention, "step_s": times, "losses": losses, "label_tokens": [sum(c) for c in per_step],
+              "tokens": [sum(lengths[s * SAMPLES_PER_STEP:(s + 1) * SAMPLES_PER_STEP]) for s in range(steps)],
               "in_process_s": time.perf_counter() - started}
     if cuda:
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     out.write_text(json.dumps(result))
+
+
+# ----- are packed samples isolated? (child process) -----------------------------------------------------------
+def packing_check(model_dir: Path, data: Path, out: Path, samples: int = 8) -> None:
+    """Hidden states of samples packed into one row by the trainer's collation (varlen kwargs with flash-attn)
+    against each sample alone; one row without sample bounds gives the size of a leak for scale."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from trainer.batching import collate_packed
+    from trainer.data import IGNORE, TokenizedData
+    from trainer.model import flash_attn_usable
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    attention = "flash_attention_2" if flash_attn_usable(device) else "sdpa"
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attention).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in data.read_text().splitlines()[:samples]]
+    ids = [tokenizer(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"][:1024] for r in rows]
+    tokenized = TokenizedData(ids, [[IGNORE] * len(x) for x in ids])
+
+    @torch.no_grad()
+    def hidden(**inputs) -> torch.Tensor:
+        return model(**inputs, use_cache=False).last_hidden_state[0].float()
+
+    everything = list(range(len(ids)))
+    packed = hidden(**collate_packed(tokenized, everything, attention == "flash_attention_2").model_inputs(device))
+    alone = torch.cat([hidden(**collate_packed(tokenized, [i], False).model_inputs(device)) for i in everything])
+    flat = torch.tensor([[t for x in ids for t in x]], device=device)
+    unbounded = hidden(input_ids=flat, position_ids=torch.arange(flat.shape[1], device=device)[None])
+    out.write_text(json.dumps({
+        "attention": attention, "samples": len(ids), "tokens": int(flat.shape[1]),
+        "packed_vs_alone_rel_diff": float((packed - alone).norm() / alone.norm()),
+        "unbounded_vs_alone_rel_diff": float((unbounded - alone).norm() / alone.norm())}))
 
 
 # ----- samebox train (child process through the CLI) ----------------------------------------------------------
@@ -272,6 +316,13 @@ def run_size(size: str, opts: argparse.Namespace, deadline: float, peak: float |
         row["errors"].append({"stage": "prepare", "exit": rc, "output": tail})
         return row
     model_dir, data = work / f"model-{size}", work / f"data-{size}.jsonl"
+    rc, wall, tail = child(me + ["--child", "packing", "--model-dir", str(model_dir), "--data", str(data),
+                                 "--result", str(work / f"packing-{size}.json")], max(1, remaining()),
+                           work / f"packing-{size}.log")
+    if rc == 0:
+        row["packing_check"] = json.loads((work / f"packing-{size}.json").read_text())
+    else:
+        row["errors"].append({"stage": "packing", "exit": rc, "output": tail})
     steps = opts.steps
     lengths = sample_lengths(data)[: steps * SAMPLES_PER_STEP]
     step_flops = [lora_flops(size, lengths[s * SAMPLES_PER_STEP:(s + 1) * SAMPLES_PER_STEP]) for s in range(steps)]
@@ -320,16 +371,28 @@ def run_size(size: str, opts: argparse.Namespace, deadline: float, peak: float |
     return row
 
 
+DIFFERENCES = ("quantization: recipe BitsAndBytesConfig(load_in_4bit=True) defaults (fp4, no double quantization, "
+               "fp32 compute) vs samebox NF4 + double quantization + bf16 compute",
+               "precision: recipe fp16 autocast + GradScaler vs samebox bf16",
+               "EOS: recipe prompt + EOS + completion (as the seed recipe) vs samebox prompt + completion + EOS",
+               "LoRA dropout masks differ (different RNG use); step 1 is before any update and LoRA B = 0, "
+               "so its loss is free of adapters and dropout")
+
+
 def compare(s: dict, r: dict) -> dict:
-    out: dict = {}
+    out: dict = {"label_tokens_equal": s["label_tokens"] == r["label_tokens"][: len(s["label_tokens"])]}
     if s["steady"]["label_tokens_per_s"] and r["steady"]["label_tokens_per_s"]:
         out["speedup_label_tokens_per_s"] = s["steady"]["label_tokens_per_s"] / r["steady"]["label_tokens_per_s"]
     if s.get("peak_mem_gib") and r.get("peak_mem_gib"):
         out["peak_memory_ratio"] = s["peak_mem_gib"] / r["peak_mem_gib"]
     n = min(len(s["losses"]), len(r["losses"]))
     diffs = [abs(a - b) for a, b in zip(s["losses"][:n], r["losses"][:n], strict=True)]
+    signed = [a - b for a, b in zip(s["losses"][:n], r["losses"][:n], strict=True)]
     out["loss_agreement"] = {"steps": n, "samebox": s["losses"][:n], "recipe": r["losses"][:n],
-                             "max_abs_diff": max(diffs) if diffs else None}
+                             "max_abs_diff": max(diffs) if diffs else None,
+                             "first_step_abs_diff": diffs[0] if diffs else None,
+                             "mean_diff_samebox_minus_recipe": sum(signed) / n if n else None,
+                             "known_differences": list(DIFFERENCES)}
     return out
 
 
@@ -348,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
     p.add_argument("--workdir", default="/tmp/samebox-trainer-bench")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny config, few samples: checks the script works")
-    p.add_argument("--child", choices=("prepare", "recipe"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("prepare", "recipe", "packing"), help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -357,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     if opts.child == "prepare":
         prepare(opts.size, Path(opts.workdir), opts.samples, opts.median, opts.cap, seed=0)
+        return 0
+    if opts.child == "packing":
+        packing_check(Path(opts.model_dir), Path(opts.data), Path(opts.result))
         return 0
     if opts.child == "recipe":
         recipe_arm(Path(opts.model_dir), Path(opts.data), opts.steps, Path(opts.result), not opts.no_quantize)
