@@ -288,3 +288,24 @@ BF16_MATMUL_TFLOPS: dict[str, float] = {
 FLASH_ATTN_BUILD_TOOLS: tuple[str, ...] = (
     "ninja==1.13.0 --hash=sha256:fb46acf6b93b8dd0322adc3a4945452a4e774b75b91293bafcc7b7f8e6517dfa",
 )
+
+# --- multi-GPU all-reduce ---------------------------------------------------------------------------------------
+
+# Topology -> all-reduce bus bandwidth (GB/s; nccl-tests' busbw = algbw * 2(n-1)/n) that a healthy single node
+# reaches on 256 MiB float32 all-reduces (builder/selftest/allreduce.py). "nvlink:<GPU>" (name as
+# ``normalise_gpu_name`` writes it): GPUs joined by NVLink/NVSwitch; "pcie:<gen>": GPUs that talk over PCIe (P2P
+# through a switch or the CPU, or through host memory). Estimates, none measured here yet: NVLink about 0.8x of one
+# direction of the link (H100/H200/H20 450 GB/s, A100 300, A800/H800 200), PCIe about 0.55x of one direction of an
+# x16 link (gen3/4/5: 16/32/64 GB/s), the ratios public nccl-tests results show. bench/multigpu_selftest.py measures
+# them on a multi-GPU machine. The self-test warns under 0.5x.
+NCCL_BUSBW_GBPS: dict[str, float] = {
+    "nvlink:A100": 230.0,
+    "nvlink:A800": 150.0,
+    "nvlink:H100": 360.0,
+    "nvlink:H800": 150.0,
+    "nvlink:H200": 360.0,
+    "nvlink:H20": 360.0,
+    "pcie:3": 9.0,
+    "pcie:4": 18.0,
+    "pcie:5": 36.0,
+}

@@ -47,6 +47,16 @@ def torch_info() -> dict[str, Any]:
     return info
 
 
+def use_local_rank() -> dict[str, Any]:
+    """Under torchrun: make LOCAL_RANK's GPU this process's CUDA device, so each rank tests its own."""
+    import os
+
+    import torch
+
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return {"device": torch.cuda.current_device()}
+
+
 def _sync() -> None:
     import torch
 

@@ -103,6 +103,19 @@ def _processes(r: _Reader, h: Any) -> list[dict[str, Any]] | None:
     return [{"pid": int(p.pid), "used_memory": int(p.usedGpuMemory or 0)} for p in procs]
 
 
+def _nvlink_active(nvml: Any, h: Any) -> int | None:
+    """Active NVLink links, or None when the card has no NVLink (the first query is not supported)."""
+    active = 0
+    for link in range(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18)):
+        try:
+            active += int(nvml.nvmlDeviceGetNvLinkState(h, link) == getattr(nvml, "NVML_FEATURE_ENABLED", 1))
+        except nvml.NVMLError:
+            if link == 0:
+                return None
+            break  # past this card's last link
+    return active
+
+
 def sample(nvml: Any, h: Any) -> dict[str, Any]:
     """The fast-changing values, read repeatedly during load: clocks-event reasons, PCIe link, temperature,
     power, SM clock."""
@@ -152,6 +165,7 @@ def _device(nvml: Any, index: int) -> dict[str, Any]:
         "pcie_max_gen": r.get("pcie_max_gen", lambda: int(n.nvmlDeviceGetMaxPcieLinkGeneration(h))),
         "pcie_gpu_max_gen": r.get("pcie_gpu_max_gen", lambda: int(n.nvmlDeviceGetGpuMaxPcieLinkGeneration(h))),
         "pcie_max_width": r.get("pcie_max_width", lambda: int(n.nvmlDeviceGetMaxPcieLinkWidth(h))),
+        "nvlink_active": _nvlink_active(n, h),
         "temperature_thresholds": thresholds,
         "power_limit_enforced_mw": r.get("power_enforced", lambda: int(n.nvmlDeviceGetEnforcedPowerLimit(h))),
         "power_limit_default_mw": r.get("power_default", lambda: int(n.nvmlDeviceGetPowerManagementDefaultLimit(h))),

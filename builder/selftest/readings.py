@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from builder.selftest import env_probes, gpu_probes, kernel_probes, nvml_reader
+from builder.selftest import allreduce, env_probes, gpu_probes, kernel_probes, nvml_reader
 from builder.selftest.model import AttentionNeeds
 
 READINGS_VERSION = 1
@@ -21,6 +21,9 @@ READINGS_VERSION = 1
 # ran as fast as the later ones (bench/results/selftest_gpu.json), so quick's 2 s give one judged window after
 # the dropped first and ~8 NVML samples.
 LOAD_SECONDS = {"quick": 2.0, "full": 25.0}
+# mode -> timed all-reduces across the GPUs; a run still going after ALLREDUCE_TIMEOUT_S is a hang.
+ALLREDUCE_ITERS = {"quick": 10, "full": 30}
+ALLREDUCE_TIMEOUT_S = 90.0
 
 
 def _probe(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
@@ -65,10 +68,17 @@ def collect(
     if not (isinstance(r["torch"], dict) and r["torch"].get("cuda_available")):
         r["gpu"] = None  # no CUDA device: the GPU checks report why from the nvml/torch readings
         return r
+    if allreduce.under_torchrun():
+        _probe(timings, "set_device", gpu_probes.use_local_rank)  # each rank tests its own GPU
     gpu: dict[str, Any] = {}
     gpu["accuracy"] = _probe(timings, "accuracy", gpu_probes.matmul_accuracy)
     gpu["load"] = _probe(timings, "load", lambda: gpu_probes.sustained_load(LOAD_SECONDS[mode]))
     gpu["bandwidth"] = _probe(timings, "bandwidth", gpu_probes.bandwidth)
+    gpu["allreduce"] = _probe(
+        timings,
+        "allreduce",
+        lambda: allreduce.allreduce(r["torch"]["device_count"], ALLREDUCE_TIMEOUT_S, ALLREDUCE_ITERS[mode]),
+    )
     if mode == "full":
         gpu["memory_pattern"] = _probe(timings, "memory_pattern", gpu_probes.memory_pattern)
         gpu["repeatability"] = _probe(timings, "repeatability", gpu_probes.repeatability)

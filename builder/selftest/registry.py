@@ -10,6 +10,7 @@ from typing import Any
 from builder.selftest import checks_env as env
 from builder.selftest import checks_health as health
 from builder.selftest import checks_identity as identity
+from builder.selftest import checks_interconnect as interconnect
 from builder.selftest import checks_kernels as kernels
 from builder.selftest import checks_numerics as numerics
 from builder.selftest.findings import Finding
@@ -45,6 +46,7 @@ CHECKS: tuple[Check, ...] = (
     Check("memory_pattern", "numerics", numerics.memory_pattern, full_only=True),
     Check("repeatability", "numerics", numerics.repeatability, full_only=True),
     Check("load_steadiness", "numerics", numerics.load_steadiness, full_only=True),
+    Check("allreduce", "interconnect", interconnect.allreduce),
     Check("model", "kernels", kernels.model_needs),
     Check("flash_attn", "kernels", kernels.flash_attn),
     Check("bitsandbytes", "kernels", kernels.bitsandbytes),

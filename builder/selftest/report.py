@@ -17,7 +17,10 @@ _FINDING = {
     "required": ["check", "group", "severity", "message", "remediation"],
     "properties": {
         "check": {"type": "string"},
-        "group": {"type": "string", "enum": ["identity", "health", "numerics", "kernels", "environment", "trainer"]},
+        "group": {
+            "type": "string",
+            "enum": ["identity", "health", "numerics", "interconnect", "kernels", "environment", "trainer"],
+        },
         "severity": {"type": "string", "enum": list(SEVERITIES)},
         "message": {"type": "string"},
         "remediation": {"type": "string"},

@@ -49,7 +49,9 @@ def test_full_mode_adds_its_checks(healthy, healthy_full) -> None:
 def test_registry_names_are_unique_and_grouped() -> None:
     names = [c.name for c in CHECKS]
     assert len(names) == len(set(names))
-    assert {c.group for c in CHECKS} == {"identity", "health", "numerics", "kernels", "environment", "trainer"}
+    assert {c.group for c in CHECKS} == {
+        "identity", "health", "numerics", "interconnect", "kernels", "environment", "trainer"
+    }
 
 
 def test_every_check_survives_empty_readings() -> None:
