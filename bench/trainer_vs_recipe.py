@@ -164,36 +164,14 @@ def recipe_arm(model_dir: Path, data: Path, steps: int, out: Path, quantize: boo
 
 # ----- are packed samples isolated? (child process) -----------------------------------------------------------
 def packing_check(model_dir: Path, data: Path, out: Path, samples: int = 8) -> None:
-    """Hidden states of samples packed into one row by the trainer's collation (varlen kwargs with flash-attn)
-    against each sample alone; one row without sample bounds gives the size of a leak for scale."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from trainer.batching import collate_packed
-    from trainer.data import IGNORE, TokenizedData
-    from trainer.model import flash_attn_usable
+    from trainer.packing_check import packing_isolation
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    attention = "flash_attention_2" if flash_attn_usable(device) else "sdpa"
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attention).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(line) for line in data.read_text().splitlines()[:samples]]
     ids = [tokenizer(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"][:1024] for r in rows]
-    tokenized = TokenizedData(ids, [[IGNORE] * len(x) for x in ids])
-
-    @torch.no_grad()
-    def hidden(**inputs) -> torch.Tensor:
-        return model(**inputs, use_cache=False).last_hidden_state[0].float()
-
-    everything = list(range(len(ids)))
-    packed = hidden(**collate_packed(tokenized, everything, attention == "flash_attention_2").model_inputs(device))
-    alone = torch.cat([hidden(**collate_packed(tokenized, [i], False).model_inputs(device)) for i in everything])
-    flat = torch.tensor([[t for x in ids for t in x]], device=device)
-    unbounded = hidden(input_ids=flat, position_ids=torch.arange(flat.shape[1], device=device)[None])
-    out.write_text(json.dumps({
-        "attention": attention, "samples": len(ids), "tokens": int(flat.shape[1]),
-        "packed_vs_alone_rel_diff": float((packed - alone).norm() / alone.norm()),
-        "unbounded_vs_alone_rel_diff": float((unbounded - alone).norm() / alone.norm())}))
+    out.write_text(json.dumps(packing_isolation(model_dir, ids)))
 
 
 # ----- samebox train (child process through the CLI) ----------------------------------------------------------
