@@ -112,7 +112,7 @@ def curve_diff(a: list[float], b: list[float]) -> dict:
             "within": worst is not None and worst <= TOLERANCE}
 
 
-def run(opts: argparse.Namespace) -> dict:
+def run(opts: argparse.Namespace, deadline: float) -> dict:
     import torch
 
     work = Path(opts.workdir)
@@ -137,6 +137,10 @@ def run(opts: argparse.Namespace) -> dict:
     model_dir, data = work / f"model-{opts.size}", work / f"data-{opts.size}.jsonl"
     parts = {"one_gpu": 1, f"{nproc}_gpus": nproc, "interrupted": nproc}
     for name, n in parts.items():
+        timeout = min(opts.part_timeout, deadline - time.monotonic())
+        if timeout < 60:
+            result["errors"].append({"stage": name, "error": "skipped: the time budget (--budget-s) ran out"})
+            continue
         run_dir = work / f"run-{name}"
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         run_dir.mkdir(parents=True)
@@ -144,13 +148,14 @@ def run(opts: argparse.Namespace) -> dict:
         config.write_text(yaml.safe_dump(train_config(model_dir, data, run_dir, opts)))
         try:
             if name == "interrupted":
-                first = launch(n, config, work / f"{name}-1.log", opts.part_timeout,
-                               stop_after_rows=opts.stop_after, run_dir=run_dir)
-                second = launch(n, config, work / f"{name}-2.log", opts.part_timeout, ("--resume", "auto"))
+                first = launch(n, config, work / f"{name}-1.log", timeout / 2, stop_after_rows=opts.stop_after,
+                               run_dir=run_dir)
+                second = launch(n, config, work / f"{name}-2.log", max(1.0, deadline - time.monotonic()),
+                                ("--resume", "auto"))
                 result[name] = {"launches": [first, second], **measured(run_dir, opts.warmup_steps),
                                 "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").iterdir())}
             else:
-                result[name] = {"launch": launch(n, config, work / f"{name}.log", opts.part_timeout),
+                result[name] = {"launch": launch(n, config, work / f"{name}.log", timeout),
                                 **measured(run_dir, opts.warmup_steps)}
         except Exception as e:  # noqa: BLE001 - a broken part must not lose the others
             result["errors"].append({"stage": name, "error": repr(e)})
@@ -180,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, default=5, help="SIGTERM the interrupted part after this many steps")
     p.add_argument("--warmup-steps", type=int, default=1, help="first steps left out of the throughput")
     p.add_argument("--part-timeout", type=float, default=240)
+    p.add_argument("--budget-s", type=float, default=540, help="start no part after this many seconds")
     p.add_argument("--no-quantize", action="store_true", help="bf16 LoRA instead of NF4 (no bitsandbytes)")
     p.add_argument("--workdir", default="/tmp/samebox-multigpu-train")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny config, 2 gloo processes: checks the script")
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.steps, opts.samples_per_step, opts.lr, opts.no_quantize = min(opts.steps, 8), 8, 5e-3, True
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     started = time.monotonic()
-    result = run(opts)
+    result = run(opts, started + opts.budget_s)
     result["total_s"] = time.monotonic() - started
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(result, indent=2, sort_keys=True))

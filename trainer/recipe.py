@@ -2,7 +2,8 @@
 
 Setup loads the model (``_setup_model``), the tokenized data (``_setup_data``), the optimizer and schedule
 (``_setup_optimizer``), then restores a checkpoint when resuming. Train runs optimizer steps, each a fixed set of
-samples, saving atomically every N steps / T minutes and when SIGTERM or SIGINT asks it to stop.
+samples, saving atomically every N steps / T minutes and when SIGTERM or SIGINT asks it to stop. Under torchrun /
+accelerate launch each process takes a share of every step and rank 0 alone writes (trainer/distributed.py).
 """
 
 from __future__ import annotations
