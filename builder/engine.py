@@ -36,6 +36,7 @@ class BuildRequest:
     network_host: bool = True
     push: bool = False
     build_args: dict[str, str] = field(default_factory=dict)
+    no_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Engine:
             argv += ["--build-arg", f"{name}={value}"]
         if req.network_host:
             argv += ["--network", "host"]
+        if req.no_cache:
+            argv.append("--no-cache")
         argv += ["-t", req.tag, "-f", str(req.context / "Dockerfile"), str(req.context)]
         return argv
 

@@ -78,6 +78,6 @@ def samebox(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
 
 
 def build_test_image(output: Path, tag: str, env: dict[str, str] | None = None,
-                     root: Path = TEST_ROOT) -> subprocess.CompletedProcess:
+                     root: Path = TEST_ROOT, *extra: str) -> subprocess.CompletedProcess:
     return samebox("image", "--root", str(root), "--image", TEST_IMAGE_ID, "--output", str(output), "--tag", tag,
-                   env=env)
+                   *extra, env=env)

@@ -174,7 +174,7 @@ def test_lock_test_catalog_from_pypi(tmp_path: Path) -> None:
     spec = load_catalog(root)[0]
     committed = lock.parse_lock((TEST_ROOT / "lockfiles" / f"{spec.id}.txt").read_text())
     result = lock.lock_image(spec)
-    assert result.packages == 4 and result.torch == "none"
+    assert result.packages == len(committed) and result.torch == "none"
     assert lock.check_lock(spec).state == "fresh"
     relocked = lock.parse_lock(spec.lockfile.read_text())
     assert [(p.name, p.version, p.hashes) for p in relocked] == [(p.name, p.version, p.hashes) for p in committed]

@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--conda-mirror", help="Miniconda mirror URL (the installer's sha256 is still checked)")
     p.add_argument("--ca-bundle", help="proxy CA bundle to pass as a build secret (default: $PIP_CERT/$SSL_CERT_FILE)")
     p.add_argument("--no-host-network", action="store_true", help="do not pass --network host to the build")
+    p.add_argument("--no-cache", action="store_true", help="rebuild every layer (cache mounts are kept)")
     p.set_defaults(func=run)
 
 
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
                             args.flash_attn_profile)
     build_args = {"CONDA_MIRROR": args.conda_mirror} if args.conda_mirror else {}
     req = BuildRequest(context=context, tag=args.tag or default_tag(spec), base_image=args.base_image,
-                       network_host=not args.no_host_network, push=args.push, build_args=build_args)
+                       network_host=not args.no_host_network, push=args.push, build_args=build_args,
+                       no_cache=args.no_cache)
     print(f"samebox: image {spec.id} (torch {spec.torch_full}, CUDA {spec.cuda}, Python {spec.python}) -> {req.tag}")
     if engine.name == "none":
         print(f"samebox: context written to {context}; build it with:\n  {printed_command(req)}")

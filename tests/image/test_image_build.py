@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
 import re
 import shutil
+import subprocess
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -14,19 +19,74 @@ from tests.harness import TEST_IMAGE_ID, TEST_ROOT, Docker, build_test_image, do
 
 pytestmark = pytest.mark.docker
 CASES = Path(__file__).parent / "cases"
+REPO = Path(__file__).resolve().parents[2]
 CANARY = f"samebox-canary-{uuid.uuid4().hex}"
 
 
+class _PrivateIndex(http.server.BaseHTTPRequestHandler):
+    """A PEP 503 index that needs a password, like a company mirror: serves the test lock's wheels."""
+
+    wheels: Path
+    authorized: list[str] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        expected = "Basic " + base64.b64encode(f"samebox:{CANARY}".encode()).decode()
+        if self.headers.get("Authorization") != expected:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="mirror"')
+            self.end_headers()
+            return
+        self.authorized.append(self.path)
+        parts = [p for p in self.path.split("/") if p]
+        if parts[:1] == ["simple"] and len(parts) == 2:
+            name = parts[1]
+            links = "".join(
+                f'<a href="/files/{w.name}#sha256={sha256_file(w)}">{w.name}</a>'
+                for w in sorted(self.wheels.glob("*.whl"))
+                if re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower() == name)
+            body, ctype = f"<html><body>{links}</body></html>".encode(), "text/html"
+        elif parts[:1] == ["files"] and len(parts) == 2 and (self.wheels / parts[1]).is_file():
+            body, ctype = (self.wheels / parts[1]).read_bytes(), "application/octet-stream"
+        else:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 @pytest.fixture(scope="module")
-def built(docker: Docker, test_base_image: str, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
-    """One build of the test image, with a credential-like pip index secret that must not reach the image."""
+def private_index(tmp_path_factory: pytest.TempPathFactory):
+    """The test lock's wheels behind a password on 127.0.0.1 (builds use the host network, so they reach it)."""
+    wheels = tmp_path_factory.mktemp("index")
+    lock = TEST_ROOT / "lockfiles" / f"{TEST_IMAGE_ID}.txt"
+    subprocess.run(["bash", str(REPO / "bench" / "wheelhouse.sh"), str(lock), str(wheels), "3.11"], check=True,
+                   capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    handler = type("Index", (_PrivateIndex,), {"wheels": wheels, "authorized": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://samebox:{CANARY}@127.0.0.1:{server.server_port}/simple/", handler.authorized
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def built(docker: Docker, test_base_image: str, private_index, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+          ) -> dict:
+    """One uncached build of the test image from a password-protected mirror given as PIP_INDEX_URL: the password
+    must reach pip and nothing else."""
+    url, authorized = private_index
     out = tmp_path_factory.mktemp("ctx")
     tag = f"samebox-test:{uuid.uuid4().hex[:8]}"
-    secret_url = f"file:///nonexistent/{CANARY}/simple"
-    proc = build_test_image(out / TEST_IMAGE_ID, tag, env={"PIP_EXTRA_INDEX_URL": secret_url})
+    proc = build_test_image(out / TEST_IMAGE_ID, tag, {"PIP_INDEX_URL": url}, TEST_ROOT, "--no-cache")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     yield {"tag": tag, "context": out / TEST_IMAGE_ID, "log": out / f"{TEST_IMAGE_ID}.build.log",
-           "stdout": proc.stdout, "stderr": proc.stderr}
+           "stdout": proc.stdout, "stderr": proc.stderr, "authorized": list(authorized)}
     docker("rmi", "-f", tag, check=False)
 
 
@@ -51,9 +111,11 @@ def test_no_build_secret_in_image_or_history(docker: Docker, built: dict, tmp_pa
     docker("save", "-o", str(tar), built["tag"])
     assert CANARY.encode() not in tar.read_bytes()
     assert CANARY not in docker("image", "inspect", built["tag"]).stdout
-    # It went to the build as a BuildKit secret file, and its value was never printed.
-    assert "--secret id=pip_extra_index_url,src=" in built["stderr"]
-    assert CANARY not in built["stderr"] + built["stdout"]
+    # It went to the build as a BuildKit secret file and pip used it: the mirror saw the password...
+    assert "--secret id=pip_index_url,src=" in built["stderr"]
+    assert any(p.startswith("/files/") for p in built["authorized"]), built["authorized"]
+    # ...and it was never printed, nor kept in the build log.
+    assert CANARY not in built["stderr"] + built["stdout"] + built["log"].read_text()
 
 
 def _copy_checkout(dest: Path) -> Path:
