@@ -52,8 +52,11 @@ def judged(reading: dict[str, Any], nvml: dict[str, Any]) -> list[dict[str, str]
     return [f.to_dict() for f in allreduce({"nvml": nvml, "gpu": {"allreduce": reading}})]
 
 
-def local_runs(n: int, nvml: dict[str, Any], env: dict[str, str], backend: str = "nccl") -> dict[str, Any]:
-    """The local check at 2..n GPUs (256 MiB) and a size sweep at n, with ``env`` set for the ranks."""
+def local_runs(
+    n: int, nvml: dict[str, Any], env: dict[str, str], backend: str = "nccl", sizes: tuple[int, ...] = SIZES_MIB
+) -> dict[str, Any]:
+    """The local check at 2..n GPUs (256 MiB; the smoke run 4) and a size sweep at n, with ``env`` set for the
+    ranks."""
     from builder.selftest.allreduce import local_allreduce
 
     saved = {k: os.environ.get(k) for k in env}
@@ -61,10 +64,10 @@ def local_runs(n: int, nvml: dict[str, Any], env: dict[str, str], backend: str =
     try:
         out: dict[str, Any] = {"env": env, "by_gpus": {}, "by_size_mib": {}}
         for world in range(2, n + 1):
-            reading = local_allreduce(world, backend, size_mib=256, iters=30, timeout_s=120)
+            reading = local_allreduce(world, backend, size_mib=sizes[-2], iters=30, timeout_s=120)
             out["by_gpus"][world] = {"reading": reading, "findings": judged(reading, nvml)}
             print(f"{env or 'default'} {world} GPUs: busbw {reading.get('busbw_gbps')}", flush=True)
-        for size in SIZES_MIB:
+        for size in sizes:
             reading = local_allreduce(n, backend, size_mib=size, iters=30, timeout_s=120)
             out["by_size_mib"][size] = {k: reading.get(k) for k in ("busbw_gbps", "algbw_gbps", "timed_out", "error")}
         return out
@@ -125,6 +128,7 @@ def main() -> int:
 
     backend = "gloo" if args.smoke else "nccl"
     n = 2 if args.smoke else torch.cuda.device_count()
+    sizes = (1, 4, 16) if args.smoke else SIZES_MIB
     result: dict[str, Any] = {
         "command": "python bench/multigpu_selftest.py --out $OUT/multigpu_selftest.json",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -136,8 +140,8 @@ def main() -> int:
         nvml = read_nvml()
         result["nvml_nvlink_active"] = [d.get("nvlink_active") for d in nvml.get("devices", [])]
         parts = (
-            ("local", lambda: local_runs(n, nvml, {}, backend)),
-            ("local_p2p_disabled", lambda: local_runs(n, nvml, {"NCCL_P2P_DISABLE": "1"}, backend)),
+            ("local", lambda: local_runs(n, nvml, {}, backend, sizes)),
+            ("local_p2p_disabled", lambda: local_runs(n, nvml, {"NCCL_P2P_DISABLE": "1"}, backend, sizes)),
             ("torchrun", lambda: torchrun(n, backend)),
             ("selftest_quick", lambda: run([sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"])),
         )[: 3 if args.smoke else 4]
