@@ -181,5 +181,12 @@ def run_build(engine: Engine, req: BuildRequest, log_path: Path, ca_bundle: Path
 def printed_command(req: BuildRequest) -> str:
     """What `--engine none` prints: the command that builds the written context with Docker."""
     engine = Engine("docker", "docker", "buildkit")
-    argv = engine.build_argv(req, {})
-    return "DOCKER_BUILDKIT=1 " + shlex.join(argv) + "   # add --secret id=ca_bundle,src=CA.pem behind a TLS proxy"
+    placeholders = {"ca_bundle": Path("CA.pem")} if ca_bundle_path() else {}
+    for sid, var in (("pip_index_url", "PIP_INDEX_URL"), ("pip_extra_index_url", "PIP_EXTRA_INDEX_URL")):
+        if os.environ.get(var):
+            placeholders[sid] = Path(f"{sid}.txt")
+    argv = engine.build_argv(req, placeholders)
+    notes = {"ca_bundle": "CA.pem: your proxy's CA bundle", "pip_index_url": "pip_index_url.txt: $PIP_INDEX_URL",
+             "pip_extra_index_url": "pip_extra_index_url.txt: $PIP_EXTRA_INDEX_URL"}
+    hint = "; ".join(notes[s] for s in sorted(placeholders))
+    return "DOCKER_BUILDKIT=1 " + shlex.join(argv) + (f"   # secret files (chmod 600): {hint}" if hint else "")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,11 +89,48 @@ def test_bake_file_lists_every_locked_image(tmp_path: Path) -> None:
             assert target["context"] == f"build/{spec.id}" and target["tags"] == [default_tag(spec)]
 
 
-def test_write_context_replaces_whole_directory(tmp_path: Path) -> None:
+def test_write_context_replaces_a_context_it_wrote(tmp_path: Path) -> None:
     out = tmp_path / "ctx"
-    out.mkdir()
+    write_context(_spec("test-bookworm-py311"), out)
     (out / "stale").write_text("old")
     write_context(_spec("test-bookworm-py311"), out)
     assert not (out / "stale").exists()
     assert (out / "src" / "pyproject.toml").is_file()
     assert not list((out / "src").rglob("__pycache__"))
+
+
+def test_write_context_refuses_a_directory_it_did_not_write(tmp_path: Path) -> None:
+    from builder.errors import SameboxError
+
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(SameboxError, match="refusing to replace it"):
+        write_context(_spec("test-bookworm-py311"), out)
+    assert (out / "thesis.tex").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["work"], "no temp dir left behind"
+
+
+def test_flash_attn_stage_finds_the_catalog_in_its_copy(tmp_path: Path) -> None:
+    """The stage copies only what the resolver needs and points SAMEBOX_ROOT at it: that copy must hold the catalog
+    and answer `samebox wheel flash-attn --image ID --dry-run` like the checkout does."""
+    spec = _spec("torch2.3-cu121-py312")
+    text = render_dockerfile(spec)
+    stage = text[text.index("AS flash-attn"):text.index("AS final")]
+    copied = [line.split()[1:-1] for line in stage.splitlines() if line.startswith("COPY ")]
+    ctx = write_context(spec, tmp_path / "ctx")
+    root = tmp_path / "stage-root"
+    root.mkdir()
+    for sources in copied:
+        for src in sources:
+            path = ctx / src
+            if path.is_dir():
+                shutil.copytree(path, root / path.name)
+            else:
+                (root / path.name).write_bytes(path.read_bytes())
+    assert "ENV SAMEBOX_ROOT=/opt/samebox/src" in stage and "trainer" not in " ".join(s for c in copied for s in c)
+    out = subprocess.run([sys.executable, "-m", "builder.cli", "wheel", "flash-attn", "--image", spec.id, "--dry-run",
+                          "--json"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "SAMEBOX_ROOT": str(root), "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["key"]["torch"] == "2.3.0+cu121"
