@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder import compat
+
 NO_TORCH = "none"
 AUTODL_TURBO = Path("/etc/network_turbo")
 AUTODL_DATA_DISK = Path("/root/autodl-tmp")
@@ -198,6 +200,16 @@ def _read_entries(catalog: Path) -> list[dict[str, Any]]:
     return tomllib.loads(text)["image"]
 
 
+def flash_attn2_gpus(names: tuple[str, ...]) -> str:
+    """'yes' when a GPU can run flash-attn 2 (sm80+) or one is unknown (the resolver decides), 'no' when there is no
+    GPU or every GPU is known to be older (V100, T4, 2080 Ti: the trainer uses SDPA there)."""
+    caps = [compat.gpu_capability(n) for n in names]
+    if any(c is None for c in caps):
+        return "yes"
+    floor = compat.version_tuple(compat.FLASH_ATTN2_MIN_CAPABILITY)
+    return "yes" if any(compat.version_tuple(c[0]) >= floor for c in caps if c) else "no"
+
+
 def shell_assignments(plat: Platform, entry: dict[str, Any]) -> str:
     """KEY=value lines for bash's eval, every value quoted."""
     values = {
@@ -208,6 +220,7 @@ def shell_assignments(plat: Platform, entry: dict[str, Any]) -> str:
         "SB_TORCH": plat.torch,
         "SB_TORCH_CUDA": plat.torch_cuda,
         "SB_GPUS": ", ".join(plat.gpus),
+        "SB_FA2_GPU": flash_attn2_gpus(plat.gpus),
         "SB_DRIVER": plat.driver,
         "SB_FLASH_ATTN": entry.get("flash_attn", ""),
         "SB_AUTODL": "1" if plat.autodl else "",

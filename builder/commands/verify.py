@@ -9,7 +9,7 @@ from pathlib import Path
 from builder import drift, platform
 from builder.errors import SameboxError
 from builder.output import add_root_argument, print_json
-from builder.spec import find_image, load_catalog
+from builder.spec import ImageSpec, find_image, load_catalog
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,23 +22,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _image(args: argparse.Namespace) -> ImageSpec:
     catalog = load_catalog(Path(args.root) if args.root else None)
     image = args.image or os.environ.get("SAMEBOX_IMAGE", "")
     if image:
-        spec = find_image(image, catalog)
-    else:
-        try:
-            entry = platform.match_entry(platform.detect(), [s.to_dict() for s in catalog])
-        except platform.PlatformMismatch as e:
-            raise SameboxError(str(e), "or name the image: samebox verify --image ID") from e
-        spec = find_image(entry["id"], catalog)
-    lockfile = args.lockfile or spec.lockfile
+        return find_image(image, catalog)
+    try:
+        entry = platform.match_entry(platform.detect(), [s.to_dict() for s in catalog])
+    except platform.PlatformMismatch as e:
+        raise SameboxError(str(e), "or name the image: samebox verify --image ID") from e
+    return find_image(entry["id"], catalog)
+
+
+def run(args: argparse.Namespace) -> int:
+    # The lock this environment claims: --lockfile, else the one setup.sh recorded ($SAMEBOX_LOCKFILE), else the
+    # catalog image's. Only the catalog route knows the torch local tag to expect.
+    env_lock = os.environ.get("SAMEBOX_LOCKFILE")
+    lockfile = args.lockfile or (Path(env_lock) if env_lock and not args.image else None)
+    spec = _image(args) if args.image or lockfile is None else None
+    lockfile = lockfile or spec.lockfile
     if not lockfile.is_file():
-        raise SameboxError(f"no lockfile {lockfile}", f"make it with `make lock IMAGE={spec.id}`")
-    problems = drift.verify_lock(lockfile, torch=spec.torch_full, check_files=not args.no_files)
+        hint = f"make it with `make lock IMAGE={spec.id}`" if spec else "pass an existing lockfile to --lockfile"
+        raise SameboxError(f"no lockfile {lockfile}", hint)
+    problems = drift.verify_lock(lockfile, torch=spec.torch_full if spec else "", check_files=not args.no_files)
+    name = spec.id if spec else "this environment"
     if args.json:
-        print_json({"image": spec.id, "lockfile": str(lockfile), "ok": not problems, "problems": problems})
+        print_json({"image": spec.id if spec else None, "lockfile": str(lockfile), "ok": not problems,
+                    "problems": problems})
     else:
-        print("\n".join(f"- {p}" for p in problems) or f"{spec.id}: the environment matches {lockfile}")
+        print("\n".join(f"- {p}" for p in problems) or f"{name}: the environment matches {lockfile}")
     return 1 if problems else 0

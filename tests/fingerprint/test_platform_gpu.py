@@ -127,3 +127,12 @@ def test_unknown_gpu_and_bad_driver_are_user_errors() -> None:
         check_gpu("GTX 1080", load_catalog())
     with pytest.raises(SameboxError, match="not a version"):
         check_gpu("H20", load_catalog(), driver="latest")
+
+
+def test_flash_attn2_gpu_decision() -> None:
+    from builder.platform import flash_attn2_gpus
+
+    assert flash_attn2_gpus(("NVIDIA GeForce RTX 4090",)) == "yes"
+    assert flash_attn2_gpus(("Tesla V100-SXM2-32GB", "Tesla T4")) == "no"
+    assert flash_attn2_gpus(("Tesla V100-SXM2-32GB", "NVIDIA A100-SXM4-80GB")) == "yes"
+    assert flash_attn2_gpus(("Some Future GPU",)) == "yes", "unknown cards go to the resolver, which decides"

@@ -22,7 +22,7 @@ import pytest
 
 from builder import drift
 from tests.conftest import REPO
-from tests.harness import TEST_IMAGE_ID, TEST_ROOT, Docker, build_test_image
+from tests.harness import TEST_IMAGE_ID, TEST_ROOT, Docker, build_test_image, samebox
 
 pytestmark = pytest.mark.docker
 
@@ -122,6 +122,24 @@ def test_case(box: Box, case: str) -> None:
         assert text in output, f"{text!r} not in the output:\n{output[-4000:]}"
     if (folder / "verify").is_file():
         _ok(box.sh(f"bash /src/tests/setup/cases/{case}/verify"))
+
+
+def test_standalone_script_keeps_its_lock_and_quotes_env(box: Box, tmp_path: Path) -> None:
+    """A standalone script (its lock embedded) records that lock for verify and the self-test, and writes env.sh so
+    that a cache path full of shell syntax stays a path."""
+    script = tmp_path / "standalone.sh"
+    made = samebox("setup-script", "--image", TEST_IMAGE_ID, "--root", str(TEST_ROOT), "-o", str(script))
+    assert made.returncode == 0, made.stderr
+    box.docker("cp", str(script), f"{box.cid}:/tmp/standalone.sh")
+    _ok(box.sh(RESET + " /tmp/odd* /tmp/pwned"))
+    odd = "/tmp/odd \"dir\" $(touch /tmp/pwned)"
+    _ok(box.sh(f"bash /tmp/standalone.sh --samebox-src /src --offline --wheelhouse /wheels --min-free-mb 1 "
+               f"--cache-dir {shlex.quote(odd)}"))
+    check = (". /root/.samebox/env.sh && test -s \"$SAMEBOX_LOCKFILE\" && printf '%s\\n' \"$HF_HOME\" "
+             "&& cd / && /opt/samebox/venv/bin/samebox verify && test ! -e /tmp/pwned")
+    out = _ok(box.sh(check))
+    assert out.splitlines()[0] == odd + "/huggingface"
+    assert "the environment matches /root/.samebox/lock.txt" in out
 
 
 # --- parity, idempotence, kill -9, drift --------------------------------------------------------------------------
