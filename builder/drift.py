@@ -23,9 +23,8 @@ from typing import Any
 
 from builder import fingerprint
 
-# Distributions the platform brings with torch; a setup run verifies them and never installs them. The same set
-# as builder/lock.py's is_platform_package (a test keeps them equal; that module needs `packaging`, this one runs
-# on a bare interpreter).
+# Distributions the platform brings with torch; a setup run verifies them and never installs them (nvidia-ml-py is
+# NVML's Python binding, part of the training stack). The one definition: builder/lock.py asks this one too.
 PLATFORM_PROVIDED = re.compile(r"^(torch|triton|pytorch-triton|cuda-toolkit|cuda-bindings|cuda-pathfinder"
                                r"|nvidia-(?!ml-py$).+)$")
 _REQ = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._\-]*)(\[[^\]]*\])?\s*==\s*(?P<version>[^\s;\\]+)")

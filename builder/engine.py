@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from builder import pyindex
 from builder.errors import SameboxError
 
 ENGINES = ("docker", "podman", "buildah", "none")
-CA_ENV_VARS = ("SAMEBOX_CA_BUNDLE", "PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 INSTALL_HINT = {
     "docker": "install Docker (Debian/Ubuntu: apt-get install docker.io; or Docker Engine with the buildx plugin)",
     "podman": "install podman (apt-get install podman)",
@@ -126,14 +126,13 @@ def detect_engine(name: str) -> Engine:
 
 
 def ca_bundle_path(explicit: str | None = None) -> Path | None:
-    """The proxy CA bundle to hand to the build as a secret: --ca-bundle, else the usual environment variables."""
-    candidates = [explicit] if explicit else [os.environ.get(v) for v in CA_ENV_VARS]
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
+    """The proxy CA bundle to hand to the build as a secret: --ca-bundle, else what `samebox lock` uses too."""
     if explicit:
-        raise SameboxError(f"CA bundle not found: {explicit}", "pass an existing PEM file to --ca-bundle")
-    return None
+        if not Path(explicit).is_file():
+            raise SameboxError(f"CA bundle not found: {explicit}", "pass an existing PEM file to --ca-bundle")
+        return Path(explicit)
+    found = pyindex.ca_bundle()
+    return Path(found) if found else None
 
 
 @contextmanager

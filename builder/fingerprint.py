@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from builder.pyindex import redact
+
 SCHEMA = 1
 ENV_ALLOWLIST = (
     "AutoDLRegion", "CONDA_DEFAULT_ENV", "CONDA_PREFIX", "CUDA_HOME", "CUDA_VISIBLE_DEVICES", "HF_ENDPOINT",
@@ -34,14 +36,8 @@ ENV_ALLOWLIST = (
 )
 ENV_PREFIXES = ("SAMEBOX_",)
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]+@")
 # RECORD rows an installer writes itself: they differ between pip and uv, and between runs.
 _INSTALLER_FILES = ("INSTALLER", "REQUESTED", "RECORD", "direct_url.json")
-
-
-def redact(value: str) -> str:
-    """Strip user:password@ from every URL in a value."""
-    return _URL_CREDENTIALS.sub(r"\g<scheme>", value)
 
 
 def is_secret_name(name: str) -> bool:

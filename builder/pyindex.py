@@ -39,9 +39,12 @@ def default_index() -> str:
     return PYPI_SIMPLE
 
 
+CA_ENV_VARS = ("SAMEBOX_CA_BUNDLE", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE")
+
+
 def ca_bundle() -> str | None:
-    """The proxy/corporate CA bundle the environment names (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, PIP_CERT)."""
-    for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE"):
+    """The proxy/corporate CA bundle the environment names (the first of CA_ENV_VARS that is a file)."""
+    for var in CA_ENV_VARS:
         path = os.environ.get(var)
         if path and os.path.isfile(path):
             return path

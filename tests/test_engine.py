@@ -101,7 +101,9 @@ def test_ca_bundle_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
     pem = tmp_path / "ca.pem"
     pem.write_text("-----BEGIN CERTIFICATE-----\n")
-    for var in ("SAMEBOX_CA_BUNDLE", "PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+    from builder.pyindex import CA_ENV_VARS
+
+    for var in CA_ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     assert ca_bundle_path() is None
     monkeypatch.setenv("SSL_CERT_FILE", str(pem))

@@ -17,12 +17,11 @@ import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder import compat
+from builder import compat, pyindex
 from builder.errors import SameboxError
 from builder.fsutil import sha256_file
 from builder.wheels.key import EnvFacts, WheelKey, release_facts
@@ -217,6 +216,23 @@ def _importable(python: str, module: str) -> bool:
 # --- sdist -------------------------------------------------------------------------------------------------------
 
 
+def _fetch_sdist(url: str, sha256: str, dest: Path, say: Say) -> str:
+    """Download the sdist through the configured index (a PIP_INDEX_URL mirror serves the same file by hash),
+    with the environment's CA and retries; returns where it came from."""
+    try:
+        url = pyindex.simple_files(pyindex.default_index(), "flash-attn").get(sha256, url)
+    except OSError:
+        pass  # the index page is only a way to find a mirror's copy: the PyPI file URL still works
+    say(f"downloading {pyindex.redact(url)}")
+    try:
+        body, _ = pyindex.http_get(url, timeout=120)
+    except OSError as e:
+        raise SameboxError(f"downloading the flash-attn sdist failed: {pyindex.redact(str(e))}",
+                           "check the network or PIP_INDEX_URL, or download it elsewhere and pass --sdist PATH") from e
+    dest.write_bytes(body)
+    return pyindex.redact(url)
+
+
 def fetch_sdist(version: str, dest_dir: Path, given: Path | None, offline: bool, say: Say) -> Path:
     """The sdist for ``version`` in ``dest_dir``, its sha256 checked against builder/compat.py."""
     release = release_facts(version)
@@ -238,10 +254,7 @@ def fetch_sdist(version: str, dest_dir: Path, given: Path | None, offline: bool,
             raise SameboxError(f"--offline and no sdist for flash-attn {version}",
                                f"pass --sdist PATH (from {release.sdist_url}) or drop --offline")
         else:
-            say(f"downloading {release.sdist_url}")
-            with urllib.request.urlopen(release.sdist_url, timeout=120) as resp, open(tmp, "wb") as out:
-                shutil.copyfileobj(resp, out, 1 << 20)
-            origin = release.sdist_url
+            origin = _fetch_sdist(release.sdist_url, release.sdist_sha256, tmp, say)
         actual = sha256_file(tmp)
         if actual != release.sdist_sha256:
             raise SameboxError(

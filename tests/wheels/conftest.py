@@ -47,7 +47,16 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     builds = tmp_path / "builds.log"
     monkeypatch.setenv("FAKE_BUILD_COUNT", str(builds))
     monkeypatch.setattr(build, "BUILD_MODULES", ("setuptools",))
+    # A pip mirror (PIP_INDEX_URL) that serves the same sdist, found by its hash: downloads go through it.
+    (www / "mirror").mkdir()
+    (www / "mirror" / sdist.name).write_bytes(sdist.read_bytes())
+    (www / "simple" / "flash-attn").mkdir(parents=True)
+    (www / "simple" / "flash-attn" / "index.html").write_text(
+        f'<a href="../../mirror/{sdist.name}#sha256={fakes.sha256(sdist)}">{sdist.name}</a>')
+    for var in ("UV_DEFAULT_INDEX", "UV_INDEX_URL"):
+        monkeypatch.delenv(var, raising=False)
     with fakes.http_server(www) as base:
+        monkeypatch.setenv("PIP_INDEX_URL", f"{base}/simple")
         release = fakes.fake_release(fakes.sha256(sdist), f"{base}/pypi/{sdist.name}")
         monkeypatch.setitem(compat.FLASH_ATTN_RELEASES, fakes.VERSION, release)
         monkeypatch.setenv("SAMEBOX_FA_RELEASE_BASE", f"{base}/releases")

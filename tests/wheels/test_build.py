@@ -102,6 +102,7 @@ def test_sdist_given_with_wrong_hash_is_refused(world, tmp_path):
 def test_sdist_download_checked(world, tmp_path, monkeypatch):
     got = build.fetch_sdist(fakes.VERSION, tmp_path / "b", None, offline=False, say=print)
     assert got.read_bytes() == world.sdist.read_bytes()
+    assert any(f"/mirror/{world.sdist.name}" in r for r in world.requests()), "fetched through PIP_INDEX_URL"
     release = compat.FLASH_ATTN_RELEASES[fakes.VERSION]
     monkeypatch.setitem(compat.FLASH_ATTN_RELEASES, fakes.VERSION, replace(release, sdist_sha256="0" * 64))
     with pytest.raises(SameboxError, match="has sha256"):
