@@ -328,7 +328,9 @@ def resolve_spec(
     release = compat.TORCH_RELEASES.get(minor)
     problems: list[str] = []
     if cuda and release and cuda not in release.cuda:
-        problems.append(f"torch {minor} has no CUDA {cuda} build; choose {' or '.join(release.cuda)}")
+        in_catalog = sorted({s.cuda for s in by_torch}, key=compat.version_tuple)
+        problems.append(f"torch {minor} has no CUDA {cuda} build; choose {' or '.join(release.cuda)} "
+                        f"(the catalog has CUDA {', '.join(in_catalog)} for it)")
     if python and release and python not in release.python:
         problems.append(f"torch {minor} has no Python {python} wheels; choose {', '.join(release.python)}")
     if problems:

@@ -12,6 +12,19 @@ from builder.errors import SameboxError
 SELFTEST = [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"]
 
 
+class PreflightFailed(Exception):
+    """The self-test ran and found a failure: a failing check (exit 1), not a user mistake."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("preflight self-test failed; not starting training")
+        self.problems = problems
+
+    def __str__(self) -> str:
+        lines = [self.args[0], *(f"  - {p}" for p in self.problems)]
+        lines.append("fix the findings (`samebox selftest --quick` shows them), or pass --no-preflight")
+        return "\n".join(lines)
+
+
 def _failed_checks(stdout: str) -> list[str]:
     """Failed findings from the selftest JSON report (schema: docs/selftest.md), when it parses; else nothing."""
     try:
@@ -42,6 +55,4 @@ def run_preflight(data_dir: str | None = None, command: list[str] | None = None,
         raise SameboxError("preflight needs `samebox selftest`, which this samebox does not have",
                            hint="update samebox, or pass --no-preflight to train without the self-test")
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-    raise SameboxError("preflight self-test failed; not starting training",
-                       problems=_failed_checks(proc.stdout) or tail,
-                       hint="fix the findings (`samebox selftest --quick` shows them), or pass --no-preflight")
+    raise PreflightFailed(_failed_checks(proc.stdout) or tail)

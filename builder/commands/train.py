@@ -7,6 +7,7 @@ Under several GPUs the launcher runs it once per GPU: `torchrun --nproc_per_node
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -33,10 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here: torch and transformers load only for this command.
     from trainer.config import load_config
-    from trainer.preflight import run_preflight
+    from trainer.preflight import PreflightFailed, run_preflight
     from trainer.recipe import main
 
     cfg = load_config(Path(args.config), args.overrides)
     if not args.no_preflight:
-        run_preflight(data_dir=cfg.output.dir)
+        try:
+            run_preflight(data_dir=cfg.output.dir)
+        except PreflightFailed as e:
+            print(f"samebox train: {e}", file=sys.stderr)
+            return 1
     return main(cfg, resume=args.resume)

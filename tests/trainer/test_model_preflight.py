@@ -12,7 +12,7 @@ from builder.cli import main as cli_main
 from builder.errors import SameboxError
 from trainer.config import ModelConfig
 from trainer.model import fetch_model, pick_attention, quantization_config, resolve_source
-from trainer.preflight import run_preflight
+from trainer.preflight import PreflightFailed, run_preflight
 
 
 def test_model_sources(tiny_model_dir, tmp_path):
@@ -43,7 +43,7 @@ def test_preflight_passes_fails_or_explains_a_missing_selftest():
         {"check": "ecc", "severity": "fail", "message": "GPU 0: 3 uncorrectable ECC errors", "remediation": "move"},
         {"check": "mig", "severity": "pass", "message": "off", "remediation": ""}]}
     failing = [sys.executable, "-c", f"import json,sys; print(json.dumps({report!r})); sys.exit(1)"]
-    with pytest.raises(SameboxError) as e:
+    with pytest.raises(PreflightFailed) as e:
         run_preflight(command=failing)
     assert e.value.problems == ["ecc: GPU 0: 3 uncorrectable ECC errors -> move"]
     missing = [sys.executable, "-c", "import sys; sys.stderr.write(\"invalid choice: 'selftest'\"); sys.exit(2)"]
@@ -64,5 +64,5 @@ def test_train_command_runs_the_real_selftest_first(tmp_path, capsys):
     cfg.write_text(f"model:\n  name: {tmp_path}\ndata:\n  path: {tmp_path}/d.jsonl\n")
     if torch.cuda.is_available():
         pytest.skip("a GPU machine may pass the self-test")
-    assert cli_main(["train", str(cfg)]) == 2
+    assert cli_main(["train", str(cfg)]) == 1, "a failing check exits 1 (2 is for user mistakes)"
     assert "preflight self-test failed" in capsys.readouterr().err
