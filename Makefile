@@ -5,8 +5,10 @@ PYTHON_BIN ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 SAMEBOX    := $(VENV)/bin/samebox
-# CPU torch for the test suite (the trainer's tests run on the CPU).
+# torch for the test suite (the trainer's tests run on the CPU). From PyPI this is the CUDA build (several GB);
+# on a laptop, `make test TEST_TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the small CPU build.
 TEST_TORCH ?= torch==2.13.0
+TEST_TORCH_INDEX ?=
 
 TORCH  ?=
 CUDA   ?=
@@ -27,7 +29,7 @@ $(VENV)/.builder: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.builder
-	$(PY) -m pip install -q '$(TEST_TORCH)'
+	$(PY) -m pip install -q $(if $(TEST_TORCH_INDEX),--index-url $(TEST_TORCH_INDEX)) '$(TEST_TORCH)'
 	$(PY) -m pip install -q -e '.[lock,test,train]'
 	touch $@
 
