@@ -244,9 +244,11 @@ FLASH_ATTN_PROFILES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# Measured on 16 cores (flash-attn 2.8.3, torch 2.11, CUDA 13.0, sm_90 only): slim 383 s, full ~25 min, 73 objects
-# at 16 jobs -> seconds one job spends on one object for one arch. Used for the ETA only.
-FLASH_ATTN_OBJECT_SECONDS: dict[str, float] = {"slim": 80.0, "full": 320.0}
+# Seconds one job spends on one object for one arch, for the ETA only. Slim: flash-attn 2.8.3, torch 2.11, CUDA 13.0,
+# sm_90, 73 objects at 16 jobs (5 waves) took 660 s with the project's command on an H100 machine
+# (bench/results/flash_attn_build.json; one kill and resume included) -> ~130 s. Full: the same build with every
+# feature took ~25 min elsewhere, about 4x slim.
+FLASH_ATTN_OBJECT_SECONDS: dict[str, float] = {"slim": 130.0, "full": 520.0}
 # RAM one nvcc job needs (GB); MAX_JOBS = min(cores, free RAM / this) for one arch.
 FLASH_ATTN_JOB_RAM_GB = 4.0
 

@@ -39,7 +39,7 @@ def test_slim_plan_env():
         "CPPFLAGS": "-I/opt/x " + DEFINES, "NVCC_APPEND_FLAGS": DEFINES,
     }
     assert plan.command == ("/py", "setup.py", "bdist_wheel", "--dist-dir", "dist")
-    assert 300 <= plan.eta_s <= 420  # measured: 383 s on 16 cores
+    assert 550 <= plan.eta_s <= 750  # measured: 660 s on 16 cores (bench/results/flash_attn_build.json)
 
 
 def test_full_plan_several_archs():
