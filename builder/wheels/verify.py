@@ -124,10 +124,15 @@ def gpu_problems(archs: tuple[str, ...], gpus: tuple[tuple[str, str], ...], key:
 
 
 def verify_wheel(wheel: Path, key: WheelKey, exact_archs: bool, cuobjdump: str | None) -> tuple[str, ...]:
-    """Tags and archs, or SameboxError listing what is wrong. Returns the archs cuobjdump found (or ())."""
+    """Tags and archs, or SameboxError listing what is wrong. Returns the archs cuobjdump found.
+
+    Without cuobjdump the GPU code cannot be checked, and an unchecked wheel never enters the cache."""
     problems = wheel_tag_problems(wheel, key)
     found: tuple[str, ...] = ()
-    if not problems and cuobjdump:
+    if not cuobjdump:
+        problems.append("cuobjdump not found, so its GPU code cannot be checked: it comes with the CUDA toolkit, next "
+                        "to nvcc; put the toolkit's bin/ on PATH or set CUDA_HOME")
+    elif not problems:
         found = elf_archs(wheel, cuobjdump)
         problems += arch_problems(found, key, exact_archs)
     if problems:

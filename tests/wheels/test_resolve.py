@@ -9,7 +9,7 @@ import pytest
 
 from builder.cli import main
 from builder.errors import SameboxError
-from builder.wheels import release
+from builder.wheels import release, verify
 from builder.wheels.resolve import install, resolve_wheel
 from tests.wheels import fakes
 
@@ -45,6 +45,15 @@ def test_missing_release_falls_back_to_build(world):
     assert len(world.build_runs()) == 1
     manifest = json.loads(world.cache.manifest_path.read_text())
     assert manifest["entries"][world.key.id]["build"]["MAX_JOBS"] >= 1
+
+
+def test_a_wheel_whose_gpu_code_cannot_be_checked_is_not_cached(world, monkeypatch):
+    monkeypatch.setattr(verify, "find_cuobjdump", lambda env=None: None)
+    (world.root / "cuda" / "bin" / "cuobjdump").unlink()
+    with pytest.raises(SameboxError, match="not added to the cache") as e:
+        resolve_wheel(world.key, world.cache, world.facts)
+    assert any("cuobjdump not found" in p for p in e.value.problems)
+    assert world.cache.lookup(world.key) is None
 
 
 def test_offline_skips_release_and_slim_never_asks_for_it(world):
