@@ -53,10 +53,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -64,8 +61,20 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
 def staging_dir(run_dir: Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f".{PREFIX}{step:08d}.partial"
+
+
+def clear_staging(run_dir: Path, step: int) -> None:
+    """Rank 0, before the ranks write: a staging dir left by a killed run (maybe of another world size) goes."""
+    shutil.rmtree(staging_dir(run_dir, step), ignore_errors=True)
 
 
 def write_rank_rng(run_dir: Path, step: int, rank: int) -> None:
@@ -90,9 +99,15 @@ def commit_checkpoint(run_dir: Path, step: int, model: Any, optimizer: Any, sche
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
     _fsync_tree(tmp)
     final = checkpoint_dir(run_dir) / f"{PREFIX}{step:08d}"
+    # A step saved again (after a resume) keeps its old copy until the new one is in place: never a moment
+    # without a complete checkpoint of this step.
+    previous = final.with_name(f".{final.name}.old")
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
     os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(previous, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

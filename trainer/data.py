@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from builder.errors import SameboxError
-from builder.fsutil import sha256_file
+from builder.fsutil import atomic_path, sha256_file
 from trainer.config import DataConfig
 
 IGNORE = -100
@@ -203,10 +203,8 @@ def load_dataset(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedData, bool]:
         data.input_ids.append(ids)
         data.targets.append(targets)
         data.truncated += truncated
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({"input_ids": torch.tensor([t for s in data.input_ids for t in s], dtype=torch.int32),
-                "targets": torch.tensor([t for s in data.targets for t in s], dtype=torch.int32),
-                "lengths": torch.tensor([len(s) for s in data.input_ids]), "truncated": data.truncated}, tmp)
-    os.replace(tmp, cache_file)
+    with atomic_path(cache_file) as tmp:
+        torch.save({"input_ids": torch.tensor([t for s in data.input_ids for t in s], dtype=torch.int32),
+                    "targets": torch.tensor([t for s in data.targets for t in s], dtype=torch.int32),
+                    "lengths": torch.tensor([len(s) for s in data.input_ids]), "truncated": data.truncated}, tmp)
     return data, False

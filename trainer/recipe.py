@@ -196,6 +196,9 @@ class LoRAFinetuneRecipe:
         return row
 
     def save(self) -> Path | None:
+        if self.rank == 0:
+            ckpt.clear_staging(self.run_dir, self.step)
+        dist.barrier(self.ranks)
         ckpt.write_rank_rng(self.run_dir, self.step, self.rank)
         dist.barrier(self.ranks)
         path = None
