@@ -22,7 +22,7 @@ import pytest
 
 from builder import drift
 from tests.conftest import REPO
-from tests.harness import TEST_IMAGE_ID, TEST_ROOT, Docker, build_test_image, samebox
+from tests.harness import CANARY, TEST_IMAGE_ID, TEST_ROOT, Docker, build_test_image, samebox
 
 pytestmark = pytest.mark.docker
 
@@ -140,6 +140,23 @@ def test_standalone_script_keeps_its_lock_and_quotes_env(box: Box, tmp_path: Pat
     out = _ok(box.sh(check))
     assert out.splitlines()[0] == odd + "/huggingface"
     assert "the environment matches /root/.samebox/lock.txt" in out
+
+
+def test_setup_installs_through_a_password_protected_mirror(docker: Docker, test_base_image: str,
+                                                          private_index: tuple[str, list[str]]) -> None:
+    """Online, through PIP_INDEX_URL with a password (a company or Tsinghua-style mirror): pip uses it, and the
+    password shows up nowhere: not in the output, env.sh or the fingerprint."""
+    url, authorized = private_index
+    before = len(authorized)
+    script = ("bash /src/setup.sh --root /src/tests/fixtures/catalog --no-selftest "
+              "&& cat /root/.samebox/env.sh /root/.samebox/fingerprint.json")
+    run = docker("run", "--rm", "--network", "host", "-e", f"PIP_INDEX_URL={url}", "-v", f"{REPO}:/src:ro",
+                 test_base_image, "bash", "-c", script, check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    assert any(p.startswith("/files/") for p in authorized[before:]), "the locked wheels came from the mirror"
+    assert CANARY not in out
+    assert "samebox setup: done" in out
 
 
 # --- parity, idempotence, kill -9, drift --------------------------------------------------------------------------
