@@ -97,17 +97,17 @@ def test_code_change_rebuild_reuses_dependency_layers(docker: Docker, test_base_
     first = build_test_image(tmp_path / "a" / TEST_IMAGE_ID, tags[0], env=env, root=root)
     assert first.returncode == 0, first.stderr
     with open(checkout / "trainer" / "__init__.py", "a") as fh:
-        fh.write("\n# a code change\n")
+        fh.write(f"\n# a code change {uuid.uuid4().hex}\n")  # unique: no earlier build's cache can hold it
     second = build_test_image(tmp_path / "b" / TEST_IMAGE_ID, tags[1], env=env, root=root)
     assert second.returncode == 0, second.stderr
     try:
+        # BuildKit's own account of the second build: interpreter and locked dependencies reused, samebox rebuilt.
         cached = _cached_steps((tmp_path / "b" / f"{TEST_IMAGE_ID}.build.log").read_text())
+        assert any("-m venv" in step for step in cached), cached
         assert any("--require-hashes" in step for step in cached), cached
+        assert not any("/opt/samebox/src && samebox --version" in step for step in cached), cached
         layers = [docker.inspect(t)["RootFS"]["Layers"] for t in tags]
-        assert layers[0] != layers[1]
-        base_layers = len(docker.inspect(test_base_image)["RootFS"]["Layers"])
-        shared = next(i for i, (x, y) in enumerate(zip(*layers, strict=False)) if x != y)
-        assert shared >= base_layers + 2, "venv and dependency layers should be reused"
+        assert layers[0] != layers[1], "the code change must reach the image"
     finally:
         docker("rmi", "-f", *tags, check=False)
 
