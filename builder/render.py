@@ -14,7 +14,8 @@ import jinja2
 
 from builder import __version__, compat
 from builder.errors import SameboxError
-from builder.fsutil import sha256_file, sha256_text, write_atomic
+from builder.fsutil import sha256_text, write_atomic
+from builder.lock import lockfile_sha256
 from builder.paths import project_root
 from builder.spec import ImageSpec
 
@@ -26,21 +27,12 @@ SOURCE_ITEMS = ("pyproject.toml", "README.md", "builder", "trainer", "images", "
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
 
 
-def lock_sha256(spec: ImageSpec) -> str:
-    if not spec.lockfile.is_file():
-        raise SameboxError(
-            f"lockfile missing for {spec.id}: {spec.lockfile}",
-            f"make it with `samebox lock --image {spec.id}` (or `make lock IMAGE={spec.id}`)",
-        )
-    return sha256_file(spec.lockfile)
-
-
 def default_tag(spec: ImageSpec) -> str:
     """Content-addressed: the image id plus the short lockfile hash."""
-    return f"samebox:{spec.id}-{lock_sha256(spec)[:12]}"
+    return f"samebox:{spec.id}-{lockfile_sha256(spec)[:12]}"
 
 
-def image_labels(spec: ImageSpec, flash_attn_enabled: bool, profile: str) -> dict[str, str]:
+def image_labels(spec: ImageSpec, lock_sha256: str, flash_attn_enabled: bool, profile: str) -> dict[str, str]:
     if flash_attn_enabled:
         fa = f"{spec.flash_attn} {profile} (samebox wheel flash-attn)"
     else:
@@ -53,7 +45,7 @@ def image_labels(spec: ImageSpec, flash_attn_enabled: bool, profile: str) -> dic
         "org.opencontainers.image.licenses": "Apache-2.0",
         "org.opencontainers.image.base.name": spec.base_ref,
         "io.samebox.image-id": spec.id,
-        "io.samebox.lock-sha256": lock_sha256(spec),
+        "io.samebox.lock-sha256": lock_sha256,
         "io.samebox.torch": spec.torch_full,
         "io.samebox.flash-attn": fa,
     }
@@ -75,7 +67,7 @@ def render_dockerfile(spec: ImageSpec, flash_attn: bool = True, flash_attn_profi
                            f"choose one of: {', '.join(FLASH_ATTN_PROFILES)}")
     flash_attn_enabled = flash_attn and spec.has_torch
     template_path = project_root() / "images" / "Dockerfile.j2"
-    lock = lock_sha256(spec)
+    lock = lockfile_sha256(spec)
     inputs = sha256_text(
         json.dumps(
             {"template": template_path.read_text(), "spec": {k: v for k, v in spec.to_dict().items()
@@ -100,7 +92,7 @@ def render_dockerfile(spec: ImageSpec, flash_attn: bool = True, flash_attn_profi
         flash_attn_enabled=flash_attn_enabled,
         flash_attn_profile=flash_attn_profile,
         build_tools=compat.FLASH_ATTN_BUILD_TOOLS,
-        labels=image_labels(spec, flash_attn_enabled, flash_attn_profile),
+        labels=image_labels(spec, lock, flash_attn_enabled, flash_attn_profile),
     )
 
 

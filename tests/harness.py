@@ -10,7 +10,6 @@ import base64
 import http.server
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.fingerprint import canonical_name
 from builder.fsutil import sha256_file
 from tests.conftest import REPO, require
 
@@ -114,7 +114,7 @@ class _PrivateIndex(http.server.BaseHTTPRequestHandler):
             links = "".join(
                 f'<a href="/files/{w.name}#sha256={sha256_file(w)}">{w.name}</a>'
                 for w in sorted(self.wheels.glob("*.whl"))
-                if re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower() == name)
+                if canonical_name(w.name.split("-")[0]) == name)
             body, ctype = f"<html><body>{links}</body></html>".encode(), "text/html"
         elif parts[:1] == ["files"] and len(parts) == 2 and (self.wheels / parts[1]).is_file():
             body, ctype = (self.wheels / parts[1]).read_bytes(), "application/octet-stream"

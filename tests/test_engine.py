@@ -92,7 +92,7 @@ def test_missing_lockfile_says_how_to_make_it(tmp_path: Path, capsys: pytest.Cap
     shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "catalog" / "images", root / "images")
     assert main(["image", "--root", str(root), "--image", "test-bookworm-py311", "--engine", "none",
                  "--output", str(tmp_path / "ctx")]) == 2
-    assert "samebox lock --image test-bookworm-py311" in capsys.readouterr().err
+    assert f"samebox lock --root {root} --image test-bookworm-py311" in capsys.readouterr().err
     assert not (tmp_path / "ctx").exists()
 
 

@@ -21,6 +21,12 @@ def _crash(reading: Any, what: str) -> Finding | None:
     return fail(f"the {what} probe crashed: {err}", "run `samebox selftest --json` for details") if err else None
 
 
+def _shown(problems: list[str]) -> str:
+    """The first SHOWN_PROBLEMS problems, and how many more there are."""
+    more = len(problems) - SHOWN_PROBLEMS
+    return "; ".join(problems[:SHOWN_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
+
+
 def lockfile(r: dict[str, Any]) -> Finding:
     lock = (r.get("env") or {}).get("lock")
     early = _crash(lock, "lockfile")
@@ -42,10 +48,7 @@ def lockfile(r: dict[str, Any]) -> Finding:
         )
     problems = lock.get("problems") or []
     if problems:
-        shown = "; ".join(problems[:SHOWN_PROBLEMS])
-        if len(problems) > SHOWN_PROBLEMS:
-            shown += f"; and {len(problems) - SHOWN_PROBLEMS} more"
-        text = f"{len(problems)} package(s) differ from {lock['lockfile']} ({lock['chosen_by']}): {shown}"
+        text = f"{len(problems)} package(s) differ from {lock['lockfile']} ({lock['chosen_by']}): {_shown(problems)}"
         fix = (
             f"reinstall from the lock: pip install --no-deps --require-hashes -r {lock['lockfile']} "
             "(or re-run the setup script); a drifted torch means another platform image"
@@ -59,11 +62,9 @@ def lockfile(r: dict[str, Any]) -> Finding:
         )
     platform = lock.get("platform") or []
     if platform:
-        shown = "; ".join(platform[:SHOWN_PROBLEMS]) + (
-            f"; and {len(platform) - SHOWN_PROBLEMS} more" if len(platform) > SHOWN_PROBLEMS else "")
         return warn(
             f"the samebox packages match {lock['lockfile']}, but {len(platform)} library(ies) that come with the "
-            f"platform's torch differ (kept as the platform ships them): {shown}",
+            f"platform's torch differ (kept as the platform ships them): {_shown(platform)}",
             "these come with the base image: rent the platform image the lock was made for "
             "(`samebox images`, the platforms column), or lock for this one",
         )
