@@ -4,8 +4,8 @@
 with ``--generate-hashes`` and the image's torch pinned as a constraint, then checks the result (torch at the
 pin, its CUDA runtime the catalog's CUDA, every locked package's declared torch bound) before writing the file
 atomically behind a header that names the regenerating command and the sha256 of the inputs.
-``check_lock`` recomputes that input hash without network. Readers (``read_lock``, ``torch_free_lines``,
-``lockfile_sha256``) serve the renderer and the setup script.
+``check_lock`` recomputes that input hash without network. Readers (``read_lock``, ``lockfile_sha256``) serve
+the renderer and the self-test; the setup script reads locks through builder/drift.py (standard library only).
 """
 
 from __future__ import annotations
@@ -140,7 +140,6 @@ def check_lock(spec: ImageSpec) -> LockStatus:
 class LockedPackage:
     name: str  # normalised
     version: str
-    lines: tuple[str, ...]  # the requirement line and its --hash continuation lines
     hashes: frozenset[str]
 
 
@@ -152,7 +151,7 @@ def parse_lock(text: str) -> list[LockedPackage]:
         if current:
             m = _REQ_LINE.match(current[0])
             assert m, current[0]
-            packages.append(LockedPackage(canonicalize_name(m.group(1)), m.group(2), tuple(current),
+            packages.append(LockedPackage(canonicalize_name(m.group(1)), m.group(2),
                                           frozenset(_SHA.findall("\n".join(current)))))
             current.clear()
 
@@ -184,12 +183,6 @@ def is_platform_package(name: str) -> bool:
     """torch and what ships with it (triton, nvidia-* CUDA libraries, cuda-toolkit and its bindings): an image
     installs them from the lock, the setup script never touches them on an instance."""
     return bool(drift.PLATFORM_PROVIDED.match(canonicalize_name(name)))
-
-
-def torch_free_lines(path: Path) -> list[str]:
-    """The lock's requirement lines (with their --hash lines) minus the platform's torch and its CUDA packages:
-    what the setup script installs on an instance whose torch it must not touch."""
-    return [line for p in parse_lock(_read(path)) if not is_platform_package(p.name) for line in p.lines]
 
 
 def lockfile_sha256(spec: ImageSpec) -> str:
