@@ -15,6 +15,8 @@ ARCH=${ARCH:-9.0}
 FA_VERSION=${FA_VERSION:-2.8.3}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-500}
 CACHE=${CACHE:-$REPO/.out/fa-cache}   # under .out/: kept between runs on a warm machine, so a build resumes
+SRC_DIR=${SRC_DIR:-.whl}               # where the sdist and the setuptools/wheel/packaging wheels are
+NVCC_TIME=${NVCC_TIME:-}               # 1: nvcc --time, each object's compile phases timed into $OUT/nvcc_time_$PROFILE.csv
 WORK=$(mktemp -d)
 mkdir -p "$OUT" "$CACHE"
 export CACHE PATH="$PATH:/usr/local/cuda/bin"
@@ -34,11 +36,15 @@ if ! "$VPY" -c "import torch, pip" 2>/dev/null; then
   export PIP_BREAK_SYSTEM_PACKAGES=1
 fi
 if ! "$VPY" -c "import setuptools, wheel, packaging" 2>/dev/null; then
-  "$VPY" -m pip install -q --no-index --find-links .whl setuptools wheel packaging 2>&1 | tail -2
+  "$VPY" -m pip install -q --no-index --find-links "$SRC_DIR" setuptools wheel packaging 2>&1 | tail -2
 fi
 echo "python: $VPY ($("$VPY" -c 'import torch, setuptools; print("torch", torch.__version__, "setuptools", setuptools.__version__)'))"
 SAMEBOX=("$VPY" -m builder.cli wheel flash-attn --from-env --version "$FA_VERSION" --cache "$CACHE")
-SDIST=.whl/flash_attn-$FA_VERSION.tar.gz
+SDIST=$SRC_DIR/flash_attn-$FA_VERSION.tar.gz
+if [ -n "$NVCC_TIME" ]; then
+  # nvcc appends one CSV row per compile phase (cicc, ptxas, the host compiler, ...) of every object.
+  export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }--time $OUT/nvcc_time_$PROFILE.csv"
+fi
 
 now() { date +%s.%N; }
 
@@ -50,6 +56,15 @@ build_rc=$?
 t1=$(now)
 grep -v '^\[' "$OUT/build_$PROFILE.log" | tail -25
 grep -c '^samebox wheel: compiled' "$OUT/build_$PROFILE.log" | sed 's/^/progress lines: /'
+# ninja's own record of each object's start and end (ms since the build started), for the schedule's analysis.
+NINJA_LOG=$(find "$CACHE/build" -path '*/build/temp*' -name .ninja_log 2>/dev/null | head -1)
+if [ -n "$NINJA_LOG" ]; then
+  cp "$NINJA_LOG" "$OUT/ninja_log_$PROFILE.txt"
+  "$VPY" -m builder.wheels.schedule "$NINJA_LOG" || true
+fi
+
+# A '+' in a file name keeps it from coming back from some machines: keep a copy named without it.
+for w in "$OUT"/flash_attn-*+*.whl; do [ -f "$w" ] && cp "$w" "$OUT/$(basename "$w" | tr + -)"; done
 
 echo "== cache hit + install"
 HIT_CMD=("${SAMEBOX[@]}" --arch "$ARCH" --profile "$PROFILE" --offline --install --json)
@@ -74,7 +89,14 @@ try:
     guard = "dropout ran"
 except RuntimeError as e:
     guard = str(e).splitlines()[0]
-print(json.dumps({"flash_attn": flash_attn.__version__, "file": flash_attn.__file__, "dropout_call": guard}))
+q80 = torch.randn(150, 4, 80, device="cuda", dtype=torch.bfloat16)  # head dim 80: padded to 96 (lean refuses it)
+try:
+    flash_attn_varlen_func(q80, q80, q80, lens, lens, 100, 100)
+    hd80 = "ran"
+except RuntimeError as e:
+    hd80 = str(e).splitlines()[0]
+print(json.dumps({"flash_attn": flash_attn.__version__, "file": flash_attn.__file__, "dropout_call": guard,
+                  "head_dim_80_call": hd80}))
 EOF
 cat "$WORK/installed.json" "$WORK/installed.err" | tail -5
 
@@ -144,6 +166,11 @@ result = {
                                "message": (work / "refuse.log").read_text().strip()},
 }
 manifest = Path(os.environ.get("CACHE", ".out/fa-cache")) / "manifest.json"
+from builder.wheels import schedule
+if (out / f"ninja_log_{profile}.txt").is_file():
+    result["build"]["schedule"] = schedule.summarise(schedule.read_ninja_log(out / f"ninja_log_{profile}.txt"))
+if (out / f"nvcc_time_{profile}.csv").is_file():
+    result["build"]["nvcc_phase_cpu_s"] = schedule.nvcc_phase_seconds(out / f"nvcc_time_{profile}.csv")
 if build and manifest.is_file():
     entry = json.loads(manifest.read_text())["entries"].get(build["key_id"], {})
     result["build"]["settings"] = entry.get("build")

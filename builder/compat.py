@@ -234,21 +234,36 @@ FLASH_ATTN_RELEASES: dict[str, FlashAttnRelease] = {
 
 # Build profiles: preprocessor switches flash-attn's sources read (csrc/flash_attn/src/static_switch.h compiles the
 # feature's kernel variants out; flash_api.cpp keeps a TORCH_CHECK that raises when a call asks for it).
+_SLIM = (
+    "FLASHATTENTION_DISABLE_DROPOUT",
+    "FLASHATTENTION_DISABLE_ALIBI",
+    "FLASHATTENTION_DISABLE_SOFTCAP",
+    "FLASHATTENTION_DISABLE_LOCAL",
+)
 FLASH_ATTN_PROFILES: dict[str, tuple[str, ...]] = {
     "full": (),
-    "slim": (
-        "FLASHATTENTION_DISABLE_DROPOUT",
-        "FLASHATTENTION_DISABLE_ALIBI",
-        "FLASHATTENTION_DISABLE_SOFTCAP",
-        "FLASHATTENTION_DISABLE_LOCAL",
-    ),
+    "slim": _SLIM,
+    # Also only head dims flash-attn runs unpadded: multiples of 32 up to 192, and 256 (64, 96, 128, 256 of
+    # Llama/Qwen/Mistral/Phi-3/Gemma; not Phi-2's 80). Every kernel's uneven-K variant goes.
+    "lean": _SLIM + ("FLASHATTENTION_DISABLE_UNEVEN_K",),
 }
+FLASH_ATTN_PROFILE_HELP = (
+    "full: every feature; slim: dropout, ALiBi, softcap and local attention compiled out; lean: slim and only "
+    "head dims that are multiples of 32 (or 256)"
+)
 
-# Seconds one job spends on one object for one arch, for the ETA only. Slim: flash-attn 2.8.3, torch 2.11, CUDA 13.0,
-# sm_90, 73 objects at 16 jobs (5 waves) took 660 s with the project's command on an H100 machine
-# (bench/results/flash_attn_build.json; one kill and resume included) -> ~130 s. Full: the same build with every
-# feature took ~25 min elsewhere, about 4x slim.
-FLASH_ATTN_OBJECT_SECONDS: dict[str, float] = {"slim": 130.0, "full": 520.0}
+
+def flash_attn_head_dim_even(head_dim: int) -> bool:
+    """Whether flash-attn runs ``head_dim`` without padding it (what a lean build requires): its kernels round a
+    head dim up to a multiple of 32, or to 256 above 192 (flash_api.cpp)."""
+    return (head_dim <= 192 and head_dim % 32 == 0) or head_dim == 256
+
+
+# Mean CPU-seconds of one object for one arch, for the ETA only. Slim: flash-attn 2.8.3, torch 2.11, CUDA 13.0,
+# sm_90 at 16 jobs on an H100 machine's 16 cores: 73 objects, 7,307 CPU-s (bench/results/flash_attn_build.json)
+# -> 100 s. Full: every feature took ~3.9x slim's time on another 16-core machine (25 min vs 383 s).
+# Lean: measured like slim (bench/results/flash_attn_build.json).
+FLASH_ATTN_OBJECT_SECONDS: dict[str, float] = {"slim": 100.0, "full": 390.0, "lean": 70.0}
 # RAM one nvcc job needs (GB); MAX_JOBS = min(cores, free RAM / this) for one arch.
 FLASH_ATTN_JOB_RAM_GB = 4.0
 

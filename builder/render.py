@@ -20,7 +20,7 @@ from builder.paths import project_root
 from builder.spec import ImageSpec
 
 MINICONDA_BASE_URL = "https://repo.anaconda.com/miniconda/"
-FLASH_ATTN_PROFILES = ("full", "slim")
+FLASH_ATTN_PROFILES = tuple(compat.FLASH_ATTN_PROFILES)
 SOURCE_URL = "https://github.com/samebox/samebox"
 # What of the checkout goes into an image as samebox's own source (the final, fast-changing layer).
 SOURCE_ITEMS = ("pyproject.toml", "README.md", "builder", "trainer", "images", "configs")

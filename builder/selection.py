@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from builder import compat
 from builder.errors import SameboxError
 from builder.output import add_root_argument
 from builder.spec import ImageSpec, find_image, load_catalog, resolve_spec
@@ -20,8 +21,8 @@ def add_selection_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_flash_attn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flash-attn", action="store_true", help="leave the flash-attn wheel stage out")
-    p.add_argument("--flash-attn-profile", choices=("full", "slim"), default="full",
-                   help="full: every feature; slim: no dropout/ALiBi/softcap/local window, builds ~4x faster")
+    p.add_argument("--flash-attn-profile", choices=tuple(compat.FLASH_ATTN_PROFILES), default="full",
+                   help=compat.FLASH_ATTN_PROFILE_HELP)
 
 
 def select_image(args: argparse.Namespace) -> ImageSpec:

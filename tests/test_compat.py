@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from builder import compat
@@ -42,3 +45,17 @@ def test_every_torch_cuda_variant_has_arch_and_driver_facts() -> None:
         for cuda in release.cuda:
             assert cuda in compat.TORCH_ARCHES, (minor, cuda)
             assert compat.min_driver(cuda), (minor, cuda)
+
+
+def test_flash_attn_profiles_nest_and_setup_script_knows_each() -> None:
+    full, slim, lean = (set(compat.FLASH_ATTN_PROFILES[p]) for p in ("full", "slim", "lean"))
+    assert full == set() and slim < lean and lean - slim == {"FLASHATTENTION_DISABLE_UNEVEN_K"}
+    assert set(compat.FLASH_ATTN_OBJECT_SECONDS) == set(compat.FLASH_ATTN_PROFILES)
+    template = (Path(__file__).parent.parent / "images" / "setup.sh.j2").read_text()
+    listed = re.search(r'case "\$FA_PROFILE" in ([\w|]+)\)', template)
+    assert listed and set(listed.group(1).split("|")) == set(compat.FLASH_ATTN_PROFILES)
+
+
+def test_head_dims_flash_attn_runs_unpadded() -> None:
+    # flash_api.cpp: head_size_rounded = head_size <= 192 ? round_multiple(head_size, 32) : 256
+    assert [d for d in range(8, 257, 8) if compat.flash_attn_head_dim_even(d)] == [32, 64, 96, 128, 160, 192, 256]

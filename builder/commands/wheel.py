@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from builder import compat
 from builder.output import add_root_argument, print_json
 from builder.spec import find_image, load_catalog
 from builder.wheels import key as wkey
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--from-env", action="store_true", help="this Python's torch, CUDA, ABI and GPUs")
     p.add_argument("--arch", action="append", metavar="CC", help="GPU compute capability, repeatable (9.0)")
     p.add_argument("--profile", choices=wkey.PROFILES, default=wkey.DEFAULT_PROFILE,
-                   help="full: every feature; slim: dropout, ALiBi, softcap, local attention compiled out")
+                   help=compat.FLASH_ATTN_PROFILE_HELP)
     p.add_argument("--version", dest="fa_version", metavar="V", help="flash-attn version (default: the image's)")
     p.add_argument("--cache", metavar="DIR", help="wheel cache (default: $SAMEBOX_WHEEL_CACHE, AutoDL's "
                    "/root/autodl-fs/samebox/wheels, else ~/.cache/samebox/wheels)")

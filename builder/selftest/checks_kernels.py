@@ -19,6 +19,7 @@ FEATURE_NAMES = {
     "softcap": "logit soft-capping",
     "alibi": "ALiBi",
     "dropout": "dropout",
+    "uneven_k": "head dims that are not a multiple of 32",
 }
 
 
@@ -97,7 +98,7 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
         if feature in missing:
             found.append(
                 fail(
-                    f"{label} is a slim build without {FEATURE_NAMES[feature]}, which {needs.get('source')} needs "
+                    f"{label} is built without {FEATURE_NAMES[feature]}, which {needs.get('source')} needs "
                     f"({features[feature]})",
                     rebuild_flash_attn(cap),
                 )

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 # Calls that need a compile-time-disabled flash-attn feature; the build's runtime guard raises for each.
-FLASH_ATTN_FEATURES = ("local", "softcap", "alibi", "dropout")
+FLASH_ATTN_FEATURES = ("local", "softcap", "alibi", "dropout", "uneven_k")
 
 
 def elf_archs(shared_object: str) -> list[str] | None:
@@ -90,12 +90,14 @@ def _feature_call(fa: Any, feature: str) -> str | None:
     """Calls flash-attn with one optional feature on; None when it ran, else the error text."""
     import torch
 
-    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
+    # uneven_k: head dim 80, which flash-attn pads to 96 (a lean build refuses it).
+    q = torch.randn(1, 64, 2, 80 if feature == "uneven_k" else 64, device="cuda", dtype=torch.bfloat16)
     kwargs: dict[str, Any] = {
         "local": {"window_size": (16, 0), "causal": True},
         "softcap": {"softcap": 30.0},
         "alibi": {"alibi_slopes": torch.ones(2, device="cuda", dtype=torch.float32)},
         "dropout": {"dropout_p": 0.1},
+        "uneven_k": {},
     }[feature]
     try:
         fa.flash_attn_func(q, q, q, **kwargs)

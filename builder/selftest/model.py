@@ -1,5 +1,6 @@
 """What a model's attention needs from the kernels, read from its Hugging Face config.json: head dim, dtype,
-and the optional flash-attn features (sliding window -> 'local', logit soft-capping -> 'softcap')."""
+and the optional flash-attn features (sliding window -> 'local', logit soft-capping -> 'softcap', a head dim
+flash-attn pads -> 'uneven_k')."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder import compat
 from builder.errors import SameboxError
 
 DEFAULT_HEAD_DIMS = (64, 128)
@@ -65,6 +67,8 @@ def attention_needs_from_config(cfg: dict[str, Any], source: str) -> AttentionNe
         features.append("local")
     if cfg.get("attn_logit_softcapping"):
         features.append("softcap")
+    if not compat.flash_attn_head_dim_even(int(head_dim)):
+        features.append("uneven_k")
     dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
     if dtype not in ("bfloat16", "float16"):
         dtype = "bfloat16"  # flash-attn runs only half types; fp32 checkpoints train in bf16

@@ -7,7 +7,6 @@ under the key's id, so a killed build resumes where it stopped when run again.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 from builder import compat, pyindex
 from builder.errors import SameboxError
 from builder.fsutil import sha256_file
+from builder.wheels import schedule
 from builder.wheels.key import EnvFacts, WheelKey, release_facts
 
 Say = Callable[[str], None]
@@ -134,7 +134,8 @@ def plan_build(key: WheelKey, cores: int, ram_gb: float, base_env: dict[str, str
         notes.append(f"resuming: {done_objects} of {release.objects} objects already compiled")
     remaining = max(release.objects - done_objects, 0)
     per_object = compat.FLASH_ATTN_OBJECT_SECONDS[key.profile] * len(key.archs) / threads
-    eta = math.ceil(remaining / jobs) * per_object
+    # The work spread over the jobs, plus half an object for the tail that heaviest-first order leaves.
+    eta = (remaining * per_object / jobs + per_object / 2) if remaining else 0.0
     command = (python, "setup.py", "bdist_wheel", "--dist-dir", "dist")
     return BuildPlan(key, jobs, threads, release.objects, eta, env, command, cores, ram_gb, tuple(notes))
 
@@ -268,8 +269,9 @@ def fetch_sdist(version: str, dest_dir: Path, given: Path | None, offline: bool,
     return dest
 
 
-def prepare_source(sdist: Path, build_dir: Path) -> Path:
-    """Unpacked sources under ``build_dir``/src, kept between runs (ninja's state lives in src/*/build)."""
+def prepare_source(sdist: Path, build_dir: Path, say: Say = lambda _m: None) -> Path:
+    """Unpacked sources under ``build_dir``/src, kept between runs (ninja's state lives in src/*/build), with
+    setup.py's kernel sources listed heaviest first (schedule.reorder_sources)."""
     build_dir.mkdir(parents=True, exist_ok=True)
     src_root = build_dir / "src"
     marker = src_root / ".sdist-sha256"
@@ -282,6 +284,11 @@ def prepare_source(sdist: Path, build_dir: Path) -> Path:
             tar.extractall(tmp, filter="data")
         else:  # pragma: no cover - Pythons before 3.10.12
             tar.extractall(tmp)
+    for setup_py in tmp.glob("*/setup.py"):
+        text, moved = schedule.reorder_sources(setup_py.read_text())
+        if moved:
+            setup_py.write_text(text)
+            say(f"setup.py: kernel sources listed heaviest first, {moved} moved (ninja starts them in that order)")
     (tmp / ".sdist-sha256").write_text(sha + "\n")
     if src_root.exists():
         shutil.rmtree(src_root)

@@ -28,7 +28,7 @@ class WheelKey:
     python: str  # "cp312"
     cxx11abi: bool
     archs: tuple[str, ...]  # SASS compiled in, sorted: ("8.0", "9.0")
-    profile: str  # "full" | "slim"
+    profile: str  # a compat.FLASH_ATTN_PROFILES key: "full" | "slim" | "lean"
 
     @property
     def torch_minor(self) -> str:

@@ -442,8 +442,21 @@ FAULTS = [
         lambda r: (fa(r), needs_window(r)),
         "flash_attn",
         "fail",
-        "slim build without sliding-window (local) attention",
+        "built without sliding-window (local) attention",
         "--arch 9.0 --profile full",
+    ),
+    (
+        "lean build, model with head dim 80",
+        lambda r: (
+            fa(r, features={**FULL_BUILD, "uneven_k": "This flash attention build does not support headdim not "
+                            "being a multiple of 32."}),
+            r.update(model={"source": "/phi2/config.json", "head_dims": [80], "dtype": "bfloat16", "window": None,
+                            "features": ["uneven_k"]}),
+        ),
+        "flash_attn",
+        "fail",
+        "built without head dims that are not a multiple of 32, which /phi2/config.json needs",
+        "--profile full",
     ),
 ]
 

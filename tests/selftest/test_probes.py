@@ -35,6 +35,8 @@ def test_model_needs() -> None:
         "g",
     )
     assert (gemma.head_dims, gemma.features, gemma.dtype) == ((256,), ("local", "softcap"), "bfloat16")
+    phi2 = attention_needs_from_config({"hidden_size": 2560, "num_attention_heads": 32}, "phi-2")
+    assert (phi2.head_dims, phi2.features) == ((80,), ("uneven_k",))
     with pytest.raises(SameboxError, match="neither head_dim"):
         attention_needs_from_config({"vocab_size": 10}, "bad")
 
