@@ -259,11 +259,10 @@ def flash_attn_head_dim_even(head_dim: int) -> bool:
     return (head_dim <= 192 and head_dim % 32 == 0) or head_dim == 256
 
 
-# Mean CPU-seconds of one object for one arch, for the ETA only. Slim: flash-attn 2.8.3, torch 2.11, CUDA 13.0,
-# sm_90 at 16 jobs on an H100 machine's 16 cores: 73 objects, 7,307 CPU-s (bench/results/flash_attn_build.json)
-# -> 100 s. Full: every feature took ~3.9x slim's time on another 16-core machine (25 min vs 383 s).
-# Lean: measured like slim (bench/results/flash_attn_build.json).
-FLASH_ATTN_OBJECT_SECONDS: dict[str, float] = {"slim": 100.0, "full": 390.0, "lean": 70.0}
+# Mean CPU-seconds of one object for one arch, for the ETA only: flash-attn 2.8.3, torch 2.11, CUDA 13.0, sm_90 at
+# 16 jobs on an H100 machine's 16 cores (bench/results/flash_attn_build.json). Slim: 73 objects, 7,307 CPU-s -> 100 s;
+# lean: 5,590 CPU-s -> 77 s. Full: every feature took ~3.9x slim's time on another 16-core machine (25 min vs 383 s).
+FLASH_ATTN_OBJECT_SECONDS: dict[str, float] = {"slim": 100.0, "full": 390.0, "lean": 77.0}
 # RAM one nvcc job needs (GB); MAX_JOBS = min(cores, free RAM / this) for one arch.
 FLASH_ATTN_JOB_RAM_GB = 4.0
 

@@ -104,7 +104,7 @@ def _from_source(key: WheelKey, cache: WheelCache, facts: EnvFacts, sdist: Path 
     build_dir.mkdir(parents=True, exist_ok=True)
     tarball = build.fetch_sdist(key.flash_attn, build_dir, sdist, offline, say)
     steps.append(f"build: sdist {tarball.name} sha256 matches PyPI")
-    src = build.prepare_source(tarball, build_dir, say)
+    src = build.prepare_source(tarball, build_dir)
     plan = build.plan_build(key, build.cpu_count(), build.free_ram_gb(), dict(os.environ),
                             build.compiled_objects(src), python)
     wheel = build.run_build(plan, src, say)

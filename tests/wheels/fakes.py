@@ -26,11 +26,6 @@ FAKE_SETUP = r'''
 import json, os, sys, time, zipfile
 from pathlib import Path
 objects = 3
-SOURCES = [
-    "csrc/flash_attn/src/flash_fwd_hdim64_fp16_sm80.cu",
-    "csrc/flash_attn/src/flash_bwd_hdim128_fp16_sm80.cu",
-    "csrc/flash_attn/src/flash_fwd_split_hdim64_fp16_sm80.cu",
-]
 tmp = Path("build/temp.fake"); tmp.mkdir(parents=True, exist_ok=True)
 todo = [i for i in range(objects) if not (tmp / f"obj{i}.o").exists()]
 with open(os.environ["FAKE_BUILD_COUNT"], "a") as fh:
@@ -49,7 +44,7 @@ with zipfile.ZipFile(dist / f"flash_attn-{version}-{py}-{py}-linux_x86_64.whl", 
     zf.writestr(f"flash_attn_2_cuda.cpython-{py[2:]}-x86_64-linux-gnu.so", os.environ["FLASH_ATTN_CUDA_ARCHS"])
     zf.writestr("flash_attn/__init__.py", "")
     zf.writestr("flash_attn/build_env.json", json.dumps({k: os.environ.get(k) for k in (
-        "CPPFLAGS", "NVCC_APPEND_FLAGS", "MAX_JOBS", "NVCC_THREADS", "FLASH_ATTN_CUDA_ARCHS")} | {"sources": SOURCES}))
+        "CPPFLAGS", "NVCC_APPEND_FLAGS", "MAX_JOBS", "NVCC_THREADS", "FLASH_ATTN_CUDA_ARCHS")}))
     zf.writestr(f"flash_attn-{version}.dist-info/WHEEL", f"Wheel-Version: 1.0\nTag: {py}-{py}-linux_x86_64\n")
     zf.writestr(f"flash_attn-{version}.dist-info/METADATA", f"Name: flash_attn\nVersion: {version}\n")
 print("built", flush=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -40,7 +40,7 @@ def test_slim_plan_env():
         "CPPFLAGS": "-I/opt/x " + DEFINES, "NVCC_APPEND_FLAGS": DEFINES,
     }
     assert plan.command == ("/py", "setup.py", "bdist_wheel", "--dist-dir", "dist")
-    assert 450 <= plan.eta_s <= 560  # measured: 519 s as upstream orders it, 486 s simulated heaviest first
+    assert 480 <= plan.eta_s <= 560  # measured: 529 s (519 s compiling, bench/results/flash_attn_build.json)
 
 
 def test_full_plan_several_archs():
@@ -120,18 +120,17 @@ def test_sdist_download_checked(world, tmp_path, monkeypatch):
 
 
 def test_run_build_reports_progress_and_passes_env(world, tmp_path):
-    said: list[str] = []
-    src = build.prepare_source(world.sdist, tmp_path / "b", said.append)
-    assert said == ["setup.py: kernel sources listed heaviest first, 2 moved (ninja starts them in that order)"]
+    src = build.prepare_source(world.sdist, tmp_path / "b")
     plan = build.plan_build(replace(world.key, profile="slim"), 4, 64.0, {})
-    said.clear()
+    said: list[str] = []
     wheel = build.run_build(plan, src, said.append)
     assert said[0].startswith(f"building {world.key.id[:20]}") and "ETA ~" in said[0]
     assert [s.split(",")[0] for s in said[1:4]] == [f"compiled {i}/3 objects" for i in (1, 2, 3)]
+    # 3 objects on 4 jobs: all in the first wave, where the plan's ETA (135 s) counts down instead of the rate
+    assert re.search(r"~2m1[345]s left$", said[1]), said[1]
     with zipfile.ZipFile(wheel) as zf:
         env = json.loads(zf.read("flash_attn/build_env.json"))
     assert env["NVCC_APPEND_FLAGS"] == DEFINES and env["MAX_JOBS"] == "4"
-    assert [Path(s).stem.split("_hdim")[0] for s in env["sources"]] == ["flash_fwd_split", "flash_bwd", "flash_fwd"]
     assert build.compiled_objects(src) == 3
 
 

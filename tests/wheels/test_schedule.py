@@ -1,4 +1,4 @@
-"""Build order: heaviest kernels first, checked against the measured slim sm_90 build's ninja log."""
+"""Build-time analysis from ninja's log, checked against the two measured sm_90 builds (slim and lean)."""
 
 from __future__ import annotations
 
@@ -8,54 +8,39 @@ import pytest
 
 from builder.wheels import schedule
 
-REPO = Path(__file__).resolve().parents[2]
-SOURCES = REPO / "tests" / "fixtures" / "flash_attn" / "setup_sources_2.8.3.py.txt"
-NINJA_LOG = REPO / "bench" / "results" / "flash_attn_slim_ninja_log.txt"
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
-def _kernels(text: str) -> list[str]:
-    return [Path(line.strip().strip('",')).stem for line in text.splitlines() if schedule.kernel_cost(line)]
-
-
-def test_reorder_lists_heaviest_first_and_keeps_every_line():
-    text = SOURCES.read_text()
-    ordered, moved = schedule.reorder_sources(text)
-    assert sorted(ordered.splitlines()) == sorted(text.splitlines())
-    kernels = _kernels(ordered)
-    assert len(kernels) == 72 and moved > 60
-    assert kernels[:4] == [f"flash_fwd_split_hdim256_{d}_sm80" for d in ("fp16", "bf16")] + [
-        f"flash_fwd_split_hdim256_{d}_causal_sm80" for d in ("fp16", "bf16")]
-    families = [k.split("_hdim")[0] for k in kernels]
-    assert families == ["flash_fwd_split"] * 24 + ["flash_bwd"] * 24 + ["flash_fwd"] * 24
-    assert ordered.index("flash_api.cpp") < ordered.index("flash_fwd_split_hdim256")  # non-kernel lines stay put
-    assert schedule.reorder_sources(ordered) == (ordered, 0)  # idempotent: a resumed build keeps its order
-
-
-def test_unknown_layout_is_left_alone():
-    text = 'sources=["csrc/a.cu", "csrc/b.cu"]\n'
-    assert schedule.reorder_sources(text) == (text, 0)
-
-
-def test_simulation_reproduces_the_measured_build_and_the_new_order_is_shorter():
-    entries = schedule.read_ninja_log(NINJA_LOG)
-    seconds = {e.name: e.seconds for e in entries}
+@pytest.mark.parametrize(("profile", "wall", "cpu"), [("slim", 518.8, 7307.2), ("lean", 383.3, 5589.9)])
+def test_measured_builds(profile, wall, cpu):
+    entries = schedule.read_ninja_log(RESULTS / f"flash_attn_{profile}_ninja_log.txt")
     report = schedule.summarise(entries)
-    assert report["objects"] == 73
-    # ninja ran the objects in setup.py's order on 16 jobs: the model gives the measured wall time back.
-    as_built = schedule.simulate([e.seconds for e in entries], 16)
-    assert as_built == pytest.approx(report["wall_s"], abs=1.0)
-    ordered = _kernels(schedule.reorder_sources(SOURCES.read_text())[0])
-    heaviest_first = schedule.simulate([seconds["flash_api"]] + [seconds[k] for k in ordered], 16)
-    floor = report["cpu_s"] / 16
-    assert floor < heaviest_first < as_built - 25  # measured durations: 519 s as built, 486 s heaviest first
+    assert (report["objects"], report["wall_s"], report["cpu_s"], report["jobs"]) == (73, wall, cpu, 16)
+    # ninja ran the objects in start order on 16 jobs, each taking the first free one: the model gives the
+    # measured wall time back, so its longest-first figure is what that order would have taken.
+    assert schedule.simulate([e.seconds for e in entries], 16) == pytest.approx(wall, abs=1.0)
+    assert report["floor_s"] < report["longest_first_s"] < wall
+    # setuptools sorts an extension's sources by name: the first 16 objects ninja started are the first 16 names.
+    names = sorted(e.name for e in entries)
+    assert {e.name for e in entries if e.start_ms < 100} == set(names[:16])
+
+
+def test_lines_of_a_later_build_replace_the_earlier_one(tmp_path):
+    log = tmp_path / ".ninja_log"
+    log.write_text("# ninja log v7\n0\t50000\t1\ta.o\th\n0\t90000\t1\tb.o\th\n"  # killed build: a done, b done
+                   "2\t30000\t1\tc.o\th\n")  # the resumed build compiled c
+    assert [(e.name, e.seconds) for e in schedule.read_ninja_log(log)] == [("c", 29.998)]
 
 
 def test_summary_and_cli(tmp_path, capsys):
     log = tmp_path / ".ninja_log"
-    log.write_text("# ninja log v5\n0\t10000\t1\tx/a.o\th\n0\t4000\t1\tx/b.o\th\n4000\t9000\t1\tx/c.o\th\n")
+    log.write_text("# ninja log v5\n0\t4000\t1\tx/b.o\th\n4000\t9000\t1\tx/c.o\th\n0\t10000\t1\tx/a.o\th\n")
     assert schedule.main([str(log)]) == 0
     out = capsys.readouterr().out
-    assert "3 objects: 10.0 s wall, 19.0 CPU-s, 1.9 jobs on average" in out and out.index(" a") < out.index(" c")
+    assert "3 objects: 10.0 s wall, 19.0 CPU-s, 1.9 of 2 jobs on average; floor 9.5 s, longest first 10.0 s" in out
+    assert out.index(" a") < out.index(" c") < out.index(" b")  # longest first
+    assert schedule.main([str(log), "--jobs", "3", "--json"]) == 0
+    assert '"floor_s": 6.3' in capsys.readouterr().out
     bad = tmp_path / "bad"
     bad.write_text("not a log\n")
     assert schedule.main([str(bad)]) == 2
