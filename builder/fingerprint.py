@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from builder import gpus
 from builder.pyindex import redact
 
 SCHEMA = 1
@@ -211,30 +212,7 @@ def nvcc_version() -> str | None:
 
 def machine_facts() -> dict[str, Any]:
     """Driver and GPUs through NVML (nvidia-ml-py) when present; empty on a machine without either."""
-    facts: dict[str, Any] = {"driver": None, "gpus": []}
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return facts
-    try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        facts["driver"] = driver.decode() if isinstance(driver, bytes) else driver
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(handle)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            facts["gpus"].append({
-                "compute_capability": f"{major}.{minor}",
-                "memory_mib": pynvml.nvmlDeviceGetMemoryInfo(handle).total // (1 << 20),
-                "name": name.decode() if isinstance(name, bytes) else name,
-            })
-    except Exception as e:
-        facts["error"] = f"{type(e).__name__}: {e}"
-    finally:
-        pynvml.nvmlShutdown()
-    return facts
+    return gpus.nvml_inventory() or {"driver": None, "gpus": []}
 
 
 def pip_config_sources(environ: dict[str, str] | os._Environ[str] | None = None) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import compat
+from builder import compat, gpus
 
 NO_TORCH = "none"
 AUTODL_TURBO = Path("/etc/network_turbo")
@@ -75,21 +75,9 @@ def _torch_facts() -> tuple[str, str, str]:
 
 def _gpus() -> tuple[tuple[str, ...], str]:
     """GPU names and the driver version: NVML when nvidia-ml-py is present, else nvidia-smi, else none."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            names = []
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
-                names.append(name.decode() if isinstance(name, bytes) else name)
-            driver = pynvml.nvmlSystemGetDriverVersion()
-            return tuple(names), driver.decode() if isinstance(driver, bytes) else driver
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        pass
+    nvml = gpus.nvml_inventory()
+    if nvml and not nvml.get("error"):
+        return tuple(g["name"] for g in nvml["gpus"]), nvml["driver"]
     smi = shutil.which("nvidia-smi")
     if not smi:
         return (), ""
@@ -105,7 +93,7 @@ def _gpus() -> tuple[tuple[str, ...], str]:
 def detect() -> Platform:
     """The platform of the interpreter running this function."""
     torch, torch_cuda, note = _torch_facts()
-    gpus, driver = _gpus()
+    names, driver = _gpus()
     region = os.environ.get("AutoDLRegion", "")
     autodl = AUTODL_TURBO.exists() or bool(region)
     return Platform(
@@ -114,7 +102,7 @@ def detect() -> Platform:
         executable=sys.executable,
         torch=torch,
         torch_cuda=torch_cuda,
-        gpus=gpus,
+        gpus=names,
         driver=driver,
         autodl=autodl,
         autodl_region=region,

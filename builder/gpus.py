@@ -1,0 +1,37 @@
+"""The machine's NVIDIA driver and GPUs through NVML (nvidia-ml-py), for the fingerprint and platform detection.
+(The self-test's health readings go through builder/selftest/nvml_reader.py, which reads much more.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def nvml_inventory() -> dict[str, Any] | None:
+    """{"driver": "580.159.04", "gpus": [{"name", "compute_capability": "9.0", "memory_mib"}, ...]}, with
+    "error" when NVML failed part way; None where nvidia-ml-py or a usable driver is missing."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # ImportError, NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return None
+    facts: dict[str, Any] = {"driver": None, "gpus": []}
+    try:
+        facts["driver"] = _text(pynvml.nvmlSystemGetDriverVersion())
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            facts["gpus"].append({
+                "compute_capability": f"{major}.{minor}",
+                "memory_mib": pynvml.nvmlDeviceGetMemoryInfo(handle).total // (1 << 20),
+                "name": _text(pynvml.nvmlDeviceGetName(handle)),
+            })
+    except Exception as e:
+        facts["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        pynvml.nvmlShutdown()
+    return facts

@@ -1,0 +1,74 @@
+"""NVML inventory (fingerprint, platform detection) against a stand-in pynvml module."""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+
+from builder import fingerprint, gpus, platform
+
+
+def fake_pynvml(cards: list[tuple[bytes | str, tuple[int, int], int]], fail_at: int | None = None,
+                init_error: Exception | None = None) -> types.ModuleType:
+    mod = types.ModuleType("pynvml")
+    mod.shutdowns = 0  # type: ignore[attr-defined]
+
+    def init() -> None:
+        if init_error:
+            raise init_error
+
+    def handle(i: int) -> int:
+        if i == fail_at:
+            raise RuntimeError("GPU is lost")
+        return i
+
+    def shutdown() -> None:
+        mod.shutdowns += 1  # type: ignore[attr-defined]
+
+    mod.nvmlInit = init  # type: ignore[attr-defined]
+    mod.nvmlShutdown = shutdown  # type: ignore[attr-defined]
+    mod.nvmlSystemGetDriverVersion = lambda: b"580.159.04"  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetCount = lambda: len(cards)  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetHandleByIndex = handle  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetName = lambda h: cards[h][0]  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetCudaComputeCapability = lambda h: cards[h][1]  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetMemoryInfo = lambda h: SimpleNamespace(total=cards[h][2] << 20)  # type: ignore[attr-defined]
+    return mod
+
+
+CARDS = [(b"NVIDIA H100 80GB HBM3", (9, 0), 81559), ("NVIDIA GeForce RTX 4090", (8, 9), 24564)]
+
+
+def test_inventory_decodes_names_and_shuts_nvml_down(monkeypatch):
+    mod = fake_pynvml(CARDS)
+    monkeypatch.setitem(sys.modules, "pynvml", mod)
+    facts = gpus.nvml_inventory()
+    assert facts == {"driver": "580.159.04", "gpus": [
+        {"compute_capability": "9.0", "memory_mib": 81559, "name": "NVIDIA H100 80GB HBM3"},
+        {"compute_capability": "8.9", "memory_mib": 24564, "name": "NVIDIA GeForce RTX 4090"}]}
+    assert mod.shutdowns == 1
+    assert fingerprint.machine_facts() == facts
+    assert platform._gpus() == (("NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090"), "580.159.04")
+
+
+def test_a_failure_part_way_is_kept_and_platform_falls_back(monkeypatch, tmp_path):
+    mod = fake_pynvml(CARDS, fail_at=1)
+    monkeypatch.setitem(sys.modules, "pynvml", mod)
+    facts = fingerprint.machine_facts()
+    assert facts["error"] == "RuntimeError: GPU is lost" and len(facts["gpus"]) == 1 and mod.shutdowns == 1
+    # platform detection does not trust a half inventory: it asks nvidia-smi (here: none on PATH)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert platform._gpus() == ((), "")
+
+
+@pytest.mark.parametrize("missing", ["module", "driver"])
+def test_no_nvml(monkeypatch, missing):
+    if missing == "module":
+        monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
+    else:
+        monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([], init_error=OSError("libnvidia-ml.so.1")))
+    assert gpus.nvml_inventory() is None
+    assert fingerprint.machine_facts() == {"driver": None, "gpus": []}
