@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from builder.errors import SameboxError
+from trainer.config import ModelConfig
 
 SELFTEST = [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"]
 
@@ -36,14 +38,45 @@ def _failed_checks(stdout: str) -> list[str]:
             for f in findings if isinstance(f, dict) and f.get("severity") == "fail"][:20]
 
 
-def run_preflight(data_dir: str | None = None, command: list[str] | None = None, timeout: float = 600) -> None:
+def model_config_for_selftest(cfg: ModelConfig) -> str | None:
+    """The model's config.json when it is already on this machine (a local directory, or a hub id in the Hugging
+    Face cache), so that the self-test runs flash-attn at the model's head dim and with the features it needs (a
+    slim or lean build may lack them); None when it is not here yet or the run will not use flash-attn."""
+    if cfg.attention in ("sdpa", "eager"):
+        return None
+    from trainer.model import resolve_source
+
+    try:
+        source, name = resolve_source(cfg)
+    except SameboxError:
+        return None  # the run itself reports a bad model.name
+    if source == "local":
+        return str(Path(name) / "config.json")
+    if source == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        found = try_to_load_from_cache(name, "config.json", revision=cfg.revision)
+        return found if isinstance(found, str) else None
+    return None
+
+
+def selftest_command(data_dir: str | None = None, model_config: str | None = None) -> list[str]:
+    return (SELFTEST + (["--data-dir", data_dir] if data_dir else [])
+            + (["--model", model_config] if model_config else []))
+
+
+def run_preflight(data_dir: str | None = None, command: list[str] | None = None, timeout: float = 600,
+                  model_config: str | None = None) -> None:
     """Run the quick self-test in a subprocess; a failure (or a missing selftest) stops the run before setup.
 
-    ``data_dir`` (where checkpoints go) gets the self-test's free-space and write+fsync check.
+    ``data_dir`` (where checkpoints go) gets the self-test's free-space and write+fsync check; ``model_config``
+    (model_config_for_selftest) the flash-attn checks at the model's head dim and features.
     """
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return  # one self-test per machine (it checks every local GPU), from each machine's first process
-    cmd = command or SELFTEST + (["--data-dir", data_dir] if data_dir else [])
+    cmd = command or selftest_command(data_dir, model_config)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -34,13 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here: torch and transformers load only for this command.
     from trainer.config import load_config
-    from trainer.preflight import PreflightFailed, run_preflight
+    from trainer.preflight import PreflightFailed, model_config_for_selftest, run_preflight
     from trainer.recipe import main
 
     cfg = load_config(Path(args.config), args.overrides)
     if not args.no_preflight:
         try:
-            run_preflight(data_dir=cfg.output.dir)
+            run_preflight(data_dir=cfg.output.dir, model_config=model_config_for_selftest(cfg.model))
         except PreflightFailed as e:
             print(f"samebox train: {e}", file=sys.stderr)
             return 1

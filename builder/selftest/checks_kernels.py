@@ -100,7 +100,7 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
                 fail(
                     f"{label} is built without {FEATURE_NAMES[feature]}, which {needs.get('source')} needs "
                     f"({features[feature]})",
-                    rebuild_flash_attn(cap),
+                    f"{rebuild_flash_attn(cap)}; or train on SDPA instead (samebox train: model.attention=sdpa)",
                 )
             )
     window = fa.get("window_case")

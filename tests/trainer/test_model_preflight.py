@@ -12,7 +12,7 @@ from builder.cli import main as cli_main
 from builder.errors import SameboxError
 from trainer.config import ModelConfig
 from trainer.model import fetch_model, pick_attention, quantization_config, resolve_source
-from trainer.preflight import PreflightFailed, run_preflight
+from trainer.preflight import PreflightFailed, model_config_for_selftest, run_preflight, selftest_command
 
 
 def test_model_sources(tiny_model_dir, tmp_path):
@@ -49,6 +49,25 @@ def test_preflight_passes_fails_or_explains_a_missing_selftest():
     missing = [sys.executable, "-c", "import sys; sys.stderr.write(\"invalid choice: 'selftest'\"); sys.exit(2)"]
     with pytest.raises(SameboxError, match="--no-preflight"):
         run_preflight(command=missing)
+
+
+def test_preflight_checks_flash_attn_for_the_model_when_its_config_is_here(tiny_model_dir, tmp_path, monkeypatch):
+    local = model_config_for_selftest(ModelConfig(name=str(tiny_model_dir)))
+    assert local == str(tiny_model_dir / "config.json")
+    assert selftest_command("/data", local)[-4:] == ["--data-dir", "/data", "--model", local]
+    assert model_config_for_selftest(ModelConfig(name=str(tiny_model_dir), attention="sdpa")) is None
+    # a hub id: the config in the Hugging Face cache once downloaded; not yet downloaded -> the default head dims
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    assert model_config_for_selftest(ModelConfig(name="org/phi")) is None
+    repo = tmp_path / "models--org--phi"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text('{"hidden_size": 2560, "num_attention_heads": 32}')
+    assert model_config_for_selftest(ModelConfig(name="org/phi")) == str(repo / "snapshots" / "abc123" / "config.json")
+    assert model_config_for_selftest(ModelConfig(name="not a model")) is None
+    assert selftest_command() == selftest_command(None, None) and "--model" not in selftest_command()
 
 
 def test_train_command_reports_config_errors(tmp_path, capsys):
