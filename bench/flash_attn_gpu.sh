@@ -51,13 +51,16 @@ now() { date +%s.%N; }
 echo "== build $PROFILE sm_${ARCH/./} (timeout ${BUILD_TIMEOUT}s)"
 BUILD_CMD=("${SAMEBOX[@]}" --arch "$ARCH" --profile "$PROFILE" --offline --sdist "$SDIST" --dest "$OUT" --json)
 t0=$(now)
+touch "$WORK/started"
 timeout "$BUILD_TIMEOUT" "${BUILD_CMD[@]}" >"$WORK/build.json" 2>"$OUT/build_$PROFILE.log"
 build_rc=$?
 t1=$(now)
 grep -v '^\[' "$OUT/build_$PROFILE.log" | tail -25
 grep -c '^samebox wheel: compiled' "$OUT/build_$PROFILE.log" | sed 's/^/progress lines: /'
 # ninja's own record of each object's start and end (ms since the build started), for the schedule's analysis.
-NINJA_LOG=$(find "$CACHE/build" -path '*/build/temp*' -name .ninja_log 2>/dev/null | head -1)
+# This profile's build directory (the key id names it), and only a log this run wrote (not a cache hit's old one).
+NINJA_LOG=$(find "$CACHE/build" -path "*-sm${ARCH/./}-$PROFILE-*/build/temp*" -name .ninja_log -newer "$WORK/started" \
+            2>/dev/null | head -1)
 if [ -n "$NINJA_LOG" ]; then
   cp "$NINJA_LOG" "$OUT/ninja_log_$PROFILE.txt"
   "$VPY" -m builder.wheels.schedule "$NINJA_LOG" || true

@@ -243,25 +243,28 @@ _SLIM = (
 FLASH_ATTN_PROFILES: dict[str, tuple[str, ...]] = {
     "full": (),
     "slim": _SLIM,
-    # Also only head dims flash-attn runs unpadded: multiples of 32 up to 192, and 256 (64, 96, 128, 256 of
-    # Llama/Qwen/Mistral/Phi-3/Gemma; not Phi-2's 80). Every kernel's uneven-K variant goes.
+    # Also only the head dims flash-attn runs unpadded (EVEN_HEAD_DIMS: those of Llama, Qwen, Mistral, Phi-3 and
+    # Gemma; not Phi-2's 80). Every kernel's uneven-K variant goes.
     "lean": _SLIM + ("FLASHATTENTION_DISABLE_UNEVEN_K",),
 }
+# flash-attn 2.x rounds a head dim up to a multiple of 32 (up to 128) or of 64 (above), at most 256 (flash_api.cpp:
+# round_multiple(head_size, head_size <= 128 ? 32 : 64)); a lean build refuses any head dim it would round.
+FLASH_ATTN_EVEN_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 FLASH_ATTN_PROFILE_HELP = (
     "full: every feature; slim: dropout, ALiBi, softcap and local attention compiled out; lean: slim and only "
-    "head dims that are multiples of 32 (or 256)"
+    "head dims " + ", ".join(map(str, FLASH_ATTN_EVEN_HEAD_DIMS))
 )
 
 
 def flash_attn_head_dim_even(head_dim: int) -> bool:
-    """Whether flash-attn runs ``head_dim`` without padding it (what a lean build requires): its kernels round a
-    head dim up to a multiple of 32, or to 256 above 192 (flash_api.cpp)."""
-    return (head_dim <= 192 and head_dim % 32 == 0) or head_dim == 256
+    """Whether flash-attn runs ``head_dim`` without padding it (what a lean build requires)."""
+    return head_dim in FLASH_ATTN_EVEN_HEAD_DIMS
 
 
 # Mean CPU-seconds of one object for one arch, for the ETA only: flash-attn 2.8.3, torch 2.11, CUDA 13.0, sm_90 at
 # 16 jobs on an H100 machine's 16 cores (bench/results/flash_attn_build.json). Slim: 73 objects, 7,307 CPU-s -> 100 s;
-# lean: 5,590 CPU-s -> 77 s. Full: every feature took ~3.9x slim's time on another 16-core machine (25 min vs 383 s).
+# lean: 5,590 CPU-s -> 77 s. Full: DESIGN.md's build on another 16-core machine took ~3.9x its slim build (25 min vs
+# 383 s for slim there), so 3.9 x 100 s.
 FLASH_ATTN_OBJECT_SECONDS: dict[str, float] = {"slim": 100.0, "full": 390.0, "lean": 77.0}
 # RAM one nvcc job needs (GB); MAX_JOBS = min(cores, free RAM / this) for one arch.
 FLASH_ATTN_JOB_RAM_GB = 4.0

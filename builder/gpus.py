@@ -33,5 +33,8 @@ def nvml_inventory() -> dict[str, Any] | None:
     except Exception as e:
         facts["error"] = f"{type(e).__name__}: {e}"
     finally:
-        pynvml.nvmlShutdown()
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass  # the readings are taken; a failing shutdown changes none of them
     return facts

@@ -57,5 +57,10 @@ def test_flash_attn_profiles_nest_and_setup_script_knows_each() -> None:
 
 
 def test_head_dims_flash_attn_runs_unpadded() -> None:
-    # flash_api.cpp: head_size_rounded = head_size <= 192 ? round_multiple(head_size, 32) : 256
-    assert [d for d in range(8, 257, 8) if compat.flash_attn_head_dim_even(d)] == [32, 64, 96, 128, 160, 192, 256]
+    # flash_api.cpp (2.8.3): head_size_rounded = round_multiple(head_size, head_size <= 128 ? 32 : 64)
+    def rounded(d: int) -> int:
+        step = 32 if d <= 128 else 64
+        return -(-d // step) * step
+
+    assert [d for d in range(8, 257, 8) if compat.flash_attn_head_dim_even(d)] == [
+        d for d in range(8, 257, 8) if rounded(d) == d] == [32, 64, 96, 128, 192, 256]

@@ -50,16 +50,25 @@ def model_config_for_selftest(cfg: ModelConfig) -> str | None:
         source, name = resolve_source(cfg)
     except SameboxError:
         return None  # the run itself reports a bad model.name
+    found: str | None = None
     if source == "local":
-        return str(Path(name) / "config.json")
-    if source == "hub":
+        found = str(Path(name) / "config.json")
+    elif source == "hub":
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
             return None
-        found = try_to_load_from_cache(name, "config.json", revision=cfg.revision)
-        return found if isinstance(found, str) else None
-    return None
+        cached = try_to_load_from_cache(name, "config.json", revision=cfg.revision)
+        found = cached if isinstance(cached, str) else None
+    if found is None:
+        return None
+    from builder.selftest.model import attention_needs
+
+    try:
+        attention_needs(found)
+    except SameboxError:
+        return None  # a config the self-test cannot read (no head dim, say): it tests its default head dims
+    return found
 
 
 def selftest_command(data_dir: str | None = None, model_config: str | None = None) -> list[str]:

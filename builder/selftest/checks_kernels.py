@@ -19,7 +19,7 @@ FEATURE_NAMES = {
     "softcap": "logit soft-capping",
     "alibi": "ALiBi",
     "dropout": "dropout",
-    "uneven_k": "head dims that are not a multiple of 32",
+    "uneven_k": "head dims other than " + ", ".join(map(str, compat.FLASH_ATTN_EVEN_HEAD_DIMS)),
 }
 
 

@@ -135,7 +135,7 @@ def plan_build(key: WheelKey, cores: int, ram_gb: float, base_env: dict[str, str
     per_object = compat.FLASH_ATTN_OBJECT_SECONDS[key.profile] * len(key.archs) / threads
     # The work spread over the jobs, plus the tail where fewer objects than jobs are left (measured at 16 jobs:
     # slim 519 s against a 457 s floor, lean 383 s against 349 s; bench/results/flash_attn_build.json).
-    eta = (remaining * per_object / jobs + 0.6 * per_object) if remaining else 0.0
+    eta = max(remaining * per_object / jobs + 0.6 * per_object, per_object) if remaining else 0.0
     command = (python, "setup.py", "bdist_wheel", "--dist-dir", "dist")
     return BuildPlan(key, jobs, threads, release.objects, eta, env, command, cores, ram_gb, tuple(notes))
 
@@ -337,8 +337,9 @@ def run_build(plan: BuildPlan, src: Path, say: Say, base_env: dict[str, str] | N
                 if m:
                     done, total = int(m.group(1)), int(m.group(2))
                     elapsed = time.monotonic() - start
-                    # Until the first wave of jobs is done, objects finished say little about the rate.
-                    left = elapsed / done * (total - done) if done >= plan.jobs else max(plan.eta_s - elapsed, 0)
+                    # The first two waves of jobs finish unevenly: until then the plan's ETA counts down, after
+                    # that the rate seen so far (it adapts to a slower or faster machine).
+                    left = elapsed / done * (total - done) if done >= 2 * plan.jobs else max(plan.eta_s - elapsed, 0)
                     say(f"compiled {done}/{total} objects, {_fmt(elapsed)} elapsed, ~{_fmt(left)} left")
             rc = proc.wait()
         except BaseException:

@@ -55,8 +55,10 @@ def read_ninja_log(path: Path) -> list[Entry]:
         if len(fields) < 5:
             continue
         start, end, output = int(fields[0]), int(fields[1]), fields[3]
-        if end < last_end:
-            by_output.clear()  # lines come in order of completion: an earlier end starts a later build's lines
+        if end < last_end or output in by_output:
+            # Lines come in order of completion, each build's clock from 0: an earlier end, or an object seen
+            # already, starts a later build's lines. (A log ninja has recompacted is out of order: not read here.)
+            by_output.clear()
         last_end = end
         by_output[output] = Entry(start, end, output)
     return sorted(by_output.values(), key=lambda e: (e.start_ms, e.output))
@@ -68,7 +70,7 @@ def summarise(entries: list[Entry], jobs: int | None = None, top: int = 10) -> d
         return {"objects": 0}
     wall = (max(e.end_ms for e in entries) - min(e.start_ms for e in entries)) / 1000
     cpu = sum(e.seconds for e in entries)
-    jobs = jobs or max(sum(1 for o in entries if o.start_ms <= e.start_ms < o.end_ms) for e in entries)
+    jobs = jobs or max(1, max(sum(1 for o in entries if o.start_ms <= e.start_ms < o.end_ms) for e in entries))
     longest = sorted(entries, key=lambda e: -e.seconds)[:top]
     return {
         "objects": len(entries),

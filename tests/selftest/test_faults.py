@@ -44,6 +44,18 @@ SLIM = {
 }
 
 
+LEAN_GUARD = "This flash attention build does not support headdim not being a multiple of 32."
+
+
+def lean_build_phi2(r: dict[str, Any]) -> None:
+    """A lean build's readings for a Phi-2 config (head dim 80): the varlen case and the probe both hit the guard
+    (its text as the lean wheel gave it on the H100, bench/results/flash_attn_build.json)."""
+    fa(r, head_dims=[80], cases={"80": {"error": LEAN_GUARD}},
+       features={**SLIM, "uneven_k": LEAN_GUARD})
+    r["model"] = {"source": "/phi2/config.json", "head_dims": [80], "dtype": "bfloat16", "window": None,
+                  "features": ["uneven_k"]}
+
+
 def needs_window(r: dict[str, Any]) -> None:
     r["model"] = {
         "source": "/m/config.json",
@@ -250,15 +262,10 @@ FAULTS = [
     ),
     (
         "lean build, model with head dim 80",
-        lambda r: (
-            fa(r, features={**FULL_BUILD, "uneven_k": "This flash attention build does not support headdim not "
-                            "being a multiple of 32."}),
-            r.update(model={"source": "/phi2/config.json", "head_dims": [80], "dtype": "bfloat16", "window": None,
-                            "features": ["uneven_k"]}),
-        ),
+        lambda r: lean_build_phi2(r),
         "flash_attn",
         "fail",
-        "built without head dims that are not a multiple of 32, which /phi2/config.json needs",
+        "built without head dims other than 32, 64, 96, 128, 192, 256, which /phi2/config.json needs",
         "--profile full",
     ),
 ]
@@ -302,6 +309,15 @@ def test_slim_build_is_fine_when_the_model_does_not_need_its_features(healthy) -
     fa(healthy)
     assert set(severities(healthy, "flash_attn")) == {"ok"}
     assert any("built without sliding-window" in f.message for f in findings(healthy, "flash_attn"))
+
+
+def test_lean_build_and_a_padded_head_dim_fail_twice_and_nothing_says_ok(healthy) -> None:
+    lean_build_phi2(healthy)
+    found = findings(healthy, "flash_attn")
+    assert [f.severity for f in found] == ["fail", "fail"]
+    assert "head dim 80" in found[0].message and LEAN_GUARD in found[0].message
+    assert "built without head dims other than 32, 64, 96, 128, 192, 256" in found[1].message
+    assert "model.attention=sdpa" in found[1].remediation
 
 
 def test_healthy_flash_attn_and_bitsandbytes(healthy) -> None:

@@ -67,7 +67,10 @@ def test_preflight_checks_flash_attn_for_the_model_when_its_config_is_here(tiny_
     (repo / "snapshots" / "abc123" / "config.json").write_text('{"hidden_size": 2560, "num_attention_heads": 32}')
     assert model_config_for_selftest(ModelConfig(name="org/phi")) == str(repo / "snapshots" / "abc123" / "config.json")
     assert model_config_for_selftest(ModelConfig(name="not a model")) is None
-    assert selftest_command() == selftest_command(None, None) and "--model" not in selftest_command()
+    assert "--model" not in selftest_command("/data")
+    # a config without head_dim or hidden_size/num_attention_heads (GPT-2 style): the self-test's default head dims
+    (repo / "snapshots" / "abc123" / "config.json").write_text('{"n_embd": 768, "n_head": 12}')
+    assert model_config_for_selftest(ModelConfig(name="org/phi")) is None
 
 
 def test_train_command_reports_config_errors(tmp_path, capsys):

@@ -61,6 +61,9 @@ def test_lean_plan_adds_the_uneven_k_switch_and_is_quicker():
 def test_resume_shortens_eta_and_says_so():
     fresh, resumed = build.plan_build(KEY, 16, 125.0, {}), build.plan_build(KEY, 16, 125.0, {}, done_objects=60)
     assert resumed.eta_s < fresh.eta_s and resumed.notes == ("resuming: 60 of 73 objects already compiled",)
+    last = build.plan_build(KEY, 16, 125.0, {}, done_objects=72)
+    assert last.eta_s == compat.FLASH_ATTN_OBJECT_SECONDS["slim"]  # one object left still takes one object's time
+    assert build.plan_build(KEY, 16, 125.0, {}, done_objects=73).eta_s == 0
 
 
 def test_release_without_arch_switch_cannot_target():

@@ -30,6 +30,11 @@ def test_lines_of_a_later_build_replace_the_earlier_one(tmp_path):
     log.write_text("# ninja log v7\n0\t50000\t1\ta.o\th\n0\t90000\t1\tb.o\th\n"  # killed build: a done, b done
                    "2\t30000\t1\tc.o\th\n")  # the resumed build compiled c
     assert [(e.name, e.seconds) for e in schedule.read_ninja_log(log)] == [("c", 29.998)]
+    log.write_text("# ninja log v7\n0\t5000\t1\ta.o\th\n"  # killed early: a done
+                   "0\t9000\t1\ta.o\th\n0\t12000\t1\tb.o\th\n")  # a full rebuild, ending later
+    assert [e.name for e in schedule.read_ninja_log(log)] == ["a", "b"]
+    log.write_text("# ninja log v7\n0\t0\t1\ta.o\th\n")  # restat-only entries take no time
+    assert schedule.summarise(schedule.read_ninja_log(log))["floor_s"] == 0
 
 
 def test_summary_and_cli(tmp_path, capsys):
