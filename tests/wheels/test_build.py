@@ -137,6 +137,18 @@ def test_run_build_reports_progress_and_passes_env(world, tmp_path):
     assert build.compiled_objects(src) == 3
 
 
+def test_live_eta_counts_the_plan_down_for_two_waves_then_follows_the_rate(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_OBJECTS", "9")
+    src = build.prepare_source(world.sdist, tmp_path / "b")
+    plan = replace(build.plan_build(world.key, 4, 64.0, {}), objects=9, eta_s=3600.0)
+    said: list[str] = []
+    build.run_build(plan, src, said.append)
+    left = [line.rsplit("~", 1)[1] for line in said if line.startswith("compiled ")]
+    assert len(left) == 9
+    assert all(x.startswith("59m") or x.startswith("60m") for x in left[:7])  # waves 1-2: the plan's hour
+    assert all(x.startswith("0m0") for x in left[7:])  # objects 8 and 9: the rate of a fast (fake) build
+
+
 def test_failed_build_says_how_to_resume(world, tmp_path, monkeypatch):
     src = build.prepare_source(world.sdist, tmp_path / "b")
     monkeypatch.setenv("FAKE_FAIL_AFTER", "1")
