@@ -47,4 +47,17 @@ def severities(readings: dict[str, Any], check: str) -> list[str]:
     return [f.severity for f in findings(readings, check)]
 
 
+def assert_fault_caught(readings: dict[str, Any], fault: tuple[Any, ...]) -> None:
+    """A FAULTS-table row (id, edit, check, severity, message text, remediation text): apply the edit to
+    ``readings``; the check must report that severity with that text and say what to do."""
+    _, edit, check, severity, message, remediation = fault
+    edit(readings)
+    found = findings(readings, check)
+    hits = [f for f in found if f.severity == severity and message in f.message]
+    assert hits, found
+    assert remediation in hits[0].remediation
+    if severity in ("fail", "warn"):
+        assert hits[0].remediation, "every fail and warn says what to do"
+
+
 Edit = Callable[[dict[str, Any]], None]
