@@ -20,7 +20,6 @@ from builder.paths import project_root
 from builder.spec import ImageSpec
 
 MINICONDA_BASE_URL = "https://repo.anaconda.com/miniconda/"
-FLASH_ATTN_PROFILES = tuple(compat.FLASH_ATTN_PROFILES)
 SOURCE_URL = "https://github.com/samebox/samebox"
 # What of the checkout goes into an image as samebox's own source (the final, fast-changing layer).
 SOURCE_ITEMS = ("pyproject.toml", "README.md", "builder", "trainer", "images", "configs")
@@ -62,9 +61,9 @@ def _template_env() -> jinja2.Environment:
 
 def render_dockerfile(spec: ImageSpec, flash_attn: bool = True, flash_attn_profile: str = "full") -> str:
     """The Dockerfile for ``spec``. The flash-attn stage is there for images with torch unless ``flash_attn`` is off."""
-    if flash_attn_profile not in FLASH_ATTN_PROFILES:
+    if flash_attn_profile not in compat.FLASH_ATTN_PROFILES:
         raise SameboxError(f"unknown flash-attn profile {flash_attn_profile!r}",
-                           f"choose one of: {', '.join(FLASH_ATTN_PROFILES)}")
+                           f"choose one of: {', '.join(compat.FLASH_ATTN_PROFILES)}")
     flash_attn_enabled = flash_attn and spec.has_torch
     template_path = project_root() / "images" / "Dockerfile.j2"
     lock = lockfile_sha256(spec)
