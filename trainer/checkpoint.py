@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from builder.errors import SameboxError
+from builder.fsutil import ensure_writable_dir
 
 PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -111,6 +112,37 @@ def commit_checkpoint(run_dir: Path, step: int, model: Any, optimizer: Any, sche
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# What a finished or interrupted run leaves in output.dir besides metrics.jsonl (which the logger truncates to
+# the step a run starts from) and TensorBoard's events (hidden from that step on by the writer's purge_step).
+RUN_OUTPUTS = ("checkpoints", "adapter", "summary.json")
+
+
+def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """The output directory rule, applied before anything slow: output.dir is created (parents included) and must
+    take a file; a run that would start over where checkpoints exist must say so (two runs' checkpoints and
+    metrics never mix, and ``--resume auto`` never picks another run's step)."""
+    if overwrite and resume:
+        raise SameboxError(f"--overwrite starts over and --resume {resume} continues: pass one of them")
+    ensure_writable_dir(run_dir, "output.dir")
+    found = list_checkpoints(run_dir)
+    if found and not resume and not overwrite:
+        raise SameboxError(
+            f"output.dir {run_dir} holds checkpoints of an earlier run (newest: {found[-1].name}); not starting over "
+            "on top of them",
+            hint=f"continue it with --resume auto, start a new run with another output.dir, or pass --overwrite to "
+                 f"delete {', '.join(RUN_OUTPUTS)} there and start over")
+
+
+def clear_run(run_dir: Path) -> None:
+    """--overwrite: the earlier run's checkpoints, adapter and summary go (rank 0, once)."""
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:

@@ -1,77 +1,209 @@
-"""The training config: nested dataclasses loaded from YAML plus ``section.key=value`` overrides, validated at once.
+"""The training config: one typed schema (nested dataclasses whose fields carry a ``Rule``), loaded from YAML plus
+``section.key=value`` overrides.
 
-Stages: parse (YAML -> dict, overrides applied) -> build (unknown keys are errors naming the valid ones) ->
-validate (every problem collected and reported together, each with what would work).
+Stages: parse (YAML -> dict, overrides applied) -> build (unknown keys, and every value against its field's rule:
+type, range or choices) -> validate (settings that conflict with each other). Each stage collects every problem and
+reports them together, each naming the field and what would work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import yaml
 
 from builder.errors import SameboxError
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What one field accepts. ``kind``: int, float, bool, str, choice or targets; ``low``/``high`` bound a
+    number (``open_low``/``open_high``: the bound itself is excluded); ``words`` are strings an int field also
+    takes ('auto'); ``nullable``: null means "not set"."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[str, ...] = ()
+    words: tuple[str, ...] = ()
+    nullable: bool = False
+    required: str = ""  # for a str field that must be given: what to give
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            text = "one of " + ", ".join(self.choices)
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "targets":
+            text = "all-linear or a list of module names such as [q_proj, v_proj]"
+        elif self.kind == "str":
+            text = self.required or "a non-empty string"
+        else:
+            text = ("an integer" if self.kind == "int" else "a number") + self._range()
+            if self.words:
+                text += " or " + " or ".join(self.words)
+        return text + (" (or null)" if self.nullable else "")
+
+    def _range(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            return f" in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        if self.low is not None:
+            return f" {'>' if self.open_low else '>='} {_num(self.low)}"
+        return ""
+
+    def in_range(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.open_high else value > self.high))
+
+    def check(self, value: Any) -> tuple[Any, bool]:
+        """(the value as the trainer uses it, whether it is acceptable)."""
+        if value is None:
+            return None, self.nullable
+        if self.kind == "bool":
+            return value, isinstance(value, bool)
+        if self.kind == "choice":
+            if isinstance(value, bool):  # YAML reads true/false as booleans; the tri-state keys keep words
+                value = "true" if value else "false"
+            return value, value in self.choices
+        if self.kind == "targets":
+            if isinstance(value, str) and value != "all-linear":
+                value = [t.strip() for t in value.split(",") if t.strip()]
+            if isinstance(value, str):
+                return value, True
+            ok = isinstance(value, list) and bool(value) and all(isinstance(t, str) and t for t in value)
+            return value, ok
+        if self.kind == "str":
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # a revision of digits, unquoted
+            return value, isinstance(value, str) and bool(value.strip())
+        if isinstance(value, str) and value in self.words:
+            return value, True
+        number = _as_number(value)
+        if number is None:
+            return value, False
+        if self.kind == "int":
+            if not number.is_integer():
+                return value, False
+            number = int(number)
+        return number, self.in_range(number)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _as_number(value: Any) -> float | None:
+    """YAML 1.1 reads 2e-4 (no dot) as a string: a number field takes it as the number it means."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _field(default: Any, rule: Rule) -> Any:
+    return field(default=default, metadata={"rule": rule})
+
+
+def integer(default: int | None, low: int = 1, nullable: bool = False, words: tuple[str, ...] = ()) -> Any:
+    return _field(default, Rule("int", low=low, nullable=nullable, words=words))
+
+
+def number(default: float, low: float = 0.0, high: float | None = None, open_low: bool = False,
+           open_high: bool = False) -> Any:
+    return _field(default, Rule("float", low=low, high=high, open_low=open_low, open_high=open_high))
+
+
+def choice(default: str, *choices: str) -> Any:
+    return _field(default, Rule("choice", choices=choices))
+
+
+def flag(default: bool) -> Any:
+    return _field(default, Rule("bool"))
+
+
+def text(default: str | None, required: str = "") -> Any:
+    return _field(default, Rule("str", nullable=default is None, required=required))
+
+
+TRI_STATE = ("auto", "true", "false")
+
+
 @dataclass
 class ModelConfig:
-    name: str = ""  # local dir, hub id (HF_ENDPOINT honoured) or modelscope://org/name
-    source: str = "auto"  # auto | local | hub | modelscope
-    revision: str | None = None
-    quantization: str = "none"  # nf4 (QLoRA, needs bitsandbytes + CUDA) | none
-    dtype: str = "bf16"  # bf16 | fp16 | fp32: the frozen weights' dtype and the compute dtype
-    attention: str = "auto"  # auto | flash_attention_2 | sdpa | eager
-    gradient_checkpointing: str = "auto"  # auto | true | false
-    trust_remote_code: bool = False
+    # local dir, hub id (HF_ENDPOINT honoured) or modelscope://org/name
+    name: str = text("", "a local directory, a hub id (Qwen/Qwen2.5-7B) or modelscope://id")
+    source: str = choice("auto", "auto", "local", "hub", "modelscope")
+    revision: str | None = text(None)
+    quantization: str = choice("none", "nf4", "none")  # nf4 (QLoRA, needs bitsandbytes + CUDA) | none
+    dtype: str = choice("bf16", "bf16", "fp16", "fp32")  # the frozen weights' dtype and the compute dtype
+    attention: str = choice("auto", "auto", "flash_attention_2", "sdpa", "eager")
+    gradient_checkpointing: str = choice("auto", *TRI_STATE)
+    trust_remote_code: bool = flag(False)
 
 
 @dataclass
 class LoraSection:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: list[str] | str = "all-linear"
+    r: int = integer(16)
+    alpha: int = integer(32)
+    dropout: float = number(0.05, 0.0, 1.0, open_high=True)
+    targets: list[str] | str = _field("all-linear", Rule("targets"))
 
 
 @dataclass
 class DataConfig:
-    path: str = ""
-    format: str = "auto"  # auto | alpaca | messages | prompt_completion
-    max_length: int = 2048
-    train_on_prompt: bool = False
-    packing: str = "auto"  # auto (with flash-attn varlen) | true | false (length-bucketed padded batches)
-    shuffle: bool = True
-    cache_dir: str | None = None  # default: $SAMEBOX_CACHE or ~/.cache/samebox/tokenized
+    path: str = text("", "a JSONL file (alpaca, messages or prompt/completion rows)")
+    format: str = choice("auto", "auto", "alpaca", "messages", "prompt_completion")
+    max_length: int = integer(2048, low=2)  # a sample needs a token to predict from and one to predict
+    train_on_prompt: bool = flag(False)
+    packing: str = choice("auto", *TRI_STATE)  # auto (with flash-attn varlen) | true | false (padded buckets)
+    shuffle: bool = flag(True)
+    cache_dir: str | None = text(None)  # default: $SAMEBOX_CACHE or ~/.cache/samebox/tokenized
 
 
 @dataclass
 class TrainSection:
-    epochs: int = 1
-    max_steps: int | None = None
-    samples_per_step: int = 16  # samples per optimizer step, over all GPUs
-    micro_batch_tokens: int = 16384  # token budget of one forward/backward (padding included)
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    loss_chunk_tokens: int = 1024  # logits are computed this many tokens at a time, never for the whole batch
+    epochs: int = integer(1)
+    max_steps: int | None = integer(None, nullable=True)
+    samples_per_step: int = integer(16)  # samples per optimizer step, over all GPUs
+    # Token budget of one forward/backward (padding included); auto: chosen from the GPU's free memory.
+    micro_batch_tokens: int | str = integer(16384, words=("auto",))
+    lr: float = number(2e-4, open_low=True)
+    weight_decay: float = number(0.0)
+    warmup_ratio: float = number(0.03, 0.0, 1.0, open_high=True)
+    min_lr_ratio: float = number(0.0, 0.0, 1.0)
+    max_grad_norm: float = number(1.0, open_low=True)
+    seed: int = integer(42, low=0)
+    loss_chunk_tokens: int = integer(1024)  # logits are computed this many tokens at a time, never for the whole batch
+    fused: str = choice("auto", *TRI_STATE)  # fused LoRA/NF4 kernels
+    offload_activations: str = choice("auto", *TRI_STATE)  # checkpointed activations kept in host memory
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/samebox"
-    save_every_steps: int = 200
-    save_every_minutes: float = 30.0
-    keep_last: int = 3
-    log_every_steps: int = 1
-    tensorboard: str = "auto"  # auto (on when tensorboard is installed) | true | false
-    tensorboard_dir: str | None = None  # default: /root/tf-logs/<run> on AutoDL, else <dir>/tensorboard
-    wandb_project: str | None = None  # set to log to wandb (imported only then)
+    dir: str = text("runs/samebox", "a directory for checkpoints and metrics (AutoDL: under /root/autodl-tmp)")
+    save_every_steps: int = integer(200)
+    save_every_minutes: float = number(30.0, open_low=True)
+    keep_last: int = integer(3)
+    log_every_steps: int = integer(1)
+    tensorboard: str = choice("auto", *TRI_STATE)  # auto: on when tensorboard is installed
+    tensorboard_dir: str | None = text(None)  # default: /root/tf-logs/<run> on AutoDL, else <dir>/tensorboard
+    wandb_project: str | None = text(None)  # set to log to wandb (imported only then)
 
 
 @dataclass
@@ -86,19 +218,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "model.source": ("auto", "local", "hub", "modelscope"),
-    "model.quantization": ("nf4", "none"),
-    "model.dtype": ("bf16", "fp16", "fp32"),
-    "model.attention": ("auto", "flash_attention_2", "sdpa", "eager"),
-    "model.gradient_checkpointing": ("auto", "true", "false"),
-    "data.format": ("auto", "alpaca", "messages", "prompt_completion"),
-    "data.packing": ("auto", "true", "false"),
-    "output.tensorboard": ("auto", "true", "false"),
-}
-POSITIVE = ("lora.r", "lora.alpha", "data.max_length", "train.epochs", "train.samples_per_step",
-            "train.micro_batch_tokens", "train.lr", "train.loss_chunk_tokens", "output.save_every_steps",
-            "output.keep_last", "output.log_every_steps", "output.save_every_minutes")
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(TrainConfig)}  # type: ignore[misc]
+
+
+def schema() -> dict[str, tuple[Rule, Any]]:
+    """Every field as ``section.key`` -> (its rule, its default), in config order."""
+    return {f"{name}.{f.name}": (f.metadata["rule"], f.default) for name, cls in SECTIONS.items()
+            for f in fields(cls)}
+
+
+def _yaml(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def field_problem(dotted: str, value: Any, rule: Rule, default: Any) -> str:
+    """One field's problem: its name, the value given, what it takes and its default."""
+    shown = f"{value!r}" if isinstance(value, str) else _yaml(value)
+    hint = f"default {_yaml(default)}" if default not in ("", None) else ""
+    return f"{dotted}={shown}: expected {rule.describe()}" + (f" ({hint})" if hint else "")
 
 
 def parse_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -109,7 +246,9 @@ def parse_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ())
         if not path.is_file():
             raise SameboxError(f"config file not found: {path}", hint="pass a YAML file such as configs/*.yaml")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise SameboxError(f"{path}: not UTF-8 text (byte {e.start})", hint="save the config as UTF-8") from None
         except yaml.YAMLError as e:
             raise SameboxError(f"{path}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -123,84 +262,51 @@ def parse_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ())
         section = raw.setdefault(parts[0], {})
         if not isinstance(section, dict):
             raise SameboxError(f"override {item!r}: {parts[0]} is not a section")
-        section[parts[1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            section[parts[1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            section[parts[1]] = value  # not a YAML scalar: the field's rule judges the text as given
     return raw
 
 
 def build_config(raw: dict[str, Any]) -> TrainConfig:
-    """dict -> TrainConfig; unknown sections or keys are errors that name the valid ones."""
+    """dict -> TrainConfig: unknown sections or keys name the valid ones; every value is checked by its rule."""
     problems: list[str] = []
     sections: dict[str, Any] = {}
-    valid_sections = {f.name: f for f in fields(TrainConfig)}
     for name, body in raw.items():
-        if name not in valid_sections:
-            problems.append(f"unknown section {name!r}; valid sections: {', '.join(valid_sections)}")
+        if name not in SECTIONS:
+            problems.append(f"unknown section {name!r}; valid sections: {', '.join(SECTIONS)}")
             continue
-        cls = valid_sections[name].default_factory  # type: ignore[misc]
+        if body is None:
+            body = {}
         if not isinstance(body, dict):
-            problems.append(f"section {name!r} must be a mapping")
+            problems.append(f"section {name!r} must be a mapping of its keys, e.g. {name}: {{key: value}}")
             continue
-        valid_keys = [f.name for f in fields(cls)]
-        unknown = sorted(set(body) - set(valid_keys))
-        for key in unknown:
-            problems.append(f"unknown key {name}.{key}; valid keys in {name}: {', '.join(valid_keys)}")
-        hints = get_type_hints(cls)
-        sections[name] = cls(**{k: _coerce(v, hints[k]) for k, v in body.items() if k in valid_keys})
+        specs = {f.name: f for f in fields(SECTIONS[name])}
+        values: dict[str, Any] = {}
+        for key, value in body.items():
+            if key not in specs:
+                problems.append(f"unknown key {name}.{key}; valid keys in {name}: {', '.join(specs)}")
+                continue
+            rule = specs[key].metadata["rule"]
+            value, ok = rule.check(value)
+            if ok:
+                values[key] = value
+            else:
+                problems.append(field_problem(f"{name}.{key}", body[key], rule, specs[key].default))
+        sections[name] = SECTIONS[name](**values)
     if problems:
         raise SameboxError("invalid training config", problems=problems)
     return TrainConfig(**sections)
 
 
-def _coerce(value: Any, hint: Any) -> Any:
-    """YAML 1.1 reads 2e-4 (no dot) as a string; a float field takes it as the number it means."""
-    if isinstance(value, str) and float in getattr(hint, "__args__", (hint,)):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _get(cfg: TrainConfig, dotted: str) -> Any:
-    section, key = dotted.split(".")
-    return getattr(getattr(cfg, section), key)
-
-
-def _normalise(cfg: TrainConfig) -> None:
-    """YAML turns true/false into bools; the tri-state keys keep them as strings."""
-    for dotted in CHOICES:
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if isinstance(value, bool):
-            setattr(getattr(cfg, section), key, "true" if value else "false")
-    if isinstance(cfg.lora.targets, str) and cfg.lora.targets != "all-linear":
-        cfg.lora.targets = [t.strip() for t in cfg.lora.targets.split(",") if t.strip()]
-
-
 def validate_config(cfg: TrainConfig) -> TrainConfig:
-    """Collect every problem; raise one SameboxError listing them all."""
-    _normalise(cfg)
+    """What no single field says: required fields given, and settings that conflict. Every problem at once."""
     problems: list[str] = []
-    for dotted, choices in CHOICES.items():
-        value = _get(cfg, dotted)
-        if value not in choices:
-            problems.append(f"{dotted}={value!r}; choose one of {', '.join(choices)}")
-    for dotted in POSITIVE:
-        value = _get(cfg, dotted)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            problems.append(f"{dotted}={value!r} must be a positive number")
-    if not cfg.model.name:
-        problems.append("model.name is empty; give a local directory, a hub id (Qwen/Qwen2.5-7B) or modelscope://id")
-    if not cfg.data.path:
-        problems.append("data.path is empty; give a JSONL file (alpaca, messages or prompt/completion rows)")
-    if cfg.train.max_steps is not None and (not isinstance(cfg.train.max_steps, int) or cfg.train.max_steps <= 0):
-        problems.append(f"train.max_steps={cfg.train.max_steps!r} must be a positive integer or null")
-    if not 0 <= cfg.lora.dropout < 1:
-        problems.append(f"lora.dropout={cfg.lora.dropout!r} must be in [0, 1)")
-    if not 0 <= cfg.train.warmup_ratio < 1:
-        problems.append(f"train.warmup_ratio={cfg.train.warmup_ratio!r} must be in [0, 1)")
-    if not isinstance(cfg.lora.targets, (list, str)) or not cfg.lora.targets:
-        problems.append("lora.targets must be 'all-linear' or a list of module names such as [q_proj, v_proj]")
+    for dotted, (rule, _default) in schema().items():
+        section, key = dotted.split(".")
+        if rule.required and not getattr(getattr(cfg, section), key):
+            problems.append(f"{dotted} is empty; give {rule.required}")
     if cfg.model.quantization == "nf4" and cfg.model.dtype == "fp32":
         problems.append("model.quantization=nf4 computes in bf16 or fp16; set model.dtype=bf16")
     if problems:

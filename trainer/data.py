@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from builder.errors import SameboxError
-from builder.fsutil import atomic_path, sha256_file
-from trainer.config import DataConfig
+from builder.fsutil import atomic_path, ensure_writable_dir, sha256_file
+from trainer.config import DataConfig, ModelConfig, TrainConfig
+from trainer.progress import Progress
 
 IGNORE = -100
 # Bump when tokenization changes so old caches are not reused.
@@ -42,6 +43,11 @@ class TokenizedData:
 
     def label_count(self, i: int) -> int:
         return sum(1 for t in self.targets[i] if t != IGNORE)
+
+    @property
+    def unlabeled(self) -> int:
+        """Samples with no trained token (truncation cut them before their completion)."""
+        return sum(1 for t in self.targets if all(x == IGNORE for x in t))
 
 
 def detect_format(row: dict[str, Any]) -> str | None:
@@ -77,8 +83,17 @@ def read_rows(path: Path, fmt: str) -> tuple[str, list[dict[str, Any]]]:
         raise SameboxError(f"data file not found: {path}", hint="set data.path to a JSONL file")
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh, Progress(f"reading {path.name}", path.stat().st_size, "bytes") as progress:
+        done = 0
+        for lineno, raw in enumerate(fh, 1):
+            done += len(raw)
+            progress.update(done)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason}); "
+                                "save the file as UTF-8 (iconv -f GBK -t UTF-8 converts GBK)")
+                continue
             if not line.strip():
                 continue
             try:
@@ -184,6 +199,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SAMEBOX_CACHE", Path.home() / ".cache" / "samebox")) / "tokenized"
 
 
+def check_labels(data: TokenizedData, cfg: DataConfig, path: Path) -> None:
+    """A run whose samples have no token left to train (prompts longer than data.max_length) would train on a
+    loss of 0.0: stop and say what would work."""
+    if data.unlabeled < len(data):
+        return
+    raise SameboxError(
+        f"data.max_length={cfg.max_length} leaves no token to train in any of the {len(data)} samples of {path}: "
+        "every sample is cut before its completion starts",
+        hint="raise data.max_length (longer than the prompts), shorten the prompts, or set data.train_on_prompt=true")
+
+
 def load_dataset(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedData, bool]:
     """Tokenized samples, from the cache when the file, tokenizer and data settings are unchanged."""
     path = Path(cfg.path).expanduser()
@@ -195,16 +221,43 @@ def load_dataset(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedData, bool]:
         blob = torch.load(cache_file, weights_only=True)
         lengths = blob["lengths"].tolist()
         ids, targets = blob["input_ids"].split(lengths), blob["targets"].split(lengths)
-        return TokenizedData([t.tolist() for t in ids], [t.tolist() for t in targets], blob["truncated"]), True
+        data = TokenizedData([t.tolist() for t in ids], [t.tolist() for t in targets], blob["truncated"])
+        check_labels(data, cfg, path)
+        return data, True
+    ensure_writable_dir(cache, "data.cache_dir")  # before the tokenizing, not after it
     fmt, rows = read_rows(path, cfg.format)
     data = TokenizedData([], [])
-    for i, row in enumerate(rows):
-        ids, targets, truncated = tokenize_row(tokenizer, fmt, row, cfg, f"{path} row {i + 1}")
-        data.input_ids.append(ids)
-        data.targets.append(targets)
-        data.truncated += truncated
+    with Progress(f"tokenizing {path.name}", len(rows), "rows") as progress:
+        for i, row in enumerate(rows):
+            ids, targets, truncated = tokenize_row(tokenizer, fmt, row, cfg, f"{path} row {i + 1}")
+            data.input_ids.append(ids)
+            data.targets.append(targets)
+            data.truncated += truncated
+            progress.update(i + 1)
+    check_labels(data, cfg, path)
     with atomic_path(cache_file) as tmp:
         torch.save({"input_ids": torch.tensor([t for s in data.input_ids for t in s], dtype=torch.int32),
                     "targets": torch.tensor([t for s in data.targets for t in s], dtype=torch.int32),
                     "lengths": torch.tensor([len(s) for s in data.input_ids]), "truncated": data.truncated}, tmp)
     return data, False
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The model's tokenizer alone: the data is checked against it before any weights load. A hub id is first
+    checked for reachability (trainer/hub.py), so an offline machine hears so in seconds."""
+    from trainer.hub import check_model_source
+    from trainer.model import fetch_model
+    from trainer.model import load_tokenizer as from_model_dir
+
+    check_model_source(cfg)
+    return from_model_dir(fetch_model(cfg), cfg)
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[TokenizedData, str]:
+    """The run's tokenized data and a line describing it: file, rows and tokenizer checked before the weights."""
+    data, cached = load_dataset(cfg.data, load_tokenizer(cfg.model))
+    note = f"{len(data)} samples ({'cached' if cached else 'tokenized'}, {data.truncated} truncated to " \
+           f"{cfg.data.max_length}"
+    if data.unlabeled:
+        note += f"; {data.unlabeled} with no token left to train after truncation"
+    return data, note + ")"

@@ -1,4 +1,8 @@
-"""Seeing a run: a progress line, metrics.jsonl, TensorBoard (AutoDL serves /root/tf-logs) and optional wandb."""
+"""Seeing a run: a progress line, metrics.jsonl, TensorBoard (AutoDL serves /root/tf-logs) and optional wandb.
+
+A run continues its record from the step it starts at: rows a killed run wrote after its last checkpoint are
+dropped from metrics.jsonl, and TensorBoard hides its events from that step on, so no step is there twice.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from builder.fsutil import write_atomic
 from trainer.config import OutputConfig
 
 AUTODL_TF_LOGS = Path("/root/tf-logs")
@@ -32,6 +37,25 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def truncate_metrics(path: Path, start_step: int) -> int:
+    """Keep the rows of steps up to ``start_step`` (the checkpoint a run resumes from; 0: none); a line cut by a
+    kill is dropped too. Returns how many rows were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
 def progress_line(row: dict[str, Any], total_steps: int) -> str:
     parts = [f"step {row['step']}/{total_steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
              f"{row['tokens_per_s']:,.0f} tok/s", f"{row['label_tokens_per_s']:,.0f} label tok/s"]
@@ -48,7 +72,7 @@ class MetricsLogger:
     """Writes every step to metrics.jsonl; prints and forwards every ``log_every`` steps (rank 0 only)."""
 
     def __init__(self, cfg: OutputConfig, run_dir: Path, total_steps: int, config: dict[str, Any],
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, start_step: int = 0) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_every = cfg.log_every_steps
@@ -58,11 +82,16 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        dropped = truncate_metrics(self.path, start_step)
+        if dropped:
+            self.event(f"metrics.jsonl continues from step {start_step}: {dropped} later row(s) of the interrupted "
+                       "run dropped")
         tb_dir = tensorboard_dir(cfg, run_dir)
         if tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(tb_dir))
+            # purge_step: TensorBoard hides this directory's earlier events from the first step logged now on.
+            self.tb = SummaryWriter(log_dir=str(tb_dir), purge_step=start_step + 1)
             print(f"samebox: TensorBoard logs in {tb_dir}", flush=True)
         if cfg.wandb_project:
             import wandb

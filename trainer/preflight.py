@@ -1,4 +1,6 @@
-"""Preflight: `samebox selftest --quick` must pass before hours of GPU time are spent on a training run."""
+"""Preflight: `samebox selftest --quick` must pass before hours of GPU time are spent on a training run. It tests
+the kernels the config uses, flash-attn at the model's head dim, and the disk output.dir is on; it says what it is
+doing when it starts and what took the time when it ends."""
 
 from __future__ import annotations
 
@@ -6,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from builder.errors import SameboxError
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, TrainConfig
 
 SELFTEST = [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"]
 
@@ -27,15 +31,40 @@ class PreflightFailed(Exception):
         return "\n".join(lines)
 
 
-def _failed_checks(stdout: str) -> list[str]:
-    """Failed findings from the selftest JSON report (schema: docs/selftest.md), when it parses; else nothing."""
+def _report(stdout: str) -> dict[str, Any]:
+    """The selftest JSON report (schema: docs/selftest.md) when it parses, else {}."""
     try:
         report = json.loads(stdout)
     except json.JSONDecodeError:
-        return []
-    findings = report.get("findings", []) if isinstance(report, dict) else []
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _failed_checks(report: dict[str, Any]) -> list[str]:
+    findings = report.get("findings", [])
     return [f"{f.get('check')}: {f.get('message')} -> {f.get('remediation')}"
             for f in findings if isinstance(f, dict) and f.get("severity") == "fail"][:20]
+
+
+def slowest(report: dict[str, Any], count: int = 3) -> str:
+    """'flash_attn 3.1 s, load 2.0 s, torch 1.9 s': where the self-test's time went (its report.timings)."""
+    timings = report.get("timings") or {}
+    top = sorted(((v, k) for k, v in timings.items() if isinstance(v, (int, float))), reverse=True)[:count]
+    return ", ".join(f"{k} {v:.1f} s" for v, k in top)
+
+
+def kernels_for(cfg: TrainConfig) -> list[str]:
+    """The kernel libraries the run will call: flash-attn unless attention is pinned to SDPA or eager, SDPA unless
+    pinned to flash-attn or eager (it is auto's fallback), bitsandbytes for NF4."""
+    attention = cfg.model.attention
+    kernels = []
+    if attention in ("auto", "flash_attention_2"):
+        kernels.append("flash-attn")
+    if attention in ("auto", "sdpa"):
+        kernels.append("sdpa")
+    if cfg.model.quantization == "nf4":
+        kernels.append("bitsandbytes")
+    return kernels
 
 
 def model_config_for_selftest(cfg: ModelConfig) -> str | None:
@@ -44,6 +73,7 @@ def model_config_for_selftest(cfg: ModelConfig) -> str | None:
     slim or lean build may lack them); None when it is not here yet or the run will not use flash-attn."""
     if cfg.attention in ("sdpa", "eager"):
         return None
+    from trainer.hub import cached_config
     from trainer.model import resolve_source
 
     try:
@@ -54,12 +84,7 @@ def model_config_for_selftest(cfg: ModelConfig) -> str | None:
     if source == "local":
         found = str(Path(name) / "config.json")
     elif source == "hub":
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        cached = try_to_load_from_cache(name, "config.json", revision=cfg.revision)
-        found = cached if isinstance(cached, str) else None
+        found = cached_config(name, cfg.revision)
     if found is None:
         return None
     from builder.selftest.model import attention_needs
@@ -71,30 +96,46 @@ def model_config_for_selftest(cfg: ModelConfig) -> str | None:
     return found
 
 
-def selftest_command(data_dir: str | None = None, model_config: str | None = None) -> list[str]:
+def selftest_command(data_dir: str | None = None, model_config: str | None = None,
+                     kernels: list[str] | None = None) -> list[str]:
     return (SELFTEST + (["--data-dir", data_dir] if data_dir else [])
-            + (["--model", model_config] if model_config else []))
+            + (["--model", model_config] if model_config else [])
+            + (["--kernels", ",".join(kernels)] if kernels is not None else []))
 
 
-def run_preflight(data_dir: str | None = None, command: list[str] | None = None, timeout: float = 600,
-                  model_config: str | None = None) -> None:
-    """Run the quick self-test in a subprocess; a failure (or a missing selftest) stops the run before setup.
+def preflight_command(cfg: TrainConfig) -> list[str]:
+    """The self-test for this run: output.dir's disk, the model's attention (when its config is here), and only
+    the kernels the run calls."""
+    return selftest_command(str(Path(cfg.output.dir).expanduser()), model_config_for_selftest(cfg.model),
+                            kernels_for(cfg))
 
-    ``data_dir`` (where checkpoints go) gets the self-test's free-space and write+fsync check; ``model_config``
-    (model_config_for_selftest) the flash-attn checks at the model's head dim and features.
-    """
+
+def run_preflight(cfg: TrainConfig | None = None, command: list[str] | None = None, timeout: float = 600) -> None:
+    """Run the quick self-test in a subprocess (``command``, default preflight_command(cfg)); a failure (or a
+    missing selftest) stops the run before the weights load."""
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return  # one self-test per machine (it checks every local GPU), from each machine's first process
-    cmd = command or selftest_command(data_dir, model_config)
+    if command is None:
+        if cfg is None:
+            raise ValueError("run_preflight needs a config or a command")
+        command = preflight_command(cfg)
+    shown = " ".join(["samebox", *command[command.index("selftest"):]]) if "selftest" in command else command[0]
+    print(f"samebox: preflight: {shown} (GPU health, numerics, the run's kernels, the data disk; "
+          "--no-preflight skips it) ...", flush=True)
+    start = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise SameboxError(f"preflight self-test did not finish in {timeout:.0f} s",
                            hint="run `samebox selftest --quick` by hand, or pass --no-preflight") from None
+    report = _report(proc.stdout)
     if proc.returncode == 0:
+        took = slowest(report)
+        print(f"samebox: preflight passed in {time.monotonic() - start:.1f} s" + (f" ({took})" if took else ""),
+              flush=True)
         return
     if "invalid choice" in proc.stderr and "selftest" in proc.stderr:
         raise SameboxError("preflight needs `samebox selftest`, which this samebox does not have",
                            hint="update samebox, or pass --no-preflight to train without the self-test")
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-    raise PreflightFailed(_failed_checks(proc.stdout) or tail)
+    raise PreflightFailed(_failed_checks(report) or tail)

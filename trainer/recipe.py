@@ -24,7 +24,7 @@ from trainer import checkpoint as ckpt
 from trainer import distributed as dist
 from trainer.batching import build_micro_batches, step_indices, steps_per_epoch
 from trainer.config import TrainConfig
-from trainer.data import TokenizedData, load_dataset
+from trainer.data import TokenizedData, prepare_data
 from trainer.metrics import MetricsLogger
 from trainer.model import LoadedModel, decoder_and_head, setup_model
 from trainer.step import clip_and_check, is_finite, run_step
@@ -40,9 +40,12 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
 
 
 class LoRAFinetuneRecipe:
-    def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
+                 prepared: tuple[TokenizedData, str] | None = None) -> None:
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite
+        self.prepared = prepared  # (data, note) when the command already checked the data (prepare_data)
         self.run_dir = Path(cfg.output.dir).expanduser()
         self.ranks = dist.ranks_from_env()
         self.rank, self.world = self.ranks.rank, self.ranks.world
@@ -56,13 +59,17 @@ class LoRAFinetuneRecipe:
     def setup(self) -> None:
         dist.init(self.ranks)
         torch.manual_seed(self.cfg.train.seed)
+        ckpt.check_run_dir(self.run_dir, self.resume, self.overwrite)
+        if self.overwrite and self.rank == 0:
+            ckpt.clear_run(self.run_dir)
+        self._setup_data()  # the data, its rows and the tokenizer are checked before the weights load
         self._setup_model()
         dist.broadcast_params(self.params, self.ranks)
-        self._setup_data()
         self._setup_optimizer()
         self._restore()
+        # The record continues from the step resumed at: no row of a killed run's stale tail stays.
         self.logger = MetricsLogger(self.cfg.output, self.run_dir, self.total_steps, self.cfg.to_dict(),
-                                    enabled=self.rank == 0)
+                                    enabled=self.rank == 0, start_step=self.step)
         if self.rank == 0:
             write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             self.logger.event(self._describe())
@@ -83,9 +90,7 @@ class LoRAFinetuneRecipe:
 
     def _setup_data(self) -> None:
         self.data: TokenizedData
-        self.data, cached = load_dataset(self.cfg.data, self.loaded.tokenizer)
-        self.data_note = f"{len(self.data)} samples ({'cached' if cached else 'tokenized'}"
-        self.data_note += f", {self.data.truncated} truncated to {self.cfg.data.max_length})"
+        self.data, self.data_note = self.prepared or prepare_data(self.cfg)
         self.label_counts = [self.data.label_count(i) for i in range(len(self.data))]
         self.lengths = [len(s) for s in self.data.input_ids]
         per_epoch = steps_per_epoch(len(self.data), self.cfg.train.samples_per_step)
@@ -259,8 +264,9 @@ class LoRAFinetuneRecipe:
         dist.shutdown(self.ranks)
 
 
-def main(cfg: TrainConfig, resume: str | None = None) -> int:
-    recipe = LoRAFinetuneRecipe(cfg, resume)
+def main(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
+         prepared: tuple[TokenizedData, str] | None = None) -> int:
+    recipe = LoRAFinetuneRecipe(cfg, resume, overwrite, prepared)
     try:
         recipe.setup()
         return recipe.train()

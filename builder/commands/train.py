@@ -1,6 +1,9 @@
-"""`samebox train CONFIG.yaml [--resume auto|PATH] [--no-preflight] [key=value ...]`: LoRA/QLoRA fine-tuning.
+"""`samebox train CONFIG.yaml [--resume auto|PATH | --overwrite] [--no-preflight] [key=value ...]`: LoRA/QLoRA
+fine-tuning.
 
-Under several GPUs the launcher runs it once per GPU: `torchrun --nproc_per_node 2 -m builder.cli train ...`
+Before anything slow, in this order: the config (every field), output.dir (created, writable, and no earlier run's
+checkpoints unless resuming or --overwrite), the data (file, rows, tokenizer), then the GPU self-test, then the
+weights. Under several GPUs the launcher runs it once per GPU: `torchrun --nproc_per_node 2 -m builder.cli train ...`
 (or `accelerate launch -m builder.cli train ...`).
 """
 
@@ -17,7 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest checkpoint in output.dir (auto) or from PATH")
-    p.add_argument("--no-preflight", action="store_true", help="skip `samebox selftest --quick` before training")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output.dir that holds an earlier run (its checkpoints are deleted)")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip `samebox selftest --quick` before training (needed on a machine without a GPU)")
     p.set_defaults(func=run)
     plain = p.parse_known_args
 
@@ -32,16 +38,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here: torch and transformers load only for this command.
+    # The config is checked before torch and transformers are imported: a typo costs no wait.
     from trainer.config import load_config
-    from trainer.preflight import PreflightFailed, model_config_for_selftest, run_preflight
-    from trainer.recipe import main
 
     cfg = load_config(Path(args.config), args.overrides)
+    from trainer.checkpoint import check_run_dir
+    from trainer.data import prepare_data
+    from trainer.preflight import PreflightFailed, run_preflight
+    from trainer.recipe import main
+
+    check_run_dir(Path(cfg.output.dir).expanduser(), args.resume, args.overwrite)
+    prepared = prepare_data(cfg)
     if not args.no_preflight:
         try:
-            run_preflight(data_dir=cfg.output.dir, model_config=model_config_for_selftest(cfg.model))
+            run_preflight(cfg)
         except PreflightFailed as e:
             print(f"samebox train: {e}", file=sys.stderr)
             return 1
-    return main(cfg, resume=args.resume)
+    return main(cfg, resume=args.resume, overwrite=args.overwrite, prepared=prepared)

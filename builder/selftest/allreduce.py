@@ -5,12 +5,14 @@ self-test: a hanging NCCL is exactly what this probe is for."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,9 @@ NCCL_DEFAULTS = {"NCCL_NVLS_ENABLE": "0"}
 # The NCCL settings that change the transport; the reading records the ones in effect.
 NCCL_ENV = ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_P2P_LEVEL")
 WARMUP = 3
+# A spawned rank waits this long at most for the go signal (its parent died otherwise).
+START_WAIT_S = 600.0
+GO_FILE = "go"
 
 
 def nccl_env() -> dict[str, str]:
@@ -77,12 +82,18 @@ def _tensor(backend: str, size_mib: float, device_index: int | None) -> Any:
 def _spawned_rank(
     rank: int, world: int, backend: str, rendezvous: str, size_mib: float, iters: int, timeout_s: float
 ) -> None:
-    """One process of the local run (torch.multiprocessing target): writes rank<r>.json into ``rendezvous``."""
+    """One process of the local run (torch.multiprocessing target): imports torch at once, touches no GPU until the
+    parent writes the go file, then writes rank<r>.json into ``rendezvous``."""
     for key, value in NCCL_DEFAULTS.items():
         os.environ.setdefault(key, value)
     import torch.distributed as dist
 
     out = Path(rendezvous) / f"rank{rank}.json"
+    waited = time.perf_counter()
+    while not (Path(rendezvous) / GO_FILE).exists():
+        if time.perf_counter() - waited > START_WAIT_S:
+            return
+        time.sleep(0.01)
     try:
         dist.init_process_group(
             backend,
@@ -129,38 +140,69 @@ def _merge(reading: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, An
     return reading
 
 
-def local_allreduce(
-    world: int, backend: str = "nccl", size_mib: float = 256, iters: int = 20, timeout_s: float = 60
-) -> dict[str, Any]:
-    """One process per local GPU (CPU processes for gloo), started by torch.multiprocessing with a file
-    rendezvous; processes still running at the deadline are killed and the reading says ``timed_out``."""
-    import torch.multiprocessing as mp
+class LocalAllreduce:
+    """The run across the local GPUs in two steps: ``start()`` spawns one process per GPU (with a file rendezvous),
+    which imports Python and torch (seconds) while the GPU serves other probes; ``run()`` lets them measure and
+    collects the reading. Processes still running at the deadline (counted from ``run()``) are killed and the
+    reading says ``timed_out``."""
 
-    reading = _reading(world, backend, "torch.multiprocessing", size_mib, iters, timeout_s)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="samebox-allreduce-") as rendezvous:
-        context = mp.start_processes(
-            _spawned_rank,
-            args=(world, backend, rendezvous, size_mib, iters, timeout_s),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
+    def __init__(self, world: int, backend: str = "nccl", size_mib: float = 256, iters: int = 20,
+                 timeout_s: float = 60) -> None:
+        self.world, self.backend, self.size_mib, self.iters, self.timeout_s = world, backend, size_mib, iters, timeout_s
+        self.rendezvous: tempfile.TemporaryDirectory[str] | None = None
+        self.context: Any = None
+
+    def start(self) -> LocalAllreduce:
+        import torch.multiprocessing as mp
+
+        self.rendezvous = tempfile.TemporaryDirectory(prefix="samebox-allreduce-")
         try:
-            while not context.join(timeout=max(0.05, start + timeout_s - time.perf_counter())):
-                if time.perf_counter() >= start + timeout_s:
+            self.context = mp.start_processes(
+                _spawned_rank,
+                args=(self.world, self.backend, self.rendezvous.name, self.size_mib, self.iters, self.timeout_s),
+                nprocs=self.world,
+                join=False,
+                start_method="spawn",
+            )
+        except BaseException:
+            self.rendezvous.cleanup()
+            raise
+        return self
+
+    def run(self) -> dict[str, Any]:
+        import torch.multiprocessing as mp
+
+        if self.context is None:
+            self.start()
+        assert self.rendezvous is not None
+        reading = _reading(self.world, self.backend, "torch.multiprocessing", self.size_mib, self.iters,
+                           self.timeout_s)
+        rendezvous = Path(self.rendezvous.name)
+        (rendezvous / GO_FILE).touch()
+        start = time.perf_counter()
+        try:
+            while not self.context.join(timeout=max(0.05, start + self.timeout_s - time.perf_counter())):
+                if time.perf_counter() >= start + self.timeout_s:
                     reading["timed_out"] = True
                     break
         except mp.ProcessException as e:  # a rank died without writing its result (a crash in NCCL or CUDA)
             reading["error"] = str(e).strip().splitlines()[0]
         finally:
-            for process in context.processes:
+            for process in self.context.processes:
                 if process.is_alive():
                     process.kill()
                 process.join()
-        ranks = [json.loads(p.read_text()) for p in sorted(Path(rendezvous).glob("rank*.json"))]
-    reading["elapsed_s"] = round(time.perf_counter() - start, 3)
-    return _merge(reading, ranks) if ranks else reading
+            ranks = [json.loads(p.read_text()) for p in sorted(rendezvous.glob("rank*.json"))]
+            self.rendezvous.cleanup()
+        reading["elapsed_s"] = round(time.perf_counter() - start, 3)
+        return _merge(reading, ranks) if ranks else reading
+
+
+def local_allreduce(
+    world: int, backend: str = "nccl", size_mib: float = 256, iters: int = 20, timeout_s: float = 60
+) -> dict[str, Any]:
+    """One process per local GPU (CPU processes for gloo), started by torch.multiprocessing, measured at once."""
+    return LocalAllreduce(world, backend, size_mib, iters, timeout_s).start().run()
 
 
 def torchrun_allreduce(
@@ -212,11 +254,19 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def allreduce(device_count: int, timeout_s: float = 60, iters: int = 20) -> dict[str, Any]:
-    """The probe the collector runs: across torchrun's ranks, else across the local GPUs; one GPU: nothing to
-    reduce across (``world_size`` 1)."""
+def prepare(device_count: int, timeout_s: float = 60, iters: int = 20) -> Callable[[], dict[str, Any]]:
+    """The probe the collector runs, set going now where that saves time: across local GPUs the processes start
+    at once (they touch no GPU until the returned function is called). Across torchrun's ranks, else the local
+    GPUs; one GPU: nothing to reduce across (``world_size`` 1). A failure to start is raised by the call."""
     if under_torchrun():
-        return torchrun_allreduce(timeout_s=timeout_s, iters=iters)
+        return lambda: torchrun_allreduce(timeout_s=timeout_s, iters=iters)
     if device_count < 2:
-        return {"world_size": device_count}
-    return local_allreduce(device_count, "nccl", timeout_s=timeout_s, iters=iters)
+        return lambda: {"world_size": device_count}
+    run = LocalAllreduce(device_count, "nccl", timeout_s=timeout_s, iters=iters)
+    with contextlib.suppress(Exception):  # run() starts it again, and the probe records why that fails
+        run.start()
+    return run.run
+
+
+def allreduce(device_count: int, timeout_s: float = 60, iters: int = 20) -> dict[str, Any]:
+    return prepare(device_count, timeout_s, iters)()

@@ -94,28 +94,35 @@ def data_dir(r: dict[str, Any]) -> Finding:
         return early
     if d is None:
         return na("no --data-dir given", "pass --data-dir where checkpoints go (AutoDL: /root/autodl-tmp)")
-    if not d.get("exists"):
-        return fail(f"data dir {d['path']} does not exist", f"mkdir -p {d['path']}, or pass the right --data-dir")
+    if d.get("not_a_directory"):
+        return fail(
+            f"data dir {d['path']} cannot be made: {d['not_a_directory']} is a file",
+            "point --data-dir (samebox train: output.dir) at a directory on the data disk",
+        )
+    if d.get("exists", True) or "judged" not in d:
+        where = f"data dir {d['path']}"
+    else:  # samebox train makes output.dir; the disk it will be on is judged
+        where = f"data dir {d['path']} (not made yet; judged on {d['judged']})"
     space = f"{gib(d['free_bytes'])} free of {gib(d['total_bytes'])}"
     if "write_error" in d:
         return fail(
-            f"data dir {d['path']}: writing 16 MiB + fsync failed: {d['write_error']} ({space})",
+            f"{where}: writing 16 MiB + fsync failed: {d['write_error']} ({space})",
             "use a writable data disk with room for checkpoints (AutoDL: /root/autodl-tmp); "
             "free space or remount read-write",
         )
     if d["free_bytes"] < DATA_FAIL_FREE:
         return fail(
-            f"data dir {d['path']}: only {space}: checkpoints will not fit",
+            f"{where}: only {space}: checkpoints will not fit",
             "free space (old checkpoints, caches) or pass another --data-dir",
         )
     if d["free_bytes"] < DATA_WARN_FREE:
-        return warn(f"data dir {d['path']}: {space}", "a 7B LoRA run writes several GiB of checkpoints: free space")
+        return warn(f"{where}: {space}", "a 7B LoRA run writes several GiB of checkpoints: free space")
     if d["write_mbps"] < DATA_WARN_MBPS:
         return warn(
-            f"data dir {d['path']}: {space}, but write+fsync runs at {d['write_mbps']:.0f} MB/s",
+            f"{where}: {space}, but write+fsync runs at {d['write_mbps']:.0f} MB/s",
             "network storage (e.g. autodl-fs) is slow for checkpoints: use the local data disk",
         )
-    return ok(f"data dir {d['path']}: {space}, write+fsync {d['write_mbps']:.0f} MB/s")
+    return ok(f"{where}: {space}, write+fsync {d['write_mbps']:.0f} MB/s")
 
 
 def hf_cache(r: dict[str, Any]) -> Finding:

@@ -42,6 +42,8 @@ def rebuild_flash_attn(cap: str | None) -> str:
 def _crashed(reading: Any, what: str) -> Finding | None:
     if reading is None:
         return no_gpu()
+    if reading.get("not_needed"):
+        return na(f"{what}: not tested, the job does not use it", "test it with `samebox selftest --kernels ...`")
     err = probe_error(reading)
     return fail(f"the {what} probe crashed: {err}", "run `samebox selftest --json` for details") if err else None
 

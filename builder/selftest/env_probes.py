@@ -78,14 +78,26 @@ def shm() -> dict[str, Any] | None:
     return disk("/dev/shm") if os.path.isdir("/dev/shm") else None
 
 
+def nearest_existing(path: str) -> str:
+    """``path`` itself when it exists, else its nearest ancestor that does ('/' at worst)."""
+    current = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(current):
+        current = os.path.dirname(current)
+    return current
+
+
 def data_dir(path: str | None, write_mib: int = 16) -> dict[str, Any] | None:
-    """Free space, and a write+fsync of ``write_mib`` MiB (removed afterwards) with its speed."""
+    """Free space, and a write+fsync of ``write_mib`` MiB (removed afterwards) with its speed. A directory not made
+    yet (``samebox train`` makes output.dir) is judged on its nearest existing parent: the disk it will be on."""
     if path is None:
         return None
-    if not os.path.isdir(path):
-        return {"path": path, "exists": False}
-    reading = {"exists": True, **disk(path)}
-    probe = Path(path) / f".samebox-selftest-{os.getpid()}"
+    judged = nearest_existing(path)
+    reading: dict[str, Any] = {"path": path, "exists": os.path.isdir(path), "judged": judged}
+    if not os.path.isdir(judged):
+        reading["not_a_directory"] = judged  # the path runs through a file: it can never be made
+        return reading
+    reading.update({**disk(judged), "path": path})
+    probe = Path(judged) / f".samebox-selftest-{os.getpid()}"
     start = time.perf_counter()
     try:
         with open(probe, "wb") as f:

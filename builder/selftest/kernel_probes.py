@@ -112,9 +112,11 @@ def flash_attn(
     dtype_name: str = "bfloat16",
     window: int | None = None,
     extension: str | None = None,
+    features: tuple[str, ...] = FLASH_ATTN_FEATURES,
 ) -> dict[str, Any]:
     """Readings for flash-attn: installed version, SASS archs of its extension, each head dim's errors against
-    SDPA (or the error text), and which optional features the build has."""
+    SDPA (or the error text), and which of ``features`` the build has (each is a first call of another kernel:
+    quick asks only for those the model needs)."""
     import torch
 
     reading: dict[str, Any] = {"head_dims": head_dims, "dtype": dtype_name, "window": window}
@@ -141,7 +143,7 @@ def flash_attn(
         except Exception as e:
             cases[str(hd)] = {"error": str(e).splitlines()[0]}
     reading["cases"] = cases
-    reading["features"] = {f: _feature_call(fa, f) for f in FLASH_ATTN_FEATURES}
+    reading["features"] = {f: _feature_call(fa, f) for f in features}
     if window:
         try:
             reading["window_case"] = _varlen_case(fa, head_dims[-1], dtype, window)

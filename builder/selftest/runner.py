@@ -7,7 +7,7 @@ from typing import Any
 
 from builder.errors import SameboxError
 from builder.selftest.model import attention_needs
-from builder.selftest.readings import collect
+from builder.selftest.readings import KERNELS, collect
 from builder.selftest.registry import MODES, judge
 from builder.selftest.report import Report
 
@@ -19,14 +19,22 @@ def report_from_readings(readings: dict[str, Any], duration_s: float = 0.0) -> R
 
 
 def run_selftest(
-    mode: str = "quick", model: str | None = None, data_dir: str | None = None, lockfile: str | None = None
+    mode: str = "quick",
+    model: str | None = None,
+    data_dir: str | None = None,
+    lockfile: str | None = None,
+    kernels: tuple[str, ...] = KERNELS,
 ) -> Report:
     """Runs the self-test on this machine. ``model``: a Hugging Face config.json or model dir whose attention
     the kernels are tested for; ``data_dir``: where checkpoints go; ``lockfile``: compare installed packages
-    with it (default $SAMEBOX_LOCKFILE, else the catalog image matching this torch and Python)."""
+    with it (default $SAMEBOX_LOCKFILE, else the catalog image matching this torch and Python); ``kernels``: the
+    kernel libraries the job uses (the others are neither imported nor tested)."""
     if mode not in MODES:
         raise SameboxError(f"unknown self-test mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    unknown = sorted(set(kernels) - set(KERNELS))
+    if unknown:
+        raise SameboxError(f"unknown kernels: {', '.join(unknown)}", f"choose among: {', '.join(KERNELS)}")
     needs = attention_needs(model)
     start = time.perf_counter()
-    readings = collect(mode, needs, data_dir, lockfile)
+    readings = collect(mode, needs, data_dir, lockfile, kernels=kernels)
     return report_from_readings(readings, time.perf_counter() - start)

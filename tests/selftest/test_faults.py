@@ -134,12 +134,14 @@ FAULTS = [
         "writable data disk",
     ),
     (
-        "data dir missing",
-        lambda r: r["env"].update(data_dir={"path": "/nope", "exists": False}),
+        "data dir under a file",
+        lambda r: r["env"].update(
+            data_dir={"path": "/f/run", "exists": False, "judged": "/f", "not_a_directory": "/f"}
+        ),
         "data_dir",
         "fail",
-        "does not exist",
-        "mkdir -p /nope",
+        "/f is a file",
+        "output.dir",
     ),
     (
         "data dir slow",

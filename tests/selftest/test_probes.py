@@ -84,7 +84,25 @@ def test_data_dir_write(tmp_path) -> None:
     reading = env_probes.data_dir(str(tmp_path), write_mib=2)
     assert reading["exists"] and reading["write_mbps"] > 0 and "write_error" not in reading
     assert list(tmp_path.iterdir()) == []
-    assert env_probes.data_dir(str(tmp_path / "nope")) == {"path": str(tmp_path / "nope"), "exists": False}
+
+
+
+def test_data_dir_not_made_yet_is_judged_on_its_nearest_existing_parent(tmp_path) -> None:
+    """`samebox train` makes output.dir after the self-test's checks are planned: a missing one is no failure;
+    the disk it will be on is."""
+    from builder.selftest import report_from_readings
+
+    run = tmp_path / "runs" / "new"
+    reading = env_probes.data_dir(str(run), write_mib=1)
+    assert (reading["path"], reading["exists"], reading["judged"]) == (str(run), False, str(tmp_path))
+    assert reading["free_bytes"] > 0 and reading["write_mbps"] > 0 and not run.exists()
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone
+    readings = {"mode": "quick", "env": {"data_dir": {**reading, "free_bytes": 100 * 2**30, "write_mbps": 900.0}}}
+    (finding,) = [f for f in report_from_readings(readings).findings if f.check == "data_dir"]
+    assert finding.severity == "ok" and f"not made yet; judged on {tmp_path}" in finding.message
+    (tmp_path / "file").write_text("x")
+    under_file = env_probes.data_dir(str(tmp_path / "file" / "run"))
+    assert under_file["not_a_directory"] == str(tmp_path / "file")
 
 
 def test_elf_archs_reads_cuobjdump(monkeypatch, tmp_path) -> None:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from builder.cli import main as cli_main
 from builder.errors import SameboxError
@@ -80,11 +81,13 @@ def test_train_command_reports_config_errors(tmp_path, capsys):
     assert "unknown key model.nme" in capsys.readouterr().err
 
 
-def test_train_command_runs_the_real_selftest_first(tmp_path, capsys):
-    """Without --no-preflight the real `samebox selftest --quick` runs; on a machine without a GPU it fails."""
+def test_train_command_runs_the_real_selftest_first(make_config, tmp_path, capsys):
+    """Without --no-preflight the real `samebox selftest --quick` runs (after the data is checked); on a machine
+    without a GPU it fails, and says --no-preflight is the way to train there."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model:\n  name: {tmp_path}\ndata:\n  path: {tmp_path}/d.jsonl\n")
+    cfg.write_text(yaml.safe_dump(make_config().to_dict()))
     if torch.cuda.is_available():
         pytest.skip("a GPU machine may pass the self-test")
     assert cli_main(["train", str(cfg)]) == 1, "a failing check exits 1 (2 is for user mistakes)"
-    assert "preflight self-test failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "preflight self-test failed" in err and "--no-preflight" in err
