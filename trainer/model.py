@@ -119,6 +119,12 @@ def activation_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return config.num_hidden_layers * (20 * hidden + 6 * inter) * torch.finfo(dtype).bits // 8
 
 
+def checkpointed_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """With checkpointing: every layer's input kept, one layer's activations live during its recomputation."""
+    per_layer = activation_bytes_per_token(config, dtype) // config.num_hidden_layers
+    return config.num_hidden_layers * config.hidden_size * torch.finfo(dtype).bits // 8 + per_layer
+
+
 def enable_checkpointing(model: Any) -> None:
     """Non-reentrant checkpointing: works with frozen inputs, no enable_input_require_grads needed."""
     kwargs = {"use_reentrant": False}
@@ -129,19 +135,70 @@ def enable_checkpointing(model: Any) -> None:
 
 
 def wants_checkpointing(cfg: ModelConfig, base: Any, device: torch.device, dtype: torch.dtype,
-                        micro_batch_tokens: int) -> bool:
+                        micro_batch_tokens: int | str) -> bool:
     if cfg.gradient_checkpointing != "auto":
         return cfg.gradient_checkpointing == "true"
     if device.type != "cuda":
         return False
+    if micro_batch_tokens == "auto":
+        return True  # the budget is then sized for checkpointed layers
     free, _ = torch.cuda.mem_get_info(device)
-    return activation_bytes_per_token(base.config, dtype) * micro_batch_tokens > 0.6 * free
+    return activation_bytes_per_token(base.config, dtype) * int(micro_batch_tokens) > 0.6 * free
 
 
-def setup_model(cfg: ModelConfig, lora: Any, micro_batch_tokens: int) -> tuple[LoadedModel, bool]:
-    """Load the base model frozen, wrap it with LoRA; returns the model and whether checkpointing is on."""
+def check_lora_targets(model: Any, targets: str | list[str]) -> None:
+    """Every named target must match a module: peft only complains when none does, and silently trains fewer."""
+    if isinstance(targets, str):
+        return
+    from peft.tuners.lora import LoraLayer
+
+    adapted = [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in adapted)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.get_base_model().named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Linear4bit"} - {"lm_head"})
+        raise SameboxError(f"LoRA targets {missing} match no module of this model",
+                           hint=f"its linear layers are {', '.join(linear)}; or use lora.targets=all-linear")
+
+
+def auto_budget(base: Any, fused: Any, device: torch.device, dtype: torch.dtype, step_tokens: int,
+                trainable: int, loss_chunk: int) -> int:
+    """micro_batch_tokens=auto: as many tokens per micro-batch as the GPU's free memory holds (the out-of-memory
+    back-off still halves it), never more than a whole step's tokens. A 24 GB and an 80 GB card each use theirs."""
+    if device.type != "cuda":
+        return min(step_tokens, 16384)
+    free, _ = torch.cuda.mem_get_info(device)
+    elem = torch.finfo(dtype).bits // 8
+    # LoRA weights, grads and AdamW's two moments in fp32; the loss's fp32 logits and their softmax, a chunk at a time.
+    reserve = 16 * trainable + 3 * 4 * loss_chunk * base.config.vocab_size + 2 ** 30
+    if fused is not None:
+        per_token, reserve = fused.bytes_per_token(), reserve + fused.fixed_bytes()
+    else:
+        per_token = checkpointed_bytes_per_token(base.config, dtype)
+    per_token += 4 * base.config.hidden_size * elem  # the final hidden states and their gradient
+    budget = int((0.85 * free - reserve) // per_token)
+    return max(1024, min(step_tokens, budget // 256 * 256))
+
+
+@dataclass
+class TrainPath:
+    """How the model trains: the fused layers or transformers + peft, and the micro-batch budget."""
+
+    fused: Any  # trainer.fused.FusedDecoder | None
+    note: str
+    checkpointing: bool
+    budget: int
+
+
+def setup_model(cfg: ModelConfig, lora: Any, train: Any, step_tokens: int, packing_allowed: bool = True
+                ) -> tuple[LoadedModel, TrainPath]:
+    """Load the base model frozen, wrap it with LoRA, pick the training path (fused layers when the model fits
+    them and packing is allowed) and the micro-batch token budget. ``step_tokens``: the most tokens one
+    optimizer step can hold."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from trainer.fused import fused_decoder, want_offload
 
     device = pick_device()
     dtype = pick_dtype(cfg, device)
@@ -159,9 +216,6 @@ def setup_model(cfg: ModelConfig, lora: Any, micro_batch_tokens: int) -> tuple[L
         raise SameboxError(f"could not load model {model_dir}: {e}",
                            hint="check the path or id; behind the GFW set HF_ENDPOINT=https://hf-mirror.com") from None
     base.config.use_cache = False
-    checkpointing = wants_checkpointing(cfg, base, device, dtype, micro_batch_tokens)
-    if checkpointing:
-        enable_checkpointing(base)
     targets = lora.targets if isinstance(lora.targets, str) else list(lora.targets)
     peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                           task_type="CAUSAL_LM")
@@ -170,10 +224,30 @@ def setup_model(cfg: ModelConfig, lora: Any, micro_batch_tokens: int) -> tuple[L
     except ValueError as e:
         raise SameboxError(f"LoRA targets {targets} do not match the model: {e}",
                            hint="use lora.targets=all-linear or names such as [q_proj, v_proj]") from None
-    return LoadedModel(model, tokenizer, device, dtype, attention, model_dir), checkpointing
+    check_lora_targets(model, targets)
+    elem = torch.finfo(dtype).bits // 8
+    saved_per_token = 2 * base.config.num_hidden_layers * base.config.hidden_size * elem
+    offload = want_offload(train.offload_activations, device, saved_per_token * step_tokens)
+    fused_setting = train.fused if packing_allowed else "false"
+    fused, note = fused_decoder(model, fused_setting, dtype, device, offload)
+    if not packing_allowed and train.fused != "false":
+        note = "transformers + peft layers (the fused layers need packed samples: data.packing is false)"
+    checkpointing = False
+    if fused is None:
+        checkpointing = wants_checkpointing(cfg, base, device, dtype, train.micro_batch_tokens)
+        if checkpointing:
+            enable_checkpointing(base)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    budget = train.micro_batch_tokens
+    if budget == "auto":
+        budget = auto_budget(base, fused, device, dtype, step_tokens, trainable, train.loss_chunk_tokens)
+    loaded = LoadedModel(model, tokenizer, device, dtype, attention, model_dir)
+    return loaded, TrainPath(fused, note, checkpointing or fused is not None, int(budget))
 
 
-def decoder_and_head(model: Any) -> tuple[Any, torch.nn.Module]:
-    """The transformer body (hidden states out) and the output projection of a PEFT-wrapped causal LM."""
+def decoder_and_head(model: Any, fused: Any = None) -> tuple[Any, torch.nn.Module]:
+    """The transformer body (hidden states out; the fused decoder when there is one) and the output projection
+    of a PEFT-wrapped causal LM."""
     causal_lm = model.get_base_model()
-    return getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()
+    body = fused if fused is not None else getattr(causal_lm, causal_lm.base_model_prefix)
+    return body, causal_lm.get_output_embeddings()

@@ -80,13 +80,23 @@ class LoRAFinetuneRecipe:
                                   for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _setup_model(self) -> None:
-        loaded, self.checkpointing = setup_model(self.cfg.model, self.cfg.lora, self.cfg.train.micro_batch_tokens)
+        loaded, path = setup_model(self.cfg.model, self.cfg.lora, self.cfg.train, self._step_tokens(),
+                                   packing_allowed=self.cfg.data.packing != "false")
         self.loaded: LoadedModel = loaded
+        self.path = path
+        self.checkpointing = path.checkpointing
         self.model = loaded.model
-        self.decoder, self.head = decoder_and_head(self.model)
+        self.decoder, self.head = decoder_and_head(self.model, path.fused)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.packing = self.cfg.data.packing == "true" or (
-            self.cfg.data.packing == "auto" and loaded.attention == "flash_attention_2")
+        # The fused layers and flash-attn take packed rows with the samples' boundaries (varlen attention).
+        self.varlen = path.fused is not None or loaded.attention == "flash_attention_2"
+        self.packing = self.cfg.data.packing == "true" or (self.cfg.data.packing == "auto" and self.varlen)
+        self.budget = path.budget
+
+    def _step_tokens(self) -> int:
+        """The most tokens this process can get in one optimizer step: what the auto budget need not exceed."""
+        longest = sorted(self.lengths, reverse=True)[: self.cfg.train.samples_per_step]
+        return min(sum(longest), math.ceil(sum(longest) / self.world) + longest[0])
 
     def _setup_data(self) -> None:
         self.data: TokenizedData
@@ -95,7 +105,6 @@ class LoRAFinetuneRecipe:
         self.lengths = [len(s) for s in self.data.input_ids]
         per_epoch = steps_per_epoch(len(self.data), self.cfg.train.samples_per_step)
         self.total_steps = self.cfg.train.max_steps or per_epoch * self.cfg.train.epochs
-        self.budget = self.cfg.train.micro_batch_tokens
 
     def _setup_optimizer(self) -> None:
         t = self.cfg.train
@@ -132,8 +141,9 @@ class LoRAFinetuneRecipe:
             if self.world > 1 else ""
         return (f"{self.loaded.model_dir} on {self.loaded.device} ({self.cfg.model.quantization}, "
                 f"{self.loaded.dtype}, {self.loaded.attention}, {'packed' if self.packing else 'padded buckets'}, "
-                f"checkpointing {'on' if self.checkpointing else 'off'}); {trainable:,} trainable; "
-                f"{self.data_note}; {self.total_steps} steps{ranks}{resumed}")
+                f"checkpointing {'on' if self.checkpointing else 'off'}); {self.path.note}; micro-batches of up to "
+                f"{self.budget} tokens; {trainable:,} trainable; {self.data_note}; {self.total_steps} steps"
+                f"{ranks}{resumed}")
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signum
@@ -153,10 +163,9 @@ class LoRAFinetuneRecipe:
         label_total = sum(self.label_counts[i] for i in indices)
         tokens = sum(self.lengths[i] for i in indices)
         pad_id = self.loaded.tokenizer.pad_token_id
-        varlen = self.loaded.attention == "flash_attention_2"
 
         def make(budget: int) -> list:
-            return build_micro_batches(self.data, local, budget, self.packing, varlen, pad_id) if local else []
+            return build_micro_batches(self.data, local, budget, self.packing, self.varlen, pad_id) if local else []
 
         result = run_step(self.decoder, self.head, make, self.params, label_total, self.budget,
                           self.loaded.device, self.loaded.dtype, t.loss_chunk_tokens,
@@ -248,6 +257,7 @@ class LoRAFinetuneRecipe:
         summary = {"steps": self.step, "skipped_steps": self.skipped, "label_tokens": self.label_tokens_seen,
                    "train_seconds": self.train_seconds, "attention": self.loaded.attention,
                    "packing": self.packing, "gradient_checkpointing": self.checkpointing,
+                   "fused_layers": self.path.fused is not None, "path": self.path.note,
                    "micro_batch_tokens": self.budget}
         if self.loaded.device.type == "cuda":
             summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.loaded.device) / 2**30

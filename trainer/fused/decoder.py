@@ -78,6 +78,23 @@ def layer_spec(index: int, layer: torch.nn.Module, dtype: torch.dtype) -> LayerS
         heads, kv_heads, head_dim, float(getattr(sa, "scaling", head_dim ** -0.5)))
 
 
+class FinalNormFn(torch.autograd.Function):
+    """The model's last RMSNorm with the same kernels: keeps its input and rstd, not autograd's fp32 copies."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float,  # type: ignore[override]
+                kernels: Kernels) -> torch.Tensor:
+        y, state = kernels.rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight)
+        ctx.state, ctx.kernels = state, kernels
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        return ctx.kernels.rms_norm_backward(dy.contiguous(), x, weight, ctx.state), None, None, None
+
+
 class FusedDecoder:
     """Called like the transformers model body on a packed micro-batch: returns ``.last_hidden_state``."""
 
@@ -91,8 +108,9 @@ class FusedDecoder:
         self.hidden = config.hidden_size
         self.intermediate = config.intermediate_size
         elem = torch.finfo(dtype).bits // 8
-        # The MLP runs a chunk of tokens at a time: ~1 GiB of (chunk x intermediate) tensors at most.
-        self.mlp_chunk = max(1024, (2 ** 30 // (4 * self.intermediate * elem)) // 1024 * 1024)
+        # The MLP runs a chunk of tokens at a time: ~512 MiB of (chunk x intermediate) tensors at most (7B: 7k
+        # tokens, still a GEMM that fills the GPU).
+        self.mlp_chunk = max(1024, (2 ** 29 // (4 * self.intermediate * elem)) // 1024 * 1024)
 
     def describe(self) -> str:
         return (f"fused layers ({self.kernels.name} kernels, {self.attention} attention, "
@@ -116,7 +134,10 @@ class FusedDecoder:
                       self.kernels, self.attention, self.store, self.mlp_chunk)
         for spec in self.specs:
             x = DecoderLayerFn.apply(x, spec, batch, *spec.params())
-        return SimpleNamespace(last_hidden_state=self.body.norm(x.view(1, t, self.hidden)))
+        norm = self.body.norm
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        hidden = FinalNormFn.apply(x, norm.weight.detach(), eps, self.kernels)
+        return SimpleNamespace(last_hidden_state=hidden.view(1, t, self.hidden))
 
     def bytes_per_token(self) -> int:
         """GPU memory one more token of a micro-batch costs at the peak (one layer's backward pass), plus what is
