@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+_OUT_FORM = True  # bitsandbytes' dequantize_4bit(out=...) on CUDA; it has no CPU kernel for that form
+
 
 def is_4bit(module: torch.nn.Module) -> bool:
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -97,12 +99,16 @@ class LinearGroup:
 
         first = self.parts[0].base.weight
         out = torch.empty(self.out_features, self.in_features, dtype=self.dtype, device=first.device)
+        global _OUT_FORM
         for (lo, hi), p in zip(self.rows, self.parts, strict=True):
             state = p.base.weight.quant_state
-            if state.dtype == self.dtype and out.is_cuda:  # bitsandbytes has no CPU kernel for the out= form
-                bnbf.dequantize_4bit(p.base.weight.data, state, out=out[lo:hi])
-            else:
-                out[lo:hi] = bnbf.dequantize_4bit(p.base.weight.data, state).to(self.dtype)
+            if state.dtype == self.dtype and out.is_cuda and _OUT_FORM:
+                try:
+                    bnbf.dequantize_4bit(p.base.weight.data, state, out=out[lo:hi])
+                    continue
+                except NotImplementedError:  # a bitsandbytes without the out= kernel: dequantize, then copy
+                    _OUT_FORM = False
+            out[lo:hi] = bnbf.dequantize_4bit(p.base.weight.data, state).to(self.dtype)
         return out
 
     def _a(self) -> torch.Tensor:
