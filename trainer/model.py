@@ -155,8 +155,10 @@ def check_lora_targets(model: Any, targets: str | list[str]) -> None:
     adapted = [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in adapted)]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.get_base_model().named_modules()
-                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Linear4bit"} - {"lm_head"})
+        linear = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1]
+                         for n, m in model.get_base_model().named_modules()
+                         if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Linear4bit")
+                         and ".lora_" not in n} - {"lm_head"})
         raise SameboxError(f"LoRA targets {missing} match no module of this model",
                            hint=f"its linear layers are {', '.join(linear)}; or use lora.targets=all-linear")
 

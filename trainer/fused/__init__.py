@@ -31,7 +31,7 @@ def fused_decoder(model: Any, setting: str, dtype: torch.dtype, device: torch.de
     """(decoder, note): the fused decoder when ``setting`` (train.fused: auto|true|false) allows it and the model
     fits it; otherwise None and why. With ``setting=true`` a model that does not fit is an error."""
     if setting == "false":
-        return None, "fused layers off (train.fused=false)"
+        return None, "transformers + peft layers (train.fused=false)"
     chosen, kernel_note = pick_kernels(device, kernels)
     try:
         decoder = build(model, dtype, device, chosen, offload)

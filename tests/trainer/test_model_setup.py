@@ -1,0 +1,41 @@
+"""Model setup: LoRA targets must all match, and the path the trainer takes is the one it reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from builder.errors import SameboxError
+from trainer.recipe import LoRAFinetuneRecipe, main
+
+
+def test_a_lora_target_that_matches_nothing_is_an_error_naming_the_real_ones(make_config):
+    cfg = make_config(overrides=("lora.targets=[q_proj, qproj]",))
+    recipe = LoRAFinetuneRecipe(cfg)
+    with pytest.raises(SameboxError) as err:
+        recipe.setup()
+    recipe.cleanup()
+    assert "['qproj']" in str(err.value) and "q_proj" in err.value.hint and "all-linear" in err.value.hint
+
+
+@pytest.mark.parametrize("overrides,fused", [
+    ((), True),
+    (("lora.dropout=0.1",), False),  # dropout: transformers + peft
+    (("train.fused=false",), False),
+    (("data.packing=false",), False),  # the fused layers take packed rows only
+])
+def test_summary_says_which_path_trained(make_config, overrides, fused):
+    cfg = make_config(overrides=("train.max_steps=1", "train.micro_batch_tokens=auto", *overrides),
+                      name="path-" + "-".join(o.replace("=", "_") for o in overrides))
+    assert main(cfg) == 0
+    summary = json.loads((Path(cfg.output.dir) / "summary.json").read_text())
+    assert summary["fused_layers"] is fused
+    assert summary["path"].startswith("fused layers" if fused else "transformers + peft")
+    # auto on the CPU: the step's tokens (capped at 16384), so a packed step is one micro-batch
+    rows = [json.loads(line) for line in (Path(cfg.output.dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step" in r]
+    assert 0 < summary["micro_batch_tokens"] <= 16384 and steps[0]["tokens"] <= summary["micro_batch_tokens"]
+    if fused:
+        assert steps[0]["micro_batches"] == 1
