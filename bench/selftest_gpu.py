@@ -7,7 +7,9 @@
         (on any machine) copies DIR/{quick,full,no_visible_devices}.json over tests/fixtures/nvml/ (quick and
         full become healthy_{quick,full}.json), and FILE's (an --out report) flash-attn reading.
     python bench/selftest_gpu.py --out FILE [--wheels DIR] [--sm80-extension PATH]
-        runs quick and full (timed), then each injected fault, and writes one JSON report.
+        runs quick and full (timed; quick first, in a process that has imported nothing heavy yet), then quick as
+        the trainer's preflight runs it (`samebox selftest --quick --json` in a fresh interpreter: quick_cli), then
+        each injected fault, and writes one JSON report. Each run's report.timings says where its time went.
 
 --wheels DIR: flash-attn / bitsandbytes wheels to unpack into a temporary site dir for this run (the GPU
 machine has neither installed). --sm80-extension: a flash-attn wheel or flash_attn_2_cuda*.so built for sm_80
@@ -99,6 +101,22 @@ def timed_selftest(mode: str, data_dir: str) -> dict:
     report = run_selftest(mode, data_dir=data_dir)
     wall = time.perf_counter() - start
     return {"wall_s": round(wall, 2), "report": report.to_dict(), "text": report.format(), "readings": report.readings}
+
+
+def timed_cli(data_dir: str) -> dict:
+    """`samebox selftest --quick --json` as the trainer's preflight runs it: a fresh interpreter, wall time included."""
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json", "--data-dir", data_dir],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    result: dict = {"wall_s": round(time.perf_counter() - start, 2), "exit_code": out.returncode}
+    try:
+        report = json.loads(out.stdout)
+        result.update(duration_s=report["duration_s"], timings=report["timings"], summary=report["summary"])
+    except (json.JSONDecodeError, KeyError):
+        result["stderr"] = out.stderr[-3000:]
+    return result
 
 
 def findings_of(report: dict, check: str) -> list[dict]:
@@ -307,7 +325,10 @@ def run_all(unpacked: list[str], sm80: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as data_dir:
         for mode in ("quick", "full"):
             out[mode] = timed_selftest(mode, data_dir)
-            print(f"{mode}: {out[mode]['wall_s']}s, {out[mode]['report']['summary']}", flush=True)
+            timings = sorted(out[mode]["report"]["timings"].items(), key=lambda kv: -kv[1])[:6]
+            print(f"{mode}: {out[mode]['wall_s']}s, {out[mode]['report']['summary']}, slowest {timings}", flush=True)
+        out["quick_cli"] = timed_cli(data_dir)
+        print(f"quick_cli: {out['quick_cli']['wall_s']}s (exit {out['quick_cli']['exit_code']})", flush=True)
     healthy = out["quick"]["readings"]
     faults = {}
     for name, fn in (

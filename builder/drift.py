@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from builder import fingerprint
+from builder.errors import SameboxError
+from builder.fsutil import read_text
 
 # Distributions the platform brings with torch; a setup run verifies them and never installs them (nvidia-ml-py is
 # NVML's Python binding, part of the training stack). The one definition: builder/lock.py asks this one too.
@@ -43,7 +45,7 @@ class LockedPackage:
 
 def read_pins(lockfile: Path) -> list[LockedPackage]:
     """Every `name==version --hash=...` requirement of a hashed lockfile (comments and options dropped)."""
-    text = Path(lockfile).read_text()
+    text = read_text(Path(lockfile), "lockfile", "pass a lockfile written by `samebox lock` (lockfiles/<id>.txt)")
     joined = re.sub(r"\\\n", " ", text)
     pins = []
     for line in joined.splitlines():
@@ -232,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     p_intact.add_argument("name")
     p_intact.add_argument("--version", default="")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except SameboxError as e:  # a lockfile that cannot be read: what would work, exit 2 (as the samebox CLI)
+        print(f"samebox: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.cmd == "intact":
         return 0 if is_intact(args.name, args.version) else 1
     if args.cmd == "plan":

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from builder import pyindex
@@ -45,7 +45,10 @@ class Engine:
     binary: str
     mode: str  # "buildx", "buildkit" (DOCKER_BUILDKIT=1 docker build), "podman", "buildah"
 
-    def build_argv(self, req: BuildRequest, secrets: dict[str, Path]) -> list[str]:
+    def build_argv(self, req: BuildRequest, secrets: dict[str, Path], env_secrets: dict[str, str] | None = None
+                   ) -> list[str]:
+        """The build command. ``secrets``: id -> file; ``env_secrets``: id -> the environment variable BuildKit
+        reads it from (for a command printed to run elsewhere: no secret written to a file)."""
         if self.mode == "buildx":
             argv = [self.binary, "buildx", "build", "--load", "--progress=plain"]
         elif self.mode == "buildkit":
@@ -54,8 +57,10 @@ class Engine:
             argv = [self.binary, "build", "--layers"]
         else:
             argv = [self.binary, "build", "--layers"]
-        for sid, path in sorted(secrets.items()):
-            argv += ["--secret", f"id={sid},src={path}"]
+        sources = {**{sid: f"src={path}" for sid, path in secrets.items()},
+                   **{sid: f"env={var}" for sid, var in (env_secrets or {}).items()}}
+        for sid, source in sorted(sources.items()):
+            argv += ["--secret", f"id={sid},{source}"]
         args = {**req.build_args, **({"BASE_IMAGE": req.base_image} if req.base_image else {})}
         for name, value in sorted(args.items()):
             argv += ["--build-arg", f"{name}={value}"]
@@ -177,15 +182,16 @@ def run_build(engine: Engine, req: BuildRequest, log_path: Path, ca_bundle: Path
     return rc
 
 
-def printed_command(req: BuildRequest) -> str:
-    """What `--engine none` prints: the command that builds the written context with Docker."""
+# Secrets a build reads from the environment of the shell that runs it: id -> variable.
+ENV_SECRETS = {"pip_index_url": "PIP_INDEX_URL", "pip_extra_index_url": "PIP_EXTRA_INDEX_URL"}
+
+
+def printed_command(req: BuildRequest, ca_bundle: Path | None = None) -> str:
+    """What `--engine none` prints: a Docker command that builds the written context as it stands, run from this
+    directory. The CA bundle (ca_bundle_path's answer) goes in by its absolute path; pip index URLs, which may carry
+    credentials, are read by BuildKit from the same variables in the shell that runs it (never printed)."""
     engine = Engine("docker", "docker", "buildkit")
-    placeholders = {"ca_bundle": Path("CA.pem")} if ca_bundle_path() else {}
-    for sid, var in (("pip_index_url", "PIP_INDEX_URL"), ("pip_extra_index_url", "PIP_EXTRA_INDEX_URL")):
-        if os.environ.get(var):
-            placeholders[sid] = Path(f"{sid}.txt")
-    argv = engine.build_argv(req, placeholders)
-    notes = {"ca_bundle": "CA.pem: your proxy's CA bundle", "pip_index_url": "pip_index_url.txt: $PIP_INDEX_URL",
-             "pip_extra_index_url": "pip_extra_index_url.txt: $PIP_EXTRA_INDEX_URL"}
-    hint = "; ".join(notes[s] for s in sorted(placeholders))
-    return "DOCKER_BUILDKIT=1 " + shlex.join(argv) + (f"   # secret files (chmod 600): {hint}" if hint else "")
+    files = {"ca_bundle": ca_bundle.resolve()} if ca_bundle else {}
+    from_env = {sid: var for sid, var in ENV_SECRETS.items() if os.environ.get(var)}
+    argv = engine.build_argv(replace(req, context=req.context.resolve()), files, from_env)
+    return "DOCKER_BUILDKIT=1 " + shlex.join(argv)

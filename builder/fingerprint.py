@@ -259,14 +259,38 @@ def dumps(fingerprint: dict[str, Any]) -> str:
     return json.dumps(fingerprint, indent=2, sort_keys=True) + "\n"
 
 
+# What `samebox diff` reads from a fingerprint: these sections, and every package's version and RECORD digest.
+SECTIONS = ("env", "machine", "nvcc", "os", "packages", "pip_config", "python", "torch")
+
+
+def shape_problems(data: Any) -> list[str]:
+    """Where a parsed JSON document differs from what collect() writes, one line each (empty: a fingerprint)."""
+    if not isinstance(data, dict):
+        return [f"the document is a JSON {type(data).__name__}, not an object"]
+    if data.get("schema") != SCHEMA:
+        return [f"schema is {data.get('schema')!r}, not {SCHEMA}"]
+    problems = [f"no {key!r} section" for key in SECTIONS if key not in data]
+    packages = data.get("packages")
+    if "packages" in data and not isinstance(packages, dict):
+        return problems + [f"packages is a JSON {type(packages).__name__}, not an object of name -> entry"]
+    for name, entry in sorted((packages or {}).items()):
+        if not (isinstance(entry, dict) and isinstance(entry.get("version"), str)
+                and isinstance(entry.get("record"), str) and isinstance(entry.get("modified", []), list)):
+            problems.append(f"packages.{name} lacks a string version and record")
+    return problems
+
+
 def load(path: Path) -> dict[str, Any]:
     from builder.errors import SameboxError
+    from builder.fsutil import read_text
 
+    make = "make one with `samebox fingerprint -o FILE`"
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SameboxError(f"cannot read fingerprint {path}: {e}", "make one with `samebox fingerprint -o FILE`") from e
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA or "packages" not in data:
-        raise SameboxError(f"{path} is not a samebox fingerprint (schema {SCHEMA})",
-                           "make one with `samebox fingerprint -o FILE`")
+        data = json.loads(read_text(Path(path), "fingerprint", make))
+    except json.JSONDecodeError as e:
+        raise SameboxError(f"cannot read fingerprint {path}: not JSON ({e})", make) from None
+    problems = shape_problems(data)
+    if problems:
+        shown = problems[:10] + ([f"and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise SameboxError(f"{path} is not a samebox fingerprint (schema {SCHEMA}):", make, shown)
     return data

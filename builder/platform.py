@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from builder import compat, gpus
+from builder.errors import SameboxError
+from builder.fsutil import read_text
 
 NO_TORCH = "none"
 AUTODL_TURBO = Path("/etc/network_turbo")
@@ -175,7 +177,7 @@ def instance_hint(plat: Platform) -> str:
 
 def _read_entries(catalog: Path) -> list[dict[str, Any]]:
     """[[image]] entries of images/matrix.toml, or of a JSON list (the entry a standalone setup script embeds)."""
-    text = catalog.read_text()
+    text = read_text(catalog, "catalog", "pass images/matrix.toml (UTF-8) or the JSON list a setup script embeds")
     if catalog.suffix == ".json":
         return json.loads(text)
     try:
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         entry = match_entry(plat, _read_entries(args.catalog), args.image)
-    except PlatformMismatch as e:
+    except (PlatformMismatch, SameboxError) as e:
         print(f"samebox: error: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(shell_assignments(plat, entry))

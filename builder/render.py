@@ -121,8 +121,12 @@ def write_context(spec: ImageSpec, out_dir: Path, flash_attn: bool = True, flash
     dockerfile = render_dockerfile(spec, flash_attn, flash_attn_profile)
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:
+        raise SameboxError(f"cannot write the build context to {out_dir}: {e.strerror or e}",
+                           "give --output a directory path in a writable place (not under a file)") from None
     try:
         write_atomic(tmp / "Dockerfile", dockerfile)
         shutil.copyfile(spec.lockfile, tmp / f"{spec.id}.lock.txt")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from builder.errors import SameboxError
+from builder.fsutil import read_text
 from builder.paths import project_root
 from builder.spec import ImageSpec
 
@@ -38,7 +39,7 @@ def render_setup_script(spec: ImageSpec | None, command: str) -> str:
                                f"make it first: make lock IMAGE={spec.id}")
         entry = {k: v for k, v in sorted(spec.to_dict().items()) if k in ENTRY_FIELDS}
         entries_json = json.dumps([entry], indent=1, sort_keys=True)
-        lock_text = spec.lockfile.read_text()
+        lock_text = read_text(spec.lockfile, "lockfile", f"regenerate it: make lock IMAGE={spec.id}")
         if not lock_text.endswith("\n"):
             lock_text += "\n"
         if "SAMEBOX_LOCK_EOF" in lock_text:

@@ -16,6 +16,7 @@ from typing import Any
 
 from builder import compat
 from builder.errors import SameboxError
+from builder.fsutil import read_text
 from builder.paths import project_root
 
 if sys.version_info >= (3, 11):
@@ -122,7 +123,7 @@ def parse_catalog(path: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str,
     if not path.is_file():
         raise SameboxError(f"catalog not found: {path}", "run from a samebox checkout or set SAMEBOX_ROOT")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_text(path, "catalog", "save it as UTF-8 text; `samebox images` re-reads it"))
     except tomllib.TOMLDecodeError as e:
         raise SameboxError(f"{path}: not valid TOML: {e}", "fix the syntax; `samebox images` re-reads it") from e
     entries = data.get("image")

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = select_image(args)
     engine = detect_engine(args.engine)
+    ca_bundle = ca_bundle_path(args.ca_bundle)  # a missing --ca-bundle file is an error before anything is written
     context = write_context(spec, Path(args.output or f"build/{spec.id}"), not args.no_flash_attn,
                             args.flash_attn_profile)
     build_args = {"CONDA_MIRROR": args.conda_mirror} if args.conda_mirror else {}
@@ -38,10 +39,10 @@ def run(args: argparse.Namespace) -> int:
                        no_cache=args.no_cache)
     print(f"samebox: image {spec.id} (torch {spec.torch_full}, CUDA {spec.cuda}, Python {spec.python}) -> {req.tag}")
     if engine.name == "none":
-        print(f"samebox: context written to {context}; build it with:\n  {printed_command(req)}")
+        print(f"samebox: context written to {context}; build it with:\n  {printed_command(req, ca_bundle)}")
         return 0
     log = context.parent / f"{spec.id}.build.log"
-    rc = run_build(engine, req, log, ca_bundle_path(args.ca_bundle))
+    rc = run_build(engine, req, log, ca_bundle)
     if rc != 0:
         print(f"samebox: error: the {engine.name} build failed (exit {rc}); no tag was created; "
               f"full log kept at {log}", file=sys.stderr)

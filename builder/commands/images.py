@@ -21,11 +21,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json([s.to_dict() for s in catalog])
         return 0
+    # platforms last: the base images an instance is rented with (the setup script's starting points), often long.
     rows = [
         (s.id, s.torch_full, s.cuda, s.cudnn, s.python, s.os, s.python_provider, " ".join(s.archs), s.flash_attn,
-         "yes" if s.lockfile.is_file() else "no")
+         "yes" if s.lockfile.is_file() else "no", "; ".join(s.platforms) or "-")
         for s in catalog
     ]
-    print(format_table(("id", "torch", "cuda", "cudnn", "python", "os", "provider", "archs", "flash-attn", "locked"),
-                       rows))
+    print(format_table(("id", "torch", "cuda", "cudnn", "python", "os", "provider", "archs", "flash-attn", "locked",
+                        "platforms"), rows))
     return 0
