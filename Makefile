@@ -1,5 +1,5 @@
 # samebox front door. Every target creates or refreshes the virtualenv it needs: nothing to install first.
-#   make image TORCH=2.3 [CUDA=12.1] [PYTHON=3.12] [ENGINE=docker] [BASE_IMAGE=...] [TAG=...]
+#   make image TORCH=2.3 [CUDA=12.1] [PYTHON=3.12] [ENGINE=docker] [BASE_IMAGE=...] [TAG=...] [CONDA_MIRROR=URL]
 #   make test
 PYTHON_BIN ?= python3
 VENV       ?= .venv
@@ -15,11 +15,15 @@ CUDA   ?=
 PYTHON ?=
 ENGINE ?= docker
 IMAGE  ?=
+# A Miniconda mirror (e.g. https://mirrors.tuna.tsinghua.edu.cn/anaconda/miniconda/); the installer's sha256 is
+# still checked.
+CONDA_MIRROR ?=
 
 .PHONY: help venv image render lock lock-check images test lint clean
 
 help:
 	@echo "make image TORCH=2.3 [CUDA=12.1] [PYTHON=3.12] [ENGINE=docker|podman|buildah|none] [BASE_IMAGE=ref] [TAG=name]"
+	@echo "           [CONDA_MIRROR=url]"
 	@echo "make images | make render TORCH=2.3 | make lock [IMAGE=id] | make lock-check | make test | make lint"
 
 $(VENV)/.builder: pyproject.toml
@@ -40,7 +44,8 @@ images: $(VENV)/.builder
 
 image: $(VENV)/.builder
 	$(SAMEBOX) image --torch '$(TORCH)' $(if $(CUDA),--cuda $(CUDA)) $(if $(PYTHON),--python $(PYTHON)) \
-		--engine $(ENGINE) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) $(if $(TAG),--tag $(TAG))
+		--engine $(ENGINE) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) $(if $(TAG),--tag $(TAG)) \
+		$(if $(CONDA_MIRROR),--conda-mirror '$(CONDA_MIRROR)')
 
 render: $(VENV)/.builder
 	$(SAMEBOX) render --torch '$(TORCH)' $(if $(CUDA),--cuda $(CUDA)) $(if $(PYTHON),--python $(PYTHON))
