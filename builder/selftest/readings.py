@@ -55,10 +55,8 @@ def _import_quietly(module: str) -> None:
 
 
 def _importing(timings: dict[str, float], modules: list[str]) -> dict[str, Callable[[], Any]]:
-    """One thread per library the job's kernel probes need (torch first in each), started now; each value waits
-    for its import."""
-    return {m: _in_background(timings, f"import_{m}", lambda m=m: (_import_quietly("torch"), _import_quietly(m)))
-            for m in modules}
+    """One thread per library the job's kernel probes need, started now; each value waits for its import."""
+    return {m: _in_background(timings, f"import_{m}", lambda m=m: _import_quietly(m)) for m in modules}
 
 
 def _in_background(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -86,11 +84,11 @@ def collect(
     """Everything the checks judge, for ``mode`` 'quick' or 'full'; ``kernels``: which of KERNELS the job uses
     (the others are not imported and their checks say n/a).
 
-    Independent work overlaps: torch and the kernel libraries import on threads from the start (seconds of
-    Python, while NVML is read and the GPU computes: the load queues a second of matmuls per sync, so a thread
-    holding the GIL cannot starve it); the quick environment probes run on another thread beside the accuracy
-    probe; the processes of a multi-GPU all-reduce start before the load and wait for it to end. Nothing else
-    touches the GPU while its speed is measured.
+    Independent work overlaps: once torch is in, the kernel libraries import on threads (seconds of Python, while
+    the GPU computes: the load queues a second of matmuls per sync, so a thread holding the GIL cannot starve it);
+    the quick environment probes run on another thread beside the accuracy probe; the processes of a multi-GPU
+    all-reduce start before the load and wait for it to end. Nothing else touches the GPU while its speed is
+    measured.
     """
     unknown = sorted(set(kernels) - set(KERNELS))
     if unknown:
@@ -104,8 +102,6 @@ def collect(
         "timings": timings,
         "process": {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")},
     }
-    modules = [KERNEL_MODULES[k] for k in kernels if k in KERNEL_MODULES] + (SMOKE_MODULES if mode == "full" else [])
-    imported = _importing(timings, modules)
     r["nvml"] = _probe(timings, "nvml", nvml_reader.read_nvml)
     r["torch"] = _probe(timings, "torch", gpu_probes.torch_info)
     torch_version = r["torch"].get("version") if isinstance(r["torch"], dict) else None
@@ -120,6 +116,9 @@ def collect(
         r["env"] = env() if env else env_readings()
         r["gpu"] = None  # no CUDA device: the GPU checks report why from the nvml/torch readings
         return r
+    # Each kernel library imports torch first: its thread starts once torch is in (no GPU: none starts at all).
+    modules = [KERNEL_MODULES[k] for k in kernels if k in KERNEL_MODULES] + (SMOKE_MODULES if mode == "full" else [])
+    imported = _importing(timings, modules)
     if allreduce.under_torchrun():
         _probe(timings, "set_device", gpu_probes.use_local_rank)  # each rank tests its own GPU
     run_allreduce = allreduce.prepare(r["torch"]["device_count"], ALLREDUCE_TIMEOUT_S, ALLREDUCE_ITERS[mode])

@@ -46,3 +46,17 @@ def test_under_torchrun_uses_the_launchers_ranks(tmp_path) -> None:
     for reading in readings:
         assert reading["launcher"] == "torchrun" and reading["world_size"] == 2 and reading["nodes"] == 1
         assert reading["wrong_elements"] == 0 and not reading["timed_out"]
+
+
+def test_started_ranks_wait_for_run_before_they_measure() -> None:
+    """start() spawns the ranks (Python and torch load meanwhile); they write nothing until run() lets them go."""
+    from pathlib import Path
+
+    from builder.selftest.allreduce import LocalAllreduce
+
+    probe = LocalAllreduce(2, "gloo", size_mib=1, iters=3, timeout_s=120).start()
+    time.sleep(3)
+    assert probe.rendezvous is not None and list(Path(probe.rendezvous.name).glob("rank*.json")) == []
+    reading = probe.run()
+    assert reading["ranks_reported"] == [0, 1] and reading["wrong_elements"] == 0 and not reading["timed_out"]
+    assert multiprocessing.active_children() == []
