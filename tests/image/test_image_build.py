@@ -127,3 +127,36 @@ def test_failed_build_keeps_log_and_creates_no_tag(docker: Docker, test_base_ima
     log = tmp_path / "out" / f"{TEST_IMAGE_ID}.build.log"
     assert log.is_file() and "hash" in log.read_text().lower()
     assert not docker.exists(tag)
+
+
+def test_engine_none_prints_a_command_that_builds_as_printed(docker: Docker, test_base_image: str,  # noqa: F811
+                                                             private_index, tmp_path: Path) -> None:  # noqa: F811
+    """`--engine none` with a CA bundle and a password-protected PIP_INDEX_URL: the printed command, run by a shell
+    elsewhere with the same variable set, builds the image; the password was never printed."""
+    import os
+    import subprocess
+
+    from tests.harness import samebox
+
+    url, authorized = private_index
+    ca = tmp_path / "proxy-ca.pem"
+    shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", ca)
+    tag = f"samebox-test:{uuid.uuid4().hex[:8]}"
+    proc = samebox("image", "--root", str(TEST_ROOT), "--image", TEST_IMAGE_ID, "--engine", "none", "--output",
+                   str(tmp_path / "ctx"), "--tag", tag, "--ca-bundle", str(ca), "--no-cache",
+                   env={"PIP_INDEX_URL": url})
+    assert proc.returncode == 0, proc.stderr
+    command = proc.stdout.strip().splitlines()[-1].strip()
+    assert CANARY not in proc.stdout + proc.stderr and "CA.pem" not in command
+    seen = len(authorized)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PIP_INDEX_URL": url, "PATH": f"{Path(docker.binary).parent}:{os.environ['PATH']}"}
+    try:
+        run = subprocess.run(["bash", "-c", command], cwd=elsewhere, env=env, capture_output=True, text=True,
+                             timeout=1200)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        assert docker.exists(tag)
+        assert any(p.startswith("/files/") for p in authorized[seen:]), "pip reached the mirror through the secret"
+    finally:
+        docker("rmi", "-f", tag, check=False)
