@@ -50,6 +50,7 @@ def test_files_that_are_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[s
     _fails_cleanly(["lock", "--check", "--root", str(root)], capsys, f"lockfile {lockfile} is not UTF-8",
                    f"samebox lock --root {root} --image {IMAGE}")
     _fails_cleanly(["verify", "--lockfile", str(lockfile)], capsys, "is not UTF-8", "samebox lock")
+    _fails_cleanly(["selftest", "--lockfile", str(lockfile)], capsys, "is not UTF-8", "samebox lock")
 
     matrix = root / "images" / "matrix.toml"
     matrix.write_bytes(GBK + matrix.read_bytes())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import SameboxError
+from builder.selftest.report import slowest
 from trainer.config import ModelConfig, TrainConfig
 
 SELFTEST = [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"]
@@ -44,13 +45,6 @@ def _failed_checks(report: dict[str, Any]) -> list[str]:
     findings = report.get("findings", [])
     return [f"{f.get('check')}: {f.get('message')} -> {f.get('remediation')}"
             for f in findings if isinstance(f, dict) and f.get("severity") == "fail"][:20]
-
-
-def slowest(report: dict[str, Any], count: int = 3) -> str:
-    """'flash_attn 3.1 s, load 2.0 s, torch 1.9 s': where the self-test's time went (its report.timings)."""
-    timings = report.get("timings") or {}
-    top = sorted(((v, k) for k, v in timings.items() if isinstance(v, (int, float))), reverse=True)[:count]
-    return ", ".join(f"{k} {v:.1f} s" for v, k in top)
 
 
 def kernels_for(cfg: TrainConfig) -> list[str]:
@@ -130,7 +124,7 @@ def run_preflight(cfg: TrainConfig | None = None, command: list[str] | None = No
                            hint="run `samebox selftest --quick` by hand, or pass --no-preflight") from None
     report = _report(proc.stdout)
     if proc.returncode == 0:
-        took = slowest(report)
+        took = slowest(report.get("timings") or {}, 3)
         print(f"samebox: preflight passed in {time.monotonic() - start:.1f} s" + (f" ({took})" if took else ""),
               flush=True)
         return

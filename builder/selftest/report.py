@@ -104,6 +104,12 @@ def schema_problems(value: Any, schema: dict[str, Any] = JSON_SCHEMA, where: str
     return problems
 
 
+def slowest(timings: dict[str, Any], count: int = 4) -> str:
+    """'flash_attn 3.1 s, load 2.0 s, ...': where a run's time went (probes on background threads overlap others)."""
+    top = sorted(((v, k) for k, v in timings.items() if isinstance(v, (int, float))), reverse=True)[:count]
+    return ", ".join(f"{k} {v:.1f} s" for v, k in top)
+
+
 @dataclass
 class Report:
     """The findings of one run, with the readings they were judged on."""
@@ -163,5 +169,8 @@ class Report:
             lines.append("what to do:")
             lines += [f"  [{f.severity}] {f.check}: {f.remediation}" for f in todo]
             lines.append("")
+        took = slowest(self.readings.get("timings") or {})
+        if took:
+            lines.append(f"slowest probes: {took}")
         lines.append(self.summary_line())
         return "\n".join(lines)

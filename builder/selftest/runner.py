@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from builder.errors import SameboxError
+from builder.fsutil import read_text
 from builder.selftest.model import attention_needs
 from builder.selftest.readings import KERNELS, collect
 from builder.selftest.registry import MODES, judge
@@ -35,6 +37,8 @@ def run_selftest(
     if unknown:
         raise SameboxError(f"unknown kernels: {', '.join(unknown)}", f"choose among: {', '.join(KERNELS)}")
     needs = attention_needs(model)
+    if lockfile:  # a user's file: unreadable or not UTF-8 is exit 2 now, not a crashed probe later
+        read_text(Path(lockfile), "lockfile", "pass a lockfile written by `samebox lock` (lockfiles/<id>.txt)")
     start = time.perf_counter()
     readings = collect(mode, needs, data_dir, lockfile, kernels=kernels)
     return report_from_readings(readings, time.perf_counter() - start)

@@ -46,6 +46,11 @@ def test_table_and_summary() -> None:
     assert report.counts()["fail"] == 1 and report.failed
 
 
+def test_the_report_says_where_the_time_went() -> None:
+    text = report_from_readings(load_readings("healthy_quick")).format()
+    assert text.splitlines()[-2] == "slowest probes: lora_smoke 17.3 s, bitsandbytes 16.7 s, torch 4.0 s, load 3.0 s"
+
+
 def test_command_on_this_machine_without_gpu(capsys, tmp_path) -> None:
     """The real command on CI (no GPU): exit 1, a JSON report that names the missing driver."""
     rc = main(["selftest", "--quick", "--json", "--data-dir", str(tmp_path)])
