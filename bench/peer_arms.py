@@ -64,6 +64,13 @@ def peft_lora(lora: dict) -> Any:
                       target_modules=lora_targets(lora), task_type="CAUSAL_LM")
 
 
+def seed_like_samebox(plan: dict) -> None:
+    """samebox seeds torch with train.seed before loading: the LoRA A matrices then start from the same draws."""
+    import torch
+
+    torch.manual_seed(plan["train"]["seed"])
+
+
 def padding_collator(pad_id: int) -> Callable[[list[dict]], dict]:
     """Right padding to the longest row with an attention mask, as the recipe's tokenizer output has."""
     import torch
@@ -88,6 +95,7 @@ def load_recipe(plan: dict) -> Loaded:
 
     cuda = cuda_available()
     attention = pick_attention(cuda)
+    seed_like_samebox(plan)
     kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True)} if plan["quantize"] else {}
     model = AutoModelForCausalLM.from_pretrained(plan["model_dir"], attn_implementation=attention,
                                                  device_map="auto" if cuda else None, **kwargs)
@@ -134,6 +142,7 @@ def load_hf_padding_free(plan: dict) -> Loaded:
     if plan["quantize"]:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    seed_like_samebox(plan)
     model = AutoModelForCausalLM.from_pretrained(plan["model_dir"], **kwargs)
     model.config.use_cache = False
     model = get_peft_model(model, peft_lora(plan["lora"]))
@@ -173,7 +182,8 @@ def load_unsloth(plan: dict) -> Loaded:
         targets = ALL_LINEAR if lora["targets"] == "all-linear" else list(lora["targets"])
         model = FastLanguageModel.get_peft_model(model, r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
                                                  target_modules=targets, bias="none",
-                                                 use_gradient_checkpointing="unsloth", random_state=3407)
+                                                 use_gradient_checkpointing="unsloth",
+                                                 random_state=plan["train"]["seed"])
     except Exception as e:
         raise ArmStageError(stage, e) from e
     settings = {"quantization": "nf4 + double quant (unsloth)" if plan["quantize"] else "none",

@@ -46,7 +46,7 @@ def summarize_arm(raw: dict, step_flops: list[float], peak_tflops: float | None,
     }
     flops = sum(step_flops[first:len(times)])
     out["mfu"] = flops / seconds / (peak_tflops * 1e12) if peak_tflops and seconds else None
-    for key in ("settings", "notes", "micro_batches", "gpu"):
+    for key in ("settings", "notes", "micro_batches", "gpu", "process_s"):
         if raw.get(key):
             out[key] = raw[key]
     return out
@@ -72,6 +72,11 @@ def compare_row(row: dict) -> None:
                          "max_abs_diff": max(diffs.values()) if diffs else None, "tolerance": STEP1_TOLERANCE,
                          "outside_tolerance": sorted(n for n, d in diffs.items() if d > STEP1_TOLERANCE)}
     row["step1_loss"]["agree"] = bool(diffs) and not row["step1_loss"]["outside_tolerance"]
+    # After a few updates the arms' losses still move together when they train the same way (the recipe's
+    # shorter run leaves it out once the others go further).
+    longest = max((len(a.get("losses") or []) for a in arms.values()), default=0)
+    row["last_step_loss"] = {"step": longest, "losses": {n: a["losses"][-1] for n, a in arms.items()
+                                                         if len(a.get("losses") or []) == longest > 0}}
     expected = row.get("label_tokens_expected") or []
     row["label_tokens_agree"] = bool(arms) and all(
         a["label_tokens"] == expected[:len(a["label_tokens"])] for a in arms.values())
@@ -146,7 +151,10 @@ def markdown_table(result: dict) -> str:
                      f"{fmt(row.get('ratio_vs_hf_padding_free'), '.2f')}x at "
                      f"{fmt(row.get('memory_vs_hf_padding_free'), '.2f')}x; step-1 max diff "
                      f"{fmt(s1.get('max_abs_diff'), '.2e')} (outside {STEP1_TOLERANCE}: "
-                     f"{', '.join(s1.get('outside_tolerance') or []) or 'none'}); label tokens agree: "
+                     f"{', '.join(s1.get('outside_tolerance') or []) or 'none'}); loss at step "
+                     f"{row.get('last_step_loss', {}).get('step')}: "
+                     f"{', '.join(f'{n} {v:.4f}' for n, v in row.get('last_step_loss', {}).get('losses', {}).items())}"
+                     f"; label tokens agree: "
                      f"{row.get('label_tokens_agree')}; errors: "
                      f"{[e.get('arm') or e.get('stage') for e in row.get('errors', [])]}")
     for row in result.get("rows", []):

@@ -130,11 +130,14 @@ class Bench:
                      "from on_step_begin to on_step_end, after the step's batches are collated). end_to_end_s: "
                      "samebox = its CLI process (import, load, tokenization cache, steps, checkpoint); HF-based "
                      "arms load once and train both mixes in one process, so theirs = process start to model ready "
-                     "+ that mix's training. Peak memory: samebox's is over its whole process, the HF arms' over "
-                     "the mix's training (reset after loading)."),
+                     "+ that mix's training (process_s: the whole process, both mixes). Peak memory: samebox's is "
+                     "over its whole process, the HF arms' over the mix's training (reset after loading). The HF "
+                     "arms seed torch with train.seed before loading, as samebox does, so LoRA A starts the same."),
             "rows": [],
         }
         self.rows: dict[tuple[str, str], dict] = {}
+        self.setups: dict[str, dict | None] = {}
+        self.model_locks: dict[str, threading.Lock] = {}
 
     # ----- bookkeeping ----------------------------------------------------------------------------------------
     def remaining(self) -> float:
@@ -179,32 +182,47 @@ class Bench:
         return [f"model.name={self.work / f'model-{model}'}", f"data.path={self.data_file(mix)}",
                 f"data.cache_dir={self.work / 'cache'}"] + (SMOKE_OVERRIDES if self.opts.smoke else [])
 
-    def run_model(self, model: str, gpu: str | None) -> None:
+    def setup(self, model: str, env: dict[str, str]) -> dict | None:
+        """Once per model, whichever thread asks first: the model made, the mixes tokenized, the config read."""
+        with self.lock:
+            model_lock = self.model_locks.setdefault(model, threading.Lock())
+        with model_lock:
+            if model in self.setups:
+                return self.setups[model]
+            prepared = self.prepare(model, env)
+            if prepared is None:
+                self.setups[model] = None
+                return None
+            from trainer.config import load_config
+
+            cfg = load_config(REPO / CONFIGS[model], self.config_overrides(model, self.mixes[0]))
+            if cfg.train.samples_per_step != SAMPLES_PER_STEP:
+                raise SystemExit(f"{CONFIGS[model]}: train.samples_per_step={cfg.train.samples_per_step}; the "
+                                 f"peers use {SAMPLES_PER_STEP}")
+            lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                    "targets": cfg.lora.targets}
+            size = "smoke" if self.opts.smoke else model
+            flops = {mix: [lora_flops(size, s["lengths"], s["labels"], lora["r"], lora["targets"])
+                           for s in prepared[mix]["per_step"]] for mix in self.mixes}
+            for mix in self.mixes:
+                with self.lock:
+                    row = self.row(model, mix)
+                    row["label_tokens_expected"] = [sum(s["labels"]) for s in prepared[mix]["per_step"]]
+                    row["lora"] = lora
+            self.setups[model] = {"cfg": cfg, "lora": lora, "prepared": prepared, "flops": flops}
+            return self.setups[model]
+
+    def run_model(self, model: str, gpu: str | None, arms: list[str]) -> None:
         env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
         gpu_desc = self.gpu_info.get(gpu, {}).get("name") if gpu is not None else None
         for mix in self.mixes:
             with self.lock:
                 self.row(model, mix).update({"gpu": gpu, "gpu_name": gpu_desc})
-        prepared = self.prepare(model, env)
-        if prepared is None:
+        setup = self.setup(model, env)
+        if setup is None:
             return
-        from trainer.config import load_config
-
-        cfg = load_config(REPO / CONFIGS[model], self.config_overrides(model, self.mixes[0]))
-        if cfg.train.samples_per_step != SAMPLES_PER_STEP:
-            raise SystemExit(f"{CONFIGS[model]}: train.samples_per_step={cfg.train.samples_per_step}; the peers "
-                             f"use {SAMPLES_PER_STEP}")
-        lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "targets": cfg.lora.targets}
-        size = "smoke" if self.opts.smoke else model
-        flops = {mix: [lora_flops(size, s["lengths"], s["labels"], lora["r"], lora["targets"])
-                       for s in prepared[mix]["per_step"]] for mix in self.mixes}
         peak = peak_tflops(gpu_desc, self.opts.peak_tflops)
-        for mix in self.mixes:
-            with self.lock:
-                row = self.row(model, mix)
-                row["label_tokens_expected"] = [sum(s["labels"]) for s in prepared[mix]["per_step"]]
-                row["lora"] = lora
-        for arm in self.arms:
+        for arm in arms:
             if arm == "unsloth" and not self.cuda and importlib.util.find_spec("unsloth") is None:
                 # unsloth 2026.10.9 falls back to CPU training when it is installed: then the smoke run tries it.
                 for mix in self.mixes:
@@ -216,9 +234,9 @@ class Bench:
                 continue
             if arm == "samebox":
                 for mix in self.mixes:
-                    self.run_samebox(model, mix, env, flops[mix], peak)
+                    self.run_samebox(model, mix, env, setup["flops"][mix], peak, gpu)
             else:
-                self.run_peer(model, arm, cfg, lora, prepared, env, flops, peak)
+                self.run_peer(model, arm, setup, env, peak, gpu)
 
     def prepare(self, model: str, env: dict[str, str]) -> dict | None:
         """Make the model (once) and tokenize each mix with samebox's code; per mix, each step's sample lengths."""
@@ -250,7 +268,8 @@ class Bench:
     def tokens_file(self, model: str, mix: str) -> Path:
         return self.work / f"tokens-{model}-{mix}-{self.opts.steps * SAMPLES_PER_STEP}.json"
 
-    def run_samebox(self, model: str, mix: str, env: dict[str, str], flops: list[float], peak: float | None) -> None:
+    def run_samebox(self, model: str, mix: str, env: dict[str, str], flops: list[float], peak: float | None,
+                    gpu: str | None) -> None:
         run_dir = self.work / "runs" / f"samebox-{model}-{mix}"
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         argv = [sys.executable, "-m", "builder.cli", "train", str(REPO / CONFIGS[model]),
@@ -269,16 +288,17 @@ class Bench:
                                                       "error": f"no result ({e}); {last_line(tail, rc)}",
                                                       "output": tail})
             return
-        raw.update(end_to_end_s=wall, peak_allocated_gib=raw.get("peak_mem_gib"),
+        raw.update(end_to_end_s=wall, peak_allocated_gib=raw.get("peak_mem_gib"), gpu=gpu,
                    settings={k: raw["summary"].get(k) for k in ("attention", "packing", "gradient_checkpointing",
                                                                 "micro_batch_tokens")})
         self.record(model, mix, "samebox", summarize_arm(raw, flops, peak, self.opts.warmup_steps),
                     error=None if rc == 0 else {"stage": "samebox", "exit": rc, "output": tail,
                                                 "error": last_line(tail, rc)})
 
-    def run_peer(self, model: str, arm: str, cfg: Any, lora: dict, prepared: dict, env: dict[str, str],
-                 flops: dict[str, list[float]], peak: float | None) -> None:
+    def run_peer(self, model: str, arm: str, setup: dict, env: dict[str, str], peak: float | None,
+                 gpu: str | None) -> None:
         """One process per arm and model: load once, then every mix (restoring the initial LoRA weights)."""
+        cfg, lora, prepared, flops = setup["cfg"], setup["lora"], setup["prepared"], setup["flops"]
         steps = self.steps_for(arm)
         result_file = self.work / f"{arm}-{model}.json"
         result_file.unlink(missing_ok=True)
@@ -310,7 +330,7 @@ class Bench:
                 errors = [{"stage": arm, "error": "timed out" if rc is None else f"exit {rc}, no result",
                            "wall_s": wall}]
             if raw is not None:
-                raw.update(settings=report.get("settings"), notes=report.get("notes"))
+                raw.update(settings=report.get("settings"), notes=report.get("notes"), gpu=gpu, process_s=wall)
                 self.record(model, mix, arm, summarize_arm(raw, flops[mix], peak, self.opts.warmup_steps))
             for e in errors:
                 self.record(model, mix, arm, error={**e, "output": tail})
@@ -320,20 +340,25 @@ class Bench:
         started = time.monotonic()
         for mix in self.mixes:
             self.data_file(mix)
-        by_gpu: dict[str | None, list[str]] = {}
-        for i, model in enumerate(self.models):
-            by_gpu.setdefault(self.gpus[i % len(self.gpus)], []).append(model)
+        jobs: dict[str | None, list[tuple[str, list[str]]]] = {}
+        if self.opts.curve and len(self.gpus) > 1:
+            # Only losses are compared: each arm on a GPU of its own, side by side.
+            for gpu, arm in zip(self.gpus, self.arms, strict=False):
+                jobs[gpu] = [(self.models[0], [arm])]
+        else:
+            for i, model in enumerate(self.models):
+                jobs.setdefault(self.gpus[i % len(self.gpus)], []).append((model, self.arms))
 
-        def worker(gpu: str | None, models: list[str]) -> None:
-            for model in models:
+        def worker(gpu: str | None, todo: list[tuple[str, list[str]]]) -> None:
+            for model, arms in todo:
                 try:
-                    self.run_model(model, gpu)
+                    self.run_model(model, gpu, arms)
                 except Exception:  # noqa: BLE001 - a broken model row must not lose the others
                     for mix in self.mixes:
                         self.record(model, mix, "bench", error={"stage": "bench",
                                                                 "error": traceback.format_exc()[-3000:]})
 
-        threads = [threading.Thread(target=worker, args=(gpu, models)) for gpu, models in by_gpu.items()]
+        threads = [threading.Thread(target=worker, args=(gpu, todo)) for gpu, todo in jobs.items()]
         for t in threads:
             t.start()
         for t in threads:
@@ -354,7 +379,7 @@ def selection(opts: argparse.Namespace) -> tuple[list[str], list[str], list[str]
     """--only 7b,chat,unsloth,samebox: each name picks within its own kind (model, mix, arm); a kind not named
     keeps all of it. --curve: one model and mix, samebox and HF padding-free."""
     if opts.curve:
-        return [opts.curve_model], [opts.curve_mix], ["samebox", "hf_padding_free"]
+        return ["smoke" if opts.smoke else opts.curve_model], [opts.curve_mix], ["samebox", "hf_padding_free"]
     models = ["smoke"] if opts.smoke else ["7b", "1.5b"]
     arms = list(ARM_ORDER)
     names = [n.strip() for n in (opts.only or "").split(",") if n.strip()]
@@ -391,6 +416,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         opts.steps, opts.recipe_steps, opts.warmup_steps, opts.gpus = min(opts.steps, 3), min(opts.steps, 3), 1, ""
     if opts.curve:
         opts.steps = opts.curve_steps
+        opts.arm_timeout = max(opts.arm_timeout, opts.deadline)  # one long arm per GPU: only the deadline binds
     return opts
 
 

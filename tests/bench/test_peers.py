@@ -106,6 +106,10 @@ def test_smoke_arms_see_the_same_label_tokens_and_agree_at_step_one(smoke):
         assert all(math.isfinite(x) for x in firsts)
         assert max(firsts) - min(firsts) <= 1e-3, firsts
         assert row["step1_loss"]["agree"] and row["label_tokens_agree"]
+        # Seeded like samebox (same LoRA init), in fp32 on CPU: the same training, step after step.
+        for name in ("hf_padding_free", "recipe"):
+            assert all(abs(x - y) < 1e-4 for x, y in zip(arms[name]["losses"], arms["samebox"]["losses"],
+                                                         strict=True)), (name, arms[name]["losses"])
         # Random weights: about ln(vocabulary), so the arms really ran the model.
         assert abs(firsts[0] - math.log(1024)) < 0.5
         # Chat rows train on assistant turns only, short rows on completions only: fewer labels than tokens.
