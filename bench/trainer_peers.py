@@ -115,10 +115,12 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + opts.deadline
         self.lock = threading.Lock()
-        self.gpus = [g.strip() for g in opts.gpus.split(",")] if opts.gpus else [None]
         machine_info = machine()
         self.gpu_info = {g["index"]: g for g in machine_info["gpus"]}
         self.cuda = bool(self.gpu_info) and not opts.smoke
+        if opts.gpus == "auto":  # every GPU there is, at most one per model row
+            opts.gpus = ",".join(list(self.gpu_info)[:max(len(models), 2 if opts.curve else 1)]) if self.cuda else ""
+        self.gpus = [g.strip() for g in opts.gpus.split(",")] if opts.gpus else [None]
         self.result: dict[str, Any] = {
             "command": " ".join([Path(sys.executable).name] + sys.argv), "machine": machine_info,
             "versions": versions(), "mode": "curve" if opts.curve else "smoke" if opts.smoke else "rows",
@@ -395,7 +397,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(BENCH / "results" / "trainer_peers.json"), help="JSON result path")
     p.add_argument("--only", help="comma list of models (7b, 1.5b), mixes (short, chat), arms "
                                   "(samebox, unsloth, hf_padding_free, recipe)")
-    p.add_argument("--gpus", default="0", help="GPU indices; with two, the model rows run concurrently")
+    p.add_argument("--gpus", default="auto", help="GPU indices (default: all, one per model row); with two, the "
+                                                   "model rows run concurrently, each row's arms on its GPU")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per arm (16 samples each)")
     p.add_argument("--recipe-steps", type=int, default=4, help="steps for the slow recipe arm")
     p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the throughput")
