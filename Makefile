@@ -34,7 +34,7 @@ $(VENV)/.builder: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.builder
 	$(PY) -m pip install -q $(if $(TEST_TORCH_INDEX),--index-url $(TEST_TORCH_INDEX)) '$(TEST_TORCH)'
-	$(PY) -m pip install -q -e '.[lock,test,train]'
+	$(PY) -m pip install -q -e '.[lock,test,train,serve]'
 	touch $@
 
 venv: $(VENV)/.builder
