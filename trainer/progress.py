@@ -7,6 +7,7 @@ import sys
 import time
 from typing import TextIO
 
+from trainer.distributed import ranks_from_env
 from trainer.metrics import format_duration
 
 
@@ -17,6 +18,8 @@ class Progress:
                  tty: bool | None = None) -> None:
         self.what, self.total, self.unit = what, total, unit
         self.stream = stream or sys.stderr
+        # Under torchrun every process tokenizes; the first one speaks for them.
+        self.quiet = stream is None and not ranks_from_env().main
         self.tty = self.stream.isatty() if tty is None else tty
         self.every_s = every_s
         self.done = 0
@@ -51,5 +54,7 @@ class Progress:
         self._print(("\r\033[K" if self.tty else "") + f"samebox: {self.what}: {summary}\n")
 
     def _print(self, text: str) -> None:
+        if self.quiet:
+            return
         self.stream.write(text)
         self.stream.flush()
