@@ -132,7 +132,7 @@ def correctness(device: torch.device, attention: str) -> dict:
             for n, p in truth.named_parameters():
                 if p.requires_grad:
                     p.data.copy_(lora[n])
-        lengths = [37, 300, 5, 180]
+        lengths = [37, 300, 5, 180, 1500, 2048, 900] if device.type == "cuda" else [37, 300, 5, 180]
         ids, pos, cu, mx = packed(lengths, 1024, device)
         weights = torch.randn(sum(lengths), dims["hidden_size"], device=device)
 
@@ -156,22 +156,79 @@ def correctness(device: torch.device, attention: str) -> dict:
 
         t_h, t_g = per_sample(truth, False)
         p_h, p_g = per_sample(model, True)
-        decoder, note = fused_decoder(model, "true", torch.bfloat16, device, offload=True)
-        f_h = decoder(ids, pos, cu_seq_lens_q=cu.to(device), max_length_q=mx).last_hidden_state[0].float()
-        (f_h * weights).sum().backward()
-        f_g = grads_of(model)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
 
         def rel(a, b):
-            return float((a - b).norm() / b.norm())
+            return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
-        results["nf4" if nf4 else "bf16"] = {
-            "path": note, "hidden_rel_err": {"fused": rel(f_h, t_h), "peft": rel(p_h, t_h)},
-            "grad_rel_err_max": {"fused": max(rel(a, b) for a, b in zip(f_g, t_g, strict=True)),
-                                 "peft": max(rel(a, b) for a, b in zip(p_g, t_g, strict=True))}}
+        entry: dict = {"tokens": sum(lengths), "peft": {"hidden": rel(p_h, t_h),
+                                                        "grad_max": max(map(rel, p_g, t_g))}}
+        kernel_sets = ["torch"] + (["liger"] if device.type == "cuda" else [])
+        for kernels in kernel_sets:
+            for backend in attn.available(device):
+                for offload in (True, False):
+                    decoder, note = fused_decoder(model, "true", torch.bfloat16, device, offload=offload,
+                                                  kernels=kernels)
+                    decoder.attention = backend
+                    decoder.mlp_chunk = 1024  # several MLP chunks, as a long micro-batch has
+                    with torch.autocast(device.type, dtype=torch.bfloat16):  # as the trainer calls it
+                        f_h = decoder(ids, pos, cu_seq_lens_q=cu.to(device), max_length_q=mx).last_hidden_state
+                    f_h = f_h[0].float()
+                    (f_h * weights).sum().backward()
+                    f_g = grads_of(model)
+                    errs = sorted(((rel(a, b), n) for a, b, n in zip(f_g, t_g, names, strict=True)), reverse=True)
+                    entry[f"{kernels}/{backend}/offload={offload}"] = {
+                        "hidden": rel(f_h, t_h), "grad_max": errs[0][0],
+                        "worst": [(round(e, 4), n.split("model.layers.")[-1]) for e, n in errs[:3]]}
+        results["nf4" if nf4 else "bf16"] = entry
         del model, truth, decoder
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+def trainer_runs(device: torch.device, workdir: Path) -> dict:
+    """`samebox train` for 4 steps on a small random Qwen2 (chat mix, one micro-batch per step), through the
+    fused layers in each variant and through transformers + peft: the loss curves must agree."""
+    import os
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peer_data import make_model as make_saved
+    from peer_data import write_mix
+    from trainer_arms import QWEN
+
+    QWEN["mini"] = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1376, num_attention_heads=8,
+                        num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = workdir / "model-mini"
+    make_saved("mini", model_dir)
+    data = write_mix("chat", 64, workdir / "chat-mini.jsonl", seed=0)
+    variants = {"peft": ({}, ["train.fused=false"]), "fused": ({}, []),
+                "fused_torch_kernels": ({"SAMEBOX_FUSED_KERNELS": "torch"}, []),
+                "fused_no_offload": ({}, ["train.offload_activations=false"]),
+                "fused_sdpa": ({"SAMEBOX_FUSED_ATTENTION": "sdpa"}, [])}
+    out: dict = {}
+    repo = Path(__file__).resolve().parent.parent
+    for config in ("configs/qwen2.5-1.5b-lora.yaml", "configs/qwen2.5-7b-qlora-24gb.yaml"):
+        label = "nf4" if "qlora" in config else "bf16"
+        for name, (env, extra) in variants.items():
+            run = workdir / f"run-{label}-{name}"
+            cmd = [sys.executable, "-m", "builder.cli", "train", config, f"model.name={model_dir}",
+                   f"data.path={data}", "data.shuffle=false", f"data.cache_dir={workdir / 'cache'}",
+                   "train.max_steps=4", "train.warmup_ratio=0", f"output.dir={run}", "output.tensorboard=false",
+                   "--no-preflight", "--overwrite", *extra]
+            proc = subprocess.run(cmd, cwd=repo, env={**os.environ, **env}, capture_output=True, text=True,
+                                  timeout=300)
+            rows = []
+            if (run / "metrics.jsonl").is_file():
+                rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            steps = [r for r in rows if "loss" in r]
+            out[f"{label}/{name}"] = {"rc": proc.returncode, "losses": [round(r["loss"], 4) for r in steps],
+                                      "grad_norms": [round(r["grad_norm"], 4) for r in steps],
+                                      "tail": proc.stderr[-600:] if proc.returncode else ""}
+            print(label, name, out[f"{label}/{name}"]["losses"], out[f"{label}/{name}"]["grad_norms"], flush=True)
+    return out
 
 
 def time_layers(device: torch.device, layers: int, tokens: int, attention: str, profile: bool) -> dict:
@@ -245,6 +302,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=24576)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU, small dims: checks this script, not the GPU")
+    ap.add_argument("--stages", default="kernels,correctness,trainer,timing")
+    ap.add_argument("--workdir", default="/tmp/samebox-fused")
     opts = ap.parse_args()
     device = torch.device("cpu" if opts.smoke else "cuda")
     if opts.smoke:
@@ -255,8 +314,11 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     report: dict = {"command": " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__, "hf_attention": attention}
     stages = (("kernels", lambda: check_kernels(device)), ("correctness", lambda: correctness(device, attention)),
+              ("trainer", lambda: trainer_runs(device, Path(opts.workdir))),
               ("timing", lambda: time_layers(device, opts.layers, opts.tokens, attention, opts.profile)))
     for name, fn in stages:
+        if name not in opts.stages.split(","):
+            continue
         t0 = time.perf_counter()
         try:
             report[name] = fn()

@@ -8,6 +8,7 @@ backend; offload keeps the per-layer tensors the backward pass needs, on the hos
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -27,9 +28,13 @@ def want_offload(setting: str, device: torch.device, bytes_needed: int) -> bool:
 
 
 def fused_decoder(model: Any, setting: str, dtype: torch.dtype, device: torch.device, offload: bool,
-                  kernels: str = "auto") -> tuple[FusedDecoder | None, str]:
+                  kernels: str | None = None) -> tuple[FusedDecoder | None, str]:
     """(decoder, note): the fused decoder when ``setting`` (train.fused: auto|true|false) allows it and the model
-    fits it; otherwise None and why. With ``setting=true`` a model that does not fit is an error."""
+    fits it; otherwise None and why. With ``setting=true`` a model that does not fit is an error.
+
+    For diagnosis, SAMEBOX_FUSED_KERNELS=torch|liger and SAMEBOX_FUSED_ATTENTION=flash_attn|torch_varlen|sdpa
+    force a kernel set or an attention backend."""
+    kernels = kernels or os.environ.get("SAMEBOX_FUSED_KERNELS", "auto")
     if setting == "false":
         return None, "transformers + peft layers (train.fused=false)"
     chosen, kernel_note = pick_kernels(device, kernels)
@@ -42,5 +47,8 @@ def fused_decoder(model: Any, setting: str, dtype: torch.dtype, device: torch.de
             raise SameboxError(f"train.fused=true but the model cannot use fused layers: {e}",
                                hint="set train.fused=auto (falls back to transformers + peft)") from None
         return None, f"transformers + peft layers ({e})"
+    forced = os.environ.get("SAMEBOX_FUSED_ATTENTION")
+    if forced:
+        decoder.attention = forced
     notes = [kernel_note, *decoder.notes]
     return decoder, f"{decoder.describe()}; {'; '.join(notes)}"

@@ -114,7 +114,7 @@ class FusedDecoder:
 
     def describe(self) -> str:
         return (f"fused layers ({self.kernels.name} kernels, {self.attention} attention, "
-                f"activations {'offloaded to the host' if self.offload else 'on the GPU'})")
+                f"activations {'offloaded to the host' if self.offload else 'kept on the device'})")
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seq_lens_q: torch.Tensor | None = None,
                  max_length_q: int | None = None, **_: Any) -> SimpleNamespace:

@@ -174,6 +174,8 @@ def agreement(candidate: Kernels, device: torch.device, dtype: torch.dtype = tor
 
 def pick(device: torch.device, want: str = "auto") -> tuple[Kernels, str]:
     """(kernels, note). ``want``: auto (Liger on CUDA when it installs and agrees with torch), liger, torch."""
+    if want == "liger":
+        return liger_kernels(), "Liger kernels (forced, unchecked)"
     if want == "torch" or device.type != "cuda":
         return TORCH, "torch kernels" + ("" if want == "torch" else f" ({device.type})")
     if importlib.util.find_spec("liger_kernel") is None:
