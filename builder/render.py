@@ -13,8 +13,9 @@ from pathlib import Path
 import jinja2
 
 from builder import __version__, compat
+from builder import workstation as workstation_layer
 from builder.errors import SameboxError
-from builder.fsutil import sha256_text, write_atomic
+from builder.fsutil import sha256_file, sha256_text, write_atomic
 from builder.lock import lockfile_sha256
 from builder.paths import project_root
 from builder.spec import ImageSpec
@@ -59,8 +60,10 @@ def _template_env() -> jinja2.Environment:
     )
 
 
-def render_dockerfile(spec: ImageSpec, flash_attn: bool = True, flash_attn_profile: str = "full") -> str:
-    """The Dockerfile for ``spec``. The flash-attn stage is there for images with torch unless ``flash_attn`` is off."""
+def render_dockerfile(spec: ImageSpec, flash_attn: bool = True, flash_attn_profile: str = "full",
+                      workstation: bool = False) -> str:
+    """The Dockerfile for ``spec``. The flash-attn stage is there for images with torch unless ``flash_attn`` is off;
+    ``workstation`` adds JupyterLab (its own lock) and the entrypoint that starts it and TensorBoard."""
     if flash_attn_profile not in compat.FLASH_ATTN_PROFILES:
         raise SameboxError(f"unknown flash-attn profile {flash_attn_profile!r}",
                            f"choose one of: {', '.join(compat.FLASH_ATTN_PROFILES)}")
@@ -71,7 +74,8 @@ def render_dockerfile(spec: ImageSpec, flash_attn: bool = True, flash_attn_profi
         json.dumps(
             {"template": template_path.read_text(), "spec": {k: v for k, v in spec.to_dict().items()
                                                              if k not in ("root", "lockfile")},
-             "lock": lock, "flash_attn": flash_attn_enabled, "profile": flash_attn_profile},
+             "lock": lock, "flash_attn": flash_attn_enabled, "profile": flash_attn_profile}
+            | ({"workstation": sha256_file(workstation_layer.require_fresh(spec))} if workstation else {}),
             sort_keys=True,
         )
     )
@@ -80,6 +84,8 @@ def render_dockerfile(spec: ImageSpec, flash_attn: bool = True, flash_attn_profi
         command += " --no-flash-attn"
     elif flash_attn_enabled and flash_attn_profile != "full":
         command += f" --flash-attn-profile {flash_attn_profile}"
+    if workstation:
+        command += " --with workstation"
     return _template_env().get_template("Dockerfile.j2").render(
         spec=spec,
         base_ref=spec.base_ref,
@@ -91,7 +97,12 @@ def render_dockerfile(spec: ImageSpec, flash_attn: bool = True, flash_attn_profi
         flash_attn_enabled=flash_attn_enabled,
         flash_attn_profile=flash_attn_profile,
         build_tools=compat.FLASH_ATTN_BUILD_TOOLS,
-        labels=image_labels(spec, lock, flash_attn_enabled, flash_attn_profile),
+        labels=image_labels(spec, lock, flash_attn_enabled, flash_attn_profile)
+        | ({"io.samebox.workstation": "jupyterlab + tensorboard"} if workstation else {}),
+        workstation=workstation,
+        workstation_lock_name=f"{spec.id}.workstation.lock.txt",
+        workstation_entrypoint=workstation_layer.ENTRYPOINT,
+        workstation_ports=sorted(workstation_layer.PORTS.values()),
     )
 
 
@@ -113,12 +124,13 @@ def _check_replaceable(out_dir: Path) -> None:
         )
 
 
-def write_context(spec: ImageSpec, out_dir: Path, flash_attn: bool = True, flash_attn_profile: str = "full") -> Path:
+def write_context(spec: ImageSpec, out_dir: Path, flash_attn: bool = True, flash_attn_profile: str = "full",
+                  workstation: bool = False) -> Path:
     """Write a self-contained build context (Dockerfile, lockfile, src/) to out_dir, replacing it whole.
 
     The context is assembled in a sibling temp dir and renamed into place, so a half-written one never exists.
     """
-    dockerfile = render_dockerfile(spec, flash_attn, flash_attn_profile)
+    dockerfile = render_dockerfile(spec, flash_attn, flash_attn_profile, workstation)
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     try:
@@ -130,6 +142,8 @@ def write_context(spec: ImageSpec, out_dir: Path, flash_attn: bool = True, flash
     try:
         write_atomic(tmp / "Dockerfile", dockerfile)
         shutil.copyfile(spec.lockfile, tmp / f"{spec.id}.lock.txt")
+        if workstation:
+            shutil.copyfile(workstation_layer.lockfile(spec), tmp / f"{spec.id}.workstation.lock.txt")
         src = tmp / "src"
         src.mkdir()
         root = project_root()

@@ -25,6 +25,12 @@ def add_flash_attn_arguments(p: argparse.ArgumentParser) -> None:
                    help=compat.FLASH_ATTN_PROFILE_HELP)
 
 
+def add_layer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--with", dest="layers", action="append", default=[], choices=("workstation",),
+                   help="workstation: JupyterLab (8888, token from $JUPYTER_TOKEN) and TensorBoard (6007, "
+                        "/root/tf-logs) started by the image's entrypoint; needs `samebox lock-workstation`")
+
+
 def select_image(args: argparse.Namespace) -> ImageSpec:
     catalog = load_catalog(Path(args.root) if args.root else None)
     if args.image:

@@ -33,8 +33,9 @@ def merged_model(served: ServedModel, dtype: str) -> tuple[Any, Any]:
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"trust_remote_code": served.trust_remote_code}
-    model = AutoModelForCausalLM.from_pretrained(str(served.base_dir), dtype=torch_dtype, device_map=device,
-                                                 **kwargs)
+    # Loaded whole, then moved: device_map would dispatch through accelerate's hooks, a Python call per module
+    # per forward that a token-by-token generate pays at every step.
+    model = AutoModelForCausalLM.from_pretrained(str(served.base_dir), dtype=torch_dtype, **kwargs).to(device)
     if served.adapter_dir is not None:
         from peft import PeftModel
 

@@ -42,7 +42,7 @@ class ServeOptions:
     api_key: str | None = None
     engine: str = "auto"
     dtype: str = "auto"  # the weights' own dtype (bf16 for today's chat models)
-    device: str = "auto"
+    device: str | None = None  # transformers engine: cuda (or cpu) when None; "auto" spreads over the GPUs
     batching: str = "auto"  # continuous (paged KV cache, many clients at once) on a GPU, one at a time on a CPU
 
 
@@ -154,7 +154,9 @@ def serve_transformers(served: ServedModel, opts: ServeOptions, facts: Facts) ->
         server.server.config.app = Gate(app, served.name, served.name, opts.api_key,
                                         chat_template=bool(getattr(tokenizer, "chat_template", None)))
         lora = f" (LoRA merged into the weights in memory: {merged} layers)" if merged else ""
-        print(f"samebox serve: {served.describe()}{lora}", flush=True)
+        weights = next(model.parameters())
+        print(f"samebox serve: {served.describe()}{lora}, {str(weights.dtype).removeprefix('torch.')} on "
+              f"{weights.device}", flush=True)
         server.server.run()
     return 0
 
@@ -169,7 +171,10 @@ def _transformers_server(served: ServedModel, opts: ServeOptions, facts: Facts):
             pass
 
     continuous = opts.batching == "continuous" or (opts.batching == "auto" and facts.cuda)
-    return _Built(force_model=served.name, continuous_batching=continuous, device=opts.device, dtype=opts.dtype,
+    # One device by default: transformers' "auto" is accelerate's device_map, whose per-module hooks cost every
+    # decoding step; "auto" stays available for a model that needs several GPUs.
+    device = opts.device or ("cuda" if facts.cuda else "cpu")
+    return _Built(force_model=served.name, continuous_batching=continuous, device=device, dtype=opts.dtype,
                   trust_remote_code=served.trust_remote_code, host=opts.host, port=opts.port, log_level="warning",
                   non_blocking=True)
 
@@ -181,12 +186,15 @@ def _loaded(server):
 
 
 def merge_lora(model) -> int:
-    """Fold every LoRA pair into its base weight (peft's layer.merge); the number of layers merged."""
+    """Fold every LoRA pair into its base weight and put the plain layer back in its place (as peft's
+    merge_and_unload does): after this a token costs what it costs on the base model. The number of layers merged."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in layers:
         layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.get_base_layer())
     return len(layers)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from builder.engine import ENGINES, BuildRequest, ca_bundle_path, detect_engine, printed_command, run_build
 from builder.render import default_tag, write_context
-from builder.selection import add_flash_attn_arguments, add_selection_arguments, select_image
+from builder.selection import add_flash_attn_arguments, add_layer_arguments, add_selection_arguments, select_image
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-image", help="build on this base instead of the catalog's (e.g. a local mirror)")
     p.add_argument("--output", help="where to write the build context (default: build/<id>)")
     add_flash_attn_arguments(p)
+    add_layer_arguments(p)
     p.add_argument("--conda-mirror", help="Miniconda mirror URL (the installer's sha256 is still checked)")
     p.add_argument("--ca-bundle", help="proxy CA bundle to pass as a build secret (default: $PIP_CERT/$SSL_CERT_FILE)")
     p.add_argument("--no-host-network", action="store_true", help="do not pass --network host to the build")
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     engine = detect_engine(args.engine)
     ca_bundle = ca_bundle_path(args.ca_bundle)  # a missing --ca-bundle file is an error before anything is written
     context = write_context(spec, Path(args.output or f"build/{spec.id}"), not args.no_flash_attn,
-                            args.flash_attn_profile)
+                            args.flash_attn_profile, "workstation" in args.layers)
     build_args = {"CONDA_MIRROR": args.conda_mirror} if args.conda_mirror else {}
     req = BuildRequest(context=context, tag=args.tag or default_tag(spec), base_image=args.base_image,
                        network_host=not args.no_host_network, push=args.push, build_args=build_args,

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: vLLM where installed against this torch, else transformers serve")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                    help="weights' dtype (auto: as saved)")
-    p.add_argument("--device", default="auto", help="transformers engine: auto, cpu, cuda, cuda:1")
+    p.add_argument("--device", default=None,
+                   help="transformers engine: cuda (default with a GPU), cpu, cuda:1, or auto (spread over GPUs)")
     p.add_argument("--batching", default="auto", choices=("auto", "continuous", "off"),
                    help="transformers engine: continuous batching (auto: on a GPU)")
     p.set_defaults(func=run)
