@@ -170,7 +170,10 @@ def generate_arms(run: Path, prompts: list[str], clients: list[int], max_tokens:
             torch.cuda.synchronize()
         return streamer.first, time.perf_counter(), generated_tokens(out, inputs["input_ids"].shape[1], eos, pad)
 
-    run_generate(prompts[:1])  # warm-up: kernels, allocator
+    # Warm-up at full length, alone and at the largest batch: the first long generate of a shape pays for kernels
+    # and the allocator's growth (seen on the H100: a first 1-client answer took 3-4x its later time).
+    run_generate(prompts[:1])
+    run_generate(prompts[:max(clients)])
     rows = []
     for n in clients:
         if n <= sequential_max:
@@ -250,8 +253,13 @@ def serve_arm(run: Path, batching: str, device: str, prompts: list[str], clients
     proc, url = start_server(run, batching, device, log)
     rows = []
     try:
-        warm: dict = {}
-        stream_chat(url, run.name, prompts[0], 4, warm)
+        stream_chat(url, run.name, prompts[0], max_tokens, {})  # warm-up as for generate: full length, ...
+        burst = [threading.Thread(target=stream_chat, args=(url, run.name, prompts[i], max_tokens, {}))
+                 for i in range(max(clients))]  # ... and the largest burst
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join()
         for n in clients:
             results = [{} for _ in range(n)]
             threads = [threading.Thread(target=stream_chat, args=(url, run.name, prompts[i], max_tokens, results[i]))
