@@ -222,7 +222,9 @@ def choose_engine(requested: str, facts: Facts) -> tuple[Engine, list[str]]:
         if reasons[engine.name] is None:
             return engine, notes
         notes.append(f"{engine.name}: {reasons[engine.name]}")
-    raise SameboxError("no serving engine can run here", "install one of them", notes)
+    raise SameboxError("no serving engine can run here", "install transformers serve's extra (pip install fastapi "
+                       "uvicorn openai) where transformers is new enough, or export a GGUF (samebox export RUN_DIR "
+                       "--gguf OUT.gguf) and serve it with ollama", notes)
 
 
 # --- checks before anything loads -------------------------------------------------------------------------------
