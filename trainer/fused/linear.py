@@ -120,20 +120,33 @@ class LinearGroup:
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(y, x A^T): y = x W^T + b + LoRA; with ``out`` given, y is added into it (a residual) instead."""
-        if out is None:
-            y = torch.nn.functional.linear(x, w, self.bias)
-        else:
-            y = out.addmm_(x, w.t()) if self.bias is None else out.addmm_(x, w.t()).add_(self.bias)
+        """(y, x A^T): y = x W^T + b + LoRA; with ``out`` given (a residual), y is added into it.
+
+        Rounding order matters in bf16. The LoRA term starts tiny (B is zero at step 0, lr-sized after the first
+        update): added to an already rounded x W^T, or worse to the residual stream, it falls under half an ulp
+        and is rounded away every time, so the adapter barely moves the model and training lags. Here it is the
+        accumulator the product x W^T is added to (one rounding of x W^T + LoRA); the bias and the residual come
+        after, as in transformers + peft.
+        """
         if not self.lora:
-            return y, None
+            y = torch.nn.functional.linear(x, w, self.bias)
+            return (y, None) if out is None else (out.add_(y), None)
         xa = self.lora_input(x)
         assert xa is not None
-        for i, (c0, c1) in zip(self.lora, self.rank_cols, strict=True):
-            lo, hi = self.rows[i]
-            part = self.parts[i]
-            y[:, lo:hi].addmm_(xa[:, c0:c1], part.lora_b.to(self.dtype).t(), alpha=part.scaling)  # type: ignore
-        return y, xa
+        y = torch.empty(x.shape[0], self.out_features, dtype=self.dtype, device=x.device)
+        adapted = dict(zip(self.lora, self.rank_cols, strict=True))
+        for i, (lo, hi) in enumerate(self.rows):
+            if i in adapted:
+                c0, c1 = adapted[i]
+                part = self.parts[i]
+                y[:, lo:hi].addmm_(xa[:, c0:c1], part.lora_b.to(self.dtype).t(), beta=0,  # type: ignore
+                                   alpha=part.scaling)
+            else:
+                y[:, lo:hi].zero_()
+        y.addmm_(x, w.t())
+        if self.bias is not None:
+            y.add_(self.bias)
+        return (y, xa) if out is None else (out.add_(y), xa)
 
     def backward(self, dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor | None, w: torch.Tensor,
                  need_dx: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
