@@ -76,6 +76,27 @@ def lock_inputs(spec: ImageSpec) -> dict[str, str]:
     }
 
 
+# A requirement only images of a new enough torch get: `name  # samebox: torch>=2.5 (why)` in requirements.in.
+_TORCH_FLOOR = re.compile(r"#\s*samebox:\s*torch\s*>=\s*([0-9.]+)")
+
+
+def requirements_for(spec: ImageSpec) -> tuple[str, list[str]]:
+    """(requirements.in as this image resolves it, the requirements it leaves out): a line whose comment sets a
+    torch floor above the image's torch is dropped (Liger's Triton kernels need a triton newer than torch 2.3's),
+    and the trainer falls back to its own code where they are missing."""
+    from packaging.version import Version
+
+    kept, dropped = [], []
+    text = read_text(spec.requirements_in, "the requirements", "save images/requirements.in as UTF-8")
+    for line in text.splitlines(keepends=True):
+        floor = _TORCH_FLOOR.search(line)
+        if floor and spec.has_torch and Version(spec.torch.split("+")[0]) < Version(floor.group(1)):
+            dropped.append(line.split("#")[0].strip())
+            continue
+        kept.append(line)
+    return "".join(kept), dropped
+
+
 def inputs_sha256(spec: ImageSpec) -> str:
     return sha256_text(json.dumps(lock_inputs(spec), sort_keys=True))
 
@@ -292,9 +313,10 @@ def _ensure_reachable(spec: ImageSpec) -> None:
             )
 
 
-def uv_command(spec: ImageSpec, uv: str, pin_file: Path, out: Path, upgrade: bool) -> list[str]:
+def uv_command(spec: ImageSpec, uv: str, pin_file: Path, out: Path, upgrade: bool,
+               requirements: str = "images/requirements.in") -> list[str]:
     """The uv pip compile argv (relative paths, so its annotations read the same on every machine)."""
-    cmd = [uv, "pip", "compile", "images/requirements.in"]
+    cmd = [uv, "pip", "compile", requirements]
     if spec.has_torch:
         cmd += ["-c", str(pin_file)]
     if constraints_file(spec).is_file():
@@ -316,13 +338,19 @@ def _compile(spec: ImageSpec, uv: str, upgrade: bool) -> str:
         out = Path(tmp) / "lock.txt"
         if spec.lockfile.is_file() and not upgrade:
             shutil.copyfile(spec.lockfile, out)  # uv keeps existing pins that still fit: no needless churn
-        proc = subprocess.run(uv_command(spec, uv, pin_file, out, upgrade), cwd=spec.root, capture_output=True,
-                              text=True, env=pyindex.uv_environment())
+        text, dropped = requirements_for(spec)
+        requirements = "images/requirements.in"
+        if dropped:  # this image resolves a filtered copy; annotations still name the catalog's file
+            requirements = str(Path(tmp) / "requirements.in")
+            Path(requirements).write_text(text)
+        proc = subprocess.run(uv_command(spec, uv, pin_file, out, upgrade, requirements), cwd=spec.root,
+                              capture_output=True, text=True, env=pyindex.uv_environment())
         if proc.returncode != 0:
             tail = "\n".join(pyindex.redact(proc.stderr).strip().splitlines()[-25:])
             raise SameboxError(f"uv could not lock {spec.id}:\n{tail}",
                                f"fix images/requirements.in or {constraints_file(spec).relative_to(spec.root)}")
-        body = out.read_text().replace(str(pin_file), "samebox-torch-pin")
+        body = out.read_text().replace(str(pin_file), "samebox-torch-pin").replace(requirements,
+                                                                                 "images/requirements.in")
     return pyindex.redact(body)
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 from builder import drift, lock, pyindex
 from builder.cli import main
@@ -339,3 +340,22 @@ def test_committed_lockfiles_are_fresh_and_hashed(root: Path | None) -> None:
             installs = {p.name for p in drift.read_pins(spec.lockfile) if not p.platform_provided}
             assert installs and "torch" not in installs and "triton" not in installs
             assert not any(n.startswith("nvidia-") and n != "nvidia-ml-py" for n in installs), spec.id
+
+
+def test_a_torch_floor_leaves_a_requirement_out_of_older_images(tmp_path: Path, fake_uv: Path) -> None:
+    spec = torch_root(tmp_path)  # torch 2.3
+    spec.requirements_in.write_text("six\nliger-kernel  # samebox: torch>=2.5 (needs a newer triton)\n"
+                                    "older-ok  # samebox: torch>=2.1\n")
+    text, dropped = lock.requirements_for(spec)
+    assert dropped == ["liger-kernel"] and "older-ok" in text and "liger" not in text
+    lock.lock_image(spec, fetch=no_fetch)
+    args = fake_uv.read_text().splitlines()
+    assert args[2] != "images/requirements.in"  # uv resolved the filtered copy...
+    assert "samebox-lock-" in args[2] and args[2] not in spec.lockfile.read_text()  # ...not named in the lock
+
+
+@pytest.mark.parametrize("root", [None], ids=["catalog"])
+def test_liger_is_locked_exactly_where_its_triton_fits(root: Path | None) -> None:
+    for spec in load_catalog(root):
+        locked = {p.name for p in lock.parse_lock(spec.lockfile.read_text())}
+        assert ("liger-kernel" in locked) == (Version(spec.torch) >= Version("2.5")), spec.id
