@@ -49,7 +49,8 @@ def _failed_checks(report: dict[str, Any]) -> list[str]:
 
 def kernels_for(cfg: TrainConfig) -> list[str]:
     """The kernel libraries the run will call: flash-attn unless attention is pinned to SDPA or eager, SDPA unless
-    pinned to flash-attn or eager (it is auto's fallback), bitsandbytes for NF4."""
+    pinned to flash-attn or eager (it is auto's fallback), bitsandbytes for NF4, the fused layers' kernels when the
+    run can take them."""
     attention = cfg.model.attention
     kernels = []
     if attention in ("auto", "flash_attention_2"):
@@ -58,6 +59,8 @@ def kernels_for(cfg: TrainConfig) -> list[str]:
         kernels.append("sdpa")
     if cfg.model.quantization == "nf4":
         kernels.append("bitsandbytes")
+    if cfg.train.fused != "false" and cfg.lora.dropout == 0 and cfg.data.packing != "false":
+        kernels.append("fused")
     return kernels
 
 

@@ -186,6 +186,42 @@ def sdpa_backends(r: dict[str, Any]) -> Finding:
     return fail(f"no torch SDPA backend runs here: {sdpa}", "reinstall the environment's torch")
 
 
+# The fused layers check each kernel against its reference when they start, and fall back when one disagrees.
+FUSED_REL_ERROR = 2e-2
+
+
+def fused_layers(r: dict[str, Any]) -> Finding:
+    """The trainer's fast path: never a failure (it falls back on its own), a warning when it will be slower."""
+    fused = gpu_readings(r, "fused")
+    if fused is None:
+        return no_gpu()
+    if fused.get("not_needed"):
+        return na("fused layers: not tested, the job does not use them",
+                  "test them with `samebox selftest --kernels fused`")
+    err = probe_error(fused)
+    if err:
+        return warn(f"the fused-layers probe crashed: {err}; training falls back to transformers + peft if they do",
+                    "run `samebox selftest --kernels fused --json` for details")
+    attn = {k: v for k, v in (fused.get("attention") or {}).items() if k != "sdpa"}
+    good = [k for k, v in attn.items() if isinstance(v, float) and v < FUSED_REL_ERROR]
+    liger = fused.get("liger") or {}
+    slow = []
+    if not liger.get("installed"):
+        slow.append("liger-kernel is not installed: torch's element-wise ops instead (slower)")
+    elif not (isinstance(liger.get("rel_err"), float) and liger["rel_err"] < FUSED_REL_ERROR):
+        slow.append(f"Liger's kernels failed their check ({liger.get('error') or liger.get('rel_err')}): torch's ops "
+                    "instead (slower)")
+    if not good:
+        slow.append(f"no varlen attention runs here ({attn or 'none installed'}): samples attend one at a time")
+    if slow:
+        return warn("fused layers: " + "; ".join(slow),
+                    "install the lock's liger-kernel and flash-attn (`samebox wheel flash-attn --install`), or "
+                    "torch >= 2.10 for its built-in varlen attention")
+    shown = f"Liger kernels within {liger['rel_err']:.1e} of torch; varlen attention: " + ", ".join(
+        f"{k} {attn[k]:.1e}" for k in good)
+    return ok(f"fused layers: {shown}")
+
+
 def lora_smoke(r: dict[str, Any]) -> Finding:
     smoke = gpu_readings(r, "lora_smoke")
     early = _crashed(smoke, "LoRA smoke")

@@ -213,6 +213,33 @@ def sdpa_backends() -> dict[str, Any]:
     return result
 
 
+def fused_layers(head_dim: int = 128) -> dict[str, Any]:
+    """The trainer's fused layers on this GPU: Liger's kernels against the torch reference (the trainer falls back
+    to the reference when they disagree), and each varlen attention backend against per-sample SDPA, at a
+    grouped-query layout (28 query heads over 4 key/value heads, as Qwen2.5-7B)."""
+    import torch
+
+    from trainer.fused import attention, kernels
+
+    device = torch.device("cuda")
+    out: dict[str, Any] = {"liger": None, "attention": {}}
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError as e:
+        out["liger"] = {"installed": False, "error": str(e)[:200]}
+    else:
+        try:
+            out["liger"] = {"installed": True, "rel_err": kernels.agreement(kernels.liger_kernels(), device)}
+        except Exception as e:  # an API that moved, a Triton that cannot compile here
+            out["liger"] = {"installed": True, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    for name in attention.available(device):
+        try:
+            out["attention"][name] = attention.check(name, device, torch.bfloat16, 28, 4, head_dim)
+        except Exception as e:
+            out["attention"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
 def lora_smoke(steps: int = 5) -> dict[str, Any]:
     """Five LoRA steps (peft) on a tiny random Llama on the GPU, one fixed batch: the losses."""
     start = time.perf_counter()

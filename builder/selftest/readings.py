@@ -29,7 +29,7 @@ ALLREDUCE_ITERS = {"quick": 10, "full": 30}
 ALLREDUCE_TIMEOUT_S = 90.0
 # The kernel probes a job may need, and the module each imports; `samebox selftest --kernels` picks (the trainer's
 # preflight passes what its config uses).
-KERNELS = ("flash-attn", "bitsandbytes", "sdpa")
+KERNELS = ("flash-attn", "bitsandbytes", "sdpa", "fused")
 KERNEL_MODULES = {"flash-attn": "flash_attn", "bitsandbytes": "bitsandbytes"}
 NOT_NEEDED = {"not_needed": True}
 SMOKE_MODULES = ["transformers", "peft"]  # full's LoRA smoke run
@@ -151,7 +151,7 @@ def _kernel_readings(
 ) -> dict[str, Any]:
     """The job's kernels, each probed once its library has imported (flash-attn's is quick, so it goes first and
     bitsandbytes, slow to import, last); a kernel the job does not use reads NOT_NEEDED."""
-    out = {name: dict(NOT_NEEDED) for name in ("flash_attn", "bitsandbytes", "sdpa")}
+    out = {name: dict(NOT_NEEDED) for name in ("flash_attn", "bitsandbytes", "sdpa", "fused")}
     # Quick calls flash-attn with the features the model needs; full also finds which ones the build lacks.
     features = kernel_probes.FLASH_ATTN_FEATURES if mode == "full" else needs.features
     if "flash-attn" in kernels:
@@ -160,6 +160,8 @@ def _kernel_readings(
             list(needs.head_dims), needs.dtype, needs.window, flash_attn_extension, tuple(features)))
     if "sdpa" in kernels:
         out["sdpa"] = _probe(timings, "sdpa", kernel_probes.sdpa_backends)
+    if "fused" in kernels:  # the trainer's fused layers: Liger's kernels and the varlen attention they would use
+        out["fused"] = _probe(timings, "fused", lambda: kernel_probes.fused_layers(max(needs.head_dims)))
     if "bitsandbytes" in kernels:
         imported["bitsandbytes"]()
         out["bitsandbytes"] = _probe(timings, "bitsandbytes", kernel_probes.bitsandbytes)

@@ -51,6 +51,7 @@ CHECKS: tuple[Check, ...] = (
     Check("flash_attn", "kernels", kernels.flash_attn),
     Check("bitsandbytes", "kernels", kernels.bitsandbytes),
     Check("sdpa_backends", "kernels", kernels.sdpa_backends),
+    Check("fused_layers", "kernels", kernels.fused_layers),
     Check("lockfile", "environment", env.lockfile),
     Check("shm", "environment", env.shm),
     Check("data_dir", "environment", env.data_dir),

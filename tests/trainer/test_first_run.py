@@ -53,16 +53,20 @@ def test_a_fresh_output_dir_is_made_before_the_preflight(make_config, tmp_path, 
     assert "samebox: preflight: samebox selftest --quick --data-dir" in out
     assert "preflight passed in" in out and "(load 2.0 s, torch 1.5 s)" in out
     args = json.loads((tmp_path / "selftest-args.json").read_text())
-    # the tiny model is local (its config.json is here); fp32 LoRA with attention auto: flash-attn and SDPA only
-    assert args[args.index("--kernels") + 1] == "flash-attn,sdpa"
+    # the tiny model is local (its config.json is here); fp32 LoRA (dropout 0) with attention auto: flash-attn, SDPA
+    # and the fused layers' kernels, no bitsandbytes
+    assert args[args.index("--kernels") + 1] == "flash-attn,sdpa,fused"
     assert (run_dir / "checkpoints" / "step-00000001").is_dir()
 
 
 def test_preflight_kernels_follow_the_config(make_config):
-    assert preflight.kernels_for(make_config()) == ["flash-attn", "sdpa"]
+    assert preflight.kernels_for(make_config()) == ["flash-attn", "sdpa", "fused"]
     assert preflight.kernels_for(make_config(overrides=("model.attention=sdpa", "model.quantization=nf4",
-                                                        "model.dtype=bf16"))) == ["sdpa", "bitsandbytes"]
-    assert preflight.kernels_for(make_config(overrides=("model.attention=eager",))) == []
+                                                        "model.dtype=bf16"))) == ["sdpa", "bitsandbytes", "fused"]
+    assert preflight.kernels_for(make_config(overrides=("model.attention=eager", "train.fused=false"))) == []
+    # the fused layers are not the run's path with LoRA dropout or unpacked batches: their kernels are not tested
+    for off in ("lora.dropout=0.1", "data.packing=false"):
+        assert "fused" not in preflight.kernels_for(make_config(overrides=(off,)))
 
 
 def test_starting_over_on_an_earlier_runs_checkpoints_is_refused(make_config, tmp_path, capsys):
