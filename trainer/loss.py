@@ -25,13 +25,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            rows = torch.arange(y.shape[0], device=y.device)
             logits = F.linear(h, w).to(acc)
-            total += F.cross_entropy(logits, y, reduction="sum")
+            # One (chunk x vocab) fp32 buffer serves the loss and its gradient: log-sum-exp, the targets' logits,
+            # then softmax - onehot in place (cross_entropy + softmax kept three such buffers alive at once).
+            lse = torch.logsumexp(logits, -1)
+            total += (lse - logits[rows, y]).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d(sum CE)/d(logits) = softmax - onehot, computed in place over the chunk's logits.
-            probs = logits.softmax(-1)
-            probs[torch.arange(y.shape[0], device=y.device), y] -= 1
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[rows, y] -= 1
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = (probs.to(w.dtype) @ w).to(hidden.dtype)
             if grad_weight is not None:
