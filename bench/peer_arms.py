@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from peer_data import IGNORE
-from trainer_arms import SAMPLES_PER_STEP
+from trainer_arms import SAMPLES_PER_STEP, step_timer
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEER_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "flash-attn", "unsloth",
@@ -258,7 +258,7 @@ def train_mix(loaded: Loaded, plan: dict, mix: dict) -> dict:
     """One mix: a fresh Trainer (fresh optimizer and schedule) over the mix's first steps x 16 samples, in order."""
     import torch
     from torch.utils.data import SequentialSampler
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     cuda = torch.cuda.is_available()
     blob = json.loads(Path(mix["tokens"]).read_text())
@@ -276,21 +276,6 @@ def train_mix(loaded: Loaded, plan: dict, mix: dict) -> dict:
         seen.append(int(batch["labels"][..., 1:].ne(IGNORE).sum()))
         return batch
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     class InOrderTrainer(Trainer):
         def _get_train_sampler(self, *args, **kw):
             return SequentialSampler(self.train_dataset)
@@ -304,7 +289,7 @@ def train_mix(loaded: Loaded, plan: dict, mix: dict) -> dict:
                              save_strategy="no", remove_unused_columns=False, use_cpu=not cuda, seed=train["seed"],
                              dataloader_num_workers=0, disable_tqdm=True, **schedule, **loaded.trainer_args)
     trainer = InOrderTrainer(model=loaded.model, args=args, train_dataset=dataset, data_collator=counting,
-                             callbacks=[StepTimer()])
+                             callbacks=[step_timer(times, losses, cuda)])
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started

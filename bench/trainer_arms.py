@@ -65,6 +65,29 @@ def prepare(size: str, workdir: Path, samples: int, median: int, cap: int, seed:
             fh.write(json.dumps({"prompt": text[:prompt_len], "completion": text[prompt_len:]}) + "\n")
 
 
+def step_timer(times: list[float], losses: list[float], cuda: bool):
+    """An HF Trainer callback: each optimizer step's seconds (GPU synchronised at both ends) and logged loss."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return StepTimer()
+
+
 # ----- the plain recipe, ported to transformers 5 (child process) ---------------------------------------------
 def recipe_arm(model_dir: Path, data: Path, steps: int, out: Path, quantize: bool) -> None:
     """The seed recipe as written, with only what transformers 5 needs: labels (a causal-LM collator; the
@@ -81,7 +104,6 @@ def recipe_arm(model_dir: Path, data: Path, steps: int, out: Path, quantize: boo
         BitsAndBytesConfig,
         DataCollatorForLanguageModeling,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
@@ -100,21 +122,6 @@ def recipe_arm(model_dir: Path, data: Path, steps: int, out: Path, quantize: boo
     times: list[float] = []
     losses: list[float] = []
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     seen: list[int] = []
 
     class CountingCollator(DataCollatorForLanguageModeling):
@@ -132,7 +139,7 @@ def recipe_arm(model_dir: Path, data: Path, steps: int, out: Path, quantize: boo
                              gradient_accumulation_steps=16, logging_steps=1, max_steps=steps, fp16=cuda,
                              report_to="none", save_strategy="no", remove_unused_columns=False,
                              use_cpu=not cuda)
-    trainer = InOrderTrainer(model=model, args=args, train_dataset=dataset, callbacks=[StepTimer()],
+    trainer = InOrderTrainer(model=model, args=args, train_dataset=dataset, callbacks=[step_timer(times, losses, cuda)],
                              data_collator=CountingCollator(tokenizer, mlm=False))
     trainer.train()
     lengths = [len(d["input_ids"]) for d in dataset]
