@@ -29,28 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer.fused import attention as attn  # noqa: E402
 from trainer.fused import fused_decoder  # noqa: E402
 from trainer.fused import kernels as K  # noqa: E402
+from trainer.fused.linear import quantize_nf4  # noqa: E402
 
 QWEN7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
-
-
-def quantize(model: torch.nn.Module, device: torch.device) -> None:
-    """Every decoder linear -> bitsandbytes NF4 (double quant, bf16 compute), as BitsAndBytesConfig would."""
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, torch.nn.Linear):
-                    continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
-                                      device="cpu")
-                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)
-                if child.bias is not None:
-                    q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
-                setattr(parent, name, q.to(device))
-    model.is_loaded_in_4bit = True
 
 
 def make_model(dims: dict, layers: int, nf4: bool, device: torch.device, attention: str, seed: int = 0):
@@ -63,7 +44,7 @@ def make_model(dims: dict, layers: int, nf4: bool, device: torch.device, attenti
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attention)
     if nf4:
-        quantize(model, device)
+        quantize_nf4(model, device)
     model.config.use_cache = False
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                   task_type="CAUSAL_LM"))

@@ -14,6 +14,7 @@ from builder.errors import SameboxError
 from trainer.fused import fused_decoder
 from trainer.fused import kernels as K
 from trainer.fused.attention import BACKENDS, Packed
+from trainer.fused.linear import quantize_nf4
 from trainer.fused.offload import ActivationStore
 
 LENGTHS = [5, 9, 3, 12]
@@ -89,24 +90,6 @@ def test_fused_matches_peft_per_sample_in_fp32(kind, targets, offload):
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
-def _quantize_linears(model) -> None:
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, torch.nn.Linear):
-                    continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
-                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)
-                if child.bias is not None:
-                    q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
-                setattr(parent, name, q.to("cpu"))  # .to() quantizes
-    model.is_loaded_in_4bit = True  # peft then wraps the layers with its bitsandbytes LoRA class
-
-
 def test_fused_nf4_is_as_close_to_fp32_truth_as_peft():
     import bitsandbytes.functional as bnbf
     from peft import LoraConfig, get_peft_model
@@ -116,7 +99,7 @@ def test_fused_nf4_is_as_close_to_fp32_truth_as_peft():
     config = Qwen2Config(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=101, max_position_embeddings=256, use_sliding_window=False)
     base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    _quantize_linears(base)
+    quantize_nf4(base, torch.device("cpu"))
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(base, lora)
     for name, p in model.named_parameters():

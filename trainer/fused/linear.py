@@ -28,6 +28,28 @@ def is_4bit(module: torch.nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
+def quantize_nf4(model: torch.nn.Module, device: torch.device) -> None:
+    """Every decoder linear of a model built from a config -> bitsandbytes NF4 (double quant, bf16 compute), as
+    BitsAndBytesConfig would load it, on ``device`` (CPU included). For checks of the 4-bit path that have no
+    checkpoint to load; peft then wraps the layers with its bitsandbytes LoRA class."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                      device="cpu")
+                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(parent, name, q.to(device))  # .to() quantizes
+    model.is_loaded_in_4bit = True
+
+
 @dataclass
 class Part:
     base: torch.nn.Module  # nn.Linear or bnb.nn.Linear4bit, frozen
