@@ -108,7 +108,7 @@ def summarize(arm: str, clients: int, starts: list[float], firsts: list[float], 
     t0 = min(starts)
     ttft = [(f - t0) * 1000 for f in firsts]
     wall = max(ends) - t0
-    return {"arm": arm, "clients": clients, "tokens": sum(tokens), "wall_s": round(wall, 3),
+    return {"arm": arm, "clients": clients, "tokens": sum(tokens), "wall_s": round(wall, 4),
             "tokens_per_s": round(sum(tokens) / wall, 1), "ttft_ms_p50": round(statistics.median(ttft), 1),
             "ttft_ms_max": round(max(ttft), 1)}
 

@@ -23,4 +23,7 @@ def test_smoke_run_measures_every_arm(tmp_path):
                     for n in (1, 2)}
     for row in result["rows"]:
         assert 0 < row["tokens"] <= 4 * row["clients"], row
-        assert row["tokens_per_s"] > 0 and 0 < row["ttft_ms_p50"] <= row["ttft_ms_max"] <= row["wall_s"] * 1000
+        # Both are rounded to 0.1 ms (seen: a 4-token CPU answer whose first token came at its end, 11.4 ms of a
+        # wall rounded to 11 ms): allow the two roundings' sum, no more.
+        assert row["tokens_per_s"] > 0 and 0 < row["ttft_ms_p50"] <= row["ttft_ms_max"]
+        assert row["ttft_ms_max"] <= row["wall_s"] * 1000 + 0.1 + 1e-9, row
