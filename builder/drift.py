@@ -6,55 +6,27 @@ settings (selected environment variables, pip configuration), which are not drif
 
 ``verify_lock`` checks the live environment against a lockfile; ``plan_install`` says which locked packages a setup
 run still has to install. On an instance torch, triton and nvidia-* come from the platform: they are verified, never
-installed. Imports the standard library only: setup.sh runs ``python -m builder.drift`` before anything else is
-installed.
+installed. Lockfiles are read by builder/lockfile.py's parser. Imports the standard library only: setup.sh runs
+``python -m builder.drift`` before anything else is installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import site
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from builder import fingerprint
 from builder.errors import SameboxError
-from builder.fsutil import read_text
-
-# Distributions the platform brings with torch; a setup run verifies them and never installs them (nvidia-ml-py is
-# NVML's Python binding, part of the training stack). The one definition: builder/lock.py asks this one too.
-PLATFORM_PROVIDED = re.compile(r"^(torch|triton|pytorch-triton|cuda-toolkit|cuda-bindings|cuda-pathfinder"
-                               r"|nvidia-(?!ml-py$).+)$")
-_REQ = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._\-]*)(\[[^\]]*\])?\s*==\s*(?P<version>[^\s;\\]+)")
-
-
-@dataclass(frozen=True)
-class LockedPackage:
-    name: str  # canonical
-    version: str
-    block: str  # the requirement with its --hash options, ready for a requirements file
-
-    @property
-    def platform_provided(self) -> bool:
-        return bool(PLATFORM_PROVIDED.match(self.name))
+from builder.lockfile import LockedPackage, read_lock_file
 
 
 def read_pins(lockfile: Path) -> list[LockedPackage]:
-    """Every `name==version --hash=...` requirement of a hashed lockfile (comments and options dropped)."""
-    text = read_text(Path(lockfile), "lockfile", "pass a lockfile written by `samebox lock` (lockfiles/<id>.txt)")
-    joined = re.sub(r"\\\n", " ", text)
-    pins = []
-    for line in joined.splitlines():
-        line = line.split(" #", 1)[0].strip()
-        found = _REQ.match(line)
-        if found:
-            name = fingerprint.canonical_name(found["name"])
-            pins.append(LockedPackage(name, found["version"], " \\\n    ".join(line.split())))
-    return pins
+    """Every `name==version --hash=...` requirement of the lockfile a setup run was given."""
+    return read_lock_file(lockfile, "pass a lockfile written by `samebox lock` (lockfiles/<id>.txt)")
 
 
 def _base_version(version: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from builder import drift, lock, pyindex
+from builder import drift, lock, lockfile, pyindex
 from builder.cli import main
 from builder.errors import SameboxError
 from builder.spec import ImageSpec, load_catalog
@@ -297,26 +297,18 @@ def test_readers(tmp_path: Path) -> None:
     path = tmp_path / "l.txt"
     path.write_text(BODY.replace("six==", "Six_Pkg==") + f"nvidia-ml-py==13.0 \\\n    --hash=sha256:{H}6\n"
                     f"triton==3.0.0 \\\n    --hash=sha256:{H}7\n")
-    assert lock.read_lock(path) == {"nvidia-cuda-runtime-cu12": "12.1.105", "nvidia-cudnn-cu12": "8.9.2.26",
-                                    "six-pkg": "1.17.0", "torch": "2.3.0", "nvidia-ml-py": "13.0",
-                                    "triton": "3.0.0"}
+    assert lockfile.read_lock(path) == {"nvidia-cuda-runtime-cu12": "12.1.105", "nvidia-cudnn-cu12": "8.9.2.26",
+                                        "six-pkg": "1.17.0", "torch": "2.3.0", "nvidia-ml-py": "13.0",
+                                        "triton": "3.0.0"}
+    packages = {p.name: p for p in lockfile.parse_lock(path.read_text())}
+    assert packages["torch"].hashes == {f"{H}4", f"{H}5"}
+    assert packages["torch"].block == f"torch==2.3.0 \\\n    --hash=sha256:{H}4 \\\n    --hash=sha256:{H}5"
     # What a setup run installs on an instance: everything but the platform's torch, triton and CUDA libraries.
     assert [p.name for p in drift.read_pins(path) if not p.platform_provided] == ["six-pkg", "nvidia-ml-py"]
     with pytest.raises(SameboxError, match="lockfile not found"):
-        lock.read_lock(tmp_path / "missing.txt")
+        lockfile.read_lock(tmp_path / "missing.txt")
 
 
-@pytest.mark.parametrize(("version", "cuda", "expected"), [
-    ("2.3.0+cu121", "12.1", True),   # torch.__version__ of PyPI's and the index's wheel alike
-    ("2.3.0", "12.1", True),         # PyPI's distribution version (pip freeze)
-    ("2.3.0+cu118", "11.8", False),
-    ("2.3.0", "11.8", False),
-    ("2.3.0+cpu", None, False),
-    ("2.3.0", None, False),
-    ("2.3.1+cu121", "12.1", False),
-])
-def test_torch_matches(tmp_path: Path, version: str, cuda: str | None, expected: bool) -> None:
-    assert lock.torch_matches(torch_root(tmp_path), version, cuda) is expected
 
 
 # --- the committed lockfiles ----------------------------------------------------------------------------------------
@@ -328,11 +320,11 @@ def test_committed_lockfiles_are_fresh_and_hashed(root: Path | None) -> None:
     assert main(["lock", "--check"] + (["--root", str(root)] if root else [])) == 0
     for spec in specs:
         text = spec.lockfile.read_text()
-        packages = lock.parse_lock(text)
+        packages = lockfile.parse_lock(text)
         assert packages and all(p.hashes for p in packages), spec.id
         for line in text.splitlines():  # nothing but comments, requirement lines and their hashes
             assert line.startswith("#") or line.strip().startswith(("--hash=sha256:", "# via", "#   ")) \
-                or lock._REQ_LINE.match(line), f"{spec.id}: {line!r}"
+                or lockfile.REQUIREMENT.match(line), f"{spec.id}: {line!r}"
         locked = {p.name: p.version for p in packages}
         if spec.has_torch:
             assert locked["torch"] == lock.torch_pin(spec).removeprefix("torch==")
@@ -357,5 +349,5 @@ def test_a_torch_floor_leaves_a_requirement_out_of_older_images(tmp_path: Path, 
 @pytest.mark.parametrize("root", [None], ids=["catalog"])
 def test_liger_is_locked_exactly_where_its_triton_fits(root: Path | None) -> None:
     for spec in load_catalog(root):
-        locked = {p.name for p in lock.parse_lock(spec.lockfile.read_text())}
+        locked = {p.name for p in lockfile.parse_lock(spec.lockfile.read_text())}
         assert ("liger-kernel" in locked) == (Version(spec.torch) >= Version("2.5")), spec.id

@@ -149,12 +149,36 @@ def test_drift_main_plan_writes_requirements_with_hashes(site: Path, tmp_path: P
     assert "torch 2.3.0 is locked but not installed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["torch", "triton", "pytorch-triton", "nvidia-cudnn-cu12", "nvidia-nccl-cu12",
-                                  "nvidia-ml-py", "cuda-toolkit", "cuda-bindings", "numpy", "transformers"])
-def test_platform_packages_agree_with_the_lock_module(name: str) -> None:
-    from builder import lock
+@pytest.mark.parametrize(("name", "provided"), [
+    ("torch", True), ("triton", True), ("pytorch-triton", True), ("nvidia-cudnn-cu12", True),
+    ("Nvidia_NCCL_cu12", True), ("cuda-toolkit", True), ("cuda-bindings", True),
+    ("nvidia-ml-py", False), ("numpy", False), ("transformers", False), ("torchvision", False)])
+def test_platform_packages(name: str, provided: bool) -> None:
+    """What the platform brings with torch: setup verifies these and installs everything else."""
+    from builder.lockfile import LockedPackage, is_platform_package
 
-    assert drift.LockedPackage(name, "1", "").platform_provided == lock.is_platform_package(name)
+    assert is_platform_package(name) is provided
+    assert LockedPackage(fingerprint.canonical_name(name), "1").platform_provided is provided
+
+
+def test_setup_steps_run_on_the_standard_library(tmp_path: Path) -> None:
+    """setup.sh runs `python -m builder.drift` on an interpreter with nothing installed, Python 3.10 included: no
+    third-party import (-S drops site-packages) and no tomllib (3.11+) on the way to reading a lock."""
+    import subprocess
+    import sys
+
+    lock = tmp_path / "lock.txt"
+    lock.write_text(lock_line("alpha", "1.0") + lock_line("torch", "2.3.0"))
+    out = tmp_path / "todo.txt"
+    repo = Path(__file__).resolve().parents[2]
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from builder import drift; "
+              "rc = drift.main(['plan', '--lock', sys.argv[2], '--out', sys.argv[3]]); "
+              "banned = sorted(m for m in sys.modules if m in ('tomllib', 'builder.spec', 'builder.lock')); "
+              "print('imported:', banned, file=sys.stderr); sys.exit(rc or int(bool(banned)))")
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", script, str(repo), str(lock), str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == "alpha==1.0 \\\n    --hash=sha256:" + "0" * 64 + "\n"
 
 
 def test_platform_libraries_are_reported_apart_from_drift(tmp_path) -> None:
