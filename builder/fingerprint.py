@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from builder import gpus
+from builder.environment import Environment, TorchBuild, canonical_name, dist_dir, installed_distributions  # noqa: F401  (drift.py's names until it imports them itself)
 from builder.pyindex import redact
 
 SCHEMA = 1
@@ -57,10 +57,6 @@ def selected_env(environ: dict[str, str] | os._Environ[str] | None = None) -> di
 # --- distributions ----------------------------------------------------------------------------------------------
 
 
-def canonical_name(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _wheel_rows(dist: md.Distribution) -> list[tuple[str, str]]:
     """(path, 'sha256=...') RECORD rows of the files the wheel brought: no bytecode, no installer bookkeeping.
     Rows outside site-packages (console scripts, which installers rewrite) keep their path and lose their hash."""
@@ -86,22 +82,6 @@ def _file_matches(dist: md.Distribution, path: str, digest: str) -> bool:
     except (OSError, ValueError):
         return False
     return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode() == want
-
-
-def dist_dir(dist: md.Distribution) -> str:
-    return str(getattr(dist, "_path", ""))
-
-
-def installed_distributions(path: list[str] | None = None) -> dict[str, md.Distribution]:
-    """Canonical name -> the distribution Python would import (first on sys.path, or ``path``, wins, as importlib
-    does). pip's leftovers from an interrupted run ('~umpy-1.26.dist-info') are not distributions."""
-    found: dict[str, md.Distribution] = {}
-    for dist in md.distributions(**({"path": path} if path is not None else {})):
-        name = dist.metadata["Name"] if dist.metadata else None
-        if not name or Path(dist_dir(dist)).name.startswith("~"):
-            continue
-        found.setdefault(canonical_name(name), dist)
-    return found
 
 
 def check_files(dists: dict[str, md.Distribution], workers: int = 8) -> dict[str, list[str]]:
@@ -166,30 +146,14 @@ def os_facts() -> dict[str, str]:
     return {**release, "glibc": f"{libc} {version}".strip(), "machine": platform.machine(), "system": platform.system()}
 
 
-def torch_facts() -> dict[str, Any] | None:
-    """torch as it reports itself, or None when it is not installed (imported lazily: it takes seconds)."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
+def torch_facts(build: TorchBuild | None) -> dict[str, Any] | None:
+    """torch as it reported itself to the Environment probe, or None when it is not installed."""
+    if build is None:
         return None
-    try:
-        import torch
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-    archs: list[str] = []
-    if hasattr(torch._C, "_cuda_getArchFlags") and torch.version.cuda:
-        archs = sorted(str(torch._C._cuda_getArchFlags()).split())
-    try:
-        cudnn = torch.backends.cudnn.version() if torch.version.cuda else None
-    except Exception:
-        cudnn = None
-    return {
-        "arch_list": archs,
-        "cuda": torch.version.cuda,
-        "cudnn": cudnn,
-        "cxx11abi": bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", False)),
-        "version": str(torch.__version__),
-    }
+    if build.error:
+        return {"error": build.error}
+    return {"arch_list": list(build.arch_list), "cuda": build.cuda, "cudnn": build.cudnn, "cxx11abi": build.cxx11abi,
+            "version": build.version}
 
 
 def nvcc_version() -> str | None:
@@ -210,9 +174,11 @@ def nvcc_version() -> str | None:
     return None
 
 
-def machine_facts() -> dict[str, Any]:
-    """Driver and GPUs through NVML (nvidia-ml-py) when present; empty on a machine without either."""
-    return gpus.nvml_inventory() or {"driver": None, "gpus": []}
+def machine_facts(env: Environment) -> dict[str, Any]:
+    """Driver and GPUs as the Environment probe found them; empty on a machine without either."""
+    return {"driver": env.driver or None,
+            "gpus": [{"compute_capability": str(g.capability) if g.capability else None, "memory_mib": g.memory_mib,
+                      "name": g.name} for g in env.gpus]}
 
 
 def pip_config_sources(environ: dict[str, str] | os._Environ[str] | None = None) -> list[dict[str, Any]]:
@@ -240,18 +206,19 @@ def pip_config_sources(environ: dict[str, str] | os._Environ[str] | None = None)
     return sources
 
 
-def collect(with_files: bool = True) -> dict[str, Any]:
-    """The fingerprint of the running interpreter's environment and of this machine."""
+def collect(env: Environment | None = None, with_files: bool = True) -> dict[str, Any]:
+    """The fingerprint of the running interpreter's environment and of this machine (``env``: its probe)."""
+    env = env or Environment.probe()
     return {
         "env": selected_env(),
-        "machine": machine_facts(),
+        "machine": machine_facts(env),
         "nvcc": nvcc_version(),
         "os": os_facts(),
         "packages": packages(with_files),
         "pip_config": pip_config_sources(),
         "python": python_facts(),
         "schema": SCHEMA,
-        "torch": torch_facts(),
+        "torch": torch_facts(env.torch),
     }
 
 

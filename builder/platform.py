@@ -12,23 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import compat, gpus
+from builder import compat
 from builder.errors import SameboxError
 from builder.fsutil import read_text
 
 NO_TORCH = "none"
-AUTODL_TURBO = Path("/etc/network_turbo")
-AUTODL_DATA_DISK = Path("/root/autodl-tmp")
-AUTODL_SHARED_FS = Path("/root/autodl-fs")
 
 
 @dataclass(frozen=True)
@@ -62,55 +56,24 @@ class Platform:
         return " / ".join(parts)
 
 
-def _torch_facts() -> tuple[str, str, str]:
-    """(torch version, CUDA of its build, a note) with torch imported lazily; torch absent is fine."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        return NO_TORCH, NO_TORCH, ""
-    try:
-        import torch
-    except Exception as e:  # a broken torch is a finding, not a crash
-        return NO_TORCH, NO_TORCH, f"torch is installed but does not import: {type(e).__name__}: {e}"
-    return str(torch.__version__), str(torch.version.cuda or NO_TORCH), ""
-
-
-def _gpus() -> tuple[tuple[str, ...], str]:
-    """GPU names and the driver version: NVML when nvidia-ml-py is present, else nvidia-smi, else none."""
-    nvml = gpus.nvml_inventory()
-    if nvml and not nvml.get("error"):
-        return tuple(g["name"] for g in nvml["gpus"]), nvml["driver"]
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return (), ""
-    try:
-        out = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return (), ""
-    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
-    return tuple(r[0] for r in rows), (rows[0][1] if rows and len(rows[0]) > 1 else "")
-
-
 def detect() -> Platform:
-    """The platform of the interpreter running this function."""
-    torch, torch_cuda, note = _torch_facts()
-    names, driver = _gpus()
-    region = os.environ.get("AutoDLRegion", "")
-    autodl = AUTODL_TURBO.exists() or bool(region)
+    """The platform of the interpreter running this function (builder/environment.py probes it)."""
+    from builder.environment import Environment
+
+    env = Environment.probe()
     return Platform(
-        python=f"{sys.version_info.major}.{sys.version_info.minor}",
-        python_full=".".join(str(v) for v in sys.version_info[:3]),
-        executable=sys.executable,
-        torch=torch,
-        torch_cuda=torch_cuda,
-        gpus=names,
-        driver=driver,
-        autodl=autodl,
-        autodl_region=region,
-        data_disk=str(AUTODL_DATA_DISK) if AUTODL_DATA_DISK.is_dir() else "",
-        shared_fs=str(AUTODL_SHARED_FS) if AUTODL_SHARED_FS.is_dir() else "",
-        notes=(note,) if note else (),
+        python=env.python,
+        python_full=env.python_full,
+        executable=env.executable,
+        torch=env.torch_version,
+        torch_cuda=env.torch_cuda,
+        gpus=tuple(g.name for g in env.gpus),
+        driver=env.driver,
+        autodl=env.rental.autodl,
+        autodl_region=env.rental.region,
+        data_disk=env.rental.data_disk,
+        shared_fs=env.rental.shared_fs,
+        notes=env.notes,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,11 @@ from builder.paths import project_root
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover - exercised inside py3.10 images
-    import tomli as tomllib
+else:  # pragma: no cover - Python 3.10 platforms: tomli if present, else the copy pip vendors
+    try:
+        import tomli as tomllib
+    except ImportError:
+        from pip._vendor import tomli as tomllib
 
 PYTHON_PROVIDERS = ("conda", "system")
 NO_TORCH = "none"
@@ -99,6 +102,14 @@ class ImageSpec:
     @property
     def requirements_in(self) -> Path:
         return self.root / "images" / "requirements.in"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageSpec:
+        """The inverse of ``to_dict`` (derived keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        return cls(**{**values, "archs": tuple(values["archs"]), "platforms": tuple(values["platforms"]),
+                      "root": Path(values["root"])})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

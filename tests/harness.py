@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.fingerprint import canonical_name
+from builder.environment import canonical_name
 from builder.fsutil import sha256_file
 from tests.conftest import REPO, require
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from builder.catalog import Catalog
+from builder.environment import Capability
 from builder.gpucheck import check_gpu
 from builder.output import add_root_argument, format_table, print_json
-from builder.spec import load_catalog
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,11 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = check_gpu(args.gpu, load_catalog(Path(args.root) if args.root else None), args.driver)
+    report = check_gpu(args.gpu, Catalog.load(Path(args.root) if args.root else None), args.driver)
     if args.json:
         print_json(report)
         return 0
-    print(f"{report['gpu']} (sm_{report['compute_capability'].replace('.', '')})"
+    print(f"{report['gpu']} ({Capability.parse(report['compute_capability']).sm})"
           + (f", driver {report['driver']}" if report["driver"] else ", driver not given (not checked)"))
     rows = [(v["image"], v["torch"], v["verdict"], "; ".join(v["reasons"]) or "-") for v in report["images"]]
     print(format_table(("image", "torch", "verdict", "why"), rows))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from builder import drift, platform
+from builder import drift
+from builder.catalog import Catalog
+from builder.environment import Environment
 from builder.errors import SameboxError
 from builder.output import add_root_argument, print_json
-from builder.spec import ImageSpec, find_image, load_catalog
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,33 +22,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _image(args: argparse.Namespace) -> ImageSpec:
-    catalog = load_catalog(Path(args.root) if args.root else None)
-    image = args.image or os.environ.get("SAMEBOX_IMAGE", "")
-    if image:
-        return find_image(image, catalog)
-    try:
-        entry = platform.match_entry(platform.detect(), [s.to_dict() for s in catalog])
-    except platform.PlatformMismatch as e:
-        raise SameboxError(str(e), "or name the image: samebox verify --image ID") from e
-    return find_image(entry["id"], catalog)
-
-
 def run(args: argparse.Namespace) -> int:
-    # The lock this environment claims: --lockfile, else the one setup.sh recorded ($SAMEBOX_LOCKFILE), else the
-    # catalog image's. Only the catalog route knows the torch local tag to expect.
-    env_lock = os.environ.get("SAMEBOX_LOCKFILE")
-    lockfile = args.lockfile or (Path(env_lock) if env_lock and not args.image else None)
-    spec = _image(args) if args.image or lockfile is None else None
-    lockfile = lockfile or spec.lockfile
-    if not lockfile.is_file():
+    catalog = Catalog.load(Path(args.root) if args.root else None)
+    env = Environment.probe(gpus=False)
+    claim = catalog.claimed_lockfile(env, args.lockfile, args.image or "")
+    if claim.path is None:
+        try:
+            catalog.match(env)  # says which base image to rent
+        except SameboxError as e:
+            raise SameboxError(e.message, "or name the image: samebox verify --image ID") from e
+        raise SameboxError(claim.how, "name the image: samebox verify --image ID")
+    spec = claim.image
+    if not claim.path.is_file():
         hint = f"make it with `make lock IMAGE={spec.id}`" if spec else "pass an existing lockfile to --lockfile"
-        raise SameboxError(f"no lockfile {lockfile}", hint)
-    problems = drift.verify_lock(lockfile, torch=spec.torch_full if spec else "", check_files=not args.no_files)
+        raise SameboxError(f"no lockfile {claim.path}", hint)
+    problems = drift.verify_lock(claim.path, torch=spec.torch_full if spec else "", check_files=not args.no_files)
     name = spec.id if spec else "this environment"
     if args.json:
-        print_json({"image": spec.id if spec else None, "lockfile": str(lockfile), "ok": not problems,
+        print_json({"image": spec.id if spec else None, "lockfile": str(claim.path), "ok": not problems,
                     "problems": problems})
     else:
-        print("\n".join(f"- {p}" for p in problems) or f"{name}: the environment matches {lockfile}")
+        print("\n".join(f"- {p}" for p in problems) or f"{name}: the environment matches {claim.path}")
     return 1 if problems else 0

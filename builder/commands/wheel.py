@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from builder import compat
+from builder.catalog import Catalog
+from builder.environment import Environment
 from builder.output import add_root_argument, print_json
-from builder.spec import find_image, load_catalog
 from builder.wheels import key as wkey
 from builder.wheels import resolve
 from builder.wheels.cache import WheelCache, default_cache_dir
@@ -38,12 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    catalog = load_catalog(Path(args.root) if args.root else None)
-    facts = wkey.probe_env() if (args.from_env or args.install or not args.dry_run) else None
+    catalog = Catalog.load(Path(args.root) if args.root else None)
+    here = Environment.probe() if (args.from_env or args.install or not args.dry_run) else None
     if args.image:
-        key = wkey.key_from_spec(find_image(args.image, catalog), args.arch, args.profile, args.fa_version)
+        key = wkey.key_from_spec(catalog.find(args.image), args.arch, args.profile, args.fa_version)
     else:
-        key = wkey.key_from_env(facts, args.arch, args.profile, args.fa_version, catalog)
+        key = wkey.key_from_env(here, args.arch, args.profile, args.fa_version, catalog)
     cache = WheelCache(Path(args.cache) if args.cache else default_cache_dir())
     if args.dry_run:
         plan = resolve.dry_run(key, cache, args.offline)
@@ -57,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"samebox wheel: {msg}", file=sys.stderr, flush=True)
 
-    result = resolve.resolve_wheel(key, cache, facts, args.offline, Path(args.sdist) if args.sdist else None,
+    result = resolve.resolve_wheel(key, cache, here, args.offline, Path(args.sdist) if args.sdist else None,
                                    say)
     if args.install:
-        result.steps += resolve.install(result.entry, key, facts)
+        result.steps += resolve.install(result.entry, key, here)
         say(result.steps[-1])
     out = result.to_dict()
     if args.dest:

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder import compat, pyindex
+from builder.environment import Environment
 from builder.errors import SameboxError
 from builder.fsutil import sha256_file
-from builder.wheels.key import EnvFacts, WheelKey, release_facts
+from builder.wheels.key import WheelKey, release_facts
 
 Say = Callable[[str], None]
 _PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")
@@ -163,16 +164,17 @@ def nvcc_version(nvcc: Path) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def check_toolchain(key: WheelKey, facts: EnvFacts, env: dict[str, str], python: str = sys.executable) -> list[str]:
+def check_toolchain(key: WheelKey, here: Environment, env: dict[str, str], python: str = sys.executable) -> list[str]:
     """Every reason this machine cannot build ``key`` (empty list: it can). Returns notes on success."""
     problems: list[str] = []
-    mine = {"torch": facts.torch, "cuda": ".".join((facts.torch_cuda or "none").split(".")[:2]),
-            "python": "cp" + facts.python.replace(".", ""), "cxx11abi": facts.cxx11abi}
+    build = here.torch
+    mine = {"torch": here.torch_version, "cuda": (build.cuda_minor if build else None) or "none",
+            "python": here.python_tag, "cxx11abi": build.cxx11abi if build else True}
     for name, have in mine.items():
         if getattr(key, name) != have:
             problems.append(f"the key wants {name} {getattr(key, name)} but this Python ({python}) has {have}; "
                             "build inside the target environment")
-    if not facts.torch_cuda:
+    if here.torch_cuda == "none":
         problems.append("torch here is a CPU build: flash-attn needs a CUDA build of torch")
     nvcc = find_nvcc(env)
     if nvcc is None:

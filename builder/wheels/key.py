@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from builder import compat
+from builder.catalog import Catalog
+from builder.environment import Capability, Environment
 from builder.errors import SameboxError
 from builder.spec import ImageSpec
 
@@ -63,55 +64,29 @@ class WheelKey:
         return cls(**{**d, "archs": tuple(d["archs"])})
 
 
-@dataclass(frozen=True)
-class EnvFacts:
-    """What the live environment says; ``probe_env`` reads it, tests build it by hand."""
-
-    torch: str | None  # torch.__version__, None when torch is not importable
-    torch_cuda: str | None  # torch.version.cuda, None for a CPU build
-    cxx11abi: bool
-    python: str  # "3.12"
-    gpus: tuple[tuple[str, str], ...] = field(default=())  # (name, capability "9.0")
-
-
-def probe_env() -> EnvFacts:
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    try:
-        import torch
-    except ImportError:
-        return EnvFacts(None, None, True, python)
-    gpus: list[tuple[str, str]] = []
-    if torch.version.cuda and torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            major, minor = torch.cuda.get_device_capability(i)
-            gpus.append((torch.cuda.get_device_name(i), f"{major}.{minor}"))
-    return EnvFacts(torch.__version__, torch.version.cuda, bool(torch._C._GLIBCXX_USE_CXX11_ABI), python,
-                    tuple(gpus))
-
-
 def build_archs(capabilities: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """GPU compute capabilities -> the flash-attn SASS archs that run on them (8.6 -> 8.0), sorted, unique."""
-    known = sorted(compat.FLASH_ATTN_BUILD_ARCHS, key=compat.version_tuple)
-    out: set[str] = set()
+    known = sorted(Capability.parse(a) for a in compat.FLASH_ATTN_BUILD_ARCHS)
+    fa2_floor = Capability.parse(compat.FLASH_ATTN2_MIN_CAPABILITY)
+    out: set[Capability] = set()
     problems: list[str] = []
-    for cap in capabilities:
-        cap = cap.strip()
-        if not cap or not all(p.isdigit() for p in cap.split(".")) or cap.count(".") != 1:
-            problems.append(f"{cap!r} is not a compute capability; write it like 8.0, 8.6, 9.0, 12.0")
+    for text in capabilities:
+        cap = Capability.maybe(text.strip()) if "." in text else None
+        if cap is None:
+            problems.append(f"{text.strip()!r} is not a compute capability; write it like 8.0, 8.6, 9.0, 12.0")
             continue
-        runs = [a for a in known if compat.arch_runs_on(a, cap)]
+        runs = [a for a in known if cap.runs(a)]
         if not runs:
-            if compat.version_tuple(cap) < compat.version_tuple(compat.FLASH_ATTN2_MIN_CAPABILITY):
-                problems.append(f"sm_{cap.replace('.', '')}: flash-attn 2 needs Ampere or newer; "
-                                "the trainer will use SDPA")
+            if cap < fa2_floor:
+                problems.append(f"{cap.sm}: flash-attn 2 needs Ampere or newer; the trainer will use SDPA")
             else:
-                problems.append(f"sm_{cap.replace('.', '')}: flash-attn builds SASS only for "
-                                f"{', '.join(known)}; none runs on {cap}")
+                problems.append(f"{cap.sm}: flash-attn builds SASS only for {', '.join(map(str, known))}; "
+                                f"none runs on {cap}")
             continue
         out.add(runs[-1])
     if problems:
         raise SameboxError("no flash-attn build for the requested GPU archs:", "", problems)
-    return tuple(sorted(out, key=compat.version_tuple))
+    return tuple(str(a) for a in sorted(out))
 
 
 def release_facts(version: str) -> compat.FlashAttnRelease:
@@ -139,30 +114,24 @@ def key_from_spec(spec: ImageSpec, archs: list[str] | None = None, profile: str 
                     build_archs(archs or list(spec.archs)), profile)
 
 
-def default_version(torch_version: str, cuda: str, catalog: list[ImageSpec]) -> str:
-    """The flash-attn a catalog image with this torch minor + CUDA pins, else the newest known release."""
-    for spec in catalog:
-        if spec.has_torch and compat.torch_minor(spec.torch) == compat.torch_minor(torch_version) and spec.cuda == cuda:
-            return spec.flash_attn
-    return max(compat.FLASH_ATTN_RELEASES, key=compat.version_tuple)
-
-
-def key_from_env(facts: EnvFacts, archs: list[str] | None = None, profile: str = DEFAULT_PROFILE,
-                 version: str | None = None, catalog: list[ImageSpec] | None = None) -> WheelKey:
-    """The key for the live environment: its torch, CUDA, Python and ABI; archs from --arch or its GPUs."""
+def key_from_env(env: Environment, archs: list[str] | None = None, profile: str = DEFAULT_PROFILE,
+                 version: str | None = None, catalog: Catalog | None = None) -> WheelKey:
+    """The key for the live environment: its torch, CUDA, Python and ABI; archs from --arch or its GPUs; the
+    flash-attn version the catalog pins for this torch, CUDA and Python."""
     _check_profile(profile)
-    if facts.torch is None:
-        raise SameboxError("torch is not importable in this Python", f"run with the Python that has torch "
-                           f"({sys.executable} has none), or use --image ID")
-    if not facts.torch_cuda:
-        raise SameboxError(f"torch {facts.torch} is a CPU build (torch.version.cuda is None)",
+    build = env.torch
+    if build is None or build.error:
+        why = f" ({build.error})" if build and build.error else ""
+        raise SameboxError(f"torch is not importable in this Python{why}", f"run with the Python that has torch "
+                           f"({env.executable} has none), or use --image ID")
+    if not build.cuda_minor:
+        raise SameboxError(f"torch {build.version} is a CPU build (torch.version.cuda is None)",
                            "flash-attn needs a CUDA build of torch; install the +cuXXX wheel for your CUDA")
     if not archs:
-        if not facts.gpus:
+        archs = [str(c) for c in env.capabilities()]
+        if not archs:
             raise SameboxError("no GPU visible and no --arch given", "say which GPUs to build for: --arch 9.0")
-        archs = [cap for _, cap in facts.gpus]
-    cuda = ".".join(facts.torch_cuda.split(".")[:2])
-    version = version or default_version(facts.torch, cuda, catalog or [])
+    version = version or (catalog or Catalog(())).flash_attn_version(build.version, build.cuda_minor, env.python)
     release_facts(version)
-    return WheelKey(version, facts.torch, cuda, "cp" + facts.python.replace(".", ""), facts.cxx11abi,
-                    build_archs(archs), profile)
+    return WheelKey(version, build.version, build.cuda_minor, env.python_tag, build.cxx11abi, build_archs(archs),
+                    profile)

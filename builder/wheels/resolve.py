@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.environment import Environment
 from builder.errors import SameboxError
 from builder.wheels import build, release, verify
 from builder.wheels.cache import CacheEntry, WheelCache, copy_atomic
-from builder.wheels.key import EnvFacts, WheelKey, release_facts
+from builder.wheels.key import WheelKey, release_facts
 
 Say = Callable[[str], None]
 
@@ -92,9 +93,9 @@ def _from_release(key: WheelKey, cache: WheelCache, steps: list[str], say: Say) 
     return entry
 
 
-def _from_source(key: WheelKey, cache: WheelCache, facts: EnvFacts, sdist: Path | None, offline: bool,
+def _from_source(key: WheelKey, cache: WheelCache, here: Environment, sdist: Path | None, offline: bool,
                  steps: list[str], say: Say, python: str) -> tuple[CacheEntry, dict[str, Any] | None]:
-    problems = build.check_toolchain(key, facts, dict(os.environ), python)
+    problems = build.check_toolchain(key, here, dict(os.environ), python)
     if problems:
         raise SameboxError(f"cannot build flash-attn {key.flash_attn} here:", "fix these and run again", problems)
     nvcc = build.find_nvcc(dict(os.environ))
@@ -112,8 +113,8 @@ def _from_source(key: WheelKey, cache: WheelCache, facts: EnvFacts, sdist: Path 
     steps.append(f"build: {wheel.name}, cuobjdump lists exactly sm_{', sm_'.join(key.sm_codes)}")
     say(steps[-1])
     numeric = None
-    uncovered = verify.gpu_problems(found, facts.gpus, key)
-    if not facts.gpus:
+    uncovered = verify.gpu_problems(found, here.gpus, key)
+    if not here.gpus:
         steps.append("numeric check: skipped (no GPU visible)")
     elif uncovered:
         steps.append(f"numeric check: skipped ({uncovered[0].split(':')[0]})")
@@ -127,7 +128,7 @@ def _from_source(key: WheelKey, cache: WheelCache, facts: EnvFacts, sdist: Path 
     return entry, numeric
 
 
-def resolve_wheel(key: WheelKey, cache: WheelCache, facts: EnvFacts, offline: bool = False,
+def resolve_wheel(key: WheelKey, cache: WheelCache, here: Environment, offline: bool = False,
                   sdist: Path | None = None, say: Say = lambda _m: None, python: str = sys.executable) -> Resolution:
     """cache -> official prebuilt -> source build; the wheel ends up verified in ``cache``."""
     start = time.monotonic()
@@ -153,7 +154,7 @@ def resolve_wheel(key: WheelKey, cache: WheelCache, facts: EnvFacts, offline: bo
             entry = _from_release(key, cache, steps, say)
             if entry:
                 return Resolution(key, entry, "release", steps, time.monotonic() - start)
-        entry, numeric = _from_source(key, cache, facts, sdist, offline, steps, say, python)
+        entry, numeric = _from_source(key, cache, here, sdist, offline, steps, say, python)
         return Resolution(key, entry, "build", steps, time.monotonic() - start, numeric)
 
 
@@ -163,13 +164,13 @@ def copy_to(entry: CacheEntry, dest_dir: Path) -> Path:
     return dest
 
 
-def install(entry: CacheEntry, key: WheelKey, facts: EnvFacts, python: str = sys.executable) -> list[str]:
+def install(entry: CacheEntry, key: WheelKey, here: Environment, python: str = sys.executable) -> list[str]:
     """pip-install the wheel into ``python`` after checking its SASS runs on every GPU here (not a crash later)."""
     archs = entry.elf_archs
-    if not archs and facts.gpus:
+    if not archs and here.gpus:
         cuobjdump = verify.find_cuobjdump()
         archs = verify.elf_archs(entry.path, cuobjdump) if cuobjdump else key.archs
-    problems = verify.gpu_problems(archs, facts.gpus, key)
+    problems = verify.gpu_problems(archs, here.gpus, key)
     if problems:
         raise SameboxError(f"refusing to install {entry.path.name} on this machine:", "", problems)
     cmd = [python, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", str(entry.path)]

@@ -18,7 +18,7 @@ from pathlib import Path
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
 
-from builder import compat
+from builder.environment import Capability, Gpu
 from builder.errors import SameboxError
 from builder.wheels.key import WheelKey
 
@@ -109,14 +109,16 @@ def arch_problems(found: tuple[str, ...], key: WheelKey, exact: bool) -> list[st
     return []
 
 
-def gpu_problems(archs: tuple[str, ...], gpus: tuple[tuple[str, str], ...], key: WheelKey) -> list[str]:
-    """GPUs here that no SASS in the wheel runs on, each with the command that builds one that does."""
+def gpu_problems(archs: tuple[str, ...], gpus: tuple[Gpu, ...], key: WheelKey) -> list[str]:
+    """GPUs here that no SASS in the wheel runs on, each with the command that builds one that does (a GPU whose
+    capability is unknown is left to the self-test)."""
     problems = []
-    for name, cap in gpus:
-        if not any(compat.arch_runs_on(a, cap) for a in archs):
-            built = ", ".join(f"sm_{a.replace('.', '')}" for a in archs)
+    for gpu in gpus:
+        cap = gpu.capability
+        if cap and not any(cap.runs(a) for a in archs):
+            built = ", ".join(Capability.parse(a).sm for a in archs)
             problems.append(
-                f"{name} is sm_{cap.replace('.', '')} but this flash-attn wheel only has {built}: it would fail "
+                f"{gpu.name} is {cap.sm} but this flash-attn wheel only has {built}: it would fail "
                 f"with 'no kernel image is available'. Rebuild for it: samebox wheel flash-attn --from-env "
                 f"--arch {cap} --profile {key.profile}"
             )

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from builder import platform
 from builder.cli import main
+from builder.environment import Environment, TorchBuild
 from tests.conftest import REPO
 from tests.fingerprint.fakesite import lock_line
 
@@ -62,10 +62,12 @@ def test_verify_against_a_lockfile(tmp_path: Path, capsys, monkeypatch) -> None:
     assert main(["verify", "--root", str(root), "--image", "test-local"]) == 0
     assert "matches" in capsys.readouterr().out
     monkeypatch.delenv("SAMEBOX_IMAGE", raising=False)
-    real = platform.detect()
-    monkeypatch.setattr(platform, "detect", lambda: dataclasses.replace(real, torch="none"))
+    monkeypatch.delenv("SAMEBOX_LOCKFILE", raising=False)
+    real = Environment.probe(torch=False, gpus=False)
+    monkeypatch.setattr(Environment, "probe", classmethod(lambda cls, **_: real))
     assert main(["verify", "--root", str(root)]) == 0  # found by matching the platform (no torch, this Python)
-    monkeypatch.setattr(platform, "detect", lambda: dataclasses.replace(real, torch="2.3.0+cu121"))
+    other = dataclasses.replace(real, torch=TorchBuild(version="2.3.0+cu121", cuda="12.1"))
+    monkeypatch.setattr(Environment, "probe", classmethod(lambda cls, **_: other))
     assert main(["verify", "--root", str(root)]) == 2
     assert "no catalog image replicates this instance" in capsys.readouterr().err
     (root / "lockfiles" / "test-local.txt").write_text(good + lock_line("jinja2", "0.1") + lock_line("nope", "1"))

@@ -1,4 +1,4 @@
-"""NVML inventory (fingerprint, platform detection) against a stand-in pynvml module."""
+"""NVML inventory (the Environment probe, the fingerprint) against a stand-in pynvml module."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from builder import fingerprint, gpus, platform
+from builder import environment, fingerprint, nvml
+from builder.environment import Capability, Environment, Gpu
 
 
 def fake_pynvml(cards: list[tuple[bytes | str, tuple[int, int], int]], fail_at: int | None = None,
@@ -45,23 +46,33 @@ CARDS = [(b"NVIDIA H100 80GB HBM3", (9, 0), 81559), ("NVIDIA GeForce RTX 4090", 
 def test_inventory_decodes_names_and_shuts_nvml_down(monkeypatch):
     mod = fake_pynvml(CARDS)
     monkeypatch.setitem(sys.modules, "pynvml", mod)
-    facts = gpus.nvml_inventory()
+    facts = nvml.inventory()
     assert facts == {"driver": "580.159.04", "gpus": [
         {"compute_capability": "9.0", "memory_mib": 81559, "name": "NVIDIA H100 80GB HBM3"},
         {"compute_capability": "8.9", "memory_mib": 24564, "name": "NVIDIA GeForce RTX 4090"}]}
     assert mod.shutdowns == 1
-    assert fingerprint.machine_facts() == facts
-    assert platform._gpus() == (("NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090"), "580.159.04")
+    found = environment.probe_gpus()
+    assert found == ((Gpu("NVIDIA H100 80GB HBM3", Capability(9, 0), 81559),
+                      Gpu("NVIDIA GeForce RTX 4090", Capability(8, 9), 24564)), "580.159.04")
+    env = Environment.probe(torch=False)
+    assert fingerprint.machine_facts(env) == facts
 
 
 def test_a_failure_part_way_is_kept_and_platform_falls_back(monkeypatch, tmp_path):
     mod = fake_pynvml(CARDS, fail_at=1)
     monkeypatch.setitem(sys.modules, "pynvml", mod)
-    facts = fingerprint.machine_facts()
+    facts = nvml.inventory()
     assert facts["error"] == "RuntimeError: GPU is lost" and len(facts["gpus"]) == 1 and mod.shutdowns == 1
-    # platform detection does not trust a half inventory: it asks nvidia-smi (here: none on PATH)
+    # the probe does not trust a half inventory: it asks nvidia-smi (here: a stand-in on PATH)
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.159.04, 9.0, 81559'\n"
+                   "echo 'NVIDIA GeForce RTX 4090, 580.159.04, [N/A], 24564'\n")
+    smi.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert platform._gpus() == ((), "")
+    assert environment.probe_gpus() == ((Gpu("NVIDIA H100 80GB HBM3", Capability(9, 0), 81559),
+                                         Gpu("NVIDIA GeForce RTX 4090", Capability(8, 9), 24564)), "580.159.04")
+    smi.unlink()
+    assert environment.probe_gpus() == ((), "")
 
 
 @pytest.mark.parametrize("missing", ["module", "driver"])
@@ -70,5 +81,6 @@ def test_no_nvml(monkeypatch, missing):
         monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
     else:
         monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([], init_error=OSError("libnvidia-ml.so.1")))
-    assert gpus.nvml_inventory() is None
-    assert fingerprint.machine_facts() == {"driver": None, "gpus": []}
+    assert nvml.inventory() is None
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert fingerprint.machine_facts(Environment.probe(torch=False)) == {"driver": None, "gpus": []}

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from builder import compat
+from builder.environment import Environment
 from builder.wheels import build
 from builder.wheels.cache import WheelCache
-from builder.wheels.key import EnvFacts, WheelKey
+from builder.wheels.key import WheelKey
+from tests.envs import make_env
 from tests.wheels import fakes
 
 
@@ -22,7 +24,7 @@ class World:
     base: str
     sdist: Path
     cache: WheelCache
-    facts: EnvFacts
+    facts: Environment
     key: WheelKey
     builds: Path  # one line per setup.py run: "<pid> <objects to compile>"
 
@@ -60,6 +62,6 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         release = fakes.fake_release(fakes.sha256(sdist), f"{base}/pypi/{sdist.name}")
         monkeypatch.setitem(compat.FLASH_ATTN_RELEASES, fakes.VERSION, release)
         monkeypatch.setenv("SAMEBOX_FA_RELEASE_BASE", f"{base}/releases")
-        facts = EnvFacts("2.11.0+cu130", "13.0", True, fakes.PYDOT, ())
+        facts = make_env("2.11.0+cu130", "13.0", fakes.PYDOT)
         key = WheelKey(fakes.VERSION, "2.11.0+cu130", "13.0", fakes.PY, True, ("9.0",), "full")
         yield World(tmp_path, www, base, sdist, WheelCache(tmp_path / "cache"), facts, key, builds)

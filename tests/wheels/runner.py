@@ -13,8 +13,9 @@ from pathlib import Path
 from builder import compat
 from builder.wheels import build
 from builder.wheels.cache import WheelCache
-from builder.wheels.key import EnvFacts, WheelKey
+from builder.wheels.key import WheelKey
 from builder.wheels.resolve import resolve_wheel
+from tests.envs import make_env
 from tests.wheels import fakes
 
 
@@ -22,7 +23,7 @@ def main() -> None:
     compat.FLASH_ATTN_RELEASES[fakes.VERSION] = fakes.fake_release(os.environ["FAKE_SDIST_SHA"],
                                                                    os.environ["FAKE_SDIST_URL"])
     build.BUILD_MODULES = ("setuptools",)
-    facts = EnvFacts("2.11.0+cu130", "13.0", True, fakes.PYDOT, ())
+    facts = make_env("2.11.0+cu130", "13.0", fakes.PYDOT)
     key = WheelKey(fakes.VERSION, "2.11.0+cu130", "13.0", fakes.PY, True, ("9.0",), "slim")
     result = resolve_wheel(key, WheelCache(Path(sys.argv[1])), facts,
                            say=lambda m: print(m, file=sys.stderr, flush=True))

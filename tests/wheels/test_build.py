@@ -13,6 +13,7 @@ from builder import compat
 from builder.errors import SameboxError
 from builder.wheels import build
 from builder.wheels.key import WheelKey
+from tests.envs import make_env
 from tests.wheels import fakes
 
 KEY = WheelKey("2.8.3", "2.11.0+cu130", "13.0", "cp312", True, ("9.0",), "slim")
@@ -95,7 +96,7 @@ def test_nvcc_major_differs_from_torch(world, monkeypatch):
 
 def test_new_arch_needs_new_nvcc_and_env_must_match(world, monkeypatch):
     key = replace(world.key, archs=("12.0",), cuda="12.4", torch="2.5.1+cu124")
-    facts = replace(world.facts, torch="2.5.1+cu124", torch_cuda="12.4", cxx11abi=False)
+    facts = make_env("2.5.1+cu124", "12.4", world.facts.python, cxx11abi=False)
     problems = _problems(world, monkeypatch, "12.4", key, facts, CUDA_HOME=str(world.root / "cuda"))
     assert any("sm_120 needs nvcc >= 12.8" in p for p in problems)
     assert any("wants cxx11abi True but this Python" in p for p in problems)

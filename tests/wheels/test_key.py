@@ -6,9 +6,11 @@ from dataclasses import replace
 
 import pytest
 
+from builder.catalog import Catalog
 from builder.errors import SameboxError
 from builder.spec import find_image, load_catalog
-from builder.wheels.key import EnvFacts, WheelKey, build_archs, key_from_env, key_from_spec
+from builder.wheels.key import WheelKey, build_archs, key_from_env, key_from_spec
+from tests.envs import make_env
 
 H100 = ("NVIDIA H100 80GB HBM3", "9.0")
 
@@ -23,8 +25,8 @@ def test_key_from_catalog_image():
 
 
 def test_key_from_env_uses_gpus_and_catalog_version():
-    facts = EnvFacts("2.11.0+cu130", "13.0", True, "3.12", (H100, ("NVIDIA A10", "8.6")))
-    key = key_from_env(facts, catalog=load_catalog())
+    facts = make_env("2.11.0+cu130", "13.0", "3.12", (H100, ("NVIDIA A10", "8.6")))
+    key = key_from_env(facts, catalog=Catalog.load())
     assert key == WheelKey("2.8.3", "2.11.0+cu130", "13.0", "cp312", True, ("8.0", "9.0"), "full")
     assert key_from_env(facts, ["12.0"], "slim").archs == ("12.0",)
 
@@ -60,10 +62,10 @@ def test_build_archs_refuses(caps, message):
 
 
 @pytest.mark.parametrize("facts, archs, message", [
-    (EnvFacts("2.11.0+cpu", None, True, "3.12"), None, "CPU build"),
-    (EnvFacts(None, None, True, "3.12"), None, "torch is not importable"),
-    (EnvFacts("2.11.0+cu130", "13.0", True, "3.12"), None, "no GPU visible and no --arch"),
-    (EnvFacts("2.11.0+cu130", "13.0", True, "3.12", (("Tesla T4", "7.5"),)), None, "needs Ampere or newer"),
+    (make_env("2.11.0+cpu", None), None, "CPU build"),
+    (make_env(None, None), None, "torch is not importable"),
+    (make_env(), None, "no GPU visible and no --arch"),
+    (make_env(gpus=(("Tesla T4", "7.5"),)), None, "needs Ampere or newer"),
 ])
 def test_key_from_env_bad_input(facts, archs, message):
     with pytest.raises(SameboxError, match=message):

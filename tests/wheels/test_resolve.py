@@ -11,6 +11,7 @@ from builder.cli import main
 from builder.errors import SameboxError
 from builder.wheels import release, verify
 from builder.wheels.resolve import install, resolve_wheel
+from tests.envs import make_env
 from tests.wheels import fakes
 
 
@@ -84,7 +85,7 @@ def test_release_without_the_keys_arch_is_refused(world):
 def test_sm80_wheel_refused_on_sm90_before_import(world):
     key80 = replace(world.key, archs=("8.0",), profile="slim")
     entry = resolve_wheel(key80, world.cache, world.facts).entry
-    facts = replace(world.facts, gpus=(("NVIDIA H100 80GB HBM3", "9.0"),))
+    facts = replace(world.facts, gpus=make_env(gpus=(("NVIDIA H100 80GB HBM3", "9.0"),)).gpus)
     with pytest.raises(SameboxError) as e:
         install(entry, key80, facts, python="/nonexistent/python")
     text = str(e.value)

@@ -1,5 +1,4 @@
-"""The machine's NVIDIA driver and GPUs through NVML (nvidia-ml-py), for the fingerprint and platform detection.
-(The self-test's health readings go through builder/selftest/nvml_reader.py, which reads much more.)"""
+"""NVML (nvidia-ml-py), the one reader of the NVIDIA driver: the GPU inventory every command's Environment holds."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def nvml_inventory() -> dict[str, Any] | None:
+def inventory() -> dict[str, Any] | None:
     """{"driver": "580.159.04", "gpus": [{"name", "compute_capability": "9.0", "memory_mib"}, ...]}, with
     "error" when NVML failed part way; None where nvidia-ml-py or a usable driver is missing."""
     try:

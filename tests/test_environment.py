@@ -1,0 +1,68 @@
+"""builder/environment.py: the one probe of the instance, and the one spelling of a compute capability."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from builder.environment import Capability, Environment, TorchBuild, probe_torch
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("spelling", ["9.0", "90", "sm_90", "sm_90a", "compute_90", [9, 0], (9, 0), " 9.0 "])
+def test_every_spelling_of_a_capability_is_one_value(spelling) -> None:
+    cap = Capability.parse(spelling)
+    assert cap == Capability(9, 0) and (str(cap), cap.sm, cap.digits, cap.as_list()) == ("9.0", "sm_90", "90", [9, 0])
+
+
+def test_capabilities_of_two_digit_majors_order_and_run_rules() -> None:
+    assert Capability.parse("120") == Capability.parse("sm_120") == Capability(12, 0)
+    assert Capability.parse("sm_100a") == Capability(10, 0)
+    assert Capability(8, 6) > Capability(8, 0) and Capability(12, 0) > Capability(9, 0)
+    assert Capability(8, 6).runs("8.0") and not Capability(8, 0).runs("8.6")
+    assert not Capability(9, 0).runs("8.0"), "SASS runs only within its major"
+
+
+@pytest.mark.parametrize("bad", ["9", "nine", "9.x", "", [9], "sm_"])
+def test_a_wrong_capability_says_how_to_write_one(bad) -> None:
+    with pytest.raises(ValueError, match="write it like 8.0"):
+        Capability.parse(bad)
+    assert Capability.maybe(bad) is None
+
+
+def test_the_probe_of_this_interpreter() -> None:
+    env = Environment.probe(torch=True, gpus=False, distributions=True)
+    assert env.python == f"{sys.version_info.major}.{sys.version_info.minor}" and env.executable == sys.executable
+    assert env.torch is not None and env.torch_version.startswith("2.") and not env.torch.error
+    names = dict(env.distributions)
+    assert names["torch"].split("+")[0] == env.torch.public
+    assert json.loads(json.dumps(env.to_dict()))["torch_version"] == env.torch_version
+    assert probe_torch(devices=True).cuda_available in (True, False)
+
+
+def test_a_broken_torch_is_a_note_not_a_crash(tmp_path) -> None:
+    pkg = tmp_path / "torch"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n")
+    code = ("from builder.environment import Environment; e = Environment.probe(gpus=False); "
+            "print(e.torch_version, '|', e.notes[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin"}).stdout
+    assert out.startswith("none | torch is installed but does not import: OSError: libcudart.so.12")
+
+
+def test_the_environment_layer_imports_the_standard_library_only() -> None:
+    """The setup script runs it on the platform's bare Python, before anything is installed."""
+    code = ("import sys; import builder.environment, builder.catalog; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jinja2', 'packaging', 'torch', 'yaml')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
+
+
+def test_torch_build_parts() -> None:
+    build = TorchBuild(version="2.3.0+cu121", cuda="12.1.105", arch_list=("compute_90", "sm_80", "sm_90"))
+    assert (build.local, build.public, build.cuda_minor) == ("cu121", "2.3.0", "12.1")
+    assert build.sass() == (Capability(8, 0), Capability(9, 0))
