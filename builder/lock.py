@@ -4,8 +4,9 @@
 with ``--generate-hashes`` and the image's torch pinned as a constraint, then checks the result (torch at the
 pin, its CUDA runtime the catalog's CUDA, every locked package's declared torch bound) before writing the file
 atomically behind a header that names the regenerating command and the sha256 of the inputs and of the pins.
-``check_lock`` recomputes both hashes without network. Parsing a lockfile is builder/lockfile.py's job (standard
-library only, shared with the setup script's builder/drift.py).
+``check_lock`` recomputes both hashes without network; ``require_fresh_locks`` is that check as the gate
+``samebox image`` and ``samebox render`` pass before they write anything. Parsing a lockfile is
+builder/lockfile.py's job (standard library only, shared with the setup script's builder/drift.py).
 """
 
 from __future__ import annotations
@@ -145,12 +146,20 @@ def missing_lock_error(spec: ImageSpec) -> SameboxError:
     )
 
 
+def missing_locks_error(specs: list[ImageSpec]) -> SameboxError:
+    """What to run for images that have no lockfile yet (one or more)."""
+    if len(specs) == 1:
+        return missing_lock_error(specs[0])
+    return SameboxError(f"{len(specs)} lockfiles are missing:", "make them with `samebox lock --all`",
+                        [f"{s.id}: {lock_command(s)}" for s in specs])
+
+
 def check_lock(spec: ImageSpec) -> LockStatus:
     """Whether the committed lockfile matches its inputs now, and its pins the hash it was written with (no network,
-    no uv)."""
+    no uv). A stale one is fixed by ``lock_command(spec)``."""
     path = spec.lockfile
     if not path.is_file():
-        return LockStatus(spec.id, path, "missing", f"run `{lock_command(spec)}`")
+        return LockStatus(spec.id, path, "missing", "no lockfile")
     text = read_text(path, "lockfile", f"regenerate it: {lock_command(spec)}")
     if not text.startswith(MARKER):
         return LockStatus(spec.id, path, "stale", "not written by `samebox lock`")
@@ -159,15 +168,35 @@ def check_lock(spec: ImageSpec) -> LockStatus:
     if not m:
         return LockStatus(spec.id, path, "stale", "header has no inputs-sha256")
     if m.group(1) != inputs_sha256(spec):
-        return LockStatus(spec.id, path, "stale", f"inputs changed since it was locked; run `{lock_command(spec)}`")
+        return LockStatus(spec.id, path, "stale", "inputs changed since it was locked (its images/matrix.toml entry, "
+                          "requirements.in or constraints)")
     content = _CONTENT_LINE.search(header)
     if not content:
-        return LockStatus(spec.id, path, "stale", f"header has no content-sha256; run `{lock_command(spec)}`")
+        return LockStatus(spec.id, path, "stale", "header has no content-sha256")
     if content.group(1) != sha256_text(body):
-        return LockStatus(spec.id, path, "stale", "its pins differ from the content-sha256 it was written with (edited "
-                          f"by hand?); regenerate it: `{lock_command(spec)}`")
+        return LockStatus(spec.id, path, "stale", "its pins differ from the content-sha256 it was written with "
+                          "(edited by hand?)")
     return LockStatus(spec.id, path, "fresh")
 
+
+def require_fresh_locks(specs: list[ImageSpec], allow_stale: bool = False) -> list[str]:
+    """The gate `samebox image` and `samebox render` pass before they write anything: `samebox lock --check` for
+    these images. A missing lockfile is an error; a stale one too, unless ``allow_stale``, when the answer is one
+    warning line per stale lock for the caller to print."""
+    statuses = [check_lock(s) for s in specs]
+    missing = [s for s, st in zip(specs, statuses, strict=True) if st.state == "missing"]
+    if missing:
+        raise missing_locks_error(missing)
+    stale = [(s, st) for s, st in zip(specs, statuses, strict=True) if st.state == "stale"]
+    if stale and not allow_stale:
+        fixes = " and ".join(f"`{lock_command(s)}`" for s, _ in stale)
+        raise SameboxError(
+            f"stale lockfile{'s' if len(stale) > 1 else ''} (`samebox lock --check` fails):",
+            f"regenerate with {fixes}, or pass --allow-stale to use {'them' if len(stale) > 1 else 'it'} as "
+            f"{'they are' if len(stale) > 1 else 'it is'}",
+            [f"{st.path}: {st.reason}" for _, st in stale])
+    return [f"{st.path} is stale: {st.reason}; using it as it is (--allow-stale; `{lock_command(s)}` regenerates it)"
+            for s, st in stale]
 
 
 # --- reading a lockfile (parsing: builder/lockfile.py) ----------------------------------------------------------

@@ -155,7 +155,9 @@ def test_check_reports_hand_written_and_missing_lockfiles(tmp_path: Path, capsys
     spec.lockfile.parent.mkdir()
     spec.lockfile.write_text("six==1.17.0\n")
     assert lock.check_lock(spec).state == "stale"
+    capsys.readouterr()
     assert main(["lock", "--check", "--root", str(tmp_path)]) == 1
+    assert f"t23: regenerate with `samebox lock --root {tmp_path.resolve()} --image t23`" in capsys.readouterr().err
 
 
 def test_input_hash_ignores_uv_version_but_not_torch(tmp_path: Path) -> None:
@@ -288,6 +290,64 @@ def test_bad_inputs(tmp_path: Path, fake_uv: Path, capsys: pytest.CaptureFixture
     spec.requirements_in.unlink()
     with pytest.raises(SameboxError, match="requirements.in not found"):
         lock.lock_image(spec, fetch=no_fetch)
+
+
+# --- the gate before `samebox image` and `samebox render` ----------------------------------------------------------
+
+
+def _edit_a_pin(spec: ImageSpec) -> None:
+    """A pin changed by hand: the header's content-sha256 no longer matches (the inputs still do)."""
+    text = spec.lockfile.read_text()
+    first = lockfile.parse_lock(text)[0]
+    spec.lockfile.write_text(text.replace(f"{first.block.split()[0]} ", f"{first.name}==0.0.0 ", 1))
+
+
+BUILDS = {"image": ["--engine", "none"], "render": []}
+
+
+@pytest.mark.parametrize("command", sorted(BUILDS))
+def test_a_stale_lock_stops_image_and_render(tmp_path: Path, command: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    spec = fixture_root(tmp_path)
+    _edit_a_pin(spec)
+    assert lock.check_lock(spec).state == "stale"
+    argv = [command, "--root", str(spec.root), "--image", spec.id, "--output", str(tmp_path / "out"),
+            *BUILDS[command]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "stale lockfile" in err and str(spec.lockfile) in err and "content-sha256" in err
+    assert f"`samebox lock --root {spec.root} --image {spec.id}`" in err and "--allow-stale" in err
+    assert not (tmp_path / "out").exists()
+    # A changed input (requirements.in) is stale too, and says so.
+    spec.requirements_in.write_text(spec.requirements_in.read_text() + "extra-pkg\n")
+    assert main(argv) == 2
+    assert "inputs changed" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+    assert main(argv + ["--allow-stale"]) == 0
+    captured = capsys.readouterr()
+    assert f"samebox: warning: {spec.lockfile} is stale: inputs changed" in captured.err
+    assert f"(--allow-stale; `samebox lock --root {spec.root} --image {spec.id}` regenerates it)" in captured.err
+    context = tmp_path / "out" if command == "image" else tmp_path / "out" / spec.id
+    assert (context / "Dockerfile").is_file()
+
+
+def test_render_all_names_every_stale_lock(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    specs = load_catalog(fixture_root(tmp_path).root)
+    for spec in specs:
+        _edit_a_pin(spec)
+    out = tmp_path / "out"
+    assert main(["render", "--all", "--root", str(specs[0].root), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert all(f"`samebox lock --root {s.root} --image {s.id}`" in err for s in specs) and not out.exists()
+    assert main(["render", "--all", "--root", str(specs[0].root), "--output", str(out), "--allow-stale"]) == 0
+    assert err.count("content-sha256") == len(specs) and (out / "docker-bake.json").is_file()
+
+
+def test_fresh_locks_pass_the_gate_quietly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = fixture_root(tmp_path)
+    assert lock.require_fresh_locks([spec]) == []
+    assert main(["render", "--root", str(spec.root), "--image", spec.id, "--print"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 # --- readers --------------------------------------------------------------------------------------------------------

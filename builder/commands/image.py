@@ -1,4 +1,5 @@
-"""`samebox image`: resolve -> render the context -> build it with a container engine (or just print, --engine none)."""
+"""`samebox image`: resolve -> lock check -> render the context -> build it with a container engine (or just print,
+--engine none)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from builder import lock
 from builder.engine import ENGINES, BuildRequest, ca_bundle_path, detect_engine, printed_command, run_build
 from builder.render import default_tag, write_context
 from builder.selection import add_flash_attn_arguments, add_layer_arguments, add_selection_arguments, select_image
@@ -17,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default="docker", choices=ENGINES, help="container engine (none: write context only)")
     p.add_argument("--tag", help="image tag (default: samebox:<id>-<lock hash>)")
     p.add_argument("--push", action="store_true", help="push the tag after a successful build")
+    p.add_argument("--allow-stale", action="store_true", help="build from a lockfile `samebox lock --check` finds "
+                   "stale (a warning instead of exit 2)")
     p.add_argument("--base-image", help="build on this base instead of the catalog's (e.g. a local mirror)")
     p.add_argument("--output", help="where to write the build context (default: build/<id>)")
     add_flash_attn_arguments(p)
@@ -30,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     spec = select_image(args)
+    for warning in lock.require_fresh_locks([spec], args.allow_stale):
+        print(f"samebox: warning: {warning}", file=sys.stderr)
     engine = detect_engine(args.engine)
     ca_bundle = ca_bundle_path(args.ca_bundle)  # a missing --ca-bundle file is an error before anything is written
     context = write_context(spec, Path(args.output or f"build/{spec.id}"), not args.no_flash_attn,

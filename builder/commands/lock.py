@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from builder import lock
-from builder.errors import SameboxError
 from builder.output import add_root_argument, format_table, print_json
 from builder.spec import ImageSpec, find_image, load_catalog
 
@@ -47,13 +46,14 @@ def _check(specs: list[ImageSpec], as_json: bool) -> int:
     statuses = [lock.check_lock(s) for s in specs]
     missing = [s for s, st in zip(specs, statuses, strict=True) if st.state == "missing"]
     if missing:
-        raise lock.missing_lock_error(missing[0]) if len(missing) == 1 else SameboxError(
-            f"{len(missing)} lockfiles are missing:", "make them with `samebox lock --all`",
-            [f"{s.id}: {lock.lock_command(s)}" for s in missing])
+        raise lock.missing_locks_error(missing)
     rows = [{"state": st.state, **lock.lock_summary(s), "reason": st.reason} for s, st in zip(specs, statuses,
                                                                                              strict=True)]
     if as_json:
         print_json(rows)
     else:
         print(format_table(list(rows[0]), [list(r.values()) for r in rows]))
-    return 1 if any(st.state != "fresh" for st in statuses) else 0
+    stale = [s for s, st in zip(specs, statuses, strict=True) if st.state != "fresh"]
+    for spec in stale:
+        print(f"samebox: {spec.id}: regenerate with `{lock.lock_command(spec)}`", file=sys.stderr)
+    return 1 if stale else 0

@@ -1,10 +1,13 @@
-"""`samebox render`: write the build context (Dockerfile, lockfile, source) for one image, or all plus a bake file."""
+"""`samebox render`: write the build context (Dockerfile, lockfile, source) for one image, or all plus a bake file;
+the lockfiles pass `samebox lock --check` first."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from builder import lock
 from builder.fsutil import write_atomic
 from builder.output import print_json
 from builder.render import render_bake, render_dockerfile, write_context
@@ -21,25 +24,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_layer_arguments(p)
     p.add_argument("--print", dest="print_only", action="store_true", help="print the Dockerfile, write nothing")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.add_argument("--allow-stale", action="store_true", help="render from lockfiles `samebox lock --check` finds "
+                   "stale (a warning instead of exit 2)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if args.all:
-        catalog = [s for s in load_catalog(Path(args.root) if args.root else None) if s.lockfile.is_file()]
-        written = {s.id: str(write_context(s, out / s.id, not args.no_flash_attn, args.flash_attn_profile,
-                                           "workstation" in args.layers)) for s in catalog}
-        write_atomic(out / "docker-bake.json", render_bake(catalog, str(out)))
-        written["bake"] = str(out / "docker-bake.json")
+        specs = [s for s in load_catalog(Path(args.root) if args.root else None) if s.lockfile.is_file()]
     else:
-        spec = select_image(args)
-        if args.print_only:
-            workstation = "workstation" in args.layers
-            print(render_dockerfile(spec, not args.no_flash_attn, args.flash_attn_profile, workstation), end="")
-            return 0
-        written = {spec.id: str(write_context(spec, out / spec.id, not args.no_flash_attn, args.flash_attn_profile,
-                                              "workstation" in args.layers))}
+        specs = [select_image(args)]
+    for warning in lock.require_fresh_locks(specs, args.allow_stale):
+        print(f"samebox: warning: {warning}", file=sys.stderr)
+    layers = (not args.no_flash_attn, args.flash_attn_profile, "workstation" in args.layers)
+    if args.print_only and not args.all:
+        print(render_dockerfile(specs[0], *layers), end="")
+        return 0
+    written = {s.id: str(write_context(s, out / s.id, *layers)) for s in specs}
+    if args.all:
+        write_atomic(out / "docker-bake.json", render_bake(specs, str(out)))
+        written["bake"] = str(out / "docker-bake.json")
     if args.json:
         print_json(written)
     else:
