@@ -1,4 +1,4 @@
-"""Where the project's data lives: the catalog, templates and lockfiles, in a checkout or an installed copy."""
+"""Where the project's data lives (images/ and lockfiles/), in a checkout or an installed copy."""
 
 from __future__ import annotations
 
@@ -13,10 +13,3 @@ def project_root() -> Path:
         return Path(env)
     return Path(__file__).resolve().parent.parent
 
-
-def images_dir() -> Path:
-    return project_root() / "images"
-
-
-def lockfiles_dir() -> Path:
-    return project_root() / "lockfiles"
