@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from builder import fingerprint
+from builder import environment, fingerprint
 from builder.errors import SameboxError
 from builder.lockfile import LockedPackage, read_lock_file
 
@@ -38,7 +38,7 @@ def _base_version(version: str) -> str:
 
 def _package_problems(pins: list[LockedPackage], check_files: bool = True) -> dict[str, str]:
     """Canonical name -> what is wrong with it in the live environment (absent from the result: fine)."""
-    dists = fingerprint.installed_distributions()
+    dists = environment.installed_distributions()
     present = {p.name: dists[p.name] for p in pins if p.name in dists}
     modified = fingerprint.check_files(present) if check_files else {name: [] for name in present}
     problems = {}
@@ -82,7 +82,7 @@ def verify_lock(lockfile: Path, torch: str = "", check_files: bool = True) -> li
     drift, platform = split_lock_problems(lockfile, check_files)
     out = sorted(drift + platform)
     if torch and torch != "none":
-        dists = fingerprint.installed_distributions()
+        dists = environment.installed_distributions()
         have = dists["torch"].version if "torch" in dists else "none"
         if have != torch:
             out.append(f"torch is {have}, the image expects {torch}")
@@ -92,7 +92,7 @@ def verify_lock(lockfile: Path, torch: str = "", check_files: bool = True) -> li
 def is_intact(name: str, version: str = "") -> bool:
     """Whether a distribution is installed (at ``version``'s public part, when given) with every file as its RECORD
     says."""
-    dist = fingerprint.installed_distributions().get(fingerprint.canonical_name(name))
+    dist = environment.installed_distributions().get(environment.canonical_name(name))
     if dist is None or (version and _base_version(dist.version) != _base_version(version)):
         return False
     return not fingerprint.check_files({name: dist})[name]
@@ -121,8 +121,8 @@ def _clean_interrupted_installs(names: set[str]) -> None:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-    for name, dist in fingerprint.installed_distributions().items():
-        path = Path(fingerprint.dist_dir(dist))
+    for name, dist in environment.installed_distributions().items():
+        path = Path(environment.dist_dir(dist))
         if name in names and dist.files is None and path.name.endswith(".dist-info"):
             shutil.rmtree(path)
 

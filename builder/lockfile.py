@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.environment import canonical_name
 from builder.errors import SameboxError
-from builder.fingerprint import canonical_name
 from builder.fsutil import read_text
 
 # Distributions the platform brings with torch; a setup run verifies them and never installs them (nvidia-ml-py is

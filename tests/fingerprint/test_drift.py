@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from builder import drift, fingerprint
+from builder import drift, environment
 from tests.fingerprint.fakesite import add_dist, lock_line
 
 BASE: dict[str, Any] = {
@@ -97,8 +97,8 @@ def test_read_pins_parses_a_hashed_lock(tmp_path: Path) -> None:
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     site = tmp_path / "site"
     site.mkdir()
-    real = fingerprint.installed_distributions
-    monkeypatch.setattr(fingerprint, "installed_distributions", lambda path=None: real([str(site)]))
+    real = environment.installed_distributions
+    monkeypatch.setattr(environment, "installed_distributions", lambda path=None: real([str(site)]))
     monkeypatch.setattr(drift.site, "getsitepackages", lambda: [str(site)])
     monkeypatch.setattr(drift.site, "getusersitepackages", lambda: str(tmp_path / "nouser"))
     return site
@@ -158,7 +158,7 @@ def test_platform_packages(name: str, provided: bool) -> None:
     from builder.lockfile import LockedPackage, is_platform_package
 
     assert is_platform_package(name) is provided
-    assert LockedPackage(fingerprint.canonical_name(name), "1").platform_provided is provided
+    assert LockedPackage(environment.canonical_name(name), "1").platform_provided is provided
 
 
 def test_setup_steps_run_on_the_standard_library(tmp_path: Path) -> None:
