@@ -6,7 +6,7 @@ import argparse
 
 from builder.output import print_json
 from builder.selftest import run_selftest
-from builder.selftest.readings import KERNELS
+from builder.selftest.probes import KERNELS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

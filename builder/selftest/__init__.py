@@ -1,7 +1,9 @@
 """`samebox selftest`: a GPU self-test before long jobs: health, numerics, kernels, environment.
 
-Readings (readings.py) are collected once from NVML, torch and the filesystem; checks (registry.py) are pure
-functions over them returning Findings; the runner turns both into a Report.
+Each check is one declaration in registry.py: the probe whose reading it judges (probes.py), its judge, its modes.
+The collector (readings.py) takes each reading the mode's checks need once, from NVML, torch and the filesystem;
+the judges read only those readings (and the catalog, for image hints) and return Findings; the runner turns both
+into a Report.
 """
 
 from builder.selftest.findings import Finding

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from builder.selftest.findings import Finding, fail, gib, na, ok, probe_error, warn
+from builder.selftest.probes import DATA_DIR, HF_CACHE, LOCKFILE, SHM
 
 SHM_WARN_BYTES = 2**30
 DATA_FAIL_FREE, DATA_WARN_FREE = 5 * 2**30, 20 * 2**30
@@ -28,7 +29,7 @@ def _shown(problems: list[str]) -> str:
 
 
 def lockfile(r: dict[str, Any]) -> Finding:
-    lock = (r.get("env") or {}).get("lock")
+    lock = r.get(LOCKFILE.name)
     early = _crash(lock, "lockfile")
     if early:
         return early
@@ -73,7 +74,7 @@ def lockfile(r: dict[str, Any]) -> Finding:
 
 
 def shm(r: dict[str, Any]) -> Finding:
-    reading = (r.get("env") or {}).get("shm")
+    reading = r.get(SHM.name)
     early = _crash(reading, "/dev/shm")
     if early:
         return early
@@ -88,7 +89,7 @@ def shm(r: dict[str, Any]) -> Finding:
 
 
 def data_dir(r: dict[str, Any]) -> Finding:
-    d = (r.get("env") or {}).get("data_dir")
+    d = r.get(DATA_DIR.name)
     early = _crash(d, "data dir")
     if early:
         return early
@@ -126,7 +127,7 @@ def data_dir(r: dict[str, Any]) -> Finding:
 
 
 def hf_cache(r: dict[str, Any]) -> Finding:
-    h = (r.get("env") or {}).get("hf_cache")
+    h = r.get(HF_CACHE.name)
     early = _crash(h, "HF cache")
     if early:
         return early

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from builder.selftest.findings import Finding, fail, gpu_readings, na, nvml_devices, ok, warn
+from builder.selftest.findings import Finding, fail, gpu_reading, na, nvml_devices, ok, warn
+from builder.selftest.probes import LOAD, NVML_AFTER
 
 REPLACE = (
     "the GPU memory is failing: on a rented instance move to another machine/GPU and tell the provider; "
@@ -36,7 +37,7 @@ def _per_device(r: dict[str, Any], judge: Any) -> list[Finding]:
 
 
 def _after(r: dict[str, Any], index: int) -> dict[str, Any]:
-    for d in nvml_devices(r, "nvml_after"):
+    for d in nvml_devices(r, NVML_AFTER):
         if d["index"] == index:
             return d
     return {}
@@ -124,7 +125,7 @@ def recovery_action(r: dict[str, Any]) -> list[Finding]:
 
 
 def _load_samples(r: dict[str, Any]) -> list[dict[str, Any]]:
-    load = gpu_readings(r, "load")
+    load = gpu_reading(r, LOAD)
     return [s for s in (load or {}).get("samples") or [] if isinstance(s, dict)]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from builder import compat
 from builder.errors import SameboxError
 from builder.selftest.findings import Finding, fail, gib, na, nvml_devices, ok, warn
+from builder.selftest.probes import NVML, TORCH
 from builder.spec import load_catalog
 
 OTHER_PROCESS_WARN_BYTES = 2**30
@@ -40,7 +41,7 @@ def _image_hint(capability: str | None, driver: str | None) -> str:
 
 def nvidia_driver(r: dict[str, Any]) -> Finding:
     """A GPU, a driver, and a CUDA build of torch that sees it: everything else on the GPU depends on this."""
-    nvml, torch = r.get("nvml") or {}, r.get("torch") or {}
+    nvml, torch = r.get(NVML.name) or {}, r.get(TORCH.name) or {}
     if not nvml.get("available"):
         if nvml.get("kind") == "no_pynvml":
             return fail(f"cannot query the GPU: {nvml.get('error')}", "pip install nvidia-ml-py (it is in the lock)")
@@ -82,7 +83,7 @@ def nvidia_driver(r: dict[str, Any]) -> Finding:
 
 
 def driver_cuda(r: dict[str, Any]) -> Finding:
-    nvml, torch = r.get("nvml") or {}, r.get("torch") or {}
+    nvml, torch = r.get(NVML.name) or {}, r.get(TORCH.name) or {}
     cuda = torch.get("cuda")
     if not nvml.get("available") or not cuda:
         return na("needs the NVIDIA driver and a CUDA build of torch", "see the nvidia_driver finding")
@@ -97,7 +98,7 @@ def driver_cuda(r: dict[str, Any]) -> Finding:
 
 
 def gpu_arch(r: dict[str, Any]) -> list[Finding]:
-    torch = r.get("torch") or {}
+    torch = r.get(TORCH.name) or {}
     devices = nvml_devices(r)
     if not devices or not torch.get("cuda"):
         return [na("needs the NVIDIA driver and a CUDA build of torch", "see the nvidia_driver finding")]
@@ -123,7 +124,7 @@ def gpu_arch(r: dict[str, Any]) -> list[Finding]:
             found.append(
                 warn(
                     f"{label}; torch has only PTX (compute_{jit[-1]}) for it: slow first start, JIT",
-                    _image_hint(cap, (r.get("nvml") or {}).get("driver_version")),
+                    _image_hint(cap, (r.get(NVML.name) or {}).get("driver_version")),
                 )
             )
         else:
@@ -131,7 +132,7 @@ def gpu_arch(r: dict[str, Any]) -> list[Finding]:
                 fail(
                     f"{label} but torch {torch.get('version')} is built for sm_{', sm_'.join(built) or '?'}: "
                     "'no kernel image is available'",
-                    _image_hint(cap, (r.get("nvml") or {}).get("driver_version")),
+                    _image_hint(cap, (r.get(NVML.name) or {}).get("driver_version")),
                 )
             )
     return found

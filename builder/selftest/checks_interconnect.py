@@ -6,7 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 from builder import compat
-from builder.selftest.findings import Finding, fail, gpu_readings, na, no_gpu, nvml_devices, ok, probe_error, warn
+from builder.selftest.findings import (
+    Finding,
+    fail,
+    gpu_reading,
+    gpu_usable,
+    na,
+    no_gpu,
+    nvml_devices,
+    ok,
+    probe_error,
+    warn,
+)
+from builder.selftest.probes import ALLREDUCE
 
 BUSBW_WARN_RATIO = 0.5
 
@@ -60,9 +72,9 @@ def _stuck_fix(topo: dict[str, Any], p2p_disabled: bool) -> str:
 
 
 def allreduce(r: dict[str, Any]) -> list[Finding]:
-    reading = gpu_readings(r, "allreduce")
+    reading = gpu_reading(r, ALLREDUCE)
     if reading is None:
-        return [no_gpu() if not isinstance(r.get("gpu"), dict) else na("the all-reduce probe did not run")]
+        return [no_gpu() if not gpu_usable(r) else na("the all-reduce probe did not run")]
     err = probe_error(reading)
     if err:
         return [fail(f"the all-reduce probe crashed: {err}", INSPECT)]

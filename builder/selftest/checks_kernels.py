@@ -7,7 +7,8 @@ import math
 from typing import Any
 
 from builder import compat
-from builder.selftest.findings import Finding, fail, gpu_readings, na, no_gpu, nvml_devices, ok, probe_error, warn
+from builder.selftest.findings import Finding, fail, gpu_reading, na, no_gpu, nvml_devices, ok, probe_error, warn
+from builder.selftest.probes import BITSANDBYTES, FLASH_ATTN, FUSED_LAYERS, LORA_SMOKE, SDPA_BACKENDS, TORCH
 
 # Relative error ||x - ref||_F / ||ref||_F against fp32 SDPA (as builder/wheels/verify.py): bf16 has 8 mantissa
 # bits; flash-attn's own tests allow twice SDPA's low-precision error.
@@ -28,7 +29,7 @@ def gpu_capability(r: dict[str, Any]) -> str | None:
     if devices and devices[0].get("compute_capability"):
         cc = devices[0]["compute_capability"]
         return f"{cc[0]}.{cc[1]}"
-    tdev = (r.get("torch") or {}).get("devices") or []
+    tdev = (r.get(TORCH.name) or {}).get("devices") or []
     return f"{tdev[0]['capability'][0]}.{tdev[0]['capability'][1]}" if tdev else None
 
 
@@ -49,7 +50,7 @@ def _crashed(reading: Any, what: str) -> Finding | None:
 
 
 def flash_attn(r: dict[str, Any]) -> list[Finding]:
-    fa = gpu_readings(r, "flash_attn")
+    fa = gpu_reading(r, FLASH_ATTN)
     early = _crashed(fa, "flash-attn")
     if early:
         return [early]
@@ -124,7 +125,7 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
 
 
 def bitsandbytes(r: dict[str, Any]) -> list[Finding]:
-    bnb = gpu_readings(r, "bitsandbytes")
+    bnb = gpu_reading(r, BITSANDBYTES)
     early = _crashed(bnb, "bitsandbytes")
     if early:
         return [early]
@@ -171,7 +172,7 @@ def bitsandbytes(r: dict[str, Any]) -> list[Finding]:
 
 
 def sdpa_backends(r: dict[str, Any]) -> Finding:
-    sdpa = gpu_readings(r, "sdpa")
+    sdpa = gpu_reading(r, SDPA_BACKENDS)
     early = _crashed(sdpa, "SDPA")
     if early:
         return early
@@ -192,7 +193,7 @@ FUSED_REL_ERROR = 2e-2
 
 def fused_layers(r: dict[str, Any]) -> Finding:
     """The trainer's fast path: never a failure (it falls back on its own), a warning when it will be slower."""
-    fused = gpu_readings(r, "fused")
+    fused = gpu_reading(r, FUSED_LAYERS)
     if fused is None:
         return no_gpu()
     if fused.get("not_needed"):
@@ -223,7 +224,7 @@ def fused_layers(r: dict[str, Any]) -> Finding:
 
 
 def lora_smoke(r: dict[str, Any]) -> Finding:
-    smoke = gpu_readings(r, "lora_smoke")
+    smoke = gpu_reading(r, LORA_SMOKE)
     early = _crashed(smoke, "LoRA smoke")
     if early:
         return early

@@ -8,7 +8,8 @@ import statistics
 from typing import Any
 
 from builder import compat
-from builder.selftest.findings import Finding, fail, gib, gpu_readings, no_gpu, nvml_devices, ok, probe_error, warn
+from builder.selftest.findings import Finding, fail, gib, gpu_reading, no_gpu, nvml_devices, ok, probe_error, warn
+from builder.selftest.probes import BANDWIDTH, LOAD, MATMUL_ACCURACY, MEMORY_PATTERN, REPEATABILITY, TORCH, Probe
 
 # Max |error| / max |reference| of an n=2048 matmul over the same rounded inputs with fp32 accumulation: output
 # rounding alone gives ~2**-9 for bf16 and ~2**-12 for fp16; these bounds leave about 4x headroom.
@@ -24,14 +25,14 @@ BAD_GPU = (
 )
 
 
-def _probe(r: dict[str, Any], name: str) -> tuple[Any, Finding | None]:
-    reading = gpu_readings(r, name)
+def _probe(r: dict[str, Any], probe: Probe) -> tuple[Any, Finding | None]:
+    reading = gpu_reading(r, probe)
     if reading is None:
         return None, no_gpu()
     err = probe_error(reading)
     if err:
         return None, fail(
-            f"the {name} probe crashed: {err}",
+            f"the {probe.name} probe crashed: {err}",
             "run `samebox selftest --json` and read its timings; "
             "a CUDA error here usually means a broken driver or GPU",
         )
@@ -39,7 +40,7 @@ def _probe(r: dict[str, Any], name: str) -> tuple[Any, Finding | None]:
 
 
 def matmul_accuracy(r: dict[str, Any]) -> list[Finding]:
-    reading, early = _probe(r, "accuracy")
+    reading, early = _probe(r, MATMUL_ACCURACY)
     if early:
         return [early]
     found = []
@@ -74,11 +75,11 @@ def sustained_tflops(load: dict[str, Any]) -> float:
 
 
 def matmul_tflops(r: dict[str, Any]) -> Finding:
-    load, early = _probe(r, "load")
+    load, early = _probe(r, LOAD)
     if early:
         return early
     devices = nvml_devices(r)
-    name = devices[0]["name"] if devices else ((r.get("torch") or {}).get("devices") or [{}])[0].get("name", "?")
+    name = devices[0]["name"] if devices else ((r.get(TORCH.name) or {}).get("devices") or [{}])[0].get("name", "?")
     measured = sustained_tflops(load)
     ref = reference_tflops(name)
     if ref is None:
@@ -101,7 +102,7 @@ def matmul_tflops(r: dict[str, Any]) -> Finding:
 
 
 def bandwidth(r: dict[str, Any]) -> list[Finding]:
-    bw, early = _probe(r, "bandwidth")
+    bw, early = _probe(r, BANDWIDTH)
     if early:
         return [early]
     found = [ok(f"device-to-device copy {bw['d2d_gbps']:.0f} GB/s")]
@@ -127,7 +128,7 @@ def bandwidth(r: dict[str, Any]) -> list[Finding]:
 
 
 def memory_pattern(r: dict[str, Any]) -> Finding:
-    m, early = _probe(r, "memory_pattern")
+    m, early = _probe(r, MEMORY_PATTERN)
     if early:
         return early
     tested = f"{gib(m['bytes_tested'])} of {gib(m['free_bytes'])} free"
@@ -139,7 +140,7 @@ def memory_pattern(r: dict[str, Any]) -> Finding:
 
 
 def repeatability(r: dict[str, Any]) -> Finding:
-    rep, early = _probe(r, "repeatability")
+    rep, early = _probe(r, REPEATABILITY)
     if early:
         return early
     if rep["differing"]:
@@ -152,7 +153,7 @@ def repeatability(r: dict[str, Any]) -> Finding:
 
 
 def load_steadiness(r: dict[str, Any]) -> Finding:
-    load, early = _probe(r, "load")
+    load, early = _probe(r, LOAD)
     if early:
         return early
     windows = (load.get("tflops_windows") or [])[1:]

@@ -1,10 +1,12 @@
 """What a check says: a Finding (severity, message, remediation), and the helpers every check uses to read
-the readings dict without repeating the 'is there a GPU at all' logic."""
+the readings (one per probe, under the probe's name) without repeating the 'is there a GPU at all' logic."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from builder.selftest.probes import NVML, TORCH, Probe
 
 OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
 SEVERITIES = (OK, WARN, FAIL, NA)
@@ -53,17 +55,22 @@ def probe_error(reading: Any) -> str | None:
     return None
 
 
-def nvml_devices(r: dict[str, Any], key: str = "nvml") -> list[dict[str, Any]]:
-    nvml = r.get(key)
+def nvml_devices(r: dict[str, Any], probe: Probe = NVML) -> list[dict[str, Any]]:
+    nvml = r.get(probe.name)
     if not isinstance(nvml, dict) or not nvml.get("available"):
         return []
     return list(nvml.get("devices") or [])
 
 
-def gpu_readings(r: dict[str, Any], name: str) -> Any:
-    """One GPU probe's readings, or None when no CUDA GPU was usable (the GPU probes did not run)."""
-    gpu = r.get("gpu")
-    return gpu.get(name) if isinstance(gpu, dict) else None
+def gpu_usable(r: dict[str, Any]) -> bool:
+    """Whether torch saw a CUDA GPU: the collector runs the GPU probes only then."""
+    torch = r.get(TORCH.name)
+    return isinstance(torch, dict) and bool(torch.get("cuda_available"))
+
+
+def gpu_reading(r: dict[str, Any], probe: Probe) -> Any:
+    """One GPU probe's reading, or None when no CUDA GPU was usable (the GPU probes did not run)."""
+    return r.get(probe.name) if gpu_usable(r) else None
 
 
 def no_gpu() -> Finding:

@@ -1,7 +1,7 @@
 """Live torch measurements on the GPU -> plain readings: identity, numerics, speed, memory, sustained load.
 
 Each probe returns a JSON-ready dict and never decides anything; the checks judge the numbers. A probe that
-raises is recorded by the collector as ``{"error": ...}``, which the checks also judge.
+raises is recorded by the collector as ``{"probe_error": ...}``, which the checks also judge.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def elf_archs(shared_object: str) -> list[str] | None:
 
 
 def _dist_version(name: str) -> str | None:
-    """The installed distribution's version; samebox-built wheels end it with '.slim' or '.full'."""
+    """The installed distribution's version; samebox-built wheels end it with their build profile ('.lean',
+    '.slim' or '.full')."""
     from importlib import metadata
 
     try:

@@ -1,4 +1,5 @@
-"""The ``Readings`` collector: runs every live query and probe once and returns one JSON-ready dict.
+"""The collector: runs the probes a mode's checks name (registry.probes_for), each once, on the schedule of
+probes.py's stages, and returns their readings as one JSON-ready dict, each under its probe's name.
 
 Checks never query the machine; they judge this dict. The same dict is what bench/selftest_gpu.py --capture
 records as test fixtures, so every decision runs in CI on readings taken from a real GPU machine.
@@ -13,26 +14,29 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from builder.selftest import allreduce, env_probes, gpu_probes, kernel_probes, nvml_reader
+from builder.selftest import allreduce, gpu_probes
 from builder.selftest.model import AttentionNeeds
+from builder.selftest.probes import (
+    ACCURACY,
+    AFTER,
+    ENVIRONMENT,
+    IDENTITY,
+    KERNEL,
+    KERNELS,
+    MEMORY,
+    NOT_NEEDED,
+    TIMED,
+    TORCH,
+    Probe,
+    ProbeContext,
+)
+from builder.selftest.registry import probes_for
 
-READINGS_VERSION = 1
-
-# mode -> seconds of sustained matmul load with NVML sampled throughout. On the H100 the first one-second window
-# ran as fast as the later ones (bench/results/selftest_gpu.json), so quick's 2 s give one judged window after
-# the dropped first and ~8 NVML samples.
-LOAD_SECONDS = {"quick": 2.0, "full": 25.0}
-# mode -> timed all-reduces across the GPUs; a run still going after ALLREDUCE_TIMEOUT_S is a hang.
-ALLREDUCE_ITERS = {"quick": 10, "full": 30}
-ALLREDUCE_TIMEOUT_S = 90.0
-# The kernel probes a job may need, and the module each imports; `samebox selftest --kernels` picks (the trainer's
-# preflight passes what its config uses).
-KERNELS = ("flash-attn", "bitsandbytes", "sdpa", "fused")
-KERNEL_MODULES = {"flash-attn": "flash_attn", "bitsandbytes": "bitsandbytes"}
-NOT_NEEDED = {"not_needed": True}
-SMOKE_MODULES = ["transformers", "peft"]  # full's LoRA smoke run
+# 2: every reading at the top level under its probe's name (1 nested them under "gpu" and "env").
+READINGS_VERSION = 2
 
 
 def _probe(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
@@ -81,8 +85,9 @@ def collect(
     flash_attn_extension: str | None = None,
     kernels: tuple[str, ...] = KERNELS,
 ) -> dict[str, Any]:
-    """Everything the checks judge, for ``mode`` 'quick' or 'full'; ``kernels``: which of KERNELS the job uses
-    (the others are not imported and their checks say n/a).
+    """Everything ``mode``'s checks judge ('quick' or 'full'), one reading per probe (registry.probes_for) under
+    the probe's name; ``kernels``: which of KERNELS the job uses (the others are not imported and read
+    NOT_NEEDED). Without a usable CUDA GPU only the identity and environment probes run.
 
     Independent work overlaps: once torch is in, the kernel libraries import on threads (seconds of Python, while
     the GPU computes: the load queues a second of matmuls per sync, so a thread holding the GIL cannot starve it);
@@ -93,6 +98,7 @@ def collect(
     unknown = sorted(set(kernels) - set(KERNELS))
     if unknown:
         raise ValueError(f"unknown kernels {unknown}; known: {KERNELS}")
+    plan = probes_for(mode)
     timings: dict[str, float] = {}
     r: dict[str, Any] = {
         "readings_version": READINGS_VERSION,
@@ -102,82 +108,51 @@ def collect(
         "timings": timings,
         "process": {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")},
     }
-    r["nvml"] = _probe(timings, "nvml", nvml_reader.read_nvml)
-    r["torch"] = _probe(timings, "torch", gpu_probes.torch_info)
-    torch_version = r["torch"].get("version") if isinstance(r["torch"], dict) else None
+    context = ProbeContext(mode, needs, data_dir, lockfile, flash_attn_extension, kernels)
+    _run_stage(r, timings, context, plan, IDENTITY)
+    torch = r[TORCH.name] if isinstance(r[TORCH.name], dict) else {}
+    context = replace(context, torch_version=torch.get("version"), device_count=torch.get("device_count") or 0)
 
-    def env_readings() -> dict[str, Any]:
-        return _env_readings(timings, mode, data_dir, lockfile, torch_version)
+    def environment() -> dict[str, Any]:
+        return _run_stage({}, timings, context, plan, ENVIRONMENT)
 
     # Quick: the environment probes (a disk write, package metadata) beside the accuracy probe. Full hashes every
     # installed file (seconds of CPU): beside the memory pattern and the kernels, after the GPU's speed is measured.
-    env = _in_background(timings, "env", env_readings) if mode == "quick" else None
-    if not (isinstance(r["torch"], dict) and r["torch"].get("cuda_available")):
-        r["env"] = env() if env else env_readings()
-        r["gpu"] = None  # no CUDA device: the GPU checks report why from the nvml/torch readings
+    env = _in_background(timings, "env", environment) if mode == "quick" else None
+    if not torch.get("cuda_available"):  # no CUDA device: the GPU checks report why from the nvml/torch readings
+        r.update(env() if env else environment())
         return r
     # Each kernel library imports torch first: its thread starts once torch is in (no GPU: none starts at all).
-    modules = [KERNEL_MODULES[k] for k in kernels if k in KERNEL_MODULES] + (SMOKE_MODULES if mode == "full" else [])
-    imported = _importing(timings, modules)
+    needed = [p for p in plan if p.kernel is None or p.kernel in kernels]
+    imported = _importing(timings, [m for p in needed for m in p.imports])
     if allreduce.under_torchrun():
         _probe(timings, "set_device", gpu_probes.use_local_rank)  # each rank tests its own GPU
-    run_allreduce = allreduce.prepare(r["torch"]["device_count"], ALLREDUCE_TIMEOUT_S, ALLREDUCE_ITERS[mode])
-    gpu: dict[str, Any] = {}
-    gpu["accuracy"] = _probe(timings, "accuracy", gpu_probes.matmul_accuracy)
+    started = {p.name: p.read(context) for p in needed if p.early}
+    _run_stage(r, timings, context, plan, ACCURACY)
     if env:
-        r["env"] = env()
-    gpu["load"] = _probe(timings, "load", lambda: gpu_probes.sustained_load(LOAD_SECONDS[mode]))
-    gpu["bandwidth"] = _probe(timings, "bandwidth", gpu_probes.bandwidth)
-    gpu["allreduce"] = _probe(timings, "allreduce", run_allreduce)
-    env = env or _in_background(timings, "env", env_readings)
-    if mode == "full":
-        gpu["memory_pattern"] = _probe(timings, "memory_pattern", gpu_probes.memory_pattern)
-        gpu["repeatability"] = _probe(timings, "repeatability", gpu_probes.repeatability)
-    gpu.update(_kernel_readings(timings, mode, needs, kernels, imported, flash_attn_extension))
+        r.update(env())
+    _run_stage(r, timings, context, plan, TIMED, started)
+    env = env or _in_background(timings, "env", environment)
+    _run_stage(r, timings, context, plan, MEMORY)
+    for p in (p for p in plan if p.stage == KERNEL):
+        if p.kernel is not None and p.kernel not in kernels:
+            r[p.name] = dict(NOT_NEEDED)
+            continue
+        for module in p.imports:
+            imported[module]()
+        r[p.name] = _probe(timings, p.name, lambda p=p: p.read(context))
     # NVML again after the load: ECC counters and remapped rows may have moved while the GPU worked.
-    r["nvml_after"] = _probe(timings, "nvml_after", nvml_reader.read_nvml)
-    r["gpu"] = gpu
-    r["env"] = env()
+    _run_stage(r, timings, context, plan, AFTER)
+    r.update(env())
     return r
 
 
-def _kernel_readings(
-    timings: dict[str, float],
-    mode: str,
-    needs: AttentionNeeds,
-    kernels: tuple[str, ...],
-    imported: dict[str, Callable[[], Any]],
-    flash_attn_extension: str | None,
-) -> dict[str, Any]:
-    """The job's kernels, each probed once its library has imported (flash-attn's is quick, so it goes first and
-    bitsandbytes, slow to import, last); a kernel the job does not use reads NOT_NEEDED."""
-    out = {name: dict(NOT_NEEDED) for name in ("flash_attn", "bitsandbytes", "sdpa", "fused")}
-    # Quick calls flash-attn with the features the model needs; full also finds which ones the build lacks.
-    features = kernel_probes.FLASH_ATTN_FEATURES if mode == "full" else needs.features
-    if "flash-attn" in kernels:
-        imported["flash_attn"]()
-        out["flash_attn"] = _probe(timings, "flash_attn", lambda: kernel_probes.flash_attn(
-            list(needs.head_dims), needs.dtype, needs.window, flash_attn_extension, tuple(features)))
-    if "sdpa" in kernels:
-        out["sdpa"] = _probe(timings, "sdpa", kernel_probes.sdpa_backends)
-    if "fused" in kernels:  # the trainer's fused layers: Liger's kernels and the varlen attention they would use
-        out["fused"] = _probe(timings, "fused", lambda: kernel_probes.fused_layers(max(needs.head_dims)))
-    if "bitsandbytes" in kernels:
-        imported["bitsandbytes"]()
-        out["bitsandbytes"] = _probe(timings, "bitsandbytes", kernel_probes.bitsandbytes)
-    if mode == "full":
-        for module in SMOKE_MODULES:
-            imported[module]()
-        out["lora_smoke"] = _probe(timings, "lora_smoke", kernel_probes.lora_smoke)
-    return out
-
-
-def _env_readings(timings: dict[str, float], mode: str, data_dir: str | None, lockfile: str | None,
-                  torch_version: str | None) -> dict[str, Any]:
-    """The environment probes, one after another (on the collector's background thread)."""
-    return {
-        "lock": _probe(timings, "lock", lambda: env_probes.lockfile_reading(lockfile, torch_version, mode == "full")),
-        "shm": _probe(timings, "shm", env_probes.shm),
-        "data_dir": _probe(timings, "data_dir", lambda: env_probes.data_dir(data_dir)),
-        "hf_cache": _probe(timings, "hf_cache", env_probes.hf_cache),
-    }
+def _run_stage(r: dict[str, Any], timings: dict[str, float], context: ProbeContext, plan: tuple[Probe, ...],
+               stage: str, started: dict[str, Callable[[], Any]] | None = None) -> dict[str, Any]:
+    """Runs the planned probes of one stage, one after another, into ``r``; an early probe's reading is taken
+    from what it ``started``."""
+    started = started or {}
+    for p in plan:
+        if p.stage == stage:
+            r[p.name] = _probe(timings, p.name, started.get(p.name) or (lambda p=p: p.read(context)))
+    return r

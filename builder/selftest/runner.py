@@ -9,7 +9,8 @@ from typing import Any
 from builder.errors import SameboxError
 from builder.fsutil import read_text
 from builder.selftest.model import attention_needs
-from builder.selftest.readings import KERNELS, collect
+from builder.selftest.probes import KERNELS
+from builder.selftest.readings import collect
 from builder.selftest.registry import MODES, judge
 from builder.selftest.report import Report
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from builder.selftest import allreduce, env_probes, gpu_probes, kernel_probes, nvml_reader, readings
 from builder.selftest.findings import Finding
 from builder.selftest.registry import judge
 
@@ -61,3 +64,36 @@ def assert_fault_caught(readings: dict[str, Any], fault: tuple[Any, ...]) -> Non
 
 
 Edit = Callable[[dict[str, Any]], None]
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replaces each live probe with one that records its name (and holds the load for 0.2 s)."""
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def probe(name: str, result: Any = None, seconds: float = 0.0):
+        def run(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(seconds)
+            with lock:
+                calls.append(name)
+            return {"args": list(args), **kwargs} if result is None else result
+        return run
+
+    torch = {"available": True, "cuda_available": True, "device_count": 1, "version": "2.11.0+cu130"}
+    monkeypatch.setattr(nvml_reader, "read_nvml", probe("nvml", {}))
+    monkeypatch.setattr(gpu_probes, "torch_info", probe("torch", torch))
+    for name in ("matmul_accuracy", "bandwidth", "memory_pattern", "repeatability"):
+        monkeypatch.setattr(gpu_probes, name, probe(name, {}))
+    monkeypatch.setattr(gpu_probes, "sustained_load", probe("load", {}, seconds=0.2))
+    monkeypatch.setattr(allreduce, "prepare", lambda *a: probe("allreduce", {"world_size": 1}))
+    monkeypatch.setattr(kernel_probes, "flash_attn", probe("flash_attn"))
+    for name in ("bitsandbytes", "sdpa_backends", "fused_layers", "lora_smoke"):
+        monkeypatch.setattr(kernel_probes, name, probe(name, {}))
+    for name in ("shm", "hf_cache"):
+        monkeypatch.setattr(env_probes, name, probe(name, {}))
+    monkeypatch.setattr(env_probes, "data_dir", probe("data_dir", {}))
+    monkeypatch.setattr(env_probes, "lockfile_reading", probe("lockfile", {}))
+    monkeypatch.setattr(readings, "_import_quietly", lambda module: calls.append(f"import {module}"))
+    return calls
+

@@ -15,8 +15,8 @@ GiB = 2**30
 
 def fa(r: dict[str, Any], **reading: Any) -> None:
     """flash-attn readings: the slim sm_90 build's, recorded on the H100 (fixture flash_attn_slim.json), edited."""
-    r["gpu"]["flash_attn"] = {k: v for k, v in load_readings("flash_attn_slim").items() if k != "fixture_source"}
-    r["gpu"]["flash_attn"].update(reading)
+    r["flash_attn"] = {k: v for k, v in load_readings("flash_attn_slim").items() if k != "fixture_source"}
+    r["flash_attn"].update(reading)
 
 
 FULL_BUILD = {"local": None, "softcap": None, "alibi": None, "dropout": None}
@@ -25,7 +25,7 @@ FULL_BUILD = {"local": None, "softcap": None, "alibi": None, "dropout": None}
 def lock(r: dict[str, Any], **reading: Any) -> None:
     """A lock the environment claims (set up by samebox), with no drift, then edited. The capture's checkout had
     no lockfiles yet, so its own lock reading says 'missing'."""
-    r["env"]["lock"] = {
+    r["lockfile"] = {
         "lockfile": "/work/main/lockfiles/torch2.11-cu130-py312.txt",
         "chosen_by": "set up by samebox: $SAMEBOX_IMAGE",
         "claimed": True,
@@ -33,7 +33,7 @@ def lock(r: dict[str, Any], **reading: Any) -> None:
         "problems": [],
         "platform": [],
     }
-    r["env"]["lock"].update(reading)
+    r["lockfile"].update(reading)
 
 
 SLIM = {
@@ -110,16 +110,16 @@ FAULTS = [
     ),
     (
         "no lock",
-        lambda r: r["env"].update(lock={"lockfile": None, "chosen_by": "no catalog image has torch 2.4.0"}),
+        lambda r: r.update(lockfile={"lockfile": None, "chosen_by": "no catalog image has torch 2.4.0"}),
         "lockfile",
         "n/a",
         "no catalog image",
         "SAMEBOX_LOCKFILE",
     ),
-    ("small shm", lambda r: r["env"]["shm"].update(total_bytes=64 * 2**20), "shm", "warn", "64.0 MiB", "--shm-size"),
+    ("small shm", lambda r: r["shm"].update(total_bytes=64 * 2**20), "shm", "warn", "64.0 MiB", "--shm-size"),
     (
         "data dir full",
-        lambda r: r["env"]["data_dir"].update(free_bytes=GiB),
+        lambda r: r["data_dir"].update(free_bytes=GiB),
         "data_dir",
         "fail",
         "1.0 GiB free",
@@ -127,7 +127,7 @@ FAULTS = [
     ),
     (
         "data dir ro",
-        lambda r: r["env"]["data_dir"].update(write_error="Read-only file system (OSError, errno 30)"),
+        lambda r: r["data_dir"].update(write_error="Read-only file system (OSError, errno 30)"),
         "data_dir",
         "fail",
         "Read-only file system",
@@ -135,7 +135,7 @@ FAULTS = [
     ),
     (
         "data dir under a file",
-        lambda r: r["env"].update(
+        lambda r: r.update(
             data_dir={"path": "/f/run", "exists": False, "judged": "/f", "not_a_directory": "/f"}
         ),
         "data_dir",
@@ -145,7 +145,7 @@ FAULTS = [
     ),
     (
         "data dir slow",
-        lambda r: r["env"]["data_dir"].update(write_mbps=12.0),
+        lambda r: r["data_dir"].update(write_mbps=12.0),
         "data_dir",
         "warn",
         "12 MB/s",
@@ -153,7 +153,7 @@ FAULTS = [
     ),
     (
         "hf cache on system disk",
-        lambda r: [r["env"]["hf_cache"][k].update(total_bytes=30 * GiB, device=1) for k in ("fs", "root_fs")],
+        lambda r: [r["hf_cache"][k].update(total_bytes=30 * GiB, device=1) for k in ("fs", "root_fs")],
         "hf_cache",
         "warn",
         "30.0 GiB system disk",
@@ -161,8 +161,9 @@ FAULTS = [
     ),
     (
         "only math sdpa",
-        lambda r: r["gpu"].update(
-            sdpa={"flash_attention": "No available kernel", "math": True, "efficient_attention": "No available kernel"}
+        lambda r: r.update(
+            sdpa_backends={"flash_attention": "No available kernel", "math": True,
+                           "efficient_attention": "No available kernel"}
         ),
         "sdpa_backends",
         "warn",
@@ -171,7 +172,7 @@ FAULTS = [
     ),
     (
         "probe crashed",
-        lambda r: r["gpu"].update(accuracy={"probe_error": "RuntimeError: CUDA error: unknown error"}),
+        lambda r: r.update(matmul_accuracy={"probe_error": "RuntimeError: CUDA error: unknown error"}),
         "matmul_accuracy",
         "fail",
         "CUDA error: unknown error",
@@ -179,7 +180,7 @@ FAULTS = [
     ),
     (
         "bnb missing",
-        lambda r: r["gpu"].update(
+        lambda r: r.update(
             bitsandbytes={"installed": False, "import_error": "ModuleNotFoundError: No module named 'bitsandbytes'"}
         ),
         "bitsandbytes",
@@ -189,7 +190,7 @@ FAULTS = [
     ),
     (
         "bnb nf4 broken",
-        lambda r: r["gpu"].update(
+        lambda r: r.update(
             bitsandbytes={
                 "installed": True,
                 "version": "0.50.2",
@@ -205,7 +206,7 @@ FAULTS = [
     ),
     (
         "flash-attn missing",
-        lambda r: r["gpu"].update(
+        lambda r: r.update(
             flash_attn={"installed": False, "import_error": "ModuleNotFoundError: No module named 'flash_attn'"}
         ),
         "flash_attn",
@@ -215,7 +216,7 @@ FAULTS = [
     ),
     (
         "flash-attn abi",
-        lambda r: r["gpu"].update(
+        lambda r: r.update(
             flash_attn={
                 "installed": False,
                 "import_error": "ImportError: flash_attn_2_cuda.so: undefined symbol: _ZN3c105ErrorC2E",
@@ -277,7 +278,7 @@ FAULTS = [
 FULL_FAULTS = [
     (
         "loss rising",
-        lambda r: r["gpu"]["lora_smoke"].update(losses=[5.0, 5.1, 5.2, 5.3, 5.4]),
+        lambda r: r["lora_smoke"].update(losses=[5.0, 5.1, 5.2, 5.3, 5.4]),
         "lora_smoke",
         "fail",
         "did not fall",
@@ -285,7 +286,7 @@ FULL_FAULTS = [
     ),
     (
         "loss nan",
-        lambda r: r["gpu"]["lora_smoke"].update(losses=[5.0, float("nan"), 5.2, 5.3, 4.0]),
+        lambda r: r["lora_smoke"].update(losses=[5.0, float("nan"), 5.2, 5.3, 4.0]),
         "lora_smoke",
         "fail",
         "not finite",
@@ -327,9 +328,9 @@ def test_full_build_runs_a_sliding_window_model(healthy) -> None:
 
 
 def test_full_mode_faults(healthy_full) -> None:
-    healthy_full["gpu"]["memory_pattern"]["mismatches"] = 17
-    healthy_full["gpu"]["repeatability"]["differing"] = 2
-    healthy_full["gpu"]["load"]["tflops_windows"][10] = 350.0
+    healthy_full["memory_pattern"]["mismatches"] = 17
+    healthy_full["repeatability"]["differing"] = 2
+    healthy_full["load"]["tflops_windows"][10] = 350.0
     assert severities(healthy_full, "memory_pattern") == ["fail"]
     assert "silent data corruption" in findings(healthy_full, "repeatability")[0].message
     assert severities(healthy_full, "load_steadiness") == ["warn"]

@@ -25,7 +25,7 @@ def after(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def samples(r: dict[str, Any]) -> list[dict[str, Any]]:
-    return r["gpu"]["load"]["samples"]
+    return r["load"]["samples"]
 
 
 def slowdown(r: dict[str, Any]) -> int:
@@ -175,7 +175,7 @@ GPU_FAULTS = [
     ),
     (
         "bf16 wrong",
-        lambda r: r["gpu"]["accuracy"]["bf16"].update(max_rel_error=0.2),
+        lambda r: r["matmul_accuracy"]["bf16"].update(max_rel_error=0.2),
         "matmul_accuracy",
         "fail",
         "bf16 matmul",
@@ -183,7 +183,7 @@ GPU_FAULTS = [
     ),
     (
         "fp16 nan",
-        lambda r: r["gpu"]["accuracy"]["fp16"].update(finite=False),
+        lambda r: r["matmul_accuracy"]["fp16"].update(finite=False),
         "matmul_accuracy",
         "fail",
         "fp16 matmul",
@@ -191,7 +191,7 @@ GPU_FAULTS = [
     ),
     (
         "slow",
-        lambda r: r["gpu"]["load"].update(tflops_windows=[1.0, *[0.7 * reference(r)] * 2]),
+        lambda r: r["load"].update(tflops_windows=[1.0, *[0.7 * reference(r)] * 2]),
         "matmul_tflops",
         "fail",
         "0.70x the",
@@ -199,7 +199,7 @@ GPU_FAULTS = [
     ),
     (
         "slow h2d",
-        lambda r: r["gpu"]["bandwidth"].update(h2d_pinned_gbps=12.0),
+        lambda r: r["bandwidth"].update(h2d_pinned_gbps=12.0),
         "bandwidth",
         "warn",
         "host-to-device 12.0 GB/s",

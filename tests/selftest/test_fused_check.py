@@ -8,7 +8,7 @@ from builder.selftest import checks_kernels
 
 
 def reading(fused):
-    return {"gpu": {"fused": fused}}
+    return {"torch": {"cuda_available": True}, "fused_layers": fused}
 
 
 GOOD = {"liger": {"installed": True, "rel_err": 2.3e-3},

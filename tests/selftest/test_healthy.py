@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from builder.selftest import report_from_readings
-from builder.selftest.registry import CHECKS, judge
+from builder.selftest.registry import CHECKS, FULL, judge
 from tests.selftest.conftest import load_readings
 
 
@@ -41,7 +41,7 @@ def test_healthy_gpu_machine_has_no_failure(name: str) -> None:
 def test_full_mode_adds_its_checks(healthy, healthy_full) -> None:
     quick = {f.check for f in judge(healthy)}
     full = {f.check for f in judge(healthy_full)}
-    full_only = {c.name for c in CHECKS if c.full_only}
+    full_only = {c.name for c in CHECKS if c.modes == FULL}
     assert full_only and not quick & full_only
     assert full_only <= full
 
@@ -58,5 +58,5 @@ def test_every_check_survives_empty_readings() -> None:
     """A machine where every probe was missing: each check answers (mostly n/a or fail), none raises."""
     for mode in ("quick", "full"):
         found = judge({"mode": mode})
-        assert {f.check for f in found} == {c.name for c in CHECKS if mode == "full" or not c.full_only}
+        assert {f.check for f in found} == {c.name for c in CHECKS if mode in c.modes}
         assert all(f.severity != "ok" for f in found if f.group in ("health", "numerics", "kernels"))

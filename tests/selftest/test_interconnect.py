@@ -18,7 +18,7 @@ def h200x2() -> dict[str, Any]:
 
 
 def allreduce(r: dict[str, Any]) -> dict[str, Any]:
-    return r["gpu"]["allreduce"]
+    return r["allreduce"]
 
 
 def consumer_pcie(r: dict[str, Any], busbw: float) -> None:
@@ -103,7 +103,7 @@ def test_across_nodes_speed_is_not_judged(h200x2) -> None:
 
 
 def test_one_gpu_is_not_applicable(healthy) -> None:
-    healthy["gpu"]["allreduce"] = {"world_size": 1}
+    healthy["allreduce"] = {"world_size": 1}
     assert severities(healthy, "allreduce") == ["n/a"]
 
 

@@ -97,7 +97,7 @@ def test_data_dir_not_made_yet_is_judged_on_its_nearest_existing_parent(tmp_path
     assert (reading["path"], reading["exists"], reading["judged"]) == (str(run), False, str(tmp_path))
     assert reading["free_bytes"] > 0 and reading["write_mbps"] > 0 and not run.exists()
     assert list(tmp_path.iterdir()) == []  # the probe file is gone
-    readings = {"mode": "quick", "env": {"data_dir": {**reading, "free_bytes": 100 * 2**30, "write_mbps": 900.0}}}
+    readings = {"mode": "quick", "data_dir": {**reading, "free_bytes": 100 * 2**30, "write_mbps": 900.0}}
     (finding,) = [f for f in report_from_readings(readings).findings if f.check == "data_dir"]
     assert finding.severity == "ok" and f"not made yet; judged on {tmp_path}" in finding.message
     (tmp_path / "file").write_text("x")
