@@ -1,5 +1,8 @@
 """Container engines: build a rendered context with Docker (BuildKit), podman or buildah; `none` only prints.
 
+``ENGINES`` is the registry: each engine is one ``EngineKind`` (what to install, the ``Driver``s it builds with, in
+order of preference); ``detect_engine`` finds a client binary and the first driver it can run.
+
 Secrets (proxy CA bundle, pip index URLs that may carry credentials) go in as BuildKit secrets from files in a
 private temp dir outside the context, removed after the build: they never land in a layer or the history.
 """
@@ -8,24 +11,16 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from builder import pyindex
 from builder.errors import SameboxError
-
-ENGINES = ("docker", "podman", "buildah", "none")
-INSTALL_HINT = {
-    "docker": "install Docker (Debian/Ubuntu: apt-get install docker.io; or Docker Engine with the buildx plugin)",
-    "podman": "install podman (apt-get install podman)",
-    "buildah": "install buildah (apt-get install buildah)",
-}
 
 
 @dataclass(frozen=True)
@@ -39,24 +34,34 @@ class BuildRequest:
     no_cache: bool = False
 
 
+def _always(binary: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Driver:
+    """One way a client runs a build: the arguments after the binary that start it, the environment it needs, and
+    whether a given client binary can do it."""
+
+    build: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    usable: Callable[[str], bool] = _always
+
+
 @dataclass(frozen=True)
 class Engine:
+    """A client found on this machine: its registry name, its binary and the driver it builds with."""
+
     name: str
     binary: str
-    mode: str  # "buildx", "buildkit" (DOCKER_BUILDKIT=1 docker build), "podman", "buildah"
+    driver: Driver | None  # None: write the context only (--engine none)
 
     def build_argv(self, req: BuildRequest, secrets: dict[str, Path], env_secrets: dict[str, str] | None = None
                    ) -> list[str]:
         """The build command. ``secrets``: id -> file; ``env_secrets``: id -> the environment variable BuildKit
         reads it from (for a command printed to run elsewhere: no secret written to a file)."""
-        if self.mode == "buildx":
-            argv = [self.binary, "buildx", "build", "--load", "--progress=plain"]
-        elif self.mode == "buildkit":
-            argv = [self.binary, "build", "--progress=plain"]
-        elif self.mode == "podman":
-            argv = [self.binary, "build", "--layers"]
-        else:
-            argv = [self.binary, "build", "--layers"]
+        assert self.driver is not None, f"engine {self.name} does not build"
+        argv = [self.binary, *self.driver.build]
         sources = {**{sid: f"src={path}" for sid, path in secrets.items()},
                    **{sid: f"env={var}" for sid, var in (env_secrets or {}).items()}}
         for sid, source in sorted(sources.items()):
@@ -72,10 +77,7 @@ class Engine:
         return argv
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        if self.mode == "buildkit":
-            env["DOCKER_BUILDKIT"] = "1"
-        return env
+        return {**os.environ, **dict(self.driver.env if self.driver else ())}
 
 
 def _ok(argv: list[str]) -> bool:
@@ -83,17 +85,6 @@ def _ok(argv: list[str]) -> bool:
         return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
-
-
-def _docker_candidates() -> list[str]:
-    found: list[str] = []
-    if os.environ.get("SAMEBOX_DOCKER"):
-        found.append(os.environ["SAMEBOX_DOCKER"])
-    for d in os.environ.get("PATH", "").split(os.pathsep):
-        p = os.path.join(d, "docker")
-        if os.access(p, os.X_OK) and p not in found:
-            found.append(p)
-    return found
 
 
 def _client_major(binary: str) -> int:
@@ -104,30 +95,62 @@ def _client_major(binary: str) -> int:
         return 0
 
 
+BUILDX = Driver(("buildx", "build", "--load", "--progress=plain"), usable=lambda b: _ok([b, "buildx", "version"]))
+# Docker clients before 23 run BuildKit builds themselves; newer ones need the buildx plugin.
+BUILDKIT = Driver(("build", "--progress=plain"), (("DOCKER_BUILDKIT", "1"),), lambda b: 0 < _client_major(b) < 23)
+DAEMONLESS = Driver(("build", "--layers"))  # podman and buildah: BuildKit's Dockerfile syntax, layers cached
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    """One entry of the registry: ``drivers`` are tried in order on each client binary found ($SAMEBOX_<NAME>
+    first, then every ``name`` on PATH); ``unusable`` says why a found client fits none of them."""
+
+    name: str
+    install: str
+    drivers: tuple[Driver, ...] = ()
+    unusable: str = ""
+
+
+# The container engines. A new one is one entry here.
+ENGINES: dict[str, EngineKind] = {kind.name: kind for kind in (
+    EngineKind("docker", "install Docker (Debian/Ubuntu: apt-get install docker.io; or Docker Engine with the buildx "
+               "plugin)", (BUILDX, BUILDKIT), "without the buildx plugin"),
+    EngineKind("podman", "install podman (apt-get install podman)", (DAEMONLESS,)),
+    EngineKind("buildah", "install buildah (apt-get install buildah)", (DAEMONLESS,)),
+    EngineKind("none", ""),  # writes the context and prints the docker command that builds it
+)}
+
+
+def _candidates(name: str) -> list[str]:
+    found: list[str] = []
+    override = os.environ.get(f"SAMEBOX_{name.upper()}")
+    if override:
+        found.append(override)
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        p = os.path.join(d, name)
+        if os.access(p, os.X_OK) and p not in found:
+            found.append(p)
+    return found
+
+
 def detect_engine(name: str) -> Engine:
-    """Find a usable engine of that name, or say what to install (or to use --engine none)."""
-    if name not in ENGINES:
+    """Find a usable client of that registry entry, or say what to install (or to use --engine none)."""
+    kind = ENGINES.get(name)
+    if kind is None:
         raise SameboxError(f"unknown engine {name!r}", f"choose one of: {', '.join(ENGINES)}")
-    if name == "none":
-        return Engine("none", "", "none")
-    if name == "docker":
-        tried = []
-        for binary in _docker_candidates():
-            if _ok([binary, "buildx", "version"]):
-                return Engine("docker", binary, "buildx")
-            # Clients before 23 run BuildKit builds themselves; newer ones need the buildx plugin.
-            if 0 < _client_major(binary) < 23:
-                return Engine("docker", binary, "buildkit")
-            tried.append(binary)
-        detail = f" (found {', '.join(tried)} without the buildx plugin)" if tried else ""
-        raise SameboxError(
-            f"no usable docker client{detail}",
-            INSTALL_HINT["docker"] + "; or pick --engine podman|buildah, or --engine none to write the context only",
-        )
-    binary = shutil.which(name)
-    if not binary:
-        raise SameboxError(f"{name} not found on PATH", INSTALL_HINT[name] + ", or use --engine none")
-    return Engine(name, binary, name)
+    if not kind.drivers:
+        return Engine(name, "", None)
+    tried = _candidates(name)
+    for binary in tried:
+        for driver in kind.drivers:
+            if driver.usable(binary):
+                return Engine(name, binary, driver)
+    others = "|".join(n for n, k in ENGINES.items() if k.drivers and n != name)
+    hint = f"{kind.install}; or pick --engine {others}, or --engine none to write the context only"
+    if tried:
+        raise SameboxError(f"no usable {name} client (found {', '.join(tried)} {kind.unusable})", hint)
+    raise SameboxError(f"{name} not found on PATH", hint)
 
 
 def ca_bundle_path(explicit: str | None = None) -> Path | None:
@@ -190,7 +213,7 @@ def printed_command(req: BuildRequest, ca_bundle: Path | None = None) -> str:
     """What `--engine none` prints: a Docker command that builds the written context as it stands, run from this
     directory. The CA bundle (ca_bundle_path's answer) goes in by its absolute path; pip index URLs, which may carry
     credentials, are read by BuildKit from the same variables in the shell that runs it (never printed)."""
-    engine = Engine("docker", "docker", "buildkit")
+    engine = Engine("docker", "docker", BUILDKIT)
     files = {"ca_bundle": ca_bundle.resolve()} if ca_bundle else {}
     from_env = {sid: var for sid, var in ENV_SECRETS.items() if os.environ.get(var)}
     argv = engine.build_argv(replace(req, context=req.context.resolve()), files, from_env)

@@ -8,26 +8,37 @@ from pathlib import Path
 
 import pytest
 
-from builder.engine import BuildRequest, Engine, detect_engine, secret_files
+from builder.engine import (
+    BUILDKIT,
+    BUILDX,
+    DAEMONLESS,
+    ENGINES,
+    BuildRequest,
+    Engine,
+    EngineKind,
+    detect_engine,
+    secret_files,
+)
 from builder.errors import SameboxError
 
 
 def test_buildkit_argv_carries_secrets_as_files_and_base_override(tmp_path: Path) -> None:
     req = BuildRequest(context=tmp_path, tag="samebox:x", base_image="local/base:1",
                        build_args={"CONDA_MIRROR": "https://mirror.example/miniconda/"})
-    argv = Engine("docker", "/usr/bin/docker", "buildkit").build_argv(req, {"ca_bundle": Path("/ca.pem")})
+    argv = Engine("docker", "/usr/bin/docker", BUILDKIT).build_argv(req, {"ca_bundle": Path("/ca.pem")})
     assert argv[:2] == ["/usr/bin/docker", "build"]
     assert "--secret" in argv and "id=ca_bundle,src=/ca.pem" in argv
     assert "BASE_IMAGE=local/base:1" in argv and "CONDA_MIRROR=https://mirror.example/miniconda/" in argv
     assert argv[-1] == str(tmp_path) and argv[argv.index("-t") + 1] == "samebox:x"
-    assert Engine("docker", "d", "buildkit").env()["DOCKER_BUILDKIT"] == "1"
+    assert Engine("docker", "d", BUILDKIT).env()["DOCKER_BUILDKIT"] == "1"
 
 
 def test_buildx_and_daemonless_argv(tmp_path: Path) -> None:
     req = BuildRequest(context=tmp_path, tag="t", network_host=False)
-    assert Engine("docker", "docker", "buildx").build_argv(req, {})[:4] == ["docker", "buildx", "build", "--load"]
-    podman = Engine("podman", "podman", "podman").build_argv(req, {})
-    assert podman[:3] == ["podman", "build", "--layers"] and "--network" not in podman
+    assert Engine("docker", "docker", BUILDX).build_argv(req, {})[:4] == ["docker", "buildx", "build", "--load"]
+    for name in ("podman", "buildah"):
+        argv = Engine(name, name, DAEMONLESS).build_argv(req, {})
+        assert argv[:3] == [name, "build", "--layers"] and "--network" not in argv
 
 
 def test_secret_values_live_only_in_private_files(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,7 +76,38 @@ def test_docker_client_without_buildx_is_skipped(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(SameboxError, match="without the buildx plugin"):
         detect_engine("docker")
     fake.write_text("#!/bin/sh\n[ \"$1\" = version ] && echo 20.10.24 && exit 0\nexit 1\n")
-    assert detect_engine("docker").mode == "buildkit"
+    assert detect_engine("docker").driver is BUILDKIT
+
+
+def _fake_client(directory: Path, name: str, script: str = "exit 0") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    fake = directory / name
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def test_docker_prefers_buildx_and_samebox_docker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    on_path = _fake_client(tmp_path / "bin", "docker")  # `docker buildx version` exits 0
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.delenv("SAMEBOX_DOCKER", raising=False)
+    assert detect_engine("docker") == Engine("docker", str(on_path), BUILDX)
+    chosen = _fake_client(tmp_path / "other", "docker")
+    monkeypatch.setenv("SAMEBOX_DOCKER", str(chosen))
+    assert detect_engine("docker").binary == str(chosen)
+
+
+def test_a_new_engine_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(ENGINES, "kaniko", EngineKind("kaniko", "install kaniko", (DAEMONLESS,)))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("SAMEBOX_KANIKO", raising=False)
+    with pytest.raises(SameboxError, match="kaniko not found on PATH") as e:
+        detect_engine("kaniko")
+    assert e.value.hint.startswith("install kaniko; or pick --engine docker|podman|buildah, or --engine none")
+    fake = _fake_client(tmp_path, "kaniko")
+    engine = detect_engine("kaniko")
+    assert engine == Engine("kaniko", str(fake), DAEMONLESS)
+    assert engine.build_argv(BuildRequest(context=tmp_path, tag="t"), {})[:3] == [str(fake), "build", "--layers"]
 
 
 def test_engine_none_writes_context_and_prints_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -16,7 +16,8 @@ from builder.selection import add_flash_attn_arguments, add_layer_arguments, add
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("image", help="build the image for a catalog entry")
     add_selection_arguments(p)
-    p.add_argument("--engine", default="docker", choices=ENGINES, help="container engine (none: write context only)")
+    p.add_argument("--engine", default="docker", choices=list(ENGINES),
+                   help="container engine (none: write context only)")
     p.add_argument("--tag", help="image tag (default: samebox:<id>-<lock hash>)")
     p.add_argument("--push", action="store_true", help="push the tag after a successful build")
     p.add_argument("--allow-stale", action="store_true", help="build from a lockfile `samebox lock --check` finds "
