@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from builder.errors import SameboxError
+from trainer.formats import FORMATS
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,8 @@ class LoraSection:
 
 @dataclass
 class DataConfig:
-    path: str = text("", "a JSONL file (alpaca, messages or prompt/completion rows)")
-    format: str = choice("auto", "auto", "alpaca", "messages", "prompt_completion")
+    path: str = text("", f"a JSONL file ({', '.join(FORMATS)} rows)")
+    format: str = choice("auto", "auto", *FORMATS)  # trainer/formats.py
     max_length: int = integer(2048, low=2)  # a sample needs a token to predict from and one to predict
     train_on_prompt: bool = flag(False)
     packing: str = choice("auto", *TRI_STATE)  # auto (with flash-attn varlen) | true | false (padded buckets)

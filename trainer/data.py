@@ -1,4 +1,4 @@
-"""Training data: JSONL rows (alpaca, chat messages, prompt/completion) -> token ids and next-token targets, cached.
+"""Training data: JSONL rows (the formats of trainer/formats.py) -> token ids and next-token targets, cached.
 
 A sample is ``(input_ids, targets)``: ``targets[i]`` is the token that position ``i`` must predict, or -100. Targets
 are shifted here, per sample, so packing samples end to end never trains a sample's first token on the previous
@@ -19,16 +19,12 @@ import torch
 from builder.errors import SameboxError
 from builder.fsutil import atomic_path, ensure_writable_dir, sha256_file
 from trainer.config import DataConfig, ModelConfig, TrainConfig
+from trainer.formats import FORMATS, DataFormat, detect_format
 from trainer.progress import Progress
 
 IGNORE = -100
 # Bump when tokenization changes so old caches are not reused.
 CACHE_VERSION = "1"
-FORMATS = {
-    "alpaca": "keys instruction (str), output (str) and optional input (str)",
-    "messages": "key messages: a list of {role, content} with at least one assistant turn",
-    "prompt_completion": "keys prompt (str) and completion (str)",
-}
 MAX_REPORTED = 20
 
 
@@ -50,37 +46,17 @@ class TokenizedData:
         return sum(1 for t in self.targets if all(x == IGNORE for x in t))
 
 
-def detect_format(row: dict[str, Any]) -> str | None:
-    if "messages" in row:
-        return "messages"
-    if "prompt" in row and "completion" in row:
-        return "prompt_completion"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    return None
-
-
-def _row_problem(row: Any, fmt: str) -> str | None:
+def _row_problem(row: Any, fmt: DataFormat) -> str | None:
     if not isinstance(row, dict):
         return "a JSON object"
-    if fmt == "alpaca":
-        ok = isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str)
-        ok = ok and isinstance(row.get("input", ""), str)
-    elif fmt == "prompt_completion":
-        ok = isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
-    else:
-        msgs = row.get("messages")
-        ok = isinstance(msgs, list) and bool(msgs) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs
-        ) and any(m["role"] == "assistant" for m in msgs)
-    return None if ok else FORMATS[fmt]
+    return None if fmt.valid(row) else fmt.expects
 
 
 def read_rows(path: Path, fmt: str) -> tuple[str, list[dict[str, Any]]]:
     """Parse and check every row; all malformed rows are reported together as file:line with what was expected."""
     if not path.is_file():
         raise SameboxError(f"data file not found: {path}", hint="set data.path to a JSONL file")
+    shape = None if fmt == "auto" else FORMATS[fmt]
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     with open(path, "rb") as fh, Progress(f"reading {path.name}", path.stat().st_size, "bytes") as progress:
@@ -101,13 +77,13 @@ def read_rows(path: Path, fmt: str) -> tuple[str, list[dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 problems.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
                 continue
-            if fmt == "auto" and isinstance(row, dict):
-                fmt = detect_format(row) or "auto"
-                if fmt == "auto":
+            if shape is None and isinstance(row, dict):
+                shape = detect_format(row)
+                if shape is None:
                     problems.append(f"{path}:{lineno}: unknown row shape with keys {sorted(row)}; expected "
-                                    + "; or ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+                                    + "; or ".join(f"{f.name}: {f.expects}" for f in FORMATS.values()))
                     break
-            expected = _row_problem(row, fmt) if fmt != "auto" else "a JSON object"
+            expected = _row_problem(row, shape) if shape is not None else "a JSON object"
             if expected:
                 problems.append(f"{path}:{lineno}: expected {expected}")
             else:
@@ -117,47 +93,9 @@ def read_rows(path: Path, fmt: str) -> tuple[str, list[dict[str, Any]]]:
         more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
         raise SameboxError(f"malformed training data in {path}{more}", problems=shown,
                            hint="fix the rows above or set data.format to the format the file uses")
-    if not rows:
+    if not rows or shape is None:
         raise SameboxError(f"{path} has no rows", hint="one JSON object per line")
-    return fmt, rows
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _prompt_completion(tokenizer: Any, fmt: str, row: dict[str, Any]) -> tuple[str, str]:
-    if fmt == "prompt_completion":
-        return row["prompt"], row["completion"]
-    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    if tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                               add_generation_prompt=True)
-        return prompt, row["output"]
-    return f"{user}\n\n", row["output"]
-
-
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[bool]]:
-    """Render the chat template turn by turn; assistant turns are the trained spans."""
-    if not tokenizer.chat_template:
-        raise SameboxError(f"{where}: messages rows need a tokenizer with a chat template",
-                           hint="use alpaca or prompt_completion rows for a base model without one")
-    ids: list[int] = []
-    trained: list[bool] = []
-    for i, msg in enumerate(messages):
-        if msg["role"] == "assistant":
-            prefix = _encode(tokenizer, tokenizer.apply_chat_template(messages[:i], tokenize=False,
-                                                                      add_generation_prompt=True)) if i else []
-        full = _encode(tokenizer, tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-        if full[: len(ids)] != ids or (msg["role"] == "assistant" and full[: len(prefix)] != prefix):
-            raise SameboxError(f"{where}: the chat template does not render turns as prefixes of each other",
-                               hint="use prompt_completion rows with the conversation rendered by you")
-        if msg["role"] == "assistant":
-            trained += [False] * (len(prefix) - len(ids)) + [True] * (len(full) - len(prefix))
-        else:
-            trained += [False] * (len(full) - len(ids))
-        ids = full
-    return ids, trained
+    return shape.name, rows
 
 
 def tokenize_row(tokenizer: Any, fmt: str, row: dict[str, Any], cfg: DataConfig, where: str) -> tuple[
@@ -166,12 +104,7 @@ def tokenize_row(tokenizer: Any, fmt: str, row: dict[str, Any], cfg: DataConfig,
     eos = tokenizer.eos_token_id
     if eos is None:
         raise SameboxError("the tokenizer has no EOS token", hint="set tokenizer.eos_token in the model directory")
-    if fmt == "messages":
-        ids, trained = _chat_ids(tokenizer, row["messages"], where)
-    else:
-        prompt, completion = _prompt_completion(tokenizer, fmt, row)
-        p, c = _encode(tokenizer, prompt), _encode(tokenizer, completion)
-        ids, trained = p + c, [False] * len(p) + [True] * len(c)
+    ids, trained = FORMATS[fmt].tokens(tokenizer, row, where)
     if not ids or ids[-1] != eos:
         ids, trained = ids + [eos], trained + [True]
     if cfg.train_on_prompt:
