@@ -1,5 +1,6 @@
 # samebox front door. Every target creates or refreshes the virtualenv it needs: nothing to install first.
 #   make image TORCH=2.3 [CUDA=12.1] [PYTHON=3.12] [ENGINE=docker] [BASE_IMAGE=...] [TAG=...] [CONDA_MIRROR=URL]
+#              [ALLOW_STALE=1]
 #   make test
 PYTHON_BIN ?= python3
 VENV       ?= .venv
@@ -18,12 +19,14 @@ IMAGE  ?=
 # A Miniconda mirror (e.g. https://mirrors.tuna.tsinghua.edu.cn/anaconda/miniconda/); the installer's sha256 is
 # still checked.
 CONDA_MIRROR ?=
+# image and render refuse a lockfile `samebox lock --check` finds stale; ALLOW_STALE=1 builds from it with a warning.
+ALLOW_STALE ?=
 
 .PHONY: help venv image render lock lock-check images test lint clean
 
 help:
 	@echo "make image TORCH=2.3 [CUDA=12.1] [PYTHON=3.12] [ENGINE=docker|podman|buildah|none] [BASE_IMAGE=ref] [TAG=name]"
-	@echo "           [CONDA_MIRROR=url]"
+	@echo "           [CONDA_MIRROR=url] [ALLOW_STALE=1]"
 	@echo "make images | make render TORCH=2.3 | make lock [IMAGE=id] | make lock-check | make test | make lint"
 
 $(VENV)/.builder: pyproject.toml
@@ -45,10 +48,11 @@ images: $(VENV)/.builder
 image: $(VENV)/.builder
 	$(SAMEBOX) image --torch '$(TORCH)' $(if $(CUDA),--cuda $(CUDA)) $(if $(PYTHON),--python $(PYTHON)) \
 		--engine $(ENGINE) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) $(if $(TAG),--tag $(TAG)) \
-		$(if $(CONDA_MIRROR),--conda-mirror '$(CONDA_MIRROR)')
+		$(if $(CONDA_MIRROR),--conda-mirror '$(CONDA_MIRROR)') $(if $(ALLOW_STALE),--allow-stale)
 
 render: $(VENV)/.builder
-	$(SAMEBOX) render --torch '$(TORCH)' $(if $(CUDA),--cuda $(CUDA)) $(if $(PYTHON),--python $(PYTHON))
+	$(SAMEBOX) render --torch '$(TORCH)' $(if $(CUDA),--cuda $(CUDA)) $(if $(PYTHON),--python $(PYTHON)) \
+		$(if $(ALLOW_STALE),--allow-stale)
 
 lock: $(VENV)/.builder
 	$(SAMEBOX) lock $(if $(IMAGE),--image $(IMAGE),--all)

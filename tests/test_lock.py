@@ -21,6 +21,7 @@ from builder import drift, lock, lockfile, pyindex
 from builder.cli import main
 from builder.errors import SameboxError
 from builder.spec import ImageSpec, load_catalog
+from tests.conftest import require
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_ROOT = REPO / "tests" / "fixtures" / "catalog"
@@ -341,6 +342,15 @@ def test_render_all_names_every_stale_lock(tmp_path: Path, capsys: pytest.Captur
     assert all(f"`samebox lock --root {s.root} --image {s.id}`" in err for s in specs) and not out.exists()
     assert main(["render", "--all", "--root", str(specs[0].root), "--output", str(out), "--allow-stale"]) == 0
     assert err.count("content-sha256") == len(specs) and (out / "docker-bake.json").is_file()
+
+
+@pytest.mark.parametrize("target", ["image", "render"])
+def test_make_forwards_allow_stale(target: str) -> None:
+    require(shutil.which("make") is not None, "make is not installed")
+    for extra, expected in (([], False), (["ALLOW_STALE=1"], True)):
+        out = subprocess.run(["make", "-n", target, "TORCH=2.3", *extra], cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0 and ("--allow-stale" in out.stdout) is expected, out.stderr
 
 
 def test_fresh_locks_pass_the_gate_quietly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
