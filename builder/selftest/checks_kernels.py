@@ -7,12 +7,10 @@ import math
 from typing import Any
 
 from builder import compat
+from builder.kernelcheck import REL_ERR_BOUND
 from builder.selftest.findings import Finding, fail, gpu_reading, na, no_gpu, nvml_devices, ok, probe_error, warn
 from builder.selftest.probes import BITSANDBYTES, FLASH_ATTN, FUSED_LAYERS, LORA_SMOKE, SDPA_BACKENDS, TORCH
 
-# Relative error ||x - ref||_F / ||ref||_F against fp32 SDPA (as builder/wheels/verify.py): bf16 has 8 mantissa
-# bits; flash-attn's own tests allow twice SDPA's low-precision error.
-FLASH_ATTN_REL_ERROR = 2e-2
 NF4_REL_ERROR = 1e-2
 NO_KERNEL_IMAGE = "no kernel image is available"
 FEATURE_NAMES = {
@@ -91,8 +89,8 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
                 found.append(fail(f"{what}: {case['error']}", rebuild_flash_attn(cap)))
             continue
         worst = max(case, key=lambda k: case[k])
-        text = f"{what} vs SDPA: worst relative error {case[worst]:.1e} ({worst}), bound {FLASH_ATTN_REL_ERROR:.0e}"
-        bad = not all(math.isfinite(v) for v in case.values()) or case[worst] > FLASH_ATTN_REL_ERROR
+        text = f"{what} vs SDPA: worst relative error {case[worst]:.1e} ({worst}), bound {REL_ERR_BOUND:.0e}"
+        bad = not all(math.isfinite(v) for v in case.values()) or case[worst] > REL_ERR_BOUND
         found.append(fail(text, rebuild_flash_attn(cap)) if bad else ok(text))
     features = fa.get("features") or {}
     # The build's runtime guard says "does not support"; any other error is a broken kernel, reported by the cases.
@@ -113,7 +111,7 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
         else:
             worst = max(window.values())
             text = f"{label} sliding window {fa.get('window')} vs SDPA: worst relative error {worst:.1e}"
-            found.append(fail(text, rebuild_flash_attn(cap)) if worst > FLASH_ATTN_REL_ERROR else ok(text))
+            found.append(fail(text, rebuild_flash_attn(cap)) if worst > REL_ERR_BOUND else ok(text))
     if missing and not set(missing) & set(needs.get("features") or []):
         found.append(
             ok(

@@ -1,32 +1,29 @@
-"""Live probes of the job's own kernels -> readings: flash-attn varlen, bitsandbytes NF4 and 8-bit AdamW,
-torch SDPA backends, and a five-step LoRA smoke run. Each returns a JSON-ready dict; the checks judge it."""
+"""Live probes of the job's own kernels -> readings: flash-attn varlen (builder/kernelcheck.py's check, as the
+wheel verifier runs it), bitsandbytes NF4 and 8-bit AdamW, torch SDPA backends, the trainer's fused layers, and a
+five-step LoRA smoke run. Each returns a JSON-ready dict; the checks judge it."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from typing import Any
+
+from builder import kernelcheck
 
 # Calls that need a compile-time-disabled flash-attn feature; the build's runtime guard raises for each.
 FLASH_ATTN_FEATURES = ("local", "softcap", "alibi", "dropout", "uneven_k")
 
 
 def elf_archs(shared_object: str) -> list[str] | None:
-    """SASS architectures inside a CUDA extension ('9.0', ...) from `cuobjdump --list-elf`, or None when
-    cuobjdump is not installed."""
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    tool = shutil.which("cuobjdump") or shutil.which("cuobjdump", path=os.path.join(cuda_home, "bin"))
+    """SASS architectures inside a CUDA extension ('9.0', ...), or None when cuobjdump is not installed or cannot
+    read it (the varlen cases still find a missing kernel by running it)."""
+    tool = kernelcheck.find_cuobjdump()
     if not tool:
         return None
-    out = subprocess.run([tool, "--list-elf", shared_object], capture_output=True, text=True, timeout=120).stdout
-    archs = set()
-    for token in out.replace(".", " ").split():
-        digits = token[3:].rstrip("af")  # sm_90a, sm_100f: arch-specific variants of the same SASS
-        if token.startswith("sm_") and digits.isdigit():
-            archs.add(f"{digits[:-1]}.{digits[-1]}")
-    return sorted(archs, key=lambda a: tuple(int(p) for p in a.split(".")))
+    try:
+        return list(kernelcheck.elf_archs(shared_object, tool))
+    except (kernelcheck.CuobjdumpError, OSError, subprocess.TimeoutExpired):
+        return None
 
 
 def _dist_version(name: str) -> str | None:
@@ -45,46 +42,6 @@ def _flash_attn_extension() -> str | None:
 
     spec = importlib.util.find_spec("flash_attn_2_cuda")
     return spec.origin if spec and spec.origin else None
-
-
-def _varlen_case(fa: Any, head_dim: int, dtype: Any, window: int | None) -> dict[str, float]:
-    """flash-attn varlen fwd+bwd over three packed sequences against fp32 SDPA run on each sequence alone:
-    relative errors ||x - ref||_F / ||ref||_F of the output and each gradient."""
-    import torch
-    import torch.nn.functional as F
-
-    lens, heads = [37, 128, 91], 4
-    total = sum(lens)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (
-        torch.randn(total, heads, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3)
-    )
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-    window_size = (window, 0) if window else (-1, -1)
-    out = fa.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, window_size=window_size)
-    grad = torch.randn_like(out)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
-
-    ref_out, ref_grads = [], []
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
-        qs, ks, vs = (t[s:e].detach().float().transpose(0, 1).requires_grad_() for t in (q, k, v))
-        n = e - s
-        i = torch.arange(n, device="cuda")
-        mask = i[None, :] <= i[:, None]
-        if window:
-            mask &= i[:, None] - i[None, :] <= window
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
-        ref_grads.append(torch.autograd.grad(o, (qs, ks, vs), grad[s:e].float().transpose(0, 1)))
-        ref_out.append(o.transpose(0, 1))
-
-    def rel(x: Any, ref: Any) -> float:
-        return ((x.float() - ref).norm() / ref.norm()).item()
-
-    errs = {"out": rel(out, torch.cat(ref_out))}
-    for j, name in enumerate(("dq", "dk", "dv")):
-        ref = torch.cat([g_[j].transpose(0, 1) for g_ in ref_grads])
-        errs[name] = rel((dq, dk, dv)[j], ref)
-    return errs
 
 
 def _feature_call(fa: Any, feature: str) -> str | None:
@@ -140,14 +97,14 @@ def flash_attn(
     cases: dict[str, Any] = {}
     for hd in head_dims:
         try:
-            cases[str(hd)] = _varlen_case(fa, hd, dtype, None)
+            cases[str(hd)] = kernelcheck.varlen_errors(fa.flash_attn_varlen_func, hd, dtype)
         except Exception as e:
             cases[str(hd)] = {"error": str(e).splitlines()[0]}
     reading["cases"] = cases
     reading["features"] = {f: _feature_call(fa, f) for f in features}
     if window:
         try:
-            reading["window_case"] = _varlen_case(fa, head_dims[-1], dtype, window)
+            reading["window_case"] = kernelcheck.varlen_errors(fa.flash_attn_varlen_func, head_dims[-1], dtype, window)
         except Exception as e:
             reading["window_case"] = {"error": str(e).splitlines()[0]}
     return reading

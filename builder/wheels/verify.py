@@ -1,6 +1,7 @@
 """Checks a flash-attn wheel must pass: its file-name tags, the SASS archs `cuobjdump --list-elf` finds in its
 extension, whether that SASS runs on the GPUs here, and (torch + GPU present) a numeric check of
-flash_attn_varlen_func forward and backward against torch SDPA.
+flash_attn_varlen_func forward and backward against torch SDPA. The last two are builder/kernelcheck.py's, which
+the self-test uses too.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,15 +18,14 @@ from pathlib import Path
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
 
+from builder import kernelcheck
 from builder.environment import Capability, Gpu
 from builder.errors import SameboxError
+from builder.kernelcheck import REL_ERR_BOUND
+from builder.kernelcheck import find_cuobjdump as find_cuobjdump  # resolve.py finds the tool through here
 from builder.wheels.key import WheelKey
 
-_ELF_SM = re.compile(r"\.sm_(\d+)[a-z]?\.cubin")
 EXTENSION = "flash_attn_2_cuda"
-# bf16 carries 8 bits of mantissa (eps 2**-8 = 3.9e-3); flash-attn's own tests allow twice SDPA's bf16 error.
-# Relative error ||x - ref||_F / ||ref||_F against an fp32 SDPA reference, for the output and each gradient:
-REL_ERR_BOUND = 2e-2
 
 
 def wheel_tag_problems(wheel: Path, key: WheelKey) -> list[str]:
@@ -79,24 +78,15 @@ def extract_extension(wheel: Path, dest: Path) -> Path:
         return Path(zf.extract(names[0], dest))
 
 
-def find_cuobjdump(env: dict[str, str] | None = None) -> str | None:
-    env = os.environ if env is None else env
-    for home in (env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "cuobjdump").is_file():
-            return str(Path(home) / "bin" / "cuobjdump")
-    return shutil.which("cuobjdump", path=env.get("PATH"))
-
-
 def elf_archs(wheel: Path, cuobjdump: str) -> tuple[str, ...]:
     """The SASS archs in the wheel's extension per `cuobjdump --list-elf`: ('8.0', '9.0')."""
     with tempfile.TemporaryDirectory() as tmp:
         so = extract_extension(wheel, Path(tmp))
-        res = subprocess.run([cuobjdump, "--list-elf", str(so)], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise SameboxError(f"cuobjdump --list-elf failed on {wheel.name}: {res.stderr.strip()[:300]}",
-                           "the extension may be damaged; rebuild the wheel")
-    codes = {int(m.group(1)) for m in _ELF_SM.finditer(res.stdout)}
-    return tuple(f"{c // 10}.{c % 10}" for c in sorted(codes))
+        try:
+            return kernelcheck.elf_archs(so, cuobjdump)
+        except kernelcheck.CuobjdumpError as e:
+            raise SameboxError(f"cuobjdump --list-elf failed on {wheel.name}: {e}",
+                               "the extension may be damaged; rebuild the wheel") from e
 
 
 def arch_problems(found: tuple[str, ...], key: WheelKey, exact: bool) -> list[str]:
@@ -142,31 +132,6 @@ def verify_wheel(wheel: Path, key: WheelKey, exact_archs: bool, cuobjdump: str |
     return found
 
 
-_NUMERIC_CHECK = r"""
-import json, sys, torch, torch.nn.functional as F
-from flash_attn import flash_attn_varlen_func
-torch.manual_seed(0)
-lens, h, d, dev = [37, 128, 211, 64], 8, 128, "cuda"
-cu = torch.tensor([0] + lens, device=dev).cumsum(0).to(torch.int32)
-q, k, v = (torch.randn(sum(lens), h, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
-g = torch.randn_like(out)
-out.backward(g)
-fa = [out.float()] + [t.grad.float() for t in (q, k, v)]
-q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-refs = []
-for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-    qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q32, k32, v32))
-    refs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).squeeze(0).transpose(0, 1))
-ref_out = torch.cat(refs)
-ref_out.backward(g.float())
-ref = [ref_out.detach()] + [t.grad for t in (q32, k32, v32)]
-errs = {n: ((a - b).norm() / b.norm()).item() for n, a, b in zip(("out", "dq", "dk", "dv"), fa, ref)}
-print(json.dumps({"rel_err": errs, "device": torch.cuda.get_device_name(0), "seqlens": lens, "heads": h,
-                  "head_dim": d, "dtype": "bfloat16"}))
-"""
-
-
 def numeric_check(wheel: Path, python: str = sys.executable) -> dict[str, object]:
     """Import the wheel's flash_attn (unpacked, not installed) in a child Python and compare varlen fwd+bwd with
     an fp32 SDPA reference; SameboxError when any relative error exceeds REL_ERR_BOUND."""
@@ -174,8 +139,9 @@ def numeric_check(wheel: Path, python: str = sys.executable) -> dict[str, object
         with zipfile.ZipFile(wheel) as zf:
             zf.extractall(tmp)
         env = {**os.environ, "PYTHONPATH": tmp + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        res = subprocess.run([python, "-c", _NUMERIC_CHECK], capture_output=True, text=True, env=env,
-                             cwd=tmp, check=False)
+        # run_path, not the file as a script: that would put builder/ (its platform.py) first on sys.path.
+        run = f"import runpy; runpy.run_path({kernelcheck.__file__!r}, run_name='__main__')"
+        res = subprocess.run([python, "-c", run], capture_output=True, text=True, env=env, cwd=tmp, check=False)
     if res.returncode != 0:
         raise SameboxError(f"numeric check of {wheel.name} could not run", "see the error below",
                            res.stderr.strip().splitlines()[-8:])

@@ -106,16 +106,22 @@ def test_data_dir_not_made_yet_is_judged_on_its_nearest_existing_parent(tmp_path
 
 
 def test_elf_archs_reads_cuobjdump(monkeypatch, tmp_path) -> None:
+    from builder import kernelcheck
     from builder.selftest import kernel_probes
 
-    tool = tmp_path / "cuobjdump"
+    monkeypatch.setattr(kernelcheck, "DEFAULT_CUDA_HOME", "/nonexistent")
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    (tmp_path / "bin").mkdir()
+    tool = tmp_path / "bin" / "cuobjdump"
     tool.write_text(
         "#!/bin/sh\necho 'ELF file    1: flash_attn_2_cuda.1.sm_80.cubin'\n"
         "echo 'ELF file    2: flash_attn_2_cuda.2.sm_90a.cubin'\n"
     )
     tool.chmod(0o755)
-    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     assert kernel_probes.elf_archs("/x.so") == ["8.0", "9.0"]
+    tool.write_text("#!/bin/sh\necho 'cuobjdump fatal: not an ELF file' >&2\nexit 1\n")
+    assert kernel_probes.elf_archs("/x.so") is None  # unknown; the varlen cases still run the kernels
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("CUDA_HOME", "/nonexistent")
     assert kernel_probes.elf_archs("/x.so") is None
