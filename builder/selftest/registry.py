@@ -24,6 +24,8 @@ BOTH, FULL = frozenset(MODES), frozenset({"full"})
 
 @dataclass(frozen=True)
 class Check:
+    """One self-test check: its findings are reported as ``name`` in ``group``, in each of ``modes``."""
+
     name: str
     group: str
     probe: p.Probe | None  # None: it judges what the run was asked for (the model), not a measurement
