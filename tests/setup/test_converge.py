@@ -1,0 +1,197 @@
+"""builder/converge.py without a container: options, the plan and its count, the refusals that leave nothing written,
+the progress and 'running' marker, and the values earlier setup scripts recorded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder import compat, converge
+from builder import converge_steps as steps
+from builder.converge import Step, execute, parse_options, plan, preflight
+from builder.converge_steps import Match, Preflight, Run, StepFailed
+from builder.errors import SameboxError
+from tests.conftest import REPO
+
+CPU = Match(image="img", image_torch="none", provider="system", flash_attn="", torch="none", gpus=(),
+            flash_attn2_gpu=False, describe="Python 3.11 / torch none / no GPU")
+H100 = Match(image="img", image_torch="2.5.1+cu124", provider="conda", flash_attn="2.8.3", torch="2.5.1+cu124",
+             gpus=("NVIDIA H100 80GB HBM3",), flash_attn2_gpu=True, describe="Python 3.12 / torch 2.5.1+cu124 / H100")
+
+
+def _opts(*argv: str, **environ: str) -> converge.Options:
+    return parse_options(list(argv), environ)
+
+
+def _pre(match: Match, tmp_path: Path) -> Preflight:
+    lock = tmp_path / "lock.txt"
+    return Preflight(match=match, root=tmp_path, catalog=tmp_path / "matrix.toml", lock_source=lock, lockfile=lock,
+                     cache_dir=tmp_path / "cache", free_mb=10_000, needs_venv=False)
+
+
+# --- options ------------------------------------------------------------------------------------------------------
+
+
+def test_every_bad_option_is_reported_together(tmp_path: Path) -> None:
+    with pytest.raises(SameboxError) as caught:
+        _opts("--offline", "--min-free-mb", "lots", "--frobnicate", "--flash-attn-profile", "turbo")
+    text = str(caught.value)
+    for message in ("unknown option --frobnicate", "--offline needs --wheelhouse DIR",
+                    "--min-free-mb must be a number of MiB, got 'lots'", "must be full, slim or lean, got 'turbo'"):
+        assert message in text
+    with pytest.raises(SameboxError, match="wheelhouse .*no-such is not a directory"):
+        _opts("--wheelhouse", str(tmp_path / "no-such"))
+    with pytest.raises(SameboxError, match="expected one argument"):
+        _opts("--image")
+
+
+def test_profiles_are_compats_and_checked_only_when_flash_attn_may_be_built() -> None:
+    for profile in compat.FLASH_ATTN_PROFILES:
+        assert _opts("--flash-attn-profile", profile).flash_attn_profile == profile
+    assert converge.FLASH_ATTN_PROFILES == tuple(compat.FLASH_ATTN_PROFILES)
+    assert _opts().flash_attn_profile == "full"
+    assert _opts(SAMEBOX_FA_PROFILE="lean").flash_attn_profile == "lean"
+    assert not _opts("--no-flash-attn", "--flash-attn-profile", "turbo").flash_attn
+    with pytest.raises(SameboxError, match=r"\(--flash-attn-profile or SAMEBOX_FA_PROFILE\)"):
+        _opts(SAMEBOX_FA_PROFILE="turbo")
+
+
+def test_environment_defaults_and_the_command_line_over_them(tmp_path: Path) -> None:
+    opts = _opts(SAMEBOX_MIN_FREE_MB="7", SAMEBOX_STATE=str(tmp_path / "st"), SAMEBOX_CACHE_DIR=str(tmp_path / "c"))
+    assert (opts.min_free_mb, opts.state, opts.cache_dir) == (7, tmp_path / "st", tmp_path / "c")
+    assert _opts("--min-free-mb", "9", SAMEBOX_MIN_FREE_MB="7").min_free_mb == 9
+    assert _opts().min_free_mb == converge.DEFAULT_MIN_FREE_MB
+    assert _opts().samebox_src == REPO  # the source this module was imported from
+    with pytest.raises(SameboxError, match="is not the interpreter running this"):
+        _opts("--python", "/bin/sh")
+
+
+# --- the plan -----------------------------------------------------------------------------------------------------
+
+BASE = ["source", "python", "platform", "caches", "torch", "packages", "samebox"]
+
+
+@pytest.mark.parametrize(("argv", "match", "names"), [
+    ((), CPU, [*BASE, "flash-attn", "fingerprint"]),
+    (("--no-flash-attn",), CPU, [*BASE, "fingerprint"]),
+    (("--no-selftest",), CPU, [*BASE, "flash-attn", "fingerprint"]),
+    ((), H100, [*BASE, "flash-attn", "fingerprint", "selftest"]),
+    (("--no-selftest",), H100, [*BASE, "flash-attn", "fingerprint"]),
+    (("--no-flash-attn", "--no-selftest"), H100, [*BASE, "fingerprint"]),
+])
+def test_plan_steps_follow_the_options_and_the_gpu(tmp_path: Path, argv: tuple[str, ...], match: Match,
+                                                  names: list[str]) -> None:
+    assert [s.name for s in plan(_opts(*argv), _pre(match, tmp_path))] == names
+
+
+def test_progress_counts_the_plan_and_the_marker_names_the_step(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    opts = _opts(SAMEBOX_STATE=str(tmp_path / "state"))
+    run = Run(opts=opts, pre=_pre(CPU, tmp_path), work=tmp_path, python=sys.executable)
+    seen = []
+
+    def fails(r: Run) -> None:
+        seen.append((opts.state / "running").read_text())
+        raise StepFailed("it broke")
+
+    with pytest.raises(StepFailed, match="step 'second' failed: it broke"):
+        execute(run, [Step("first", lambda r: None), Step("second", fails), Step("third", lambda r: None)])
+    assert capsys.readouterr().out == "==> [1/3] first\n==> [2/3] second\n"
+    assert seen == ["2 second\n"]
+    execute(run, [Step("only", lambda r: None)])
+    out = capsys.readouterr().out
+    assert "the previous run stopped during step 'second'" in out and "==> [1/1] only" in out
+    assert not (opts.state / "running").exists()
+
+
+# --- refusals: exit 2, nothing written ----------------------------------------------------------------------------
+
+
+def _catalog_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    (root / "lockfiles").mkdir()
+    (root / "images" / "matrix.toml").write_text("")
+    return root
+
+
+def test_preflight_refuses_before_anything_is_written(tmp_path: Path) -> None:
+    root = _catalog_root(tmp_path)
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    opts = _opts("--root", str(root), "--cache-dir", str(cache), SAMEBOX_STATE=str(state))
+    with pytest.raises(SameboxError, match="no lockfile .*img.txt for image img; make it with `make lock IMAGE=img`"):
+        preflight(opts, lambda catalog, image: CPU)
+    (root / "lockfiles" / "img.txt").write_text("six==1.16.0\n")
+    huge = _opts("--root", str(root), "--cache-dir", str(cache), "--min-free-mb", str(10**12),
+                 SAMEBOX_STATE=str(state))
+    with pytest.raises(SameboxError, match=f"cache directory {cache} has \\d+ MiB free, at least {10**12} MiB"):
+        preflight(huge, lambda catalog, image: CPU)
+    with pytest.raises(SameboxError, match="no catalog at"):
+        preflight(_opts("--root", str(tmp_path), SAMEBOX_STATE=str(state)), lambda catalog, image: CPU)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SameboxError, match="cache directory .*file/cache is not writable"):
+        preflight(_opts("--root", str(root), "--cache-dir", str(tmp_path / "file" / "cache"),
+                        SAMEBOX_STATE=str(state)), lambda catalog, image: CPU)
+    pre = preflight(opts, lambda catalog, image: CPU)
+    assert (pre.lockfile, pre.cache_dir, pre.needs_venv) == (root / "lockfiles" / "img.txt", cache, True)
+    assert not state.exists() and not cache.exists()
+
+
+def test_a_platform_the_catalog_cannot_replicate_exits_2_with_nothing_written(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps([{"id": "old", "python": "2.7", "python_provider": "conda", "torch": "1.0.0",
+                                    "torch_local": "cu90", "flash_attn": "none", "platforms": ["Ancient base"]}]))
+    lock = tmp_path / "lock.txt"
+    lock.write_text("six==1.16.0\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "builder.converge", "--catalog", str(catalog), "--lockfile",
+                          str(lock)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "samebox setup: error: no catalog image replicates this instance" in run.stderr
+    assert "'Ancient base' -> old" in run.stderr and "Traceback" not in run.stderr
+    assert list(home.iterdir()) == [] and run.stdout == ""
+
+
+# --- what the steps write -----------------------------------------------------------------------------------------
+
+
+def test_source_digest_is_the_one_earlier_setup_scripts_recorded(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for rel in ("pyproject.toml", "builder/a.py", "builder/B.py", "builder/sub/c.typed", "builder/skip.txt",
+                "trainer/t.py", "trainer/cfg.toml"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    earlier = subprocess.run(
+        "find pyproject.toml builder trainer -type f \\( -name '*.py' -o -name '*.toml' -o -name '*.typed' \\) "
+        "| LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1",
+        shell=True, cwd=src, capture_output=True, text=True, check=True).stdout.strip()
+    assert steps.source_digest(src) == earlier
+    (src / "builder" / "a.py").write_text("changed")
+    assert steps.source_digest(src) != earlier
+
+
+def test_env_sh_keeps_a_path_full_of_shell_syntax_a_path(tmp_path: Path) -> None:
+    odd = tmp_path / "odd \"dir\" $(touch pwned) 'q'"
+    pre = Preflight(match=CPU, root=None, catalog=tmp_path / "c.json", lock_source=tmp_path / "l",
+                    lockfile=tmp_path / "state" / "lock.txt", cache_dir=odd, free_mb=1, needs_venv=False)
+    run = Run(opts=_opts(), pre=pre, work=tmp_path, python=sys.executable, wheel_cache=odd / "wheels")
+    env_sh = tmp_path / "env.sh"
+    env_sh.write_text(steps.env_sh(run))
+    script = '. "$1" && printf "%s\\n" "$HF_HOME" "$SAMEBOX_LOCKFILE" "${SAMEBOX_ROOT-unset}"'
+    out = subprocess.run(["bash", "-c", script, "-", str(env_sh)], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.splitlines() == [f"{odd}/huggingface", str(tmp_path / "state" / "lock.txt"), "unset"]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_the_rendered_setup_sh_only_finds_python_and_the_source() -> None:
+    text = (REPO / "setup.sh").read_text()
+    assert len(text.splitlines()) < 80
+    assert 'exec "$PY" -m builder.converge "$@"' in text
+    assert "==>" not in text  # the steps and their count live in builder/converge.py
