@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from builder import compat
+from builder.catalog import Catalog
 from builder.errors import SameboxError
 from builder.selftest.findings import Finding, fail, gib, na, nvml_devices, ok, warn
 from builder.selftest.probes import NVML, TORCH
-from builder.spec import load_catalog
 
 OTHER_PROCESS_WARN_BYTES = 2**30
 
@@ -17,19 +17,9 @@ OTHER_PROCESS_WARN_BYTES = 2**30
 def images_that_run(capability: str | None, driver: str | None) -> list[str]:
     """Catalog images whose torch has SASS for ``capability`` and whose CUDA ``driver`` supports."""
     try:
-        catalog = load_catalog()
+        return Catalog.load().images_that_run(capability, driver or "")
     except SameboxError:
         return []
-    found = []
-    for spec in catalog:
-        if not spec.has_torch:
-            continue
-        if capability and not any(compat.arch_runs_on(a, capability) for a in compat.TORCH_ARCHES.get(spec.cuda, ())):
-            continue
-        if driver and not compat.driver_supports(driver, spec.cuda):
-            continue
-        found.append(spec.id)
-    return found
 
 
 def _image_hint(capability: str | None, driver: str | None) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +21,26 @@ def verify_lock(lockfile: Path, check_files: bool) -> tuple[list[str], list[str]
     return split_lock_problems(lockfile, check_files=check_files)
 
 
-# Where a samebox Docker image keeps the lock it was built from (images/Dockerfile.j2).
-IMAGE_LOCKFILE = Path("/opt/samebox/lock.txt")
-
-
 def find_lockfile(explicit: str | None, torch_version: str | None) -> tuple[Path | None, str, bool]:
-    """(lockfile or None, how it was chosen, whether this environment claims it). Claimed: the given path or
-    $SAMEBOX_LOCKFILE, a samebox image's /opt/samebox/lock.txt, or the lock of $SAMEBOX_IMAGE (set by the setup
-    script). Otherwise the catalog image whose torch and Python match this interpreter, for comparison only."""
-    chosen = explicit or os.environ.get("SAMEBOX_LOCKFILE")
-    if chosen:
-        return Path(chosen), "given", True
-    if IMAGE_LOCKFILE.is_file():
-        return IMAGE_LOCKFILE, "the samebox image's lock", True
-    from builder.spec import find_image, load_catalog
+    """(lockfile or None, how it was chosen, whether this environment claims it): ``Catalog.claimed_lockfile``
+    for this interpreter with the torch the identity probe found."""
+    from builder.catalog import Catalog
+    from builder.environment import Environment, TorchBuild
 
+    env = replace(Environment.probe(torch=False, gpus=False),
+                  torch=TorchBuild(version=torch_version) if torch_version else None)
     try:
-        catalog = load_catalog()
-        if os.environ.get("SAMEBOX_IMAGE"):
-            return find_image(os.environ["SAMEBOX_IMAGE"], catalog).lockfile, "set up by samebox: $SAMEBOX_IMAGE", True
+        catalog = Catalog.load()
+    except SameboxError as e:
+        if explicit or os.environ.get("SAMEBOX_LOCKFILE"):
+            catalog = Catalog(())  # a lock named outright needs no catalog
+        else:
+            return None, f"catalog: {e.message}", False
+    try:
+        claim = catalog.claimed_lockfile(env, explicit)
     except SameboxError as e:
         return None, f"catalog: {e.message}", False
-    if not torch_version:
-        return None, "torch is not installed, so no catalog image matches", False
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    for spec in catalog:
-        if spec.has_torch and spec.torch_full == torch_version and spec.python == python:
-            return spec.lockfile, f"not set up by samebox; nearest catalog image {spec.id}", False
-    return None, f"no catalog image has torch {torch_version} with Python {python}", False
+    return claim.path, claim.how, claim.claimed
 
 
 def lockfile_reading(explicit: str | None, torch_version: str | None, check_files: bool = False) -> dict[str, Any]:

@@ -10,41 +10,27 @@ import threading
 import time
 from typing import Any
 
-from builder.selftest import nvml_reader
+from builder import nvml
+from builder.environment import probe_torch
 
 
 def torch_info() -> dict[str, Any]:
-    """torch's version, its CUDA, the GPUs it sees and the SASS architectures compiled into it."""
-    start = time.perf_counter()
-    try:
-        import torch
-    except ImportError as e:
-        return {"available": False, "error": f"torch is not installed ({e})"}
-    info: dict[str, Any] = {
-        "import_s": round(time.perf_counter() - start, 3),
+    """torch's version, its CUDA, the GPUs it sees and the SASS architectures compiled into it, as the Environment
+    probe (builder/environment.py) reports them."""
+    build = probe_torch(devices=True)
+    if build is None or build.error:
+        return {"available": False, "error": build.error if build else "torch is not installed"}
+    return {
+        "import_s": build.import_s,
         "available": True,
-        "version": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "device_count": 0,
-        "devices": [],
-        "arch_list": [],
+        "version": build.version,
+        "cuda": build.cuda,
+        "cuda_available": bool(build.cuda_available),
+        "device_count": len(build.devices),
+        "devices": [{"name": d.name, "capability": d.capability.as_list(), "total_memory": d.total_memory,
+                     "multi_processor_count": d.multi_processor_count} for d in build.devices],
+        "arch_list": list(build.arch_list) if build.cuda_available else [],
     }
-    if not info["cuda_available"]:
-        return info
-    info["device_count"] = torch.cuda.device_count()
-    info["arch_list"] = list(torch.cuda.get_arch_list())
-    for i in range(info["device_count"]):
-        p = torch.cuda.get_device_properties(i)
-        info["devices"].append(
-            {
-                "name": p.name,
-                "capability": [p.major, p.minor],
-                "total_memory": p.total_memory,
-                "multi_processor_count": p.multi_processor_count,
-            }
-        )
-    return info
 
 
 def use_local_rank() -> dict[str, Any]:
@@ -179,7 +165,7 @@ class NvmlSampler:
 
     def _run(self) -> None:
         try:
-            n = nvml_reader._nvml()
+            n = nvml._nvml()
             n.nvmlInit()
         except Exception as e:  # no driver, no pynvml: the load still runs, the checks say n/a
             self.error = str(e)
@@ -187,7 +173,7 @@ class NvmlSampler:
         try:
             h = n.nvmlDeviceGetHandleByIndex(self.index)
             while not self._stop.is_set():
-                self.samples.append(nvml_reader.sample(n, h))
+                self.samples.append(nvml.sample(n, h))
                 self._stop.wait(self.period)
         finally:
             n.nvmlShutdown()

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from builder.selftest import allreduce, env_probes, gpu_probes, kernel_probes, nvml_reader
+from builder import nvml
+from builder.selftest import allreduce, env_probes, gpu_probes, kernel_probes
 from builder.selftest.model import AttentionNeeds
 
 # mode -> seconds of sustained matmul load with NVML sampled throughout. On the H100 the first one-second window
@@ -69,7 +70,7 @@ def _flash_attn(c: ProbeContext) -> Any:
                                     tuple(features))
 
 
-NVML = Probe("nvml", IDENTITY, lambda c: nvml_reader.read_nvml())
+NVML = Probe("nvml", IDENTITY, lambda c: nvml.read_nvml())
 TORCH = Probe("torch", IDENTITY, lambda c: gpu_probes.torch_info())
 MATMUL_ACCURACY = Probe("matmul_accuracy", ACCURACY, lambda c: gpu_probes.matmul_accuracy())
 LOAD = Probe("load", TIMED, lambda c: gpu_probes.sustained_load(LOAD_SECONDS[c.mode]))
@@ -87,7 +88,7 @@ FUSED_LAYERS = Probe("fused_layers", KERNEL, lambda c: kernel_probes.fused_layer
 BITSANDBYTES = Probe("bitsandbytes", KERNEL, lambda c: kernel_probes.bitsandbytes(), kernel="bitsandbytes",
                      imports=("bitsandbytes",))
 LORA_SMOKE = Probe("lora_smoke", KERNEL, lambda c: kernel_probes.lora_smoke(), imports=("transformers", "peft"))
-NVML_AFTER = Probe("nvml_after", AFTER, lambda c: nvml_reader.read_nvml())
+NVML_AFTER = Probe("nvml_after", AFTER, lambda c: nvml.read_nvml())
 LOCKFILE = Probe("lockfile", ENVIRONMENT,
                  lambda c: env_probes.lockfile_reading(c.lockfile, c.torch_version, check_files=c.mode == "full"))
 SHM = Probe("shm", ENVIRONMENT, lambda c: env_probes.shm())

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from builder.selftest import allreduce, env_probes, gpu_probes, kernel_probes, nvml_reader, readings
+from builder import nvml as nvml_reader
+from builder.selftest import allreduce, env_probes, gpu_probes, kernel_probes, readings
 from builder.selftest.findings import Finding
 from builder.selftest.registry import judge
 

@@ -64,7 +64,7 @@ def test_lockfile_drift_is_listed(tmp_path) -> None:
 def test_which_lockfile(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("SAMEBOX_LOCKFILE", raising=False)
     monkeypatch.delenv("SAMEBOX_IMAGE", raising=False)
-    monkeypatch.setattr(env_probes, "IMAGE_LOCKFILE", tmp_path / "absent.txt")
+    monkeypatch.setattr("builder.catalog.IMAGE_LOCKFILE", tmp_path / "absent.txt")
     path, how, claimed = env_probes.find_lockfile(None, "2.11.0+cu130")
     if sys.version_info[:2] == (3, 12):
         assert path is not None and path.name == "torch2.11-cu130-py312.txt" and "not set up by samebox" in how
@@ -74,7 +74,7 @@ def test_which_lockfile(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("SAMEBOX_IMAGE", "torch2.3-cu121-py312")
     path, how, claimed = env_probes.find_lockfile(None, "2.11.0+cu130")
     assert path is not None and path.name == "torch2.3-cu121-py312.txt" and claimed
-    monkeypatch.setattr(env_probes, "IMAGE_LOCKFILE", tmp_path / "lock.txt")
+    monkeypatch.setattr("builder.catalog.IMAGE_LOCKFILE", tmp_path / "lock.txt")
     (tmp_path / "lock.txt").write_text("")
     assert env_probes.find_lockfile(None, None) == (tmp_path / "lock.txt", "the samebox image's lock", True)
     assert env_probes.find_lockfile("x.txt", None) == (Path("x.txt"), "given", True)
