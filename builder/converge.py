@@ -72,7 +72,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Converge this instance to the samebox environment of its catalog image.",
+    p = _Parser(prog=PROG, allow_abbrev=False,  # setup.sh reads --python, --samebox-src, --wheelhouse by full name
+                description="Converge this instance to the samebox environment of its catalog image.",
                 epilog="Exit status: 0 done, 1 a step failed (its output says which), 2 bad input or a platform "
                        "this image cannot use.")
     add = p.add_argument
@@ -205,7 +206,9 @@ def preflight(opts: Options, match: Callable[[Path, str], Match] = _detect_and_m
         raise SameboxError(f"no catalog at {catalog}; pass --root DIR (a directory holding images/ and lockfiles/)")
     found = match(catalog, opts.image)
     lock = opts.lockfile or (root / "lockfiles" / f"{found.image}.txt" if root else None)
-    if lock is None or not lock.is_file():
+    if lock is None:
+        raise SameboxError(f"no lockfile for image {found.image}; pass --lockfile FILE or --root DIR")
+    if not lock.is_file():
         raise SameboxError(f"no lockfile {lock} for image {found.image}; make it with "
                            f"`make lock IMAGE={found.image}`")
     cache = opts.cache_dir or Path(found.data_disk or found.shared_fs or os.path.expanduser("~")) / ".cache"
@@ -299,7 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parse_options(sys.argv[1:] if argv is None else argv, os.environ)
         pre = preflight(opts)
         planned = plan(opts, pre)
-        os.environ["PYTHONPATH"] = _pythonpath_without(opts.samebox_src, os.environ)
+        outer = _pythonpath_without(opts.samebox_src, os.environ)
+        if outer:
+            os.environ["PYTHONPATH"] = outer
+        else:
+            os.environ.pop("PYTHONPATH", None)
         work = Path(tempfile.mkdtemp(prefix="samebox-setup."))
         try:
             run = Run(opts=opts, pre=pre, work=work, python=opts.python)
