@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from builder.environment import Environment, TorchBuild, canonical_name, dist_dir, installed_distributions  # noqa: F401  (drift.py's names until it imports them itself)
+from builder.environment import Environment, TorchBuild, installed_distributions
 from builder.pyindex import redact
 
 SCHEMA = 1

@@ -121,7 +121,8 @@ def test_failed_build_keeps_log_and_creates_no_tag(docker: Docker, test_base_ima
     tampered = re.sub(r"--hash=sha256:[0-9a-f]{64}", "--hash=sha256:" + "0" * 64, text)
     lock.write_text(tampered)
     tag = f"samebox-test:{uuid.uuid4().hex[:8]}"
-    proc = build_test_image(tmp_path / "out" / TEST_IMAGE_ID, tag, root=root)
+    # A tampered lock is stale by its recorded hash: --allow-stale lets it reach pip, whose hash check must stop it.
+    proc = build_test_image(tmp_path / "out" / TEST_IMAGE_ID, tag, None, root, "--allow-stale")
     assert proc.returncode == 1
     assert "no tag was created" in proc.stderr
     log = tmp_path / "out" / f"{TEST_IMAGE_ID}.build.log"
