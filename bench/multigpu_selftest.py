@@ -47,9 +47,13 @@ def machine() -> dict[str, Any]:
 
 
 def judged(reading: dict[str, Any], nvml: dict[str, Any]) -> list[dict[str, str]]:
+    """The self-test's all-reduce check on one reading, with this machine's NVML reading for its topology: the
+    readings it judges, each under its probe's name (torch's says the GPU probes ran)."""
     from builder.selftest.checks_interconnect import allreduce
+    from builder.selftest.probes import ALLREDUCE, NVML, TORCH
 
-    return [f.to_dict() for f in allreduce({"nvml": nvml, "gpu": {"allreduce": reading}})]
+    readings = {NVML.name: nvml, TORCH.name: {"cuda_available": True}, ALLREDUCE.name: reading}
+    return [f.to_dict() for f in allreduce(readings)]
 
 
 def local_runs(
@@ -124,7 +128,7 @@ def main() -> int:
         return 0
     import torch
 
-    from builder.selftest.nvml_reader import read_nvml
+    from builder.nvml import read_nvml
 
     backend = "gloo" if args.smoke else "nccl"
     n = 2 if args.smoke else torch.cuda.device_count()

@@ -5,7 +5,9 @@
         DIR/nvidia-smi-q.txt.
     python bench/selftest_gpu.py --to-fixtures DIR [--flash-attn-from FILE]
         (on any machine) copies DIR/{quick,full,no_visible_devices}.json over tests/fixtures/nvml/ (quick and
-        full become healthy_{quick,full}.json), and FILE's (an --out report) flash-attn reading.
+        full become healthy_{quick,full}.json), and FILE's (an --out report) flash-attn reading. Readings of
+        version 1 (grouped under "gpu" and "env", as in bench/results/selftest_gpu.json) are written in the
+        current layout: each reading at the top level under its probe's name.
     python bench/selftest_gpu.py --out FILE [--wheels DIR] [--sm80-extension PATH]
         runs quick and full (timed; quick first, in a process that has imported nothing heavy yet), then quick as
         the trainer's preflight runs it (`samebox selftest --quick --json` in a fresh interpreter: quick_cli), then
@@ -31,6 +33,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+FIXTURES = REPO / "tests" / "fixtures" / "nvml"
+# Readings version 1 grouped the probes under "gpu" and "env"; these four were renamed in version 2.
+V1_GROUPS = ("gpu", "env")
+V1_RENAMED = {"accuracy": "matmul_accuracy", "sdpa": "sdpa_backends", "fused": "fused_layers", "lock": "lockfile"}
 
 
 def unpack_wheels(wheels: Path | None, target: Path) -> list[str]:
@@ -163,10 +169,7 @@ def fault_lock_drift(healthy: dict) -> dict:
     with tempfile.TemporaryDirectory() as d:
         lock = Path(d) / "drifted.txt"
         lock.write_text("# injected fault: transformers pinned to a version not installed\n" + "\n".join(pins) + "\n")
-        readings = {
-            **healthy,
-            "env": {**healthy["env"], "lock": env_probes.lockfile_reading(str(lock), healthy["torch"].get("version"))},
-        }
+        readings = {**healthy, "lockfile": env_probes.lockfile_reading(str(lock), healthy["torch"].get("version"))}
         return {"injected": f"lockfile pinning {', '.join(pins)}", "findings": judged(readings, "lockfile")}
 
 
@@ -213,7 +216,7 @@ def fault_data_dir(healthy: dict) -> dict:
             elif _readonly_mount():
                 targets.append((f"read-only filesystem {_readonly_mount()}", str(_readonly_mount())))
             for label, path in targets:
-                readings = {**healthy, "env": {**healthy["env"], "data_dir": env_probes.data_dir(path)}}
+                readings = {**healthy, "data_dir": env_probes.data_dir(path)}
                 results.append({"injected": f"--data-dir on a {label}", "findings": judged(readings, "data_dir")})
         finally:
             for point in reversed(mounted):
@@ -237,7 +240,7 @@ def fault_sliding_window_slim(healthy: dict) -> dict:
         (Path(d) / "config.json").write_text(json.dumps(config))
         needs = attention_needs(d)
         reading = kernel_probes.flash_attn(list(needs.head_dims), needs.dtype, needs.window)
-    readings = {**healthy, "model": needs.to_dict(), "gpu": {**(healthy["gpu"] or {}), "flash_attn": reading}}
+    readings = {**healthy, "model": needs.to_dict(), "flash_attn": reading}
     result = {
         "injected": "--model config with sliding_window=4096 (Mistral-like)",
         "flash_attn_version": reading.get("dist_version") or reading.get("version"),
@@ -304,7 +307,7 @@ def fault_sm80_flash_attn(healthy: dict, sm80: Path | None) -> dict:
             "cases": {"128": {"error": error}} if error else {},
             "features": {},
         }
-        readings = {**healthy, "gpu": {**(healthy["gpu"] or {}), "flash_attn": reading}}
+        readings = {**healthy, "flash_attn": reading}
         result = {
             "injected": f"flash-attn extension with SASS for sm_80 only ({source})",
             "elf_archs": archs,
@@ -314,9 +317,7 @@ def fault_sm80_flash_attn(healthy: dict, sm80: Path | None) -> dict:
             result["launch_error"] = error
             # The same readings without cuobjdump's answer: the 'no kernel image' message alone must be caught.
             reading_no_elf = {**reading, "elf_archs": None}
-            result["findings_from_launch_error"] = judged(
-                {**healthy, "gpu": {**(healthy["gpu"] or {}), "flash_attn": reading_no_elf}}, "flash_attn"
-            )
+            result["findings_from_launch_error"] = judged({**healthy, "flash_attn": reading_no_elf}, "flash_attn")
         return result
 
 
@@ -347,27 +348,55 @@ def run_all(unpacked: list[str], sm80: Path | None) -> dict:
     return out
 
 
-def to_fixtures(capture_dir: Path, run: Path | None = None) -> None:
+def as_current(readings: dict) -> dict:
+    """``readings`` in the current layout (builder.selftest.readings.READINGS_VERSION): version 1's "gpu" and
+    "env" groups become top-level readings under their probes' names (a group of None, the GPU probes of a
+    machine without one, adds nothing). Current readings come back unchanged."""
+    from builder.selftest.readings import READINGS_VERSION
+
+    if readings.get("readings_version", 1) >= 2:
+        return dict(readings)
+    out = {k: v for k, v in readings.items() if k not in V1_GROUPS}
+    for group in V1_GROUPS:
+        for name, reading in (readings.get(group) or {}).items():
+            out[V1_RENAMED.get(name, name)] = reading
+    out["readings_version"] = READINGS_VERSION
+    return out
+
+
+def gpu_names(readings: dict) -> str:
+    return ", ".join(d["name"] for d in (readings.get("nvml") or {}).get("devices") or []) or "no GPU"
+
+
+def fixture_of_capture(readings: dict, name: str) -> dict:
+    """A --capture file's readings as the CI fixture: the current layout, labelled with where they came from."""
+    fixture = as_current(readings)
+    fixture["fixture_source"] = f"captured by bench/selftest_gpu.py --capture on {gpu_names(fixture)} ({name})"
+    return fixture
+
+
+def flash_attn_fixture(report: dict, report_name: str) -> dict:
+    """An --out report's quick flash-attn reading as the CI fixture flash_attn_slim.json."""
+    quick = as_current(report["quick"]["readings"])
+    return {
+        "fixture_source": f"the quick run's flash_attn reading in {report_name} on {gpu_names(quick)}",
+        **quick["flash_attn"],
+    }
+
+
+def to_fixtures(capture_dir: Path, run: Path | None = None, fixtures: Path = FIXTURES) -> None:
     """Copies a capture's readings over the fixtures the CI tests judge: quick/full -> healthy_{quick,full},
     no_visible_devices -> no_visible_devices. With ``run`` (a --out report), also its quick run's flash-attn
     reading -> flash_attn_slim.json (the capture may have had no flash-attn installed)."""
-    fixtures = REPO / "tests" / "fixtures" / "nvml"
     for name, fixture in (("quick", "healthy_quick"), ("full", "healthy_full"), ("no_visible_devices", None)):
         path = capture_dir / f"{name}.json"
         if not path.is_file():
             continue
-        readings = json.loads(path.read_text())
-        gpus = ", ".join(d["name"] for d in (readings.get("nvml") or {}).get("devices", [])) or "no GPU"
-        readings["fixture_source"] = f"captured by bench/selftest_gpu.py --capture on {gpus} ({name})"
+        readings = fixture_of_capture(json.loads(path.read_text()), name)
         write_json(fixtures / f"{fixture or name}.json", readings)
-        print(f"wrote {fixtures / f'{fixture or name}.json'} ({gpus})")
+        print(f"wrote {fixtures / f'{fixture or name}.json'} ({gpu_names(readings)})")
     if run:
-        quick = json.loads(run.read_text())["quick"]["readings"]
-        reading = {
-            "fixture_source": f"the quick run's flash_attn reading in {run.name} on "
-            + ", ".join(d["name"] for d in quick["nvml"]["devices"]),
-            **quick["gpu"]["flash_attn"],
-        }
+        reading = flash_attn_fixture(json.loads(run.read_text()), run.name)
         write_json(fixtures / "flash_attn_slim.json", reading)
         print(f"wrote {fixtures / 'flash_attn_slim.json'} ({reading.get('dist_version')})")
 
