@@ -16,7 +16,15 @@ from typing import Any
 from builder import compat
 from builder.environment import Capability, Environment
 from builder.errors import SameboxError
-from builder.spec import ImageSpec, find_image, load_catalog, resolve_spec
+from builder.spec import (
+    ImageSpec,
+    complete_entry,
+    find_image,
+    load_catalog,
+    parse_catalog,
+    resolve_spec,
+    validate_entries,
+)
 
 # Where a samebox Docker image keeps the lock it was built from (images/Dockerfile.j2).
 IMAGE_LOCKFILE = Path("/opt/samebox/lock.txt")
@@ -71,11 +79,36 @@ class Catalog:
 
     @classmethod
     def from_json(cls, path: Path) -> Catalog:
-        """The entries a standalone setup script embeds (``ImageSpec.to_dict`` of each), with their root."""
+        """The entries a standalone setup script embeds (``ImageSpec.to_dict`` of each, without its root: the
+        file's directory stands in)."""
         from builder.fsutil import read_text
 
         text = read_text(path, "catalog", "re-render the setup script: samebox setup-script --image ID")
-        return cls(tuple(ImageSpec.from_dict(d) for d in json.loads(text)))
+        return cls(tuple(ImageSpec.from_dict({**d, "root": str(path.parent)}) for d in json.loads(text)))
+
+    @classmethod
+    def read(cls, path: Path) -> Catalog:
+        """images/matrix.toml (its catalog root two levels up), or the JSON list a standalone setup script embeds."""
+        if path.suffix == ".json":
+            return cls.from_json(path)
+        entries, installers = parse_catalog(path)
+        validate_entries(entries, installers, path)
+        return cls(tuple(complete_entry(raw, installers, path.parent.parent) for raw in entries))
+
+    @classmethod
+    def load_for_claim(cls, root: Path | None, explicit: str | Path | None, image: str = "",
+                       environ: dict[str, str] | None = None) -> Catalog:
+        """The catalog, or none where the lock is claimed without it (a lockfile given, or recorded by the setup
+        script, in an install of samebox that has no checkout beside it)."""
+        import os
+
+        environ = os.environ if environ is None else environ
+        try:
+            return cls.load(root)
+        except SameboxError:
+            if not image and (explicit or environ.get("SAMEBOX_LOCKFILE")):
+                return cls(())
+            raise
 
     def find(self, image_id: str) -> ImageSpec:
         return find_image(image_id, list(self.images))

@@ -26,7 +26,9 @@ from pathlib import Path
 import builder
 from builder import compat
 from builder import converge_steps as steps
+from builder.catalog import Catalog
 from builder.converge_steps import Match, Preflight, Run, StepFailed
+from builder.environment import Capability, Environment
 from builder.errors import SameboxError
 
 PROG = "bash setup.sh"
@@ -160,24 +162,30 @@ def parse_options(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
 # --- preflight ----------------------------------------------------------------------------------------------------
 
 
-def _detect_and_match(catalog: Path, image: str) -> Match:
-    """The one place converge asks what the instance is and which catalog image replicates it."""
-    from builder import platform
+def flash_attn2_gpu(env: Environment) -> bool:
+    """Whether a GPU here can run flash-attn 2 (sm80+), or one's capability is unknown (the wheel resolver decides);
+    False without a GPU or where every GPU is older (V100, T4, 2080 Ti: the trainer uses SDPA there)."""
+    floor = Capability.parse(compat.FLASH_ATTN2_MIN_CAPABILITY)
+    return any(g.capability is None or g.capability >= floor for g in env.gpus)
 
+
+def _detect_and_match(catalog: Path, image: str) -> Match:
+    """The one place converge asks what the instance is (the Environment probe) and which catalog image replicates
+    it (``Catalog.match``)."""
     try:
-        entries = platform._read_entries(catalog)
-    except (ValueError, KeyError, TypeError) as e:  # JSON/TOML syntax, or no [[image]] list
+        entries = Catalog.read(catalog)
+    except (ValueError, KeyError, TypeError) as e:  # JSON syntax, or entries of the wrong shape
         raise SameboxError(f"the catalog {catalog} cannot be read ({type(e).__name__}: {e})",
                            "pass images/matrix.toml or the JSON list a setup script embeds") from None
-    plat = platform.detect()
+    env = Environment.probe()
     try:
-        entry = platform.match_entry(plat, entries, image)
-    except platform.PlatformMismatch as e:
+        spec = entries.match(env, image)
+    except SameboxError as e:
         raise SameboxError(str(e)) from None
-    return Match(image=entry["id"], image_torch=platform.entry_torch(entry), provider=entry["python_provider"],
-                 flash_attn=entry.get("flash_attn", ""), torch=plat.torch, gpus=plat.gpus,
-                 flash_attn2_gpu=platform.flash_attn2_gpus(plat.gpus) == "yes", describe=plat.describe(),
-                 data_disk=plat.data_disk, shared_fs=plat.shared_fs)
+    return Match(image=spec.id, image_torch=spec.torch_full, provider=spec.python_provider,
+                 flash_attn=spec.flash_attn, torch=env.torch_version, gpus=tuple(g.name for g in env.gpus),
+                 flash_attn2_gpu=flash_attn2_gpu(env), describe=env.describe(), data_disk=env.rental.data_disk,
+                 shared_fs=env.rental.shared_fs)
 
 
 def _nearest_existing(path: Path) -> Path:

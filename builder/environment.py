@@ -252,20 +252,21 @@ def probe_torch(devices: bool = False) -> TorchBuild | None:
     except Exception as e:  # a broken torch is a finding, not a crash
         return TorchBuild(error=f"{type(e).__name__}: {e}")
     import_s = round(time.perf_counter() - start, 3)
-    cuda = torch.version.cuda
+    native = getattr(torch, "_C", None)
+    cuda = getattr(getattr(torch, "version", None), "cuda", None)
     arch_list: tuple[str, ...] = ()
     cudnn = None
     if cuda:
         # The build's own flags, not torch.cuda.get_arch_list(): that one is empty without a GPU, and an image
         # built on a GPU-less host must report what an instance reports.
-        if hasattr(torch._C, "_cuda_getArchFlags"):
-            arch_list = tuple(sorted(str(torch._C._cuda_getArchFlags()).split()))
+        if hasattr(native, "_cuda_getArchFlags"):
+            arch_list = tuple(sorted(str(native._cuda_getArchFlags()).split()))
         try:
             cudnn = torch.backends.cudnn.version()
         except Exception:
             cudnn = None
-    build = TorchBuild(version=str(torch.__version__), cuda=cuda, cudnn=cudnn,
-                       cxx11abi=bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)), arch_list=arch_list,
+    build = TorchBuild(version=str(getattr(torch, "__version__", NO_TORCH)), cuda=cuda, cudnn=cudnn,
+                       cxx11abi=bool(getattr(native, "_GLIBCXX_USE_CXX11_ABI", True)), arch_list=arch_list,
                        import_s=import_s)
     if not devices:
         return build

@@ -17,8 +17,9 @@ from builder.paths import project_root
 from builder.spec import ImageSpec
 
 TEMPLATE = "setup.sh.j2"
-# What builder/platform.py needs of a catalog entry to match the platform against it.
-ENTRY_FIELDS = ("flash_attn", "id", "platforms", "python", "python_provider", "torch", "torch_local")
+# The embedded entry is the ImageSpec itself (builder/catalog.py reads it back), less what names the machine it was
+# rendered on: the instance's lockfile is the embedded one.
+MACHINE_FIELDS = ("lockfile", "root")
 
 
 def _template_dir() -> Path:
@@ -37,7 +38,7 @@ def render_setup_script(spec: ImageSpec | None, command: str) -> str:
         if not spec.lockfile.is_file():
             raise SameboxError(f"no lockfile {spec.lockfile} for image {spec.id}",
                                f"make it first: make lock IMAGE={spec.id}")
-        entry = {k: v for k, v in sorted(spec.to_dict().items()) if k in ENTRY_FIELDS}
+        entry = {k: v for k, v in sorted(spec.to_dict().items()) if k not in MACHINE_FIELDS}
         entries_json = json.dumps([entry], indent=1, sort_keys=True)
         lock_text = read_text(spec.lockfile, "lockfile", f"regenerate it: make lock IMAGE={spec.id}")
         if not lock_text.endswith("\n"):

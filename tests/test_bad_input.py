@@ -6,6 +6,7 @@ edited by hand."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -65,8 +66,9 @@ def test_setup_scripts_helpers_exit_2_on_a_non_utf8_lock_or_catalog(tmp_path: Pa
     bad = tmp_path / "bad.txt"
     bad.write_bytes(GBK)
     for argv in (["builder.drift", "plan", "--lock", str(bad), "--out", str(tmp_path / "todo.txt")],
-                 ["builder.platform", "--catalog", str(bad)]):
-        out = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+                 ["builder.converge", "--catalog", str(bad), "--python", sys.executable, "--samebox-src", str(REPO)]):
+        out = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "SAMEBOX_STATE": str(tmp_path / "state")})
         assert out.returncode == 2 and "not UTF-8" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 

@@ -63,7 +63,7 @@ def probe() -> Facts:
     import torch
     import transformers
 
-    from builder.platform import detect
+    from builder.environment import probe_rental
 
     missing = tuple(m for m in ("fastapi", "uvicorn", "pydantic", "openai") if importlib.util.find_spec(m) is None)
     vllm, vllm_torch = "", ""
@@ -72,7 +72,7 @@ def probe() -> Facts:
         pins = [r for r in importlib.metadata.requires("vllm") or [] if r.replace(" ", "").startswith("torch==")]
         vllm_torch = pins[0].split("==", 1)[1].split(";")[0].strip() if pins else ""
     return Facts(torch.__version__.split("+")[0], torch.cuda.is_available(), transformers.__version__, missing,
-                 vllm, vllm_torch, detect().autodl)
+                 vllm, vllm_torch, probe_rental().autodl)
 
 
 def default_port(facts: Facts) -> int:

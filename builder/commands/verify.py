@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    catalog = Catalog.load(Path(args.root) if args.root else None)
+    catalog = Catalog.load_for_claim(Path(args.root) if args.root else None, args.lockfile, args.image or "")
     env = Environment.probe(gpus=False)
     claim = catalog.claimed_lockfile(env, args.lockfile, args.image or "")
     if claim.path is None:

@@ -30,12 +30,9 @@ def find_lockfile(explicit: str | None, torch_version: str | None) -> tuple[Path
     env = replace(Environment.probe(torch=False, gpus=False),
                   torch=TorchBuild(version=torch_version) if torch_version else None)
     try:
-        catalog = Catalog.load()
+        catalog = Catalog.load_for_claim(None, explicit)
     except SameboxError as e:
-        if explicit or os.environ.get("SAMEBOX_LOCKFILE"):
-            catalog = Catalog(())  # a lock named outright needs no catalog
-        else:
-            return None, f"catalog: {e.message}", False
+        return None, f"catalog: {e.message}", False
     try:
         claim = catalog.claimed_lockfile(env, explicit)
     except SameboxError as e:

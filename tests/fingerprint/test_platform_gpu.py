@@ -4,14 +4,13 @@ environment claims, and which image runs on a GPU the user names, and why not (b
 from __future__ import annotations
 
 import json
-import shlex
-import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from builder import platform
 from builder.catalog import DOES_NOT_RUN, RUNS, RUNS_WITHOUT_FLASH_ATTN, Catalog, PlatformMismatch
+from builder.environment import Gpu
 from builder.errors import SameboxError
 from builder.gpucheck import check_gpu
 from tests.conftest import REPO
@@ -95,31 +94,6 @@ def test_a_standalone_catalog_round_trips_through_json(tmp_path: Path) -> None:
     assert Catalog.from_json(path) == CATALOG
 
 
-def _plat() -> platform.Platform:
-    return platform.Platform(python="3.12", python_full="3.12.3", executable="/root/miniconda3/bin/python",
-                             torch="2.3.0+cu121", torch_cuda="12.1", gpus=("NVIDIA GeForce RTX 4090",),
-                             driver="550.54.14", autodl=True, autodl_region="west-b")
-
-
-def test_shell_assignments_are_quoted_for_eval() -> None:
-    plat = _plat()
-    text = platform.shell_assignments(plat, ENTRIES[0])
-    out = subprocess.run(["bash", "-c", text + 'printf "%s|%s|%s" "$SB_IMAGE" "$SB_GPUS" "$SB_PLATFORM"'],
-                         capture_output=True, text=True, check=True).stdout
-    assert out == f"torch2.3-cu121-py312|NVIDIA GeForce RTX 4090|{plat.describe()}"
-    assert "AutoDL (west-b)" in plat.describe()
-    assert all(shlex.split(line) for line in text.splitlines())
-
-
-def test_main_reads_a_json_catalog_and_exits_2_on_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    catalog = tmp_path / "catalog.json"
-    catalog.write_text(json.dumps(ENTRIES[:2]))
-    assert platform.main(["--catalog", str(catalog)]) == 2  # this interpreter is not torch 2.3/2.5 on 3.12
-    assert "Rent one of these base images" in capsys.readouterr().err
-    assert platform.main(["--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["executable"]
-
-
 def test_the_probe_reads_autodl_markers_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from builder.environment import probe_rental
 
@@ -176,9 +150,12 @@ def test_unknown_gpu_and_bad_driver_are_user_errors() -> None:
 
 
 def test_flash_attn2_gpu_decision() -> None:
-    from builder.platform import flash_attn2_gpus
+    from builder.converge import flash_attn2_gpu
 
-    assert flash_attn2_gpus(("NVIDIA GeForce RTX 4090",)) == "yes"
-    assert flash_attn2_gpus(("Tesla V100-SXM2-32GB", "Tesla T4")) == "no"
-    assert flash_attn2_gpus(("Tesla V100-SXM2-32GB", "NVIDIA A100-SXM4-80GB")) == "yes"
-    assert flash_attn2_gpus(("Some Future GPU",)) == "yes", "unknown cards go to the resolver, which decides"
+    assert flash_attn2_gpu(make_env(gpus=(("NVIDIA GeForce RTX 4090", "8.9"),)))
+    assert not flash_attn2_gpu(make_env(gpus=(("Tesla V100-SXM2-32GB", "7.0"), ("Tesla T4", "7.5"))))
+    assert flash_attn2_gpu(make_env(gpus=(("Tesla V100-SXM2-32GB", "7.0"), ("NVIDIA A100-SXM4-80GB", "8.0"))))
+    unknown = make_env()
+    unknown = replace(unknown, gpus=(Gpu("Some Future GPU"),))
+    assert flash_attn2_gpu(unknown), "unknown cards go to the resolver, which decides"
+    assert not flash_attn2_gpu(make_env()), "no GPU"

@@ -12,6 +12,7 @@ import pytest
 
 from builder import compat, converge
 from builder import converge_steps as steps
+from builder.catalog import Catalog
 from builder.converge import Step, execute, parse_options, plan, preflight
 from builder.converge_steps import Match, Preflight, Run, StepFailed
 from builder.errors import SameboxError
@@ -143,8 +144,9 @@ def test_preflight_refuses_before_anything_is_written(tmp_path: Path) -> None:
 
 def test_a_platform_the_catalog_cannot_replicate_exits_2_with_nothing_written(tmp_path: Path) -> None:
     catalog = tmp_path / "catalog.json"
-    catalog.write_text(json.dumps([{"id": "old", "python": "2.7", "python_provider": "conda", "torch": "1.0.0",
-                                    "torch_local": "cu90", "flash_attn": "none", "platforms": ["Ancient base"]}]))
+    real = Catalog.load().find("torch2.3-cu121-py312").to_dict()
+    catalog.write_text(json.dumps([{**real, "id": "old", "python": "2.7", "torch": "1.0.0", "torch_local": "cu90",
+                                    "platforms": ["Ancient base"]}]))
     lock = tmp_path / "lock.txt"
     lock.write_text("six==1.16.0\n")
     home = tmp_path / "home"
