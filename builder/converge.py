@@ -28,7 +28,7 @@ from builder import compat
 from builder import converge_steps as steps
 from builder.catalog import Catalog
 from builder.converge_steps import Match, Preflight, Run, StepFailed
-from builder.environment import Capability, Environment
+from builder.environment import AUTODL_DATA_DISK, Capability, Environment
 from builder.errors import SameboxError
 
 PROG = "bash setup.sh"
@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--offline", action="store_true", help="install from --wheelhouse only, with no network")
     add("--wheelhouse", default="", metavar="DIR", help="a directory of the locked wheels (pip's --find-links)")
     add("--cache-dir", default="", metavar="DIR", help="where HF_HOME, PIP_CACHE_DIR, TORCH_HOME and the wheel "
-                                                       "cache go (default: /root/autodl-tmp/.cache on AutoDL, else "
+                                                       f"cache go (default: {AUTODL_DATA_DISK}/.cache on AutoDL, else "
                                                        "~/.cache; or SAMEBOX_CACHE_DIR)")
     add("--samebox-src", default="", metavar="DIR|WHEEL",
         help="samebox's source checkout or wheel (default: the one this module runs from)")
@@ -227,7 +227,7 @@ def preflight(opts: Options, match: Callable[[Path, str], Match] = _detect_and_m
     free_mb = disk.f_bavail * disk.f_frsize // (1024 * 1024)
     if free_mb < opts.min_free_mb:
         raise SameboxError(f"cache directory {cache} has {free_mb} MiB free, at least {opts.min_free_mb} MiB are "
-                           "needed; pass --cache-dir DIR on a larger disk (AutoDL: /root/autodl-tmp) or "
+                           f"needed; pass --cache-dir DIR on a larger disk (AutoDL: {AUTODL_DATA_DISK}) or "
                            "--min-free-mb N")
     return Preflight(match=found, root=root, catalog=catalog, lock_source=lock,
                      lockfile=opts.state / "lock.txt" if opts.lockfile else lock, cache_dir=cache, free_mb=free_mb,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from builder.environment import AUTODL_DATA_DISK
 from builder.errors import SameboxError
 
 
@@ -95,7 +96,7 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
         os.unlink(probe)
     except OSError as e:
         raise SameboxError(f"{what}={path} is not a writable directory: {e.strerror or e}",
-                           f"point {what} at a directory you can write (on AutoDL: under /root/autodl-tmp)") from None
+                           f"point {what} at a directory you can write (on AutoDL: under {AUTODL_DATA_DISK})") from None
     return path
 
 

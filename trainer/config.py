@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from builder.environment import AUTODL_DATA_DISK
 from builder.errors import SameboxError
 from trainer.formats import FORMATS
 
@@ -197,7 +198,7 @@ class TrainSection:
 
 @dataclass
 class OutputConfig:
-    dir: str = text("runs/samebox", "a directory for checkpoints and metrics (AutoDL: under /root/autodl-tmp)")
+    dir: str = text("runs/samebox", f"a directory for checkpoints and metrics (AutoDL: under {AUTODL_DATA_DISK})")
     save_every_steps: int = integer(200)
     save_every_minutes: float = number(30.0, open_low=True)
     keep_last: int = integer(3)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from builder import compat
 from builder.catalog import Catalog
-from builder.environment import Environment
+from builder.environment import AUTODL_SHARED_FS, Environment
 from builder.output import add_root_argument, print_json
 from builder.wheels import key as wkey
 from builder.wheels import resolve
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=compat.FLASH_ATTN_PROFILE_HELP)
     p.add_argument("--version", dest="fa_version", metavar="V", help="flash-attn version (default: the image's)")
     p.add_argument("--cache", metavar="DIR", help="wheel cache (default: $SAMEBOX_WHEEL_CACHE, AutoDL's "
-                   "/root/autodl-fs/samebox/wheels, else ~/.cache/samebox/wheels)")
+                   f"{AUTODL_SHARED_FS}/samebox/wheels, else ~/.cache/samebox/wheels)")
     p.add_argument("--dest", metavar="DIR", help="copy the resolved wheel into DIR")
     p.add_argument("--sdist", metavar="PATH", help="flash-attn sdist to build from (sha256-checked)")
     p.add_argument("--install", action="store_true", help="pip-install it here after checking the GPUs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from builder.environment import AUTODL_DATA_DISK, AUTODL_SHARED_FS
 from builder.selftest.findings import Finding, fail, gib, na, ok, probe_error, warn
 from builder.selftest.probes import DATA_DIR, HF_CACHE, LOCKFILE, SHM
 
@@ -94,7 +95,7 @@ def data_dir(r: dict[str, Any]) -> Finding:
     if early:
         return early
     if d is None:
-        return na("no --data-dir given", "pass --data-dir where checkpoints go (AutoDL: /root/autodl-tmp)")
+        return na("no --data-dir given", f"pass --data-dir where checkpoints go (AutoDL: {AUTODL_DATA_DISK})")
     if d.get("not_a_directory"):
         return fail(
             f"data dir {d['path']} cannot be made: {d['not_a_directory']} is a file",
@@ -108,7 +109,7 @@ def data_dir(r: dict[str, Any]) -> Finding:
     if "write_error" in d:
         return fail(
             f"{where}: writing 16 MiB + fsync failed: {d['write_error']} ({space})",
-            "use a writable data disk with room for checkpoints (AutoDL: /root/autodl-tmp); "
+            f"use a writable data disk with room for checkpoints (AutoDL: {AUTODL_DATA_DISK}); "
             "free space or remount read-write",
         )
     if d["free_bytes"] < DATA_FAIL_FREE:
@@ -121,7 +122,7 @@ def data_dir(r: dict[str, Any]) -> Finding:
     if d["write_mbps"] < DATA_WARN_MBPS:
         return warn(
             f"{where}: {space}, but write+fsync runs at {d['write_mbps']:.0f} MB/s",
-            "network storage (e.g. autodl-fs) is slow for checkpoints: use the local data disk",
+            f"network storage (e.g. AutoDL's {AUTODL_SHARED_FS}) is slow for checkpoints: use the local data disk",
         )
     return ok(f"{where}: {space}, write+fsync {d['write_mbps']:.0f} MB/s")
 
@@ -135,7 +136,7 @@ def hf_cache(r: dict[str, Any]) -> Finding:
         return na("the Hugging Face cache probe did not run")
     fs, root = h["fs"], h["root_fs"]
     where = f"Hugging Face cache {h['cache']}: {gib(fs['free_bytes'])} free of {gib(fs['total_bytes'])}"
-    move = "export HF_HOME=<data disk>/hf (AutoDL: /root/autodl-tmp/hf) before downloading models"
+    move = f"export HF_HOME=<data disk>/hf (AutoDL: {AUTODL_DATA_DISK}/hf) before downloading models"
     if fs["device"] == root["device"] and root["total_bytes"] < SMALL_SYSTEM_DISK:
         return warn(f"{where}, on the {gib(root['total_bytes'])} system disk", move)
     if fs["free_bytes"] < HF_WARN_FREE:

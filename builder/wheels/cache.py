@@ -20,16 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from builder.environment import AUTODL_SHARED_FS
 from builder.errors import SameboxError
 from builder.fsutil import sha256_file, write_atomic
 from builder.wheels.key import WheelKey
 
-AUTODL_FS = Path("/root/autodl-fs")
 MANIFEST = "manifest.json"
 
 
-def default_cache_dir(env: dict[str, str] | None = None, autodl_fs: Path = AUTODL_FS) -> Path:
-    """$SAMEBOX_WHEEL_CACHE, else AutoDL's region-shared /root/autodl-fs/samebox/wheels, else ~/.cache."""
+def default_cache_dir(env: dict[str, str] | None = None, autodl_fs: Path = AUTODL_SHARED_FS) -> Path:
+    """$SAMEBOX_WHEEL_CACHE, else samebox/wheels on AutoDL's region-shared file system, else ~/.cache."""
     env = os.environ if env is None else env
     if env.get("SAMEBOX_WHEEL_CACHE"):
         return Path(env["SAMEBOX_WHEEL_CACHE"])

@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.environment import AUTODL_TURBO
 from builder.errors import SameboxError
 from builder.wheels.key import WheelKey, release_facts
 
@@ -87,7 +88,7 @@ def download(url: str, name: str, dest_dir: Path, timeout: float = 60.0) -> Path
         raise SameboxError(f"{url}: HTTP {e.code}", "retry later, or use --offline to build from source") from e
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         raise SameboxError(f"cannot reach {url}: {getattr(e, 'reason', e)}",
-                           "check the network (on AutoDL: source /etc/network_turbo) or pass --offline") from e
+                           f"check the network (on AutoDL: source {AUTODL_TURBO}) or pass --offline") from e
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
