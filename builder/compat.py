@@ -120,7 +120,7 @@ TORCH_RELEASES: dict[str, TorchRelease] = {
 }
 
 # CUDA variant of torch's Linux wheels -> the SASS architectures compiled into them (torch.cuda.get_arch_list()).
-# A cubin for sm_XY also runs on sm_XZ with Z >= Y (same major); see ``arch_runs_on``.
+# A cubin for sm_XY also runs on sm_XZ with Z >= Y (same major); see ``Capability.runs`` (builder/environment.py).
 TORCH_ARCHES: dict[str, tuple[str, ...]] = {
     "11.7": ("3.7", "5.0", "6.0", "7.0", "7.5", "8.0", "8.6"),
     "11.8": ("3.7", "5.0", "6.0", "7.0", "7.5", "8.0", "8.6", "9.0"),
@@ -149,12 +149,6 @@ def torch_minor(version: str) -> str:
 
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version))
-
-
-def arch_runs_on(built: str, gpu: str) -> bool:
-    """Whether SASS built for compute capability ``built`` runs on a GPU of capability ``gpu``."""
-    b, g = version_tuple(built), version_tuple(gpu)
-    return b[0] == g[0] and b[1] <= g[1]
 
 
 def driver_supports(driver: str, cuda: str) -> bool:
@@ -263,7 +257,7 @@ def flash_attn_head_dim_even(head_dim: int) -> bool:
 
 # Mean CPU-seconds of one object for one arch, for the ETA only: flash-attn 2.8.3, torch 2.11, CUDA 13.0, sm_90 at
 # 16 jobs on an H100 machine's 16 cores (bench/results/flash_attn_build.json). Slim: 73 objects, 7,307 CPU-s -> 100 s;
-# lean: 5,590 CPU-s -> 77 s. Full: DESIGN.md's build on another 16-core machine took ~3.9x its slim build (25 min vs
+# lean: 5,590 CPU-s -> 77 s. Full: a measured build on another 16-core machine took ~3.9x its slim build (25 min vs
 # 383 s for slim there), so 3.9 x 100 s.
 FLASH_ATTN_OBJECT_SECONDS: dict[str, float] = {"slim": 100.0, "full": 390.0, "lean": 77.0}
 # RAM one nvcc job needs (GB); MAX_JOBS = min(cores, free RAM / this) for one arch.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from builder import compat
+from builder.environment import Capability
 
 
 @pytest.mark.parametrize(
@@ -23,9 +24,9 @@ def test_unknown_gpu() -> None:
 
 
 def test_arch_compatibility() -> None:
-    assert compat.arch_runs_on("8.6", "8.9")
-    assert not compat.arch_runs_on("9.0", "8.9")
-    assert not compat.arch_runs_on("9.0", "12.0")
+    assert Capability.parse("8.9").runs("8.6")
+    assert not Capability.parse("8.9").runs("9.0")
+    assert not Capability.parse("12.0").runs("9.0")
 
 
 def test_driver_minimums() -> None:

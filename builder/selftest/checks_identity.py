@@ -7,6 +7,7 @@ from typing import Any
 
 from builder import compat
 from builder.catalog import Catalog
+from builder.environment import Capability
 from builder.errors import SameboxError
 from builder.selftest.findings import Finding, fail, gib, na, nvml_devices, ok, warn
 from builder.selftest.probes import NVML, TORCH
@@ -14,7 +15,7 @@ from builder.selftest.probes import NVML, TORCH
 OTHER_PROCESS_WARN_BYTES = 2**30
 
 
-def images_that_run(capability: str | None, driver: str | None) -> list[str]:
+def images_that_run(capability: Capability | None, driver: str | None) -> list[str]:
     """Catalog images whose torch has SASS for ``capability`` and whose CUDA ``driver`` supports."""
     try:
         return Catalog.load().images_that_run(capability, driver or "")
@@ -22,7 +23,7 @@ def images_that_run(capability: str | None, driver: str | None) -> list[str]:
         return []
 
 
-def _image_hint(capability: str | None, driver: str | None) -> str:
+def _image_hint(capability: Capability | None, driver: str | None) -> str:
     images = images_that_run(capability, driver)
     if not images:
         return "no catalog image fits this machine; add one to images/matrix.toml (see `samebox images`)"
@@ -96,31 +97,32 @@ def gpu_arch(r: dict[str, Any]) -> list[Finding]:
     if not torch.get("cuda_available") and not arch_list:
         # torch reports its architectures only once CUDA starts: hidden or broken GPUs leave nothing to compare.
         return [na("torch sees no CUDA device, so its GPU architectures are unknown", "see the nvidia_driver finding")]
-    built = sorted({a.split("_")[1] for a in arch_list if a.startswith("sm_")})
-    ptx = sorted({a.split("_")[1] for a in arch_list if a.startswith("compute_")})
+    built = sorted({Capability.parse(a) for a in arch_list if a.startswith("sm_")})
+    ptx = sorted({Capability.parse(a) for a in arch_list if a.startswith("compute_")})
     found = []
     for d in devices:
         cc = d.get("compute_capability")
         if not cc:
             found.append(na(f"GPU {d['index']} {d['name']}: compute capability unknown"))
             continue
-        cap = f"{cc[0]}.{cc[1]}"
-        sass = [b for b in built if compat.arch_runs_on(f"{b[:-1]}.{b[-1]}", cap)]
-        jit = [p for p in ptx if compat.version_tuple(f"{p[:-1]}.{p[-1]}") <= compat.version_tuple(cap)]
-        label = f"GPU {d['index']} {d['name']} is sm_{cc[0]}{cc[1]}"
+        cap = Capability.parse(cc)
+        sass = [b for b in built if cap.runs(b)]
+        jit = [p for p in ptx if p <= cap]
+        label = f"GPU {d['index']} {d['name']} is {cap.sm}"
         if sass:
-            found.append(ok(f"{label}; torch {torch.get('version')} has SASS for sm_{sass[-1]}"))
+            found.append(ok(f"{label}; torch {torch.get('version')} has SASS for {sass[-1].sm}"))
         elif jit:
             found.append(
                 warn(
-                    f"{label}; torch has only PTX (compute_{jit[-1]}) for it: slow first start, JIT",
+                    f"{label}; torch has only PTX (compute_{jit[-1].digits}) for it: slow first start, JIT",
                     _image_hint(cap, (r.get(NVML.name) or {}).get("driver_version")),
                 )
             )
         else:
+            sms = ", ".join(b.sm for b in built) or "sm_?"
             found.append(
                 fail(
-                    f"{label} but torch {torch.get('version')} is built for sm_{', sm_'.join(built) or '?'}: "
+                    f"{label} but torch {torch.get('version')} is built for {sms}: "
                     "'no kernel image is available'",
                     _image_hint(cap, (r.get(NVML.name) or {}).get("driver_version")),
                 )

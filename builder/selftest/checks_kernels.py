@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from builder import compat
+from builder.environment import Capability
 from builder.kernelcheck import REL_ERR_BOUND
 from builder.selftest.findings import Finding, fail, gpu_reading, na, no_gpu, nvml_devices, ok, probe_error, warn
 from builder.selftest.probes import BITSANDBYTES, FLASH_ATTN, FUSED_LAYERS, LORA_SMOKE, SDPA_BACKENDS, TORCH
@@ -22,16 +23,15 @@ FEATURE_NAMES = {
 }
 
 
-def gpu_capability(r: dict[str, Any]) -> str | None:
+def gpu_capability(r: dict[str, Any]) -> Capability | None:
     devices = nvml_devices(r)
     if devices and devices[0].get("compute_capability"):
-        cc = devices[0]["compute_capability"]
-        return f"{cc[0]}.{cc[1]}"
+        return Capability.parse(devices[0]["compute_capability"])
     tdev = (r.get(TORCH.name) or {}).get("devices") or []
-    return f"{tdev[0]['capability'][0]}.{tdev[0]['capability'][1]}" if tdev else None
+    return Capability.parse(tdev[0]["capability"]) if tdev else None
 
 
-def rebuild_flash_attn(cap: str | None) -> str:
+def rebuild_flash_attn(cap: Capability | None) -> str:
     return (
         "rebuild it for this GPU and torch: "
         f"samebox wheel flash-attn --from-env --arch {cap or 'X.Y'} --profile full --install"
@@ -66,11 +66,11 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
         return [fail(f"flash-attn does not import: {error} (built for another torch/ABI?)", rebuild_flash_attn(cap))]
     label = f"flash-attn {fa.get('dist_version') or fa.get('version')}"
     archs = fa.get("elf_archs")
-    if cap and archs is not None and not any(compat.arch_runs_on(a, cap) for a in archs):
-        built = ", ".join(f"sm_{a.replace('.', '')}" for a in archs) or "no SASS"
+    if cap and archs is not None and not any(cap.runs(a) for a in archs):
+        built = ", ".join(Capability.parse(a).sm for a in archs) or "no SASS"
         return [
             fail(
-                f"{label} has kernels for {built} only; this GPU is sm_{cap.replace('.', '')}: '{NO_KERNEL_IMAGE}'",
+                f"{label} has kernels for {built} only; this GPU is {cap.sm}: '{NO_KERNEL_IMAGE}'",
                 rebuild_flash_attn(cap),
             )
         ]
@@ -81,7 +81,7 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
             if NO_KERNEL_IMAGE in case["error"]:
                 found.append(
                     fail(
-                        f"{what}: '{NO_KERNEL_IMAGE}' (no SASS for sm_{(cap or '?').replace('.', '')})",
+                        f"{what}: '{NO_KERNEL_IMAGE}' (no SASS for {cap.sm if cap else 'this GPU'})",
                         rebuild_flash_attn(cap),
                     )
                 )

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder import compat, pyindex
-from builder.environment import Environment
+from builder.environment import Capability, Environment
 from builder.errors import SameboxError
 from builder.fsutil import sha256_file
 from builder.wheels.key import WheelKey, release_facts
@@ -188,7 +188,7 @@ def check_toolchain(key: WheelKey, here: Environment, env: dict[str, str], pytho
         for arch in key.archs:
             need = compat.FLASH_ATTN_BUILD_ARCHS[arch]
             if compat.version_tuple(f"{major}.{minor}") < compat.version_tuple(need):
-                problems.append(f"sm_{arch.replace('.', '')} needs nvcc >= {need}; {nvcc} is {major}.{minor}")
+                problems.append(f"{Capability.parse(arch).sm} needs nvcc >= {need}; {nvcc} is {major}.{minor}")
     if not ninja_path(env, python):
         problems.append("ninja not found: pip install ninja (without it the build runs one file at a time)")
     missing = [m for m in BUILD_MODULES if not _importable(python, m)]

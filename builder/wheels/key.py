@@ -38,7 +38,7 @@ class WheelKey:
     @property
     def sm_codes(self) -> tuple[str, ...]:
         """('8.0', '9.0') -> ('80', '90'): FLASH_ATTN_CUDA_ARCHS entries and cuobjdump's sm_XX."""
-        return tuple(a.replace(".", "") for a in self.archs)
+        return tuple(Capability.parse(a).digits for a in self.archs)
 
     @property
     def local_version(self) -> str:

@@ -94,9 +94,12 @@ def arch_problems(found: tuple[str, ...], key: WheelKey, exact: bool) -> list[st
     want = set(key.archs)
     if exact and set(found) != want or not exact and not want <= set(found):
         relation = "exactly" if exact else "at least"
-        return [f"cuobjdump lists sm_{', sm_'.join(a.replace('.', '') for a in found) or 'nothing'}; "
-                f"the key wants {relation} sm_{', sm_'.join(key.sm_codes)}"]
+        return [f"cuobjdump lists {_sms(found) or 'nothing'}; the key wants {relation} {_sms(key.archs)}"]
     return []
+
+
+def _sms(archs: tuple[str, ...]) -> str:
+    return ", ".join(Capability.parse(a).sm for a in archs)
 
 
 def gpu_problems(archs: tuple[str, ...], gpus: tuple[Gpu, ...], key: WheelKey) -> list[str]:
@@ -106,7 +109,7 @@ def gpu_problems(archs: tuple[str, ...], gpus: tuple[Gpu, ...], key: WheelKey) -
     for gpu in gpus:
         cap = gpu.capability
         if cap and not any(cap.runs(a) for a in archs):
-            built = ", ".join(Capability.parse(a).sm for a in archs)
+            built = _sms(archs)
             problems.append(
                 f"{gpu.name} is {cap.sm} but this flash-attn wheel only has {built}: it would fail "
                 f"with 'no kernel image is available'. Rebuild for it: samebox wheel flash-attn --from-env "
