@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from builder.catalog import Catalog
+from builder.catalog import Catalog, check_gpu
 from builder.environment import Capability
-from builder.gpucheck import check_gpu
 from builder.output import add_root_argument, format_table, print_json
 
 

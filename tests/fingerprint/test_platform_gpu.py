@@ -1,5 +1,5 @@
 """builder/catalog.py picks the image an instance replicates (or names the base image to rent), the lockfile an
-environment claims, and which image runs on a GPU the user names, and why not (builder/gpucheck.py ranks them)."""
+environment claims, and which image runs on a GPU the user names, and why not."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.catalog import DOES_NOT_RUN, RUNS, RUNS_WITHOUT_FLASH_ATTN, Catalog, PlatformMismatch
+from builder.catalog import DOES_NOT_RUN, RUNS, RUNS_WITHOUT_FLASH_ATTN, Catalog, PlatformMismatch, check_gpu
 from builder.environment import Gpu
 from builder.errors import SameboxError
-from builder.gpucheck import check_gpu
 from tests.conftest import REPO
 from tests.envs import make_env
 
