@@ -61,8 +61,8 @@ def write_json(path: Path, obj: object) -> None:
 def readings_subprocess(mode: str, env: dict[str, str], data_dir: str) -> dict:
     """Collects readings in a fresh interpreter: CUDA_VISIBLE_DEVICES counts only before CUDA starts."""
     code = (
-        "import json,sys; from builder.selftest.readings import collect; "
-        "from builder.selftest.model import attention_needs; "
+        "import json,sys; from builder.instance.selftest.readings import collect; "
+        "from builder.instance.selftest.model import attention_needs; "
         f"print(json.dumps(collect({mode!r}, attention_needs(None), {data_dir!r}), default=str))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -72,8 +72,8 @@ def readings_subprocess(mode: str, env: dict[str, str], data_dir: str) -> dict:
 
 
 def capture(out_dir: Path) -> None:
-    from builder.selftest.model import attention_needs
-    from builder.selftest.readings import collect
+    from builder.instance.selftest.model import attention_needs
+    from builder.instance.selftest.readings import collect
 
     out_dir.mkdir(parents=True, exist_ok=True)
     smi = shutil.which("nvidia-smi")
@@ -101,7 +101,7 @@ extern "C" const char *launch() {
 
 
 def timed_selftest(mode: str, data_dir: str) -> dict:
-    from builder.selftest import run_selftest
+    from builder.instance.selftest import run_selftest
 
     start = time.perf_counter()
     report = run_selftest(mode, data_dir=data_dir)
@@ -130,7 +130,7 @@ def findings_of(report: dict, check: str) -> list[dict]:
 
 
 def judged(readings: dict, check: str) -> list[dict]:
-    from builder.selftest import report_from_readings
+    from builder.instance.selftest import report_from_readings
 
     return findings_of(report_from_readings(readings).to_dict(), check)
 
@@ -162,7 +162,7 @@ def fault_no_visible_devices() -> dict:
 def fault_lock_drift(healthy: dict) -> dict:
     from importlib import metadata
 
-    from builder.selftest import env_probes
+    from builder.instance.selftest import env_probes
 
     pins = [f"{name}=={metadata.version(name)}" for name in ("transformers", "peft", "safetensors")]
     pins[0] = "transformers==4.40.0"  # the injected drift: the lock says another transformers
@@ -192,7 +192,7 @@ def _mount(*args: str) -> str | None:
 
 def fault_data_dir(healthy: dict) -> dict:
     """--data-dir on a 1 MiB tmpfs and on a read-only bind mount (or an existing read-only mount)."""
-    from builder.selftest import env_probes
+    from builder.instance.selftest import env_probes
 
     results, mounted = [], []
     with tempfile.TemporaryDirectory() as d:
@@ -225,8 +225,8 @@ def fault_data_dir(healthy: dict) -> dict:
 
 
 def fault_sliding_window_slim(healthy: dict) -> dict:
-    from builder.selftest import kernel_probes
-    from builder.selftest.model import attention_needs
+    from builder.instance.selftest import kernel_probes
+    from builder.instance.selftest.model import attention_needs
 
     with tempfile.TemporaryDirectory() as d:
         config = {
@@ -274,7 +274,7 @@ def _standin_extension(work: Path) -> tuple[str | None, str | None]:
 
 
 def fault_sm80_flash_attn(healthy: dict, sm80: Path | None) -> dict:
-    from builder.selftest import kernel_probes
+    from builder.instance.selftest import kernel_probes
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -349,10 +349,10 @@ def run_all(unpacked: list[str], sm80: Path | None) -> dict:
 
 
 def as_current(readings: dict) -> dict:
-    """``readings`` in the current layout (builder.selftest.readings.READINGS_VERSION): version 1's "gpu" and
+    """``readings`` in the current layout (builder.instance.selftest.readings.READINGS_VERSION): version 1's "gpu" and
     "env" groups become top-level readings under their probes' names (a group of None, the GPU probes of a
     machine without one, adds nothing). Current readings come back unchanged."""
-    from builder.selftest.readings import READINGS_VERSION
+    from builder.instance.selftest.readings import READINGS_VERSION
 
     if readings.get("readings_version", 1) >= 2:
         return dict(readings)

@@ -19,7 +19,7 @@ trap 'rm -f "$req"' EXIT
 PYTHONPATH="$here" "$py" -c '
 import sys
 from pathlib import Path
-from builder import drift
+from builder.instance import drift
 sys.stdout.write("".join(p.block + "\n" for p in drift.read_pins(Path(sys.argv[1])) if not p.platform_provided))
 ' "$lock" > "$req"
 mkdir -p "$dest"

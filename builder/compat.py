@@ -266,7 +266,8 @@ FLASH_ATTN_JOB_RAM_GB = 4.0
 # --- matmul throughput ------------------------------------------------------------------------------------------
 
 # GPU (name as ``normalise_gpu_name`` writes it; "-PCIE" marks the PCIe form factor where it differs) -> dense
-# bf16 TFLOP/s that a healthy card sustains on back-to-back 8192^3 torch matmuls (builder/selftest/gpu_probes.py).
+# bf16 TFLOP/s that a healthy card sustains on back-to-back 8192^3 torch matmuls
+# (builder/instance/selftest/gpu_probes.py).
 # The self-test fails a card under 0.75x of this. H100 is measured: the median one-second window of full mode's 25 s
 # load on an H100 80GB HBM3 (tests/fixtures/nvml/healthy_full.json; 667, other runs 673-678 = 0.68x its datasheet
 # peak); the others are 0.7x the datasheet's dense bf16 (fp32 accumulate) peak, the fraction cuBLAS reaches.
@@ -305,7 +306,7 @@ FLASH_ATTN_BUILD_TOOLS: tuple[str, ...] = (
 # --- multi-GPU all-reduce ---------------------------------------------------------------------------------------
 
 # Topology -> all-reduce bus bandwidth (GB/s; nccl-tests' busbw = algbw * 2(n-1)/n) that a healthy single node
-# reaches on 256 MiB float32 all-reduces (builder/selftest/allreduce.py). "nvlink:<GPU>" (name as
+# reaches on 256 MiB float32 all-reduces (builder/instance/selftest/allreduce.py). "nvlink:<GPU>" (name as
 # ``normalise_gpu_name`` writes it): GPUs joined by NVLink/NVSwitch; "pcie:<gen>": GPUs that talk over PCIe (P2P
 # through a switch or the CPU, or through host memory). Estimates, none measured here yet: NVLink about 0.8x of one
 # direction of the link (H100/H200/H20 450 GB/s, A100 300, A800/H800 200), PCIe about 0.55x of one direction of an

@@ -1,6 +1,6 @@
 """flash-attn's GPU code, checked the same way by the wheel verifier (builder/wheels/verify.py) and the self-test
-(builder/selftest/kernel_probes.py): which SASS architectures `cuobjdump --list-elf` finds in its extension, and
-flash_attn_varlen_func forward and backward against an fp32 SDPA reference.
+(builder/instance/selftest/kernel_probes.py): which SASS architectures `cuobjdump --list-elf` finds in its extension,
+and flash_attn_varlen_func forward and backward against an fp32 SDPA reference.
 
 It imports nothing from builder: the wheel verifier runs this file in the target environment's Python, with the
 unpacked wheel on its path (``python -c 'runpy.run_path(...)'``; it prints the numeric check's JSON).

@@ -1,9 +1,8 @@
 """Reading a hashed lockfile: the one parser of its ``name==version --hash=sha256:...`` requirements.
 
-Every reader goes through ``parse_lock``: the lock writer's checks and summaries (builder/lock.py), the workstation
-layer, and the setup script's steps (builder/drift.py). Imports the standard library only, since setup.sh reads a
-lock before anything is installed.
-"""
+Every reader goes through ``parse_lock``: the lock writer's checks and summaries (builder/host/lock.py), the workstation
+layer, and the setup script's steps (builder/instance/drift.py). Imports the standard library only, since setup.sh reads
+a lock before anything is installed."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import lock
 from builder.cli import main
+from builder.host import lock
 from builder.spec import find_image, load_catalog
 from tests.conftest import REPO
 
@@ -65,8 +65,9 @@ def test_files_that_are_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_setup_scripts_helpers_exit_2_on_a_non_utf8_lock_or_catalog(tmp_path: Path) -> None:
     bad = tmp_path / "bad.txt"
     bad.write_bytes(GBK)
-    for argv in (["builder.drift", "plan", "--lock", str(bad), "--out", str(tmp_path / "todo.txt")],
-                 ["builder.converge", "--catalog", str(bad), "--python", sys.executable, "--samebox-src", str(REPO)]):
+    for argv in (["builder.instance.drift", "plan", "--lock", str(bad), "--out", str(tmp_path / "todo.txt")],
+                 ["builder.instance.converge", "--catalog", str(bad), "--python", sys.executable,
+                  "--samebox-src", str(REPO)]):
         out = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, capture_output=True, text=True, timeout=120,
                              env={**os.environ, "SAMEBOX_STATE": str(tmp_path / "state")})
         assert out.returncode == 2 and "not UTF-8" in out.stderr and "Traceback" not in out.stderr, out.stderr

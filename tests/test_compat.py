@@ -49,7 +49,7 @@ def test_flash_attn_profiles_nest_and_setup_script_knows_each() -> None:
     full, slim, lean = (set(compat.FLASH_ATTN_PROFILES[p]) for p in ("full", "slim", "lean"))
     assert full == set() and slim < lean and lean - slim == {"FLASHATTENTION_DISABLE_UNEVEN_K"}
     assert set(compat.FLASH_ATTN_OBJECT_SECONDS) == set(compat.FLASH_ATTN_PROFILES)
-    from builder import converge
+    from builder.instance import converge
 
     assert converge.FLASH_ATTN_PROFILES == tuple(compat.FLASH_ATTN_PROFILES)
 

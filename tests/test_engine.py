@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.engine import (
+from builder.errors import SameboxError
+from builder.host.engine import (
     BUILDKIT,
     BUILDX,
     DAEMONLESS,
@@ -19,7 +20,6 @@ from builder.engine import (
     detect_engine,
     secret_files,
 )
-from builder.errors import SameboxError
 
 
 def test_buildkit_argv_carries_secrets_as_files_and_base_override(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def test_missing_lockfile_says_how_to_make_it(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_ca_bundle_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from builder.engine import ca_bundle_path
+    from builder.host.engine import ca_bundle_path
 
     pem = tmp_path / "ca.pem"
     pem.write_text("-----BEGIN CERTIFICATE-----\n")

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from builder import drift, lock, lockfile, pyindex
+from builder import lockfile, pyindex
 from builder.cli import main
 from builder.errors import SameboxError
+from builder.host import lock
+from builder.instance import drift
 from builder.spec import ImageSpec, load_catalog
 from tests.conftest import require
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import lock, pyindex, torchbounds
+from builder import pyindex
 from builder.errors import SameboxError
+from builder.host import lock, torchbounds
 from builder.spec import load_catalog
 from tests.conftest import require
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.pin import parse_reference
+from builder.host.pin import parse_reference
 from builder.spec import load_catalog
 
 REPO = Path(__file__).resolve().parent.parent

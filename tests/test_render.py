@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.render import default_tag, render_bake, render_dockerfile, write_context
+from builder.host.render import default_tag, render_bake, render_dockerfile, write_context
 from builder.spec import find_image, load_catalog
 
 REPO = Path(__file__).resolve().parent.parent

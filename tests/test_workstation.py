@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import workstation
 from builder.cli import main
 from builder.errors import SameboxError
-from builder.lock import read_lock
-from builder.render import render_dockerfile
+from builder.host import workstation
+from builder.host.lock import read_lock
+from builder.host.render import render_dockerfile
 from builder.spec import find_image, load_catalog
 
 REPO = Path(__file__).resolve().parent.parent

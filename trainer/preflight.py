@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import SameboxError
-from builder.selftest.report import slowest
+from builder.instance.selftest.report import slowest
 from trainer.config import ModelConfig, TrainConfig
 
 SELFTEST = [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"]
@@ -84,7 +84,7 @@ def model_config_for_selftest(cfg: ModelConfig) -> str | None:
         found = cached_config(name, cfg.revision)
     if found is None:
         return None
-    from builder.selftest.model import attention_needs
+    from builder.instance.selftest.model import attention_needs
 
     try:
         attention_needs(found)

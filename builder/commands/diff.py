@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from builder import drift, fingerprint
+from builder.instance import drift, fingerprint
 from builder.output import print_json
 
 

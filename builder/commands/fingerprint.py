@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from builder import fingerprint
 from builder.fsutil import write_atomic
+from builder.instance import fingerprint
 
 
 def register(sub: argparse._SubParsersAction) -> None:

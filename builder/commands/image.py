@@ -7,10 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from builder import lock
-from builder.engine import ENGINES, BuildRequest, ca_bundle_path, detect_engine, printed_command, run_build
-from builder.render import default_tag, write_context
-from builder.selection import add_flash_attn_arguments, add_layer_arguments, add_selection_arguments, select_image
+from builder.host import lock
+from builder.host.engine import ENGINES, BuildRequest, ca_bundle_path, detect_engine, printed_command, run_build
+from builder.host.render import default_tag, write_context
+from builder.host.selection import add_flash_attn_arguments, add_layer_arguments, add_selection_arguments, select_image
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from builder import lock
+from builder.host import lock
 from builder.output import add_root_argument, format_table, print_json
 from builder.spec import ImageSpec, find_image, load_catalog
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from builder import workstation
+from builder.host import workstation
 from builder.output import add_root_argument, format_table
 from builder.spec import find_image, load_catalog
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from builder.host.pin import fetch_digest, set_base_digest
 from builder.output import add_root_argument
-from builder.pin import fetch_digest, set_base_digest
 from builder.spec import catalog_path, find_image, load_catalog
 
 

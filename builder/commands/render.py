@@ -7,11 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from builder import lock
 from builder.fsutil import write_atomic
+from builder.host import lock
+from builder.host.render import render_bake, render_dockerfile, write_context
+from builder.host.selection import add_flash_attn_arguments, add_layer_arguments, add_selection_arguments, select_image
 from builder.output import print_json
-from builder.render import render_bake, render_dockerfile, write_context
-from builder.selection import add_flash_attn_arguments, add_layer_arguments, add_selection_arguments, select_image
 from builder.spec import load_catalog
 
 

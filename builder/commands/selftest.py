@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from builder.instance.selftest import run_selftest
+from builder.instance.selftest.probes import KERNELS
 from builder.output import print_json
-from builder.selftest import run_selftest
-from builder.selftest.probes import KERNELS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

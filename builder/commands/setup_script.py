@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from builder.fsutil import write_atomic
+from builder.host.setup_script import render_setup_script
 from builder.output import add_root_argument
-from builder.setup_script import render_setup_script
 from builder.spec import find_image, load_catalog
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from builder import drift
 from builder.catalog import Catalog
 from builder.environment import Environment
 from builder.errors import SameboxError
+from builder.instance import drift
 from builder.output import add_root_argument, print_json
 
 

@@ -1,5 +1,5 @@
-"""builder/drift.py: every kind of drift lands in its group; the machine alone is not drift; the live environment
-is checked against a lockfile, and a setup run plans exactly what is missing or broken."""
+"""builder/instance/drift.py: every kind of drift lands in its group; the machine alone is not drift; the live
+environment is checked against a lockfile, and a setup run plans exactly what is missing or broken."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from builder import drift, environment
+from builder import environment
+from builder.instance import drift
 from tests.fingerprint.fakesite import add_dist, lock_line
 
 BASE: dict[str, Any] = {
@@ -162,8 +163,8 @@ def test_platform_packages(name: str, provided: bool) -> None:
 
 
 def test_setup_steps_run_on_the_standard_library(tmp_path: Path) -> None:
-    """setup.sh runs `python -m builder.drift` on an interpreter with nothing installed, Python 3.10 included: no
-    third-party import (-S drops site-packages) and no tomllib (3.11+) on the way to reading a lock."""
+    """setup.sh runs `python -m builder.instance.drift` on an interpreter with nothing installed, Python 3.10
+    included: no third-party import (-S drops site-packages) and no tomllib (3.11+) on the way to reading a lock."""
     import subprocess
     import sys
 
@@ -171,9 +172,9 @@ def test_setup_steps_run_on_the_standard_library(tmp_path: Path) -> None:
     lock.write_text(lock_line("alpha", "1.0") + lock_line("torch", "2.3.0"))
     out = tmp_path / "todo.txt"
     repo = Path(__file__).resolve().parents[2]
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from builder import drift; "
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from builder.instance import drift; "
               "rc = drift.main(['plan', '--lock', sys.argv[2], '--out', sys.argv[3]]); "
-              "banned = sorted(m for m in sys.modules if m in ('tomllib', 'builder.spec', 'builder.lock')); "
+              "banned = sorted(m for m in sys.modules if m in ('tomllib', 'builder.spec', 'builder.host.lock')); "
               "print('imported:', banned, file=sys.stderr); sys.exit(rc or int(bool(banned)))")
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", script, str(repo), str(lock), str(out)],
                           capture_output=True, text=True)
@@ -184,7 +185,7 @@ def test_setup_steps_run_on_the_standard_library(tmp_path: Path) -> None:
 def test_platform_libraries_are_reported_apart_from_drift(tmp_path) -> None:
     from importlib.metadata import version
 
-    from builder.drift import split_lock_problems
+    from builder.instance.drift import split_lock_problems
 
     h = " \\\n    --hash=sha256:" + "0" * 64 + "\n"
     lock = tmp_path / "lock.txt"

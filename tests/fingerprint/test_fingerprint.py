@@ -1,4 +1,5 @@
-"""builder/fingerprint.py: secrets never enter, installed files are checked against RECORD, JSON is deterministic."""
+"""builder/instance/fingerprint.py: secrets never enter, installed files are checked against RECORD, JSON is
+deterministic."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import fingerprint
 from builder.errors import SameboxError
+from builder.instance import fingerprint
 from tests.fingerprint.fakesite import add_dist
 
 

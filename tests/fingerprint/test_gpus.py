@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from builder import environment, fingerprint, nvml
+from builder import environment, nvml
 from builder.environment import Capability, Environment, Gpu
+from builder.instance import fingerprint
 
 
 def fake_pynvml(cards: list[tuple[bytes | str, tuple[int, int], int]], fail_at: int | None = None,

@@ -149,7 +149,7 @@ def test_unknown_gpu_and_bad_driver_are_user_errors() -> None:
 
 
 def test_flash_attn2_gpu_decision() -> None:
-    from builder.converge import flash_attn2_gpu
+    from builder.instance.converge import flash_attn2_gpu
 
     assert flash_attn2_gpu(make_env(gpus=(("NVIDIA GeForce RTX 4090", "8.9"),)))
     assert not flash_attn2_gpu(make_env(gpus=(("Tesla V100-SXM2-32GB", "7.0"), ("Tesla T4", "7.5"))))

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from builder.selftest import gpu_probes
+from builder.instance.selftest import gpu_probes
 
 GPU_TFLOPS = 700.0
 N = 1024

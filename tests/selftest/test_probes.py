@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from builder.errors import SameboxError
-from builder.selftest import env_probes
-from builder.selftest.model import attention_needs, attention_needs_from_config
+from builder.instance.selftest import env_probes
+from builder.instance.selftest.model import attention_needs, attention_needs_from_config
 
 
 def test_model_needs() -> None:
@@ -90,7 +90,7 @@ def test_data_dir_write(tmp_path) -> None:
 def test_data_dir_not_made_yet_is_judged_on_its_nearest_existing_parent(tmp_path) -> None:
     """`samebox train` makes output.dir after the self-test's checks are planned: a missing one is no failure;
     the disk it will be on is."""
-    from builder.selftest import report_from_readings
+    from builder.instance.selftest import report_from_readings
 
     run = tmp_path / "runs" / "new"
     reading = env_probes.data_dir(str(run), write_mib=1)
@@ -107,7 +107,7 @@ def test_data_dir_not_made_yet_is_judged_on_its_nearest_existing_parent(tmp_path
 
 def test_elf_archs_reads_cuobjdump(monkeypatch, tmp_path) -> None:
     from builder import kernelcheck
-    from builder.selftest import kernel_probes
+    from builder.instance.selftest import kernel_probes
 
     monkeypatch.setattr(kernelcheck, "DEFAULT_CUDA_HOME", "/nonexistent")
     monkeypatch.delenv("CUDA_PATH", raising=False)

@@ -1,5 +1,5 @@
-"""builder/converge.py without a container: options, the plan and its count, the refusals that leave nothing written,
-the progress and 'running' marker, and the values earlier setup scripts recorded."""
+"""builder/instance/converge.py without a container: options, the plan and its count, the refusals that leave
+nothing written, the progress and 'running' marker, and the values earlier setup scripts recorded."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from builder import compat, converge
-from builder import converge_steps as steps
+from builder import compat
 from builder.catalog import Catalog
-from builder.converge import Step, execute, parse_options, plan, preflight
-from builder.converge_steps import Match, Preflight, Run, StepFailed
 from builder.errors import SameboxError
+from builder.instance import converge
+from builder.instance import converge_steps as steps
+from builder.instance.converge import Step, execute, parse_options, plan, preflight
+from builder.instance.converge_steps import Match, Preflight, Run, StepFailed
 from tests.conftest import REPO
 
 CPU = Match(image="img", image_torch="none", provider="system", flash_attn="", torch="none", gpus=(),
@@ -152,7 +153,7 @@ def test_a_platform_the_catalog_cannot_replicate_exits_2_with_nothing_written(tm
     home = tmp_path / "home"
     home.mkdir()
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "builder.converge", "--catalog", str(catalog), "--lockfile",
+    run = subprocess.run([sys.executable, "-m", "builder.instance.converge", "--catalog", str(catalog), "--lockfile",
                           str(lock)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 2, run.stderr
     assert "samebox setup: error: no catalog image replicates this instance" in run.stderr
@@ -195,5 +196,5 @@ def test_env_sh_keeps_a_path_full_of_shell_syntax_a_path(tmp_path: Path) -> None
 def test_the_rendered_setup_sh_only_finds_python_and_the_source() -> None:
     text = (REPO / "setup.sh").read_text()
     assert len(text.splitlines()) < 80
-    assert 'exec "$PY" -m builder.converge "$@"' in text
-    assert "==>" not in text  # the steps and their count live in builder/converge.py
+    assert 'exec "$PY" -m builder.instance.converge "$@"' in text
+    assert "==>" not in text  # the steps and their count live in builder/instance/converge.py

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from builder import drift
+from builder.instance import drift
 from tests.conftest import REPO
 from tests.harness import CANARY, TEST_IMAGE_ID, TEST_ROOT, Docker, build_test_image, samebox
 
@@ -51,8 +51,8 @@ class Box:
         return self.sh(f"{SETUP} {args}", env)
 
     def fingerprint(self) -> dict[str, Any]:
-        # builder.fingerprint needs the standard library only: it works while a locked package is missing.
-        code = "import sys; from builder import fingerprint as f; sys.stdout.write(f.dumps(f.collect()))"
+        # builder.instance.fingerprint needs the standard library only: it works while a locked package is missing.
+        code = "import sys; from builder.instance import fingerprint as f; sys.stdout.write(f.dumps(f.collect()))"
         run = self.sh(f"{VENV_PY} -c '{code}'")
         assert run.returncode == 0, run.stderr
         return json.loads(run.stdout)

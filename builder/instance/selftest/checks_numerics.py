@@ -8,8 +8,26 @@ import statistics
 from typing import Any
 
 from builder import compat
-from builder.selftest.findings import Finding, fail, gib, gpu_reading, no_gpu, nvml_devices, ok, probe_error, warn
-from builder.selftest.probes import BANDWIDTH, LOAD, MATMUL_ACCURACY, MEMORY_PATTERN, REPEATABILITY, TORCH, Probe
+from builder.instance.selftest.findings import (
+    Finding,
+    fail,
+    gib,
+    gpu_reading,
+    no_gpu,
+    nvml_devices,
+    ok,
+    probe_error,
+    warn,
+)
+from builder.instance.selftest.probes import (
+    BANDWIDTH,
+    LOAD,
+    MATMUL_ACCURACY,
+    MEMORY_PATTERN,
+    REPEATABILITY,
+    TORCH,
+    Probe,
+)
 
 # Max |error| / max |reference| of an n=2048 matmul over the same rounded inputs with fp32 accumulation: output
 # rounding alone gives ~2**-9 for bf16 and ~2**-12 for fp16; these bounds leave about 4x headroom.

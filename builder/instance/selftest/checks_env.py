@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from builder.environment import AUTODL_DATA_DISK, AUTODL_SHARED_FS
-from builder.selftest.findings import Finding, fail, gib, na, ok, probe_error, warn
-from builder.selftest.probes import DATA_DIR, HF_CACHE, LOCKFILE, SHM
+from builder.instance.selftest.findings import Finding, fail, gib, na, ok, probe_error, warn
+from builder.instance.selftest.probes import DATA_DIR, HF_CACHE, LOCKFILE, SHM
 
 SHM_WARN_BYTES = 2**30
 DATA_FAIL_FREE, DATA_WARN_FREE = 5 * 2**30, 20 * 2**30

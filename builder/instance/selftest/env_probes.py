@@ -14,9 +14,9 @@ from builder.errors import SameboxError
 
 
 def verify_lock(lockfile: Path, check_files: bool) -> tuple[list[str], list[str]]:
-    """builder.drift's comparison of the live environment with the lockfile, as (drift, platform libraries that
+    """builder.instance.drift's comparison of the live environment with the lockfile, as (drift, platform libraries that
     differ) (imported here, on use: it hashes installed files against their RECORD when ``check_files``)."""
-    from builder.drift import split_lock_problems
+    from builder.instance.drift import split_lock_problems
 
     return split_lock_problems(lockfile, check_files=check_files)
 

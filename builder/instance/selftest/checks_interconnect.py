@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from builder import compat
-from builder.selftest.findings import (
+from builder.instance.selftest.findings import (
     Finding,
     fail,
     gpu_reading,
@@ -18,7 +18,7 @@ from builder.selftest.findings import (
     probe_error,
     warn,
 )
-from builder.selftest.probes import ALLREDUCE
+from builder.instance.selftest.probes import ALLREDUCE
 
 BUSBW_WARN_RATIO = 0.5
 

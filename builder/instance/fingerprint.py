@@ -1,6 +1,6 @@
 """Collect and serialise a fingerprint: what is installed in this Python environment and what the machine is.
 
-Two environments are the same when their fingerprints' environment parts are equal (see builder/drift.py). The
+Two environments are the same when their fingerprints' environment parts are equal (see builder/instance/drift.py). The
 JSON is deterministic (sorted keys, sorted lists, no timestamps), so equal environments give byte-equal files.
 Secrets never enter it: environment variables come from an allowlist, any name holding TOKEN/KEY/SECRET/PASSWORD/
 CREDENTIAL is dropped, and user:password@ is stripped from URLs.

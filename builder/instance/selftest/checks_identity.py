@@ -9,8 +9,8 @@ from builder import compat
 from builder.catalog import Catalog
 from builder.environment import Capability
 from builder.errors import SameboxError
-from builder.selftest.findings import Finding, fail, gib, na, nvml_devices, ok, warn
-from builder.selftest.probes import NVML, TORCH
+from builder.instance.selftest.findings import Finding, fail, gib, na, nvml_devices, ok, warn
+from builder.instance.selftest.probes import NVML, TORCH
 
 OTHER_PROCESS_WARN_BYTES = 2**30
 

@@ -1,11 +1,12 @@
-"""The steps of a setup run, one function each (builder/converge.py plans them, counts them and runs them in order).
+"""The steps of a setup run, one function each (builder/instance/converge.py plans, counts and runs them in order).
 
 Each step converges one part of the instance and re-checks that part's state before it acts, so a run killed at any
 point converges when run again. The interpreter running the steps may not be the one that gets the packages (a
 system Python's go to a virtualenv, as in the image): what is installed is asked of that interpreter
-(``python -m builder.drift`` with samebox's source on its path), and samebox's own commands run in it once installed.
+(``python -m builder.instance.drift`` with samebox's source on its path), and samebox's own commands run in it
+once installed.
 The platform's torch and its nvidia-* libraries are never installed, upgraded or downgraded: they are verified.
-Standard library only, like builder/converge.py.
+Standard library only, like builder/instance/converge.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from builder.errors import SameboxError
 from builder.fsutil import write_atomic
 
 if TYPE_CHECKING:
-    from builder.converge import Options
+    from builder.instance.converge import Options
 
 NO_TORCH = "none"
 # What `samebox` step copies of a source checkout to build from (an in-tree build would leave build/ and
@@ -90,14 +91,14 @@ def say(text: str) -> None:
 
 
 def _with_source(run: Run) -> dict[str, str]:
-    """The environment with samebox's source importable: for builder.drift before samebox is installed."""
+    """The environment with samebox's source importable: for builder.instance.drift before samebox is installed."""
     outer = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": str(run.opts.samebox_src) + (os.pathsep + outer if outer else "")}
 
 
 def _drift(run: Run, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([run.python, "-m", "builder.drift", *args], env=_with_source(run), stdout=subprocess.PIPE,
-                          text=True)
+    return subprocess.run([run.python, "-m", "builder.instance.drift", *args], env=_with_source(run),
+                          stdout=subprocess.PIPE, text=True)
 
 
 def _samebox(run: Run, *args: str, **kwargs: object) -> subprocess.CompletedProcess:

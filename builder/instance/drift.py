@@ -7,7 +7,7 @@ settings (selected environment variables, pip configuration), which are not drif
 ``verify_lock`` checks the live environment against a lockfile; ``plan_install`` says which locked packages a setup
 run still has to install. On an instance torch, triton and nvidia-* come from the platform: they are verified, never
 installed. Lockfiles are read by builder/lockfile.py's parser. Imports the standard library only: setup.sh runs
-``python -m builder.drift`` before anything else is installed.
+``python -m builder.instance.drift`` before anything else is installed.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from builder import environment, fingerprint
+from builder import environment
 from builder.errors import SameboxError
+from builder.instance import fingerprint
 from builder.lockfile import LockedPackage, read_lock_file
 
 
@@ -195,7 +196,7 @@ def format_diff(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m builder.drift", description="setup.sh's lockfile steps")
+    parser = argparse.ArgumentParser(prog="python -m builder.instance.drift", description="setup.sh's lockfile steps")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_plan = sub.add_parser("plan", help="write the locked requirements still to install; print why")
     p_plan.add_argument("--lock", type=Path, required=True)

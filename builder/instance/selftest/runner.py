@@ -8,11 +8,11 @@ from typing import Any
 
 from builder.errors import SameboxError
 from builder.fsutil import read_text
-from builder.selftest.model import attention_needs
-from builder.selftest.probes import KERNELS
-from builder.selftest.readings import collect
-from builder.selftest.registry import MODES, judge
-from builder.selftest.report import Report
+from builder.instance.selftest.model import attention_needs
+from builder.instance.selftest.probes import KERNELS
+from builder.instance.selftest.readings import collect
+from builder.instance.selftest.registry import MODES, judge
+from builder.instance.selftest.report import Report
 
 
 def report_from_readings(readings: dict[str, Any], duration_s: float = 0.0) -> Report:

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from builder.selftest import checks_env as env
-from builder.selftest import checks_health as health
-from builder.selftest import checks_identity as identity
-from builder.selftest import checks_interconnect as interconnect
-from builder.selftest import checks_kernels as kernels
-from builder.selftest import checks_numerics as numerics
-from builder.selftest import probes as p
-from builder.selftest.findings import Finding
+from builder.instance.selftest import checks_env as env
+from builder.instance.selftest import checks_health as health
+from builder.instance.selftest import checks_identity as identity
+from builder.instance.selftest import checks_interconnect as interconnect
+from builder.instance.selftest import checks_kernels as kernels
+from builder.instance.selftest import checks_numerics as numerics
+from builder.instance.selftest import probes as p
+from builder.instance.selftest.findings import Finding
 
 MODES = ("quick", "full")
 BOTH, FULL = frozenset(MODES), frozenset({"full"})

@@ -6,8 +6,8 @@ the judges read only those readings (and the catalog, for image hints) and retur
 into a Report.
 """
 
-from builder.selftest.findings import Finding
-from builder.selftest.report import JSON_SCHEMA, Report
-from builder.selftest.runner import report_from_readings, run_selftest
+from builder.instance.selftest.findings import Finding
+from builder.instance.selftest.report import JSON_SCHEMA, Report
+from builder.instance.selftest.runner import report_from_readings, run_selftest
 
 __all__ = ["JSON_SCHEMA", "Finding", "Report", "report_from_readings", "run_selftest"]

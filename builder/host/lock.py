@@ -6,7 +6,7 @@ pin, its CUDA runtime the catalog's CUDA, every locked package's declared torch 
 atomically behind a header that names the regenerating command and the sha256 of the inputs and of the pins.
 ``check_lock`` recomputes both hashes without network; ``require_fresh_locks`` is that check as the gate
 ``samebox image`` and ``samebox render`` pass before they write anything. Parsing a lockfile is
-builder/lockfile.py's job (standard library only, shared with the setup script's builder/drift.py).
+builder/lockfile.py's job (standard library only, shared with the setup script's builder/instance/drift.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder import pyindex, torchbounds
+from builder import pyindex
 from builder.errors import SameboxError
 from builder.fsutil import read_text, sha256_file, sha256_text, write_atomic
+from builder.host import torchbounds
 from builder.lockfile import LockedPackage, is_platform_package, parse_lock, read_lock
 from builder.paths import project_root
 from builder.spec import ImageSpec

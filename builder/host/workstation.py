@@ -19,7 +19,7 @@ from pathlib import Path
 from builder import pyindex
 from builder.errors import SameboxError
 from builder.fsutil import read_text, sha256_file, sha256_text, write_atomic
-from builder.lock import (
+from builder.host.lock import (
     LOCK_PLATFORM,
     LockStatus,
     find_uv,

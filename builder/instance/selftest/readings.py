@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from builder.selftest import allreduce, gpu_probes
-from builder.selftest.model import AttentionNeeds
-from builder.selftest.probes import (
+from builder.instance.selftest import allreduce, gpu_probes
+from builder.instance.selftest.model import AttentionNeeds
+from builder.instance.selftest.probes import (
     ACCURACY,
     AFTER,
     ENVIRONMENT,
@@ -33,7 +33,7 @@ from builder.selftest.probes import (
     Probe,
     ProbeContext,
 )
-from builder.selftest.registry import probes_for
+from builder.instance.selftest.registry import probes_for
 
 # 2: every reading at the top level under its probe's name (1 nested them under "gpu" and "env").
 READINGS_VERSION = 2

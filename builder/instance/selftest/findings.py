@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from builder.selftest.probes import NVML, TORCH, Probe
+from builder.instance.selftest.probes import NVML, TORCH, Probe
 
 OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
 SEVERITIES = (OK, WARN, FAIL, NA)

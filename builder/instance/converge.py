@@ -1,10 +1,10 @@
 """Converge a rented instance (no Docker) to the environment of the catalog image its platform replicates.
 
-setup.sh finds the interpreter and samebox's source, then runs ``python -m builder.converge``. The run has three
-stages: ``parse_options`` (every bad option reported together), ``preflight`` (the platform matched against the
+setup.sh finds the interpreter and samebox's source, then runs ``python -m builder.instance.converge``. The run has
+three stages: ``parse_options`` (every bad option reported together), ``preflight`` (the platform matched against the
 catalog, the lockfile, state and cache directories: everything that can refuse the run with exit 2 refuses it here,
-before anything is written) and ``plan`` (the steps, counted, each a function of builder/converge_steps.py), then
-``execute`` runs them with "==> [i/N] step" progress and a 'running' marker in the state directory. Every step
+before anything is written) and ``plan`` (the steps, counted, each a function of builder/instance/converge_steps.py),
+then ``execute`` runs them with "==> [i/N] step" progress and a 'running' marker in the state directory. Every step
 re-checks the state it converges, so a run killed at any point converges when run again.
 
 Exit status: 0 done, 1 a step failed, 2 bad input or a platform this image cannot use.
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import builder
 from builder import compat
-from builder import converge_steps as steps
 from builder.catalog import Catalog
-from builder.converge_steps import Match, Preflight, Run, StepFailed
 from builder.environment import AUTODL_DATA_DISK, Capability, Environment
 from builder.errors import SameboxError
+from builder.instance import converge_steps as steps
+from builder.instance.converge_steps import Match, Preflight, Run, StepFailed
 
 PROG = "bash setup.sh"
 # One home for the profile names: compat's table (builder/wheels/key.py's PROFILES is the same tuple, but that module
@@ -134,7 +134,7 @@ def parse_options(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
     python = args.python or environ.get("SAMEBOX_PYTHON", "") or sys.executable
     if os.path.realpath(python) != os.path.realpath(sys.executable):
         problems.append(f"--python {python} is not the interpreter running this ({sys.executable}): run "
-                        f"`{python} -m builder.converge`, as setup.sh does")
+                        f"`{python} -m builder.instance.converge`, as setup.sh does")
     src = args.samebox_src or str(_own_source())
     if not os.path.exists(src):
         problems.append(f"samebox source {src} does not exist; pass --samebox-src DIR|WHEEL")

@@ -7,8 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from builder.instance.selftest.findings import FAIL, SEVERITIES, Finding
 from builder.output import format_table
-from builder.selftest.findings import FAIL, SEVERITIES, Finding
 
 SCHEMA_ID = "samebox.selftest/1"
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import jinja2
 
 from builder import __version__, compat
-from builder import workstation as workstation_layer
 from builder.errors import SameboxError
 from builder.fsutil import sha256_file, sha256_text, write_atomic
-from builder.lock import lockfile_sha256
+from builder.host import workstation as workstation_layer
+from builder.host.lock import lockfile_sha256
 from builder.paths import project_root
 from builder.spec import ImageSpec
 

@@ -8,9 +8,19 @@ from typing import Any
 
 from builder import compat
 from builder.environment import Capability
+from builder.instance.selftest.findings import (
+    Finding,
+    fail,
+    gpu_reading,
+    na,
+    no_gpu,
+    nvml_devices,
+    ok,
+    probe_error,
+    warn,
+)
+from builder.instance.selftest.probes import BITSANDBYTES, FLASH_ATTN, FUSED_LAYERS, LORA_SMOKE, SDPA_BACKENDS, TORCH
 from builder.kernelcheck import REL_ERR_BOUND
-from builder.selftest.findings import Finding, fail, gpu_reading, na, no_gpu, nvml_devices, ok, probe_error, warn
-from builder.selftest.probes import BITSANDBYTES, FLASH_ATTN, FUSED_LAYERS, LORA_SMOKE, SDPA_BACKENDS, TORCH
 
 NF4_REL_ERROR = 1e-2
 NO_KERNEL_IMAGE = "no kernel image is available"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from builder.selftest.findings import Finding, fail, gpu_reading, na, nvml_devices, ok, warn
-from builder.selftest.probes import LOAD, NVML_AFTER
+from builder.instance.selftest.findings import Finding, fail, gpu_reading, na, nvml_devices, ok, warn
+from builder.instance.selftest.probes import LOAD, NVML_AFTER
 
 REPLACE = (
     "the GPU memory is failing: on a rented instance move to another machine/GPU and tell the provider; "
