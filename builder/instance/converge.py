@@ -185,7 +185,7 @@ def _detect_and_match(catalog: Path, image: str) -> Match:
     return Match(image=spec.id, image_torch=spec.torch_full, provider=spec.python_provider,
                  flash_attn=spec.flash_attn, torch=env.torch_version, gpus=tuple(g.name for g in env.gpus),
                  flash_attn2_gpu=flash_attn2_gpu(env), describe=env.describe(), data_disk=env.rental.data_disk,
-                 shared_fs=env.rental.shared_fs)
+                 shared_fs=env.rental.shared_fs, lockfile=None if catalog.suffix == ".json" else spec.lockfile)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -213,7 +213,7 @@ def preflight(opts: Options, match: Callable[[Path, str], Match] = _detect_and_m
     if not catalog.is_file():
         raise SameboxError(f"no catalog at {catalog}; pass --root DIR (a directory holding images/ and lockfiles/)")
     found = match(catalog, opts.image)
-    lock = opts.lockfile or (root / "lockfiles" / f"{found.image}.txt" if root else None)
+    lock = opts.lockfile or found.lockfile
     if lock is None:
         raise SameboxError(f"no lockfile for image {found.image}; pass --lockfile FILE or --root DIR")
     if not lock.is_file():

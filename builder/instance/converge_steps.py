@@ -54,6 +54,7 @@ class Match:
     describe: str
     data_disk: str = ""
     shared_fs: str = ""
+    lockfile: Path | None = None  # the image's lock in the catalog's root (None: a standalone script's catalog)
 
 
 @dataclass(frozen=True)

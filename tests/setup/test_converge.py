@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,22 +124,23 @@ def _catalog_root(tmp_path: Path) -> Path:
 
 def test_preflight_refuses_before_anything_is_written(tmp_path: Path) -> None:
     root = _catalog_root(tmp_path)
+    img = replace(CPU, lockfile=root / "lockfiles" / "img.txt")  # the matched ImageSpec's lockfile
     state, cache = tmp_path / "state", tmp_path / "cache"
     opts = _opts("--root", str(root), "--cache-dir", str(cache), SAMEBOX_STATE=str(state))
     with pytest.raises(SameboxError, match="no lockfile .*img.txt for image img; make it with `make lock IMAGE=img`"):
-        preflight(opts, lambda catalog, image: CPU)
+        preflight(opts, lambda catalog, image: img)
     (root / "lockfiles" / "img.txt").write_text("six==1.16.0\n")
     huge = _opts("--root", str(root), "--cache-dir", str(cache), "--min-free-mb", str(10**12),
                  SAMEBOX_STATE=str(state))
     with pytest.raises(SameboxError, match=f"cache directory {cache} has \\d+ MiB free, at least {10**12} MiB"):
-        preflight(huge, lambda catalog, image: CPU)
+        preflight(huge, lambda catalog, image: img)
     with pytest.raises(SameboxError, match="no catalog at"):
-        preflight(_opts("--root", str(tmp_path), SAMEBOX_STATE=str(state)), lambda catalog, image: CPU)
+        preflight(_opts("--root", str(tmp_path), SAMEBOX_STATE=str(state)), lambda catalog, image: img)
     (tmp_path / "file").write_text("")
     with pytest.raises(SameboxError, match="cache directory .*file/cache is not writable"):
         preflight(_opts("--root", str(root), "--cache-dir", str(tmp_path / "file" / "cache"),
-                        SAMEBOX_STATE=str(state)), lambda catalog, image: CPU)
-    pre = preflight(opts, lambda catalog, image: CPU)
+                        SAMEBOX_STATE=str(state)), lambda catalog, image: img)
+    pre = preflight(opts, lambda catalog, image: img)
     assert (pre.lockfile, pre.cache_dir, pre.needs_venv) == (root / "lockfiles" / "img.txt", cache, True)
     assert not state.exists() and not cache.exists()
 
