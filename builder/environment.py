@@ -291,19 +291,21 @@ def probe_gpus() -> tuple[tuple[Gpu, ...], str]:
     smi = shutil.which("nvidia-smi")
     if not smi:
         return (), ""
-    try:
-        out = subprocess.run([smi, "--query-gpu=name,driver_version,compute_cap,memory.total",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30,
-                             check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return (), ""
-    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
-    listed = []
-    for row in rows:
-        cap = Capability.maybe(row[2]) if len(row) > 2 else None
-        memory = int(row[3]) if len(row) > 3 and row[3].isdigit() else None
-        listed.append(Gpu(row[0], cap or name_capability(row[0]), memory))
-    return tuple(listed), (rows[0][1] if rows and len(rows[0]) > 1 else "")
+    # compute_cap is a query field of drivers from 2021 on; an older nvidia-smi refuses it, so ask again without.
+    for fields in ("name,driver_version,memory.total,compute_cap", "name,driver_version,memory.total"):
+        try:
+            out = subprocess.run([smi, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
+        listed = []
+        for row in rows:
+            cap = Capability.maybe(row[3]) if len(row) > 3 else None
+            memory = int(row[2]) if len(row) > 2 and row[2].isdigit() else None
+            listed.append(Gpu(row[0], cap or name_capability(row[0]), memory))
+        return tuple(listed), (rows[0][1] if rows and len(rows[0]) > 1 else "")
+    return (), ""
 
 
 def name_capability(name: str) -> Capability | None:

@@ -66,12 +66,16 @@ def test_a_failure_part_way_is_kept_and_platform_falls_back(monkeypatch, tmp_pat
     assert facts["error"] == "RuntimeError: GPU is lost" and len(facts["gpus"]) == 1 and mod.shutdowns == 1
     # the probe does not trust a half inventory: it asks nvidia-smi (here: a stand-in on PATH)
     smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.159.04, 9.0, 81559'\n"
-                   "echo 'NVIDIA GeForce RTX 4090, 580.159.04, [N/A], 24564'\n")
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.159.04, 81559, 9.0'\n"
+                   "echo 'NVIDIA GeForce RTX 4090, 580.159.04, 24564, [N/A]'\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert environment.probe_gpus() == ((Gpu("NVIDIA H100 80GB HBM3", Capability(9, 0), 81559),
                                          Gpu("NVIDIA GeForce RTX 4090", Capability(8, 9), 24564)), "580.159.04")
+    # an nvidia-smi too old for the compute_cap field: names and memory, capabilities from the table
+    smi.write_text("#!/bin/sh\ncase \"$1\" in *compute_cap*) echo 'Field \"compute_cap\" is not a valid field'; "
+                   "exit 2;; esac\necho 'Tesla V100-SXM2-32GB, 470.82.01, 32510'\n")
+    assert environment.probe_gpus() == ((Gpu("Tesla V100-SXM2-32GB", Capability(7, 0), 32510),), "470.82.01")
     smi.unlink()
     assert environment.probe_gpus() == ((), "")
 
