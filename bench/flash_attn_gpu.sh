@@ -113,10 +113,11 @@ printf '__global__ void k(float *x) { x[0] = 1.f; }\n' >"$WORK/k.cu"
 import sys, sysconfig, zipfile
 from pathlib import Path
 from builder.wheels.cache import WheelCache
-from builder.wheels.key import key_from_env, probe_env
+from builder.environment import Environment
+from builder.wheels.key import key_from_env
 from builder.wheels.resolve import built_wheel_name
 work, scratch, version = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-key = key_from_env(probe_env(), ["8.0"], "slim", version)
+key = key_from_env(Environment.probe(), ["8.0"], "slim", version)
 whl = work / built_wheel_name(key)
 with zipfile.ZipFile(whl, "w") as zf:
     zf.write(work / "flash_attn_2_cuda.so", "flash_attn_2_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))

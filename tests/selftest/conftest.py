@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from builder import nvml as nvml_reader
+from builder import nvml
 from builder.instance.selftest import allreduce, env_probes, gpu_probes, kernel_probes, readings
 from builder.instance.selftest.findings import Finding
 from builder.instance.selftest.registry import judge
@@ -82,7 +82,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return run
 
     torch = {"available": True, "cuda_available": True, "device_count": 1, "version": "2.11.0+cu130"}
-    monkeypatch.setattr(nvml_reader, "read_nvml", probe("nvml", {}))
+    monkeypatch.setattr(nvml, "read_nvml", probe("nvml", {}))
     monkeypatch.setattr(gpu_probes, "torch_info", probe("torch", torch))
     for name in ("matmul_accuracy", "bandwidth", "memory_pattern", "repeatability"):
         monkeypatch.setattr(gpu_probes, name, probe(name, {}))
