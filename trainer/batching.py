@@ -110,6 +110,16 @@ def collate_padded(data: TokenizedData, indices: list[int], pad_id: int) -> Micr
                       len(indices))
 
 
+def idle_micro_batch(pad_id: int, varlen_kwargs: bool) -> MicroBatch:
+    """One padding token and no target: a rank with fewer micro-batches than the others runs these under FSDP2,
+    whose every forward and backward is a collective of all ranks. Its loss is 0 and its gradients are zeros."""
+    kwargs: dict[str, Any] = {}
+    if varlen_kwargs:
+        cu = torch.tensor([0, 1], dtype=torch.int32)
+        kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 1, "max_length_k": 1}
+    return MicroBatch(torch.tensor([[pad_id]]), torch.tensor([[IGNORE]]), torch.tensor([[0]]), None, 0, 0, 0, kwargs)
+
+
 def build_micro_batches(data: TokenizedData, indices: list[int], budget: int, packing: bool, varlen_kwargs: bool,
                         pad_id: int) -> list[MicroBatch]:
     lengths = [len(data.input_ids[i]) for i in indices]

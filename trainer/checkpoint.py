@@ -85,17 +85,24 @@ def write_rank_rng(run_dir: Path, step: int, rank: int) -> None:
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
 
 
-def commit_checkpoint(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
-                      state: dict[str, Any], keep_last: int) -> Path:
-    """Rank 0: write the rest into the staging directory, fsync, rename into place, prune old ones."""
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The LoRA weights by parameter name (what a sharded run gathers with trainer.sharding.trainable_state)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def commit_checkpoint(run_dir: Path, step: int, model: Any, trainable: dict[str, torch.Tensor],
+                      optimizer_state: dict[str, Any], scheduler: Any, state: dict[str, Any], keep_last: int) -> Path:
+    """Rank 0: write the rest into the staging directory, fsync, rename into place, prune old ones. ``trainable``
+    and ``optimizer_state``: the whole LoRA weights and optimizer state (gathered first when sharded)."""
     from peft import get_peft_model_state_dict
 
     tmp = staging_dir(run_dir, step)
     tmp.mkdir(parents=True, exist_ok=True)
-    adapter = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    adapter = {k: v.detach().contiguous().cpu()
+               for k, v in get_peft_model_state_dict(model, state_dict=trainable).items()}
     save_file(adapter, str(tmp / "adapter_model.safetensors"))
     model.peft_config["default"].save_pretrained(str(tmp))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
     _fsync_tree(tmp)
@@ -158,19 +165,29 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int) -> dict[str, Any]:
-    """Restore adapter, optimizer, scheduler and this rank's RNG; returns the saved trainer state."""
+def read_state(path: Path) -> dict[str, Any]:
+    """The trainer state a checkpoint was saved with (step, data position, counters)."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def load_adapter(path: Path, model: Any) -> None:
+    """The checkpoint's LoRA weights into the whole (not yet sharded) adapter of ``model``."""
     from peft import set_peft_model_state_dict
 
-    state = json.loads((path / STATE_FILE).read_text())
     result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise SameboxError(f"checkpoint {path} does not match the LoRA setup (unexpected {unexpected[:3]})",
                            hint="resume with the config the checkpoint was written with")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+
+
+def load_optimizer_file(path: Path) -> dict[str, Any]:
+    return torch.load(path / "optimizer.pt", weights_only=True)
+
+
+def load_schedule_and_rng(path: Path, scheduler: Any, rank: int) -> None:
+    """The scheduler and this rank's RNG (last: nothing after it draws from the RNG before training)."""
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng-{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return state

@@ -194,6 +194,9 @@ class TrainSection:
     loss_chunk_tokens: int = integer(1024)  # logits are computed this many tokens at a time, never for the whole batch
     fused: str = choice("auto", *TRI_STATE)  # fused LoRA/NF4 kernels
     offload_activations: str = choice("auto", *TRI_STATE)  # checkpointed activations kept in host memory
+    # fsdp: FSDP2 shards the frozen weights and the LoRA state over the processes (torchrun), for a model whose
+    # weights do not fit one card; none: every process holds the whole model
+    shard: str = choice("none", "none", "fsdp")
 
 
 @dataclass
@@ -311,6 +314,9 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
             problems.append(f"{dotted} is empty; give {rule.required}")
     if cfg.model.quantization == "nf4" and cfg.model.dtype == "fp32":
         problems.append("model.quantization=nf4 computes in bf16 or fp16; set model.dtype=bf16")
+    if cfg.train.shard == "fsdp" and cfg.model.dtype == "fp16":
+        problems.append("train.shard=fsdp trains in bf16 or fp32 (fp16's loss scaling is not sharded); "
+                        "set model.dtype=bf16")
     if problems:
         raise SameboxError("invalid training config", problems=problems)
     return cfg

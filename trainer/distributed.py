@@ -1,4 +1,5 @@
-"""Data parallelism under torchrun / `accelerate launch`: one process per GPU, LoRA gradients summed by all-reduce.
+"""Data parallelism under torchrun / `accelerate launch`: one process per GPU, LoRA gradients summed by all-reduce
+(or, under train.shard=fsdp, by FSDP2's reduce-scatter: trainer/sharding.py).
 
 The launcher starts the processes and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; nothing here
 starts a process. Every rank takes a share of each optimizer step's samples (balanced by tokens). Each micro-batch's
@@ -54,17 +55,32 @@ def barrier(ranks: Ranks) -> None:
         torch.distributed.barrier()
 
 
-def broadcast_params(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
-    """Start every rank from rank 0's LoRA weights (the same seed gives the same init only on the same hardware)."""
+def broadcast_params(params: list[torch.nn.Parameter], ranks: Ranks, device: torch.device) -> None:
+    """Start every rank from rank 0's LoRA weights (the same seed gives the same init only on the same hardware).
+    Sent from ``device``: NCCL sends GPU tensors only, and under train.shard=fsdp the weights are on the host."""
     if ranks.world == 1:
         return
     with torch.no_grad():
         for p in params:
-            torch.distributed.broadcast(p.data, src=0)
+            held = p.data
+            sent = held.to(device)  # the same storage when it is already there
+            torch.distributed.broadcast(sent, src=0)
+            if sent.data_ptr() != held.data_ptr():
+                held.copy_(sent)
+
+
+def most_over_ranks(count: int, device: torch.device, ranks: Ranks) -> int:
+    """The largest ``count`` of any rank (FSDP2: every rank runs as many micro-batches as the busiest one)."""
+    if ranks.world == 1:
+        return count
+    t = torch.tensor([count], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
 
 
 def all_reduce_step(params: list[torch.nn.Parameter], loss_sum: torch.Tensor, ranks: Ranks) -> None:
-    """Sum the step's gradients and loss over ranks in one collective per dtype (a rank without samples adds 0)."""
+    """Sum the step's gradients and loss over ranks in one collective per dtype (a rank without samples adds 0).
+    Under train.shard=fsdp pass no params: FSDP2's reduce-scatter has summed the gradients already."""
     if ranks.world == 1:
         return
     for p in params:

@@ -89,7 +89,7 @@ def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Any:
+def quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, shard: str = "none") -> Any:
     if cfg.quantization == "none":
         return None
     if device.type != "cuda":
@@ -99,8 +99,11 @@ def quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dty
         raise SameboxError("model.quantization=nf4 needs bitsandbytes", hint="pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
+    # FSDP2 shards every parameter of a unit alike: stored as the compute dtype, the packed 4-bit weights split
+    # along dim 0 like the bf16 ones (bitsandbytes restores each weight's quant state after the all-gather).
+    storage = {"bnb_4bit_quant_storage": dtype} if shard == "fsdp" else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_compute_dtype=dtype, **storage)
 
 
 def load_tokenizer(model_dir: str, cfg: ModelConfig) -> Any:
@@ -163,40 +166,43 @@ def check_lora_targets(model: Any, targets: str | list[str]) -> None:
                            hint=f"its linear layers are {', '.join(linear)}; or use lora.targets=all-linear")
 
 
-def auto_budget(base: Any, fused: Any, device: torch.device, dtype: torch.dtype, step_tokens: int,
-                trainable: int, loss_chunk: int) -> int:
+def auto_budget(config: Any, fused: Any, device: torch.device, dtype: torch.dtype, step_tokens: int,
+                trainable: int, loss_chunk: int, gathered: int = 0) -> int:
     """micro_batch_tokens=auto: as many tokens per micro-batch as the GPU's free memory holds (the out-of-memory
-    back-off still halves it), never more than a whole step's tokens. A 24 GB and an 80 GB card each use theirs."""
+    back-off still halves it), never more than a whole step's tokens. A 24 GB and an 80 GB card each use theirs.
+    ``gathered``: bytes of weights that FSDP2 all-gathers for a while, beyond this rank's shards."""
     if device.type != "cuda":
         return min(step_tokens, 16384)
     free, _ = torch.cuda.mem_get_info(device)
     elem = torch.finfo(dtype).bits // 8
     # LoRA weights, grads and AdamW's two moments in fp32; the loss's fp32 logits and their softmax, a chunk at a time.
-    reserve = 16 * trainable + 3 * 4 * loss_chunk * base.config.vocab_size + 2 ** 30
+    reserve = 16 * trainable + 3 * 4 * loss_chunk * config.vocab_size + 2 ** 30 + gathered
     if fused is not None:
         per_token, reserve = fused.bytes_per_token(), reserve + fused.fixed_bytes()
     else:
-        per_token = checkpointed_bytes_per_token(base.config, dtype)
-    per_token += 4 * base.config.hidden_size * elem  # the final hidden states and their gradient
+        per_token = checkpointed_bytes_per_token(config, dtype)
+    per_token += 4 * config.hidden_size * elem  # the final hidden states and their gradient
     budget = int((0.85 * free - reserve) // per_token)
     return max(1024, min(step_tokens, budget // 256 * 256))
 
 
 @dataclass
 class TrainPath:
-    """How the model trains: the fused layers or transformers + peft, and the micro-batch budget."""
+    """How the model trains: the fused layers or transformers + peft, and whether FSDP2 shards it."""
 
     fused: Any  # trainer.fused.FusedDecoder | None
     note: str
     checkpointing: bool
-    budget: int
+    sharded: bool = False  # train.shard=fsdp: loaded on the host, to be sharded by trainer/sharding.py
 
 
 def setup_model(cfg: ModelConfig, lora: Any, train: Any, step_tokens: int, packing_allowed: bool = True
                 ) -> tuple[LoadedModel, TrainPath]:
-    """Load the base model frozen, wrap it with LoRA, pick the training path (fused layers when the model fits
-    them and packing is allowed) and the micro-batch token budget. ``step_tokens``: the most tokens one
-    optimizer step can hold."""
+    """Load the base model frozen, wrap it with LoRA and pick the training path (fused layers when the model fits
+    them and packing is allowed). ``step_tokens``: the most tokens one optimizer step can hold.
+
+    Under train.shard=fsdp the weights load into host memory (a rank never holds the whole model on its GPU) and
+    stay there until trainer/sharding.py moves each rank's shards to ``LoadedModel.device``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -205,11 +211,13 @@ def setup_model(cfg: ModelConfig, lora: Any, train: Any, step_tokens: int, packi
     device = pick_device()
     dtype = pick_dtype(cfg, device)
     attention = pick_attention(cfg, device)
-    quant = quantization_config(cfg, device, dtype)
+    sharded = train.shard == "fsdp"
+    quant = quantization_config(cfg, device, dtype, train.shard)
     model_dir = fetch_model(cfg)
     tokenizer = load_tokenizer(model_dir, cfg)
+    load_to = "cpu" if sharded else str(device)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "revision": cfg.revision,
-                              "trust_remote_code": cfg.trust_remote_code, "device_map": {"": str(device)}}
+                              "trust_remote_code": cfg.trust_remote_code, "device_map": {"": load_to}}
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
@@ -227,24 +235,34 @@ def setup_model(cfg: ModelConfig, lora: Any, train: Any, step_tokens: int, packi
         raise SameboxError(f"LoRA targets {targets} do not match the model: {e}",
                            hint="use lora.targets=all-linear or names such as [q_proj, v_proj]") from None
     check_lora_targets(model, targets)
-    elem = torch.finfo(dtype).bits // 8
-    saved_per_token = 2 * base.config.num_hidden_layers * base.config.hidden_size * elem
-    offload = want_offload(train.offload_activations, device, saved_per_token * step_tokens)
-    fused_setting = train.fused if packing_allowed else "false"
-    fused, note = fused_decoder(model, fused_setting, dtype, device, offload)
-    if not packing_allowed and train.fused != "false":
-        note = "transformers + peft layers (the fused layers need packed samples: data.packing is false)"
+    if sharded:
+        # The fused decoder holds whole per-layer weights of its own; FSDP2 shards the modules transformers built.
+        fused, note = None, "FSDP2-sharded transformers + peft layers (train.shard=fsdp)"
+    else:
+        elem = torch.finfo(dtype).bits // 8
+        saved_per_token = 2 * base.config.num_hidden_layers * base.config.hidden_size * elem
+        offload = want_offload(train.offload_activations, device, saved_per_token * step_tokens)
+        fused_setting = train.fused if packing_allowed else "false"
+        fused, note = fused_decoder(model, fused_setting, dtype, device, offload)
+        if not packing_allowed and train.fused != "false":
+            note = "transformers + peft layers (the fused layers need packed samples: data.packing is false)"
     checkpointing = False
     if fused is None:
         checkpointing = wants_checkpointing(cfg, base, device, dtype, train.micro_batch_tokens)
         if checkpointing:
             enable_checkpointing(base)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    budget = train.micro_batch_tokens
-    if budget == "auto":
-        budget = auto_budget(base, fused, device, dtype, step_tokens, trainable, train.loss_chunk_tokens)
     loaded = LoadedModel(model, tokenizer, device, dtype, attention, model_dir)
-    return loaded, TrainPath(fused, note, checkpointing or fused is not None, int(budget))
+    return loaded, TrainPath(fused, note, checkpointing or fused is not None, sharded)
+
+
+def micro_batch_budget(train: Any, loaded: LoadedModel, path: TrainPath, step_tokens: int, gathered: int = 0) -> int:
+    """train.micro_batch_tokens, or under auto the budget from the GPU's free memory, measured once the weights
+    are where they train (under FSDP2: this rank's shards on its GPU)."""
+    if train.micro_batch_tokens != "auto":
+        return int(train.micro_batch_tokens)
+    trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    return auto_budget(loaded.model.get_base_model().config, path.fused, loaded.device, loaded.dtype, step_tokens,
+                       trainable, train.loss_chunk_tokens, gathered)
 
 
 def decoder_and_head(model: Any, fused: Any = None) -> tuple[Any, torch.nn.Module]:

@@ -3,7 +3,8 @@
 Setup loads the model (``_setup_model``), the tokenized data (``_setup_data``), the optimizer and schedule
 (``_setup_optimizer``), then restores a checkpoint when resuming. Train runs optimizer steps, each a fixed set of
 samples, saving atomically every N steps / T minutes and when SIGTERM or SIGINT asks it to stop. Under torchrun /
-accelerate launch each process takes a share of every step and rank 0 alone writes (trainer/distributed.py).
+accelerate launch each process takes a share of every step and rank 0 alone writes (trainer/distributed.py); with
+train.shard=fsdp the processes also share the model's weights (trainer/sharding.py).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from builder.errors import SameboxError
 from builder.fsutil import write_atomic
 from trainer import checkpoint as ckpt
 from trainer import distributed as dist
-from trainer.batching import build_micro_batches, step_indices, steps_per_epoch
+from trainer import sharding
+from trainer.batching import build_micro_batches, idle_micro_batch, step_indices, steps_per_epoch
 from trainer.config import TrainConfig
 from trainer.data import TokenizedData, prepare_data
 from trainer.metrics import MetricsLogger
-from trainer.model import LoadedModel, decoder_and_head, setup_model
-from trainer.step import clip_and_check, is_finite, run_step
+from trainer.model import LoadedModel, decoder_and_head, micro_batch_budget, setup_model
+from trainer.step import StepLoss, clip_and_check, is_finite, run_step
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
@@ -49,6 +51,7 @@ class LoRAFinetuneRecipe:
         self.run_dir = Path(cfg.output.dir).expanduser()
         self.ranks = dist.ranks_from_env()
         self.rank, self.world = self.ranks.rank, self.ranks.world
+        sharding.require_processes(cfg.train.shard, self.ranks)
         self.step = 0
         self.stop_signal: int | None = None
         self.skipped = 0
@@ -64,7 +67,9 @@ class LoRAFinetuneRecipe:
             ckpt.clear_run(self.run_dir)
         self._setup_data()  # the data, its rows and the tokenizer are checked before the weights load
         self._setup_model()
-        dist.broadcast_params(self.params, self.ranks)
+        dist.broadcast_params(self.params, self.ranks, self.loaded.device)
+        self._restore_adapter()  # into the whole adapter, before any sharding
+        self._shard()
         self._setup_optimizer()
         self._restore()
         # The record continues from the step resumed at: no row of a killed run's stale tail stays.
@@ -87,11 +92,23 @@ class LoRAFinetuneRecipe:
         self.checkpointing = path.checkpointing
         self.model = loaded.model
         self.decoder, self.head = decoder_and_head(self.model, path.fused)
+        self.step_loss = StepLoss(self.decoder, self.head, loaded.device, loaded.dtype,
+                                  self.cfg.train.loss_chunk_tokens)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # The fused layers and flash-attn take packed rows with the samples' boundaries (varlen attention).
         self.varlen = path.fused is not None or loaded.attention == "flash_attention_2"
         self.packing = self.cfg.data.packing == "true" or (self.cfg.data.packing == "auto" and self.varlen)
-        self.budget = path.budget
+
+    def _shard(self) -> None:
+        """train.shard=fsdp: the FSDP2 units (this rank's shards to its device); then the micro-batch budget, from
+        the memory left once the weights are where they train."""
+        gathered = 0
+        if self.path.sharded:
+            layers = sharding.decoder_layers(self.decoder)
+            gathered = sharding.gathered_bytes(self.step_loss, layers)
+            sharding.shard(self.step_loss, layers, self.loaded.device, self.ranks)
+            self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2's sharded parameters
+        self.budget = micro_batch_budget(self.cfg.train, self.loaded, self.path, self._step_tokens(), gathered)
 
     def _step_tokens(self) -> int:
         """The most tokens this process can get in one optimizer step: what the auto budget need not exceed."""
@@ -115,12 +132,12 @@ class LoRAFinetuneRecipe:
             self.optimizer, cosine_with_warmup(warmup, self.total_steps, t.min_lr_ratio))
         self.scaler = torch.amp.GradScaler("cuda") if self.loaded.dtype == torch.float16 else None
 
-    def _restore(self) -> None:
+    def _restore_adapter(self) -> None:
         path = ckpt.resolve_resume(self.run_dir, self.resume)
         self.resumed_from = path
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.rank)
+        state = ckpt.read_state(path)
         expected = {"samples": len(self.data), "samples_per_step": self.cfg.train.samples_per_step,
                     "seed": self.cfg.train.seed, "shuffle": self.cfg.data.shuffle}
         changed = [f"{k}: checkpoint {state['data'].get(k)!r}, now {v!r}" for k, v in expected.items()
@@ -128,6 +145,21 @@ class LoRAFinetuneRecipe:
         if changed:
             raise SameboxError(f"cannot resume from {path}: the data order would differ", problems=changed,
                                hint="resume with the same data and train settings, or start a new output.dir")
+        ckpt.load_adapter(path, self.model)
+        self.resumed_state = state
+
+    def _restore(self) -> None:
+        """The rest of the checkpoint _restore_adapter found: optimizer, scheduler, RNG and counters."""
+        path = self.resumed_from
+        if path is None:
+            return
+        if self.path.sharded:
+            saved = ckpt.load_optimizer_file(path) if self.rank == 0 else {}
+            sharding.load_optimizer_state(self.model, self.optimizer, saved)
+        else:
+            self.optimizer.load_state_dict(ckpt.load_optimizer_file(path))
+        ckpt.load_schedule_and_rng(path, self.scheduler, self.rank)
+        state = self.resumed_state
         self.step = state["step"]
         self.budget = state["micro_batch_tokens"]
         self.skipped = state["skipped"]
@@ -165,15 +197,19 @@ class LoRAFinetuneRecipe:
         pad_id = self.loaded.tokenizer.pad_token_id
 
         def make(budget: int) -> list:
-            return build_micro_batches(self.data, local, budget, self.packing, self.varlen, pad_id) if local else []
+            batches = build_micro_batches(self.data, local, budget, self.packing, self.varlen, pad_id) if local else []
+            if self.path.sharded:  # every FSDP2 forward/backward is a collective: all ranks run as many
+                most = dist.most_over_ranks(len(batches), self.loaded.device, self.ranks)
+                batches += [idle_micro_batch(pad_id, self.varlen) for _ in range(most - len(batches))]
+            return batches
 
-        result = run_step(self.decoder, self.head, make, self.params, label_total, self.budget,
-                          self.loaded.device, self.loaded.dtype, t.loss_chunk_tokens,
+        result = run_step(self.step_loss, make, self.params, label_total, self.budget, self.loaded.device,
                           scale=self.scaler.scale if self.scaler else None,
-                          on_oom=lambda b: self.logger.event(f"out of memory: micro-batch budget now {b} tokens"))
+                          on_oom=lambda b: self.logger.event(f"out of memory: micro-batch budget now {b} tokens"),
+                          retry_oom=not self.path.sharded)
         self.budget = result.budget
         loss_sum = result.loss_sum
-        dist.all_reduce_step(self.params, loss_sum, self.ranks)
+        dist.all_reduce_step([] if self.path.sharded else self.params, loss_sum, self.ranks)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm, loss_value = clip_and_check(self.params, t.max_grad_norm, loss_sum)
@@ -209,11 +245,20 @@ class LoRAFinetuneRecipe:
             row["oom_retries"] = result.oom_retries
         return row
 
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """The whole LoRA weights by name; under FSDP2 gathered to rank 0 (every rank calls this)."""
+        if self.path.sharded:
+            return sharding.trainable_state(self.model)
+        return ckpt.trainable_state(self.model)
+
     def save(self) -> Path | None:
         if self.rank == 0:
             ckpt.clear_staging(self.run_dir, self.step)
         dist.barrier(self.ranks)
         ckpt.write_rank_rng(self.run_dir, self.step, self.rank)
+        trainable = self._trainable_state()
+        optimizer_state = sharding.optimizer_state(self.model, self.optimizer) if self.path.sharded else \
+            self.optimizer.state_dict()
         dist.barrier(self.ranks)
         path = None
         if self.rank == 0:
@@ -222,8 +267,8 @@ class LoRAFinetuneRecipe:
                      "train_seconds": self.train_seconds, "world_size": self.world,
                      "data": {"samples": len(self.data), "samples_per_step": self.cfg.train.samples_per_step,
                               "seed": self.cfg.train.seed, "shuffle": self.cfg.data.shuffle}}
-            path = ckpt.commit_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                                          state, self.cfg.output.keep_last)
+            path = ckpt.commit_checkpoint(self.run_dir, self.step, self.model, trainable, optimizer_state,
+                                          self.scheduler, state, self.cfg.output.keep_last)
         dist.barrier(self.ranks)
         return path
 
@@ -251,13 +296,15 @@ class LoRAFinetuneRecipe:
         return 0
 
     def _finish(self) -> None:
+        trainable = self._trainable_state()
         if self.rank != 0:
             return
-        self.model.save_pretrained(str(self.run_dir / "adapter"))
+        self.model.save_pretrained(str(self.run_dir / "adapter"), state_dict=trainable)
         summary = {"steps": self.step, "skipped_steps": self.skipped, "label_tokens": self.label_tokens_seen,
                    "train_seconds": self.train_seconds, "attention": self.loaded.attention,
                    "packing": self.packing, "gradient_checkpointing": self.checkpointing,
                    "fused_layers": self.path.fused is not None, "path": self.path.note,
+                   "shard": self.cfg.train.shard,
                    "micro_batch_tokens": self.budget}
         if self.loaded.device.type == "cuda":
             summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.loaded.device) / 2**30

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from builder.errors import SameboxError
 from trainer.batching import MicroBatch
@@ -43,18 +44,39 @@ def forward_loss_sum(decoder: Any, head: torch.nn.Module, mb: MicroBatch, device
     return chunked_cross_entropy_sum(hidden, head.weight, mb.targets.to(device, non_blocking=True), chunk)
 
 
-def run_step(decoder: Any, head: torch.nn.Module, make_batches: Callable[[int], list[MicroBatch]],
+class StepLoss(torch.nn.Module):
+    """A micro-batch's loss sum as one module: the body (hidden states out) and the output projection.
+
+    Under train.shard=fsdp this module is FSDP2's root unit, owning the embeddings, the final norm and lm_head (each
+    decoder layer is a unit of its own). The chunked loss reads ``head.weight`` itself instead of calling lm_head
+    (whose full logits it exists to avoid), and FSDP2 gathers a unit's weights only around that unit's forward:
+    so the read happens in this module's forward, where the root's weights are whole."""
+
+    def __init__(self, decoder: Any, head: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 chunk: int) -> None:
+        super().__init__()
+        self.decoder = decoder  # the transformers body (a submodule) or the fused decoder
+        self.head = head
+        self.device, self.dtype, self.chunk = device, dtype, chunk
+
+    def forward(self, mb: MicroBatch) -> torch.Tensor:
+        return forward_loss_sum(self.decoder, self.head, mb, self.device, self.dtype, self.chunk)
+
+
+def run_step(loss_of: Callable[[MicroBatch], torch.Tensor], make_batches: Callable[[int], list[MicroBatch]],
              params: list[torch.nn.Parameter], label_total: int, budget: int, device: torch.device,
-             dtype: torch.dtype, chunk: int, scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             on_oom: Callable[[int], None] | None = None) -> StepResult:
-    """Accumulate the step's gradient into ``params``; ``make_batches(budget)`` cuts the step's samples."""
+             scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             on_oom: Callable[[int], None] | None = None, retry_oom: bool = True) -> StepResult:
+    """Accumulate the step's gradient into ``params``; ``make_batches(budget)`` cuts the step's samples and
+    ``loss_of`` (a StepLoss) gives a micro-batch's loss sum. ``retry_oom=False`` (FSDP2: the other ranks wait in
+    a collective for this one, so it cannot redo the step alone) makes out of memory an error at once."""
     retries = 0
     while True:
         batches = make_batches(budget)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         try:
             for mb in batches:
-                loss = forward_loss_sum(decoder, head, mb, device, dtype, chunk)
+                loss = loss_of(mb)
                 normalised = loss / max(label_total, 1)
                 (scale(normalised) if scale else normalised).backward()
                 loss_sum += loss.detach()
@@ -66,6 +88,10 @@ def run_step(decoder: Any, head: torch.nn.Module, make_batches: Callable[[int], 
             loss = normalised = loss_sum = None  # noqa: F841 - drop references so the cache can be freed
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if not retry_oom:
+                raise SameboxError(f"out of memory in a micro-batch of up to {budget} tokens under train.shard=fsdp",
+                                   hint="set train.micro_batch_tokens below that (the sharded ranks cannot halve "
+                                        "it on their own), or model.gradient_checkpointing=true") from None
             if all(mb.samples == 1 for mb in batches):
                 raise SameboxError(f"out of memory with one sample of {longest} tokens per micro-batch",
                                    hint="lower data.max_length, set model.gradient_checkpointing=true, or use "
@@ -79,6 +105,8 @@ def run_step(decoder: Any, head: torch.nn.Module, make_batches: Callable[[int], 
 def clip_and_check(params: list[torch.nn.Parameter], max_norm: float, loss_sum: torch.Tensor) -> tuple[float, float]:
     """(grad norm, loss sum) as floats; either non-finite means the step must be skipped."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if isinstance(norm, DTensor):  # FSDP2: the grads are shards; the norm over all of them, the same on each rank
+        norm = norm.full_tensor()
     # One device->host sync per step, here.
     values = torch.stack([norm.float(), loss_sum.float()]).tolist()
     return values[0], values[1]

@@ -44,6 +44,7 @@ BAD = {
     "train.loss_chunk_tokens": ("many", "0"),
     "train.fused": ("2", "maybe"),
     "train.offload_activations": ("2", "cpu"),
+    "train.shard": ("[fsdp]", "zero3"),
     "output.dir": ("[a]", "''"),
     "output.save_every_steps": ("often", "0"),
     "output.save_every_minutes": ("abc", "-5"),

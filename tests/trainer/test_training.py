@@ -73,10 +73,10 @@ def _step_loss_and_grads(make_config, packing: str, budget: int):
         recipe.model.train()
         indices = recipe._step_samples(0)
         label_total = sum(recipe.label_counts[i] for i in indices)
+        recipe.step_loss.chunk = 64
         result = step_mod.run_step(
-            recipe.decoder, recipe.head,
-            lambda b: build_micro_batches(recipe.data, indices, b, recipe.packing, recipe.varlen, 0),
-            recipe.params, label_total, recipe.budget, recipe.loaded.device, recipe.loaded.dtype, 64)
+            recipe.step_loss, lambda b: build_micro_batches(recipe.data, indices, b, recipe.packing, recipe.varlen, 0),
+            recipe.params, label_total, recipe.budget, recipe.loaded.device)
         return result, float(result.loss_sum) / label_total, [p.grad.clone() for p in recipe.params]
     finally:
         recipe.cleanup()

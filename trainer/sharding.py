@@ -1,0 +1,115 @@
+"""train.shard=fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) shards the frozen weights, the LoRA weights, their
+gradients and AdamW's state over the processes, for a model whose weights do not fit one card.
+
+Units: each decoder layer, then the root (trainer.step.StepLoss: the embeddings, the final norm and lm_head). A
+unit's weights are all-gathered around its forward and its backward and freed after; the rest of the time each rank
+holds 1/N of them. Each rank's loss is already divided by the whole step's label tokens (trainer/step.py), so the
+gradients' reduce-scatter is set to a plain sum (FSDP2 averages by default): the summed shards are the one-process
+gradient, as under the replicated path's all-reduce (trainer/distributed.py).
+
+Checkpoints hold the whole adapter and the whole optimizer state, gathered to rank 0 by
+torch.distributed.checkpoint.state_dict, in the files the replicated path writes (optimizer state keyed by the
+trainable parameters' order, as ``optimizer.state_dict()`` keys it): a run resumes with either setting and any
+number of processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from builder.errors import SameboxError
+from trainer.distributed import Ranks
+
+LAUNCH = "torchrun --nproc_per_node N -m builder.cli train CONFIG.yaml"
+
+
+def require_processes(shard: str, ranks: Ranks) -> None:
+    """train.shard=fsdp splits the model over the launcher's processes: one process has nothing to split over."""
+    if shard == "fsdp" and ranks.world == 1:
+        raise SameboxError("train.shard=fsdp shards the model over several processes, but this is the only one",
+                           hint=f"launch one process per GPU: {LAUNCH} ... (N GPUs); or set train.shard=none")
+
+
+def decoder_layers(body: Any) -> list[torch.nn.Module]:
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not layers:
+        raise SameboxError(f"train.shard=fsdp needs the model body's decoder layers (.layers); "
+                           f"{type(body).__name__} has none", hint="set train.shard=none")
+    return list(layers)
+
+
+def _bytes(params: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def gathered_bytes(step_loss: torch.nn.Module, layers: list[torch.nn.Module]) -> int:
+    """GPU memory the all-gathers take beyond this rank's shards (call before sharding): the root unit whole (it stays
+    gathered from its forward to its backward) and two layers (the one computing and the one prefetched)."""
+    layer_bytes = [_bytes(layer.parameters()) for layer in layers]
+    return _bytes(step_loss.parameters()) - sum(layer_bytes) + 2 * max(layer_bytes)
+
+
+def shard(step_loss: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device, ranks: Ranks) -> None:
+    """Make the FSDP2 units, moving this rank's shards from the host to ``device`` (the rank's GPU, or the CPU
+    under gloo). The LoRA weights must already be every rank's same (broadcast from rank 0): each rank keeps its
+    slice of what it holds."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (ranks.world,))
+    units = [fully_shard(layer, mesh=mesh) for layer in layers]
+    units.append(fully_shard(step_loss, mesh=mesh))
+    for unit in units:
+        # divide factor 1 and SUM only (no PREMUL_SUM, which gloo lacks): the reduce-scatter sums the ranks' grads.
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    # bitsandbytes keeps a 4-bit weight's quant state (absmax, code) on the module, outside the parameters FSDP2
+    # moves; it is a few percent of the weights and every rank needs all of it, next to the gathered weight.
+    for module in step_loss.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None and hasattr(state, "absmax"):
+            state.to(device)
+
+
+def trainable_names(model: Any) -> list[str]:
+    """The trainable parameters' names in ``model.parameters()`` order: the order the optimizer holds them."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The whole LoRA weights by parameter name, on rank 0's host ({} on the other ranks). Every rank calls it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+def optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The whole optimizer state on rank 0 ({} elsewhere), keyed as ``optimizer.state_dict()`` keys it. Every rank
+    calls it."""
+    full = get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return {}
+    index = {name: i for i, name in enumerate(trainable_names(model))}
+    return {"state": {index[name]: value for name, value in full["state"].items()},
+            "param_groups": [{**group, "params": [index[n] for n in group["params"]]}
+                             for group in full["param_groups"]]}
+
+
+def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Rank 0's ``saved`` (a checkpoint's optimizer.pt; {} on the other ranks) into every rank's shards."""
+    full: dict[str, Any] = {}
+    if saved:
+        names = trainable_names(model)
+        full = {"state": {names[i]: value for i, value in saved["state"].items()},
+                "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                 for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
