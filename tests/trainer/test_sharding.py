@@ -142,3 +142,28 @@ def test_fsdp_in_one_process_or_with_fp16_exits_2_saying_what_works(tmp_path, ca
     assert "Traceback" not in err
     assert cli_main([*args, "model.dtype=fp16"]) == 2
     assert "train.shard=fsdp trains in bf16 or fp32" in capsys.readouterr().err
+
+
+def test_4bit_weights_shard_and_give_the_unsharded_gradient(tiny_model_dir, tmp_path):
+    """NF4 with bnb_4bit_quant_storage=bf16 (quantization_config under fsdp) through trainer.sharding's units, on
+    bitsandbytes' CPU backend: the packed weights are split like any other, each rank restores the quant state
+    after the all-gather, and the summed shards' gradients are the one-process ones (the same bf16 arithmetic per
+    row; a sum of two fp32 terms is exact in either order)."""
+    script = Path(__file__).with_name("fsdp_nf4_check.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    runs = [[sys.executable, str(script), str(tiny_model_dir), str(one)],
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+             str(tiny_model_dir), str(two)]]
+    for argv in runs:
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    alone, sharded = json.loads(one.read_text()), json.loads(two.read_text())
+    weight = sharded["weight"]
+    assert weight["dtype"] == "torch.bfloat16" and weight["kind"] == "DTensor"
+    assert weight["local_rows"] * 2 == weight["full_rows"]
+    assert sharded["loss_sum"] == pytest.approx(alone["loss_sum"], rel=1e-6)
+    assert sorted(sharded["grads"]) == sorted(alone["grads"]) and len(alone["grads"]) == 28
+    for name, grad in alone["grads"].items():
+        assert any(grad), name
+        torch.testing.assert_close(torch.tensor(sharded["grads"][name]), torch.tensor(grad), rtol=1e-5, atol=1e-7)
