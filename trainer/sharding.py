@@ -18,24 +18,30 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from builder.errors import SameboxError
 from trainer.distributed import Ranks
 
 LAUNCH = "torchrun --nproc_per_node N -m builder.cli train CONFIG.yaml"
+# FSDP2's fully_shard is public in torch.distributed.fsdp from this release on (older catalog images train
+# replicated only); torch.distributed.checkpoint.state_dict and DTensor are imported on use for the same reason.
+FSDP2_MIN_TORCH = (2, 6)
 
 
 def require_processes(shard: str, ranks: Ranks) -> None:
     """train.shard=fsdp splits the model over the launcher's processes: one process has nothing to split over."""
+    if shard == "fsdp" and _torch_release() < FSDP2_MIN_TORCH:
+        need = ".".join(map(str, FSDP2_MIN_TORCH))
+        raise SameboxError(f"train.shard=fsdp needs torch >= {need} (FSDP2); this environment has {torch.__version__}",
+                           hint=f"use a catalog image with torch >= {need} (samebox images), or set train.shard=none")
     if shard == "fsdp" and ranks.world == 1:
         raise SameboxError("train.shard=fsdp shards the model over several processes, but this is the only one",
                            hint=f"launch one process per GPU: {LAUNCH} ... (N GPUs); or set train.shard=none")
+
+
+def _torch_release() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 
 
 def decoder_layers(body: Any) -> list[torch.nn.Module]:
@@ -86,6 +92,8 @@ def trainable_names(model: Any) -> list[str]:
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     """The whole LoRA weights by parameter name, on rank 0's host ({} on the other ranks). Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     return get_model_state_dict(model, options=options)
 
@@ -93,6 +101,8 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
 def optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The whole optimizer state on rank 0 ({} elsewhere), keyed as ``optimizer.state_dict()`` keys it. Every rank
     calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     full = get_optimizer_state_dict(model, optimizer,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not full:
@@ -105,6 +115,8 @@ def optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, A
 
 def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """Rank 0's ``saved`` (a checkpoint's optimizer.pt; {} on the other ranks) into every rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     full: dict[str, Any] = {}
     if saved:
         names = trainable_names(model)

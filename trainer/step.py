@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from builder.errors import SameboxError
 from trainer.batching import MicroBatch
@@ -105,7 +104,7 @@ def run_step(loss_of: Callable[[MicroBatch], torch.Tensor], make_batches: Callab
 def clip_and_check(params: list[torch.nn.Parameter], max_norm: float, loss_sum: torch.Tensor) -> tuple[float, float]:
     """(grad norm, loss sum) as floats; either non-finite means the step must be skipped."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if isinstance(norm, DTensor):  # FSDP2: the grads are shards; the norm over all of them, the same on each rank
+    if hasattr(norm, "full_tensor"):  # FSDP2's DTensor: the norm over all the shards, the same on each rank
         norm = norm.full_tensor()
     # One device->host sync per step, here.
     values = torch.stack([norm.float(), loss_sum.float()]).tolist()

@@ -167,3 +167,15 @@ def test_4bit_weights_shard_and_give_the_unsharded_gradient(tiny_model_dir, tmp_
     for name, grad in alone["grads"].items():
         assert any(grad), name
         torch.testing.assert_close(torch.tensor(sharded["grads"][name]), torch.tensor(grad), rtol=1e-5, atol=1e-7)
+
+
+def test_fsdp_on_a_torch_without_fsdp2_says_which_images_have_it(monkeypatch) -> None:
+    """The older catalog images (torch 2.1, 2.3, 2.5) train replicated: shard=fsdp there is a clear refusal."""
+    from builder.errors import SameboxError
+    from trainer import sharding
+    from trainer.distributed import Ranks
+
+    monkeypatch.setattr(sharding, "_torch_release", lambda: (2, 3))
+    with pytest.raises(SameboxError, match=r"train.shard=fsdp needs torch >= 2.6 \(FSDP2\)"):
+        sharding.require_processes("fsdp", Ranks(0, 2, 0))
+    sharding.require_processes("none", Ranks(0, 1, 0))  # the replicated path asks nothing of torch
