@@ -186,6 +186,30 @@ def auto_budget(config: Any, fused: Any, device: torch.device, dtype: torch.dtyp
     return max(1024, min(step_tokens, budget // 256 * 256))
 
 
+# torch.OutOfMemoryError from torch 2.5; the catalog's older torch raises torch.cuda.OutOfMemoryError (its base).
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def weights_do_not_fit(model_dir: str, cfg: ModelConfig, device: torch.device) -> SameboxError:
+    """The base weights alone overflowed the GPU while loading: say what would hold them (QLoRA, then the model
+    sharded over several GPUs, then a bigger card) instead of the allocator's traceback."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        card = f"{torch.cuda.get_device_name(device)}: {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free now"
+        count = torch.cuda.device_count()
+    else:
+        card, count = str(device), 0
+    ways = []
+    if cfg.quantization == "none":
+        ways.append("load it in 4 bits: model.quantization=nf4 (QLoRA)")
+    gpus = max(2, count)
+    ways.append(f"shard it over {gpus} GPUs: torchrun --nproc_per_node {gpus} -m builder.cli train CONFIG.yaml "
+                "train.shard=fsdp (configs/qwen2.5-32b-qlora-2x24gb.yaml is one)")
+    ways.append("or rent a card with more memory (samebox check-gpu --gpu NAME says which image runs on it)")
+    return SameboxError(f"the weights of {model_dir} ({cfg.quantization}) do not fit one GPU ({card})",
+                        hint="; ".join(ways))
+
+
 @dataclass
 class TrainPath:
     """How the model trains: the fused layers or transformers + peft, and whether FSDP2 shards it."""
@@ -225,6 +249,8 @@ def setup_model(cfg: ModelConfig, lora: Any, train: Any, step_tokens: int, packi
     except OSError as e:
         raise SameboxError(f"could not load model {model_dir}: {e}",
                            hint="check the path or id; behind the GFW set HF_ENDPOINT=https://hf-mirror.com") from None
+    except OUT_OF_MEMORY:
+        raise weights_do_not_fit(model_dir, cfg, device) from None
     base.config.use_cache = False
     targets = lora.targets if isinstance(lora.targets, str) else list(lora.targets)
     peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,

@@ -39,3 +39,23 @@ def test_summary_says_which_path_trained(make_config, overrides, fused):
     assert 0 < summary["micro_batch_tokens"] <= 16384 and steps[0]["tokens"] <= summary["micro_batch_tokens"]
     if fused:
         assert steps[0]["micro_batches"] == 1
+
+
+def test_weights_that_overflow_the_gpu_say_how_to_fit_them(make_config, monkeypatch):
+    """Loading a model too big for the card ends in the allocator's error inside from_pretrained: the user gets what
+    would fit it (QLoRA, the model sharded over GPUs) with exit 2, not the traceback."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer import model
+
+    def overflow(*_args, **_kwargs):
+        raise model.OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 270.00 MiB")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", overflow)
+    cfg = make_config(overrides=("train.max_steps=1",), name="overflow")
+    recipe = LoRAFinetuneRecipe(cfg)
+    with pytest.raises(SameboxError) as err:
+        recipe.setup()
+    recipe.cleanup()
+    assert "do not fit one GPU" in err.value.message and "(none)" in err.value.message
+    assert "model.quantization=nf4" in err.value.hint and "train.shard=fsdp" in err.value.hint
