@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +188,20 @@ def auto_budget(config: Any, fused: Any, device: torch.device, dtype: torch.dtyp
     return max(1024, min(step_tokens, budget // 256 * 256))
 
 
+@contextmanager
+def host_threads(loading_on_host: bool) -> Iterator[None]:
+    """While a sharded run loads and quantizes its weights in host memory: this process's share of the cores.
+    torchrun sets OMP_NUM_THREADS=1 where it is unset, which would quantize a 32B model on one core per process."""
+    before = torch.get_num_threads()
+    share = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if loading_on_host and share > before:
+        torch.set_num_threads(share)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # torch.OutOfMemoryError from torch 2.5; the catalog's older torch raises torch.cuda.OutOfMemoryError (its base).
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -245,7 +261,8 @@ def setup_model(cfg: ModelConfig, lora: Any, train: Any, step_tokens: int, packi
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
-        base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        with host_threads(sharded):
+            base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except OSError as e:
         raise SameboxError(f"could not load model {model_dir}: {e}",
                            hint="check the path or id; behind the GFW set HF_ENDPOINT=https://hf-mirror.com") from None

@@ -59,3 +59,24 @@ def test_weights_that_overflow_the_gpu_say_how_to_fit_them(make_config, monkeypa
     recipe.cleanup()
     assert "do not fit one GPU" in err.value.message and "(none)" in err.value.message
     assert "model.quantization=nf4" in err.value.hint and "train.shard=fsdp" in err.value.hint
+
+
+def test_a_sharded_load_quantizes_on_this_process_share_of_the_cores(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1; the host-side load of a sharded run takes cores / local processes, then
+    gives them back (training keeps torchrun's setting)."""
+    import torch
+
+    from trainer.model import host_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setattr("os.cpu_count", lambda: 8)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        with host_threads(True):
+            assert torch.get_num_threads() == 4
+        assert torch.get_num_threads() == 1
+        with host_threads(False):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
