@@ -136,3 +136,27 @@ def test_packed_samples_do_not_see_each_other(tiny_model_dir, tokenizer):
     rows = [r["instruction"] + " " + r["output"] for r in alpaca_rows(4)]
     result = packing_isolation(tiny_model_dir, [tokenizer(t)["input_ids"] for t in rows], torch.float32)
     assert result["packed_vs_alone_rel_diff"] < 1e-5 < 1e-2 < result["unbounded_vs_alone_rel_diff"], result
+
+
+def test_the_final_adapter_loads_into_peft_with_the_trained_weights(make_config, tiny_model_dir):
+    """adapter/ is what `samebox serve` and `samebox export` load: peft must read back exactly the weights of the
+    last checkpoint (the same step), trained B matrices included, not a fresh LoRA init."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(overrides=("train.max_steps=3",), name="adapter-roundtrip")
+    assert main(cfg) == 0
+    run = Path(cfg.output.dir)
+    final = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    last = load_file(str(run / "checkpoints" / "step-00000003" / "adapter_model.safetensors"))
+    assert sorted(final) == sorted(last) and all(torch.equal(final[k], last[k]) for k in final)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(final)
+    for name, value in final.items():
+        peft_name = name.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
+                                                                                  ".lora_B.default.weight")
+        torch.testing.assert_close(loaded[peft_name], value, rtol=0, atol=0)
+    assert any(v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k), "B stayed at its zero init"
