@@ -10,22 +10,15 @@ setup script asks ``match`` on the platform's bare Python).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from builder import compat
-from builder.environment import Capability, Environment
+from builder.environment import Capability, Environment, sm_list
 from builder.errors import SameboxError
-from builder.spec import (
-    ImageSpec,
-    complete_entry,
-    find_image,
-    load_catalog,
-    parse_catalog,
-    resolve_spec,
-    validate_entries,
-)
+from builder.spec import ImageSpec, find_image, load_catalog, read_catalog, resolve_spec
 
 # Where a samebox Docker image keeps the lock it was built from (images/Dockerfile.j2).
 IMAGE_LOCKFILE = Path("/opt/samebox/lock.txt")
@@ -64,10 +57,6 @@ class LockClaim:
     image: ImageSpec | None = None
 
 
-def _sass(built: tuple[str, ...]) -> str:
-    return " ".join(Capability.parse(a).sm for a in built)
-
-
 @dataclass(frozen=True)
 class Catalog:
     """Every catalog image, validated and completed, in file order."""
@@ -92,17 +81,13 @@ class Catalog:
         """images/matrix.toml (its catalog root two levels up), or the JSON list a standalone setup script embeds."""
         if path.suffix == ".json":
             return cls.from_json(path)
-        entries, installers = parse_catalog(path)
-        validate_entries(entries, installers, path)
-        return cls(tuple(complete_entry(raw, installers, path.parent.parent) for raw in entries))
+        return cls(tuple(read_catalog(path, path.parent.parent)))
 
     @classmethod
     def load_for_claim(cls, root: Path | None, explicit: str | Path | None, image: str = "",
                        environ: dict[str, str] | None = None) -> Catalog:
         """The catalog, or none where the lock is claimed without it (a lockfile given, or recorded by the setup
         script, in an install of samebox that has no checkout beside it)."""
-        import os
-
         environ = os.environ if environ is None else environ
         try:
             return cls.load(root)
@@ -157,8 +142,6 @@ class Catalog:
         """In order: the lockfile given; the image named (``image``); $SAMEBOX_LOCKFILE (the setup script's
         record); a samebox image's /opt/samebox/lock.txt; $SAMEBOX_IMAGE's lock. Otherwise the image whose torch
         and Python this interpreter has, for comparison only (not claimed)."""
-        import os
-
         environ = os.environ if environ is None else environ
         if explicit:
             return LockClaim(Path(explicit), "given", True)
@@ -197,7 +180,7 @@ class Catalog:
                 fixes = sorted((c for c, a in compat.TORCH_ARCHES.items() if any(cc.runs(x) for x in a)),
                                key=compat.version_tuple)
                 fatal.append(f"{gpu} is {cc.sm}, not in torch {spec.torch}'s CUDA {spec.cuda} build "
-                             f"({_sass(built)}): 'no kernel image is available'"
+                             f"({sm_list(built, ' ')}): 'no kernel image is available'"
                              + (f"; torch's CUDA {', '.join(fixes)} builds have it" if fixes else ""))
             if driver and not compat.driver_supports(driver, spec.cuda):
                 fatal.append(f"driver {driver} is older than CUDA {spec.cuda} needs ({compat.min_driver(spec.cuda)})")
@@ -206,8 +189,8 @@ class Catalog:
             limits.append(f"flash-attn 2 needs {fa2_floor.sm}+ (Ampere or newer); {gpu} is {cc.sm}: use sdpa "
                           "attention")
         elif spec.has_torch and not any(cc.runs(a) for a in spec.archs):
-            limits.append(f"this image's flash-attn is built for {_sass(spec.archs)}, not {gpu}'s {cc.sm}: use sdpa "
-                          "attention")
+            limits.append(f"this image's flash-attn is built for {sm_list(spec.archs, ' ')}, not {gpu}'s {cc.sm}: "
+                          "use sdpa attention")
         if cc < Capability.parse(compat.BF16_MIN_CAPABILITY):
             limits.append(f"no bf16 on {cc.sm}: train in fp16")
         if fatal:
@@ -236,10 +219,8 @@ class Catalog:
         torch minor and CUDA; else the newest known release."""
         same = [s for s in self.images if s.has_torch and compat.torch_minor(s.torch) == compat.torch_minor(
             torch_version) and s.cuda == cuda]
-        exact = [s for s in same if s.python == python]
-        for spec in exact or same:
-            return spec.flash_attn
-        return max(compat.FLASH_ATTN_RELEASES, key=compat.version_tuple)
+        pinned = [s for s in same if s.python == python] or same
+        return pinned[0].flash_attn if pinned else max(compat.FLASH_ATTN_RELEASES, key=compat.version_tuple)
 
 
 # --- before cloning: every image against a GPU the user names ------------------------------------------------

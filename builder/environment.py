@@ -92,6 +92,11 @@ class Capability:
         return built.major == self.major and built.minor <= self.minor
 
 
+def sm_list(archs: tuple[str, ...] | list[str], sep: str = ", ") -> str:
+    """'8.0', '9.0' -> 'sm_80, sm_90': how messages name compiled architectures."""
+    return sep.join(Capability.parse(a).sm for a in archs)
+
+
 # --- facts ------------------------------------------------------------------------------------------------------
 
 

@@ -284,13 +284,17 @@ def complete_entry(raw: dict[str, Any], installers: dict[str, dict[str, Any]], r
     )
 
 
-def load_catalog(root: Path | None = None) -> list[ImageSpec]:
-    """Every catalog entry, validated and completed, in file order."""
-    root = root or project_root()
-    path = catalog_path(root)
+def read_catalog(path: Path, root: Path) -> list[ImageSpec]:
+    """Every entry of the catalog file ``path``, validated and completed against ``root``, in file order."""
     entries, installers = parse_catalog(path)
     validate_entries(entries, installers, path)
     return [complete_entry(raw, installers, root) for raw in entries]
+
+
+def load_catalog(root: Path | None = None) -> list[ImageSpec]:
+    """Every entry of ``root``'s images/matrix.toml (default: this checkout's)."""
+    root = root or project_root()
+    return read_catalog(catalog_path(root), root)
 
 
 # --- resolve ----------------------------------------------------------------------------------------------------

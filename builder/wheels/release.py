@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.environment import AUTODL_TURBO, Capability
+from builder.environment import AUTODL_TURBO, sm_list
 from builder.errors import SameboxError
 from builder.wheels.key import WheelKey, release_facts
 
@@ -68,7 +68,7 @@ def release_wheel(key: WheelKey, env: dict[str, str] | None = None) -> ReleaseWh
     name = (f"flash_attn-{key.flash_attn}+cu{cuda}torch{key.torch_minor}cxx11abi{abi}"
             f"-{key.python}-{key.python}-linux_x86_64.whl")
     url = f"{release_base(env)}/v{key.flash_attn}/{name.replace('+', '%2B')}"
-    covers = ", ".join(Capability.parse(a).sm for a in release.release_archs)
+    covers = sm_list(release.release_archs)
     return ReleaseWheel(name, url, f"covers {covers}")
 
 

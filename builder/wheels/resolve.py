@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.environment import Capability, Environment
+from builder.environment import Environment, sm_list
 from builder.errors import SameboxError
 from builder.wheels import build, release, verify
 from builder.wheels.cache import CacheEntry, WheelCache, copy_atomic
@@ -87,7 +87,7 @@ def _from_release(key: WheelKey, cache: WheelCache, steps: list[str], say: Say) 
         entry = cache.add(key, got, "release", found, {"url": rw.url})
     finally:
         got.unlink(missing_ok=True)
-    archs = ", ".join(Capability.parse(a).sm for a in found)
+    archs = sm_list(found)
     steps.append(f"release: downloaded {rw.name}, tags match (cuobjdump: {archs})")
     say(steps[-1])
     return entry
@@ -110,7 +110,7 @@ def _from_source(key: WheelKey, cache: WheelCache, here: Environment, sdist: Pat
                             build.compiled_objects(src), python)
     wheel = build.run_build(plan, src, say)
     found = verify.verify_wheel(wheel, key, exact_archs=True, cuobjdump=cuobjdump)
-    steps.append(f"build: {wheel.name}, cuobjdump lists exactly {', '.join(Capability.parse(a).sm for a in key.archs)}")
+    steps.append(f"build: {wheel.name}, cuobjdump lists exactly {sm_list(key.archs)}")
     say(steps[-1])
     numeric = None
     uncovered = verify.gpu_problems(found, here.gpus, key)

@@ -19,7 +19,7 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
 
 from builder import kernelcheck
-from builder.environment import Capability, Gpu
+from builder.environment import Gpu, sm_list
 from builder.errors import SameboxError
 from builder.kernelcheck import REL_ERR_BOUND
 from builder.kernelcheck import find_cuobjdump as find_cuobjdump  # resolve.py finds the tool through here
@@ -94,12 +94,8 @@ def arch_problems(found: tuple[str, ...], key: WheelKey, exact: bool) -> list[st
     want = set(key.archs)
     if exact and set(found) != want or not exact and not want <= set(found):
         relation = "exactly" if exact else "at least"
-        return [f"cuobjdump lists {_sms(found) or 'nothing'}; the key wants {relation} {_sms(key.archs)}"]
+        return [f"cuobjdump lists {sm_list(found) or 'nothing'}; the key wants {relation} {sm_list(key.archs)}"]
     return []
-
-
-def _sms(archs: tuple[str, ...]) -> str:
-    return ", ".join(Capability.parse(a).sm for a in archs)
 
 
 def gpu_problems(archs: tuple[str, ...], gpus: tuple[Gpu, ...], key: WheelKey) -> list[str]:
@@ -109,7 +105,7 @@ def gpu_problems(archs: tuple[str, ...], gpus: tuple[Gpu, ...], key: WheelKey) -
     for gpu in gpus:
         cap = gpu.capability
         if cap and not any(cap.runs(a) for a in archs):
-            built = _sms(archs)
+            built = sm_list(archs)
             problems.append(
                 f"{gpu.name} is {cap.sm} but this flash-attn wheel only has {built}: it would fail "
                 f"with 'no kernel image is available'. Rebuild for it: samebox wheel flash-attn --from-env "

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from builder import compat
-from builder.environment import Capability
+from builder.environment import Capability, sm_list
 from builder.instance.selftest.findings import (
     Finding,
     fail,
@@ -77,7 +77,7 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
     label = f"flash-attn {fa.get('dist_version') or fa.get('version')}"
     archs = fa.get("elf_archs")
     if cap and archs is not None and not any(cap.runs(a) for a in archs):
-        built = ", ".join(Capability.parse(a).sm for a in archs) or "no SASS"
+        built = sm_list(archs) or "no SASS"
         return [
             fail(
                 f"{label} has kernels for {built} only; this GPU is {cap.sm}: '{NO_KERNEL_IMAGE}'",
