@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 FIXTURES = REPO / "tests" / "fixtures" / "nvml"
 # Readings version 1 grouped the probes under "gpu" and "env"; these four were renamed in version 2.
 V1_GROUPS = ("gpu", "env")
+PARTS = ("quick", "full", "quick_cli", "faults")  # --parts: what --out runs (faults need quick's readings)
 V1_RENAMED = {"accuracy": "matmul_accuracy", "sdpa": "sdpa_backends", "fused": "fused_layers", "lock": "lockfile"}
 
 
@@ -321,15 +322,20 @@ def fault_sm80_flash_attn(healthy: dict, sm80: Path | None) -> dict:
         return result
 
 
-def run_all(unpacked: list[str], sm80: Path | None) -> dict:
-    out: dict = {"wheels": unpacked, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+def run_all(unpacked: list[str], sm80: Path | None, parts: tuple[str, ...] = PARTS) -> dict:
+    out: dict = {"wheels": unpacked, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "parts": list(parts)}
     with tempfile.TemporaryDirectory() as data_dir:
         for mode in ("quick", "full"):
+            if mode not in parts:
+                continue
             out[mode] = timed_selftest(mode, data_dir)
             timings = sorted(out[mode]["report"]["timings"].items(), key=lambda kv: -kv[1])[:6]
             print(f"{mode}: {out[mode]['wall_s']}s, {out[mode]['report']['summary']}, slowest {timings}", flush=True)
-        out["quick_cli"] = timed_cli(data_dir)
-        print(f"quick_cli: {out['quick_cli']['wall_s']}s (exit {out['quick_cli']['exit_code']})", flush=True)
+        if "quick_cli" in parts:
+            out["quick_cli"] = timed_cli(data_dir)
+            print(f"quick_cli: {out['quick_cli']['wall_s']}s (exit {out['quick_cli']['exit_code']})", flush=True)
+    if "faults" not in parts:
+        return out
     healthy = out["quick"]["readings"]
     faults = {}
     for name, fn in (
@@ -410,7 +416,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the quick/full/fault-injection report to this file")
     parser.add_argument("--wheels", type=Path, help="dir of flash-attn / bitsandbytes wheels to unpack for this run")
     parser.add_argument("--sm80-extension", type=Path, help="flash-attn wheel or .so built for sm_80 only")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"with --out: comma-separated subset of {','.join(PARTS)} (faults need quick)")
     args = parser.parse_args()
+    parts = tuple(p for p in args.parts.split(",") if p)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or ("faults" in parts and "quick" not in parts):
+        parser.error(f"--parts {args.parts!r}: choose from {','.join(PARTS)}; faults need quick")
     if args.to_fixtures:
         to_fixtures(args.to_fixtures, args.flash_attn_from)
         return 0
@@ -420,7 +432,7 @@ def main() -> int:
         if args.capture:
             capture(args.capture)
         if args.out:
-            write_json(args.out, run_all(unpacked, args.sm80_extension))
+            write_json(args.out, run_all(unpacked, args.sm80_extension, parts))
     return 0
 
 

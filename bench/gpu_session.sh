@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A GPU session's measurements in three calls on one warm nvidia-h100-x2 (2 x H100), each under the device's
+# 10-minute limit. Wheels are installed into /tmp/site by the first call (carry .whl/base and .whl/unsloth);
+# later calls on the same warm machine reuse them and /tmp's models.
+#
+#   bash bench/gpu_session.sh peers      # issue 11 + 12: the quick self-test timed on one GPU alone, then the peer
+#                                        # table (7B rows on GPU 0; 1.5B rows, then the 1.5B 50-step curve, on GPU 1)
+#   bash bench/gpu_session.sh multigpu   # issue 13 + 12: one GPU vs two (DDP), the NCCL report, and a first
+#                                        # `samebox train` into a fresh output.dir with the preflight on
+#   bash bench/gpu_session.sh sharded    # issue 13: Qwen2.5-32B QLoRA, one "24 GB card" vs two sharded by FSDP2
+#
+# Everything lands in $OUT (at most 8 files come back: logs are tarred).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: gpu_session.sh peers|multigpu|sharded}
+OUT=${OUT:-/tmp/gpu-session-out}
+SITE=/tmp/site
+started=$(date +%s)
+mkdir -p "$OUT" "$SITE"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+elapsed() { echo $(( $(date +%s) - started )); }
+logs=()
+
+for dir in .whl/base .whl/unsloth; do
+    ls "$dir"/*.whl >/dev/null 2>&1 || continue
+    echo "== $(elapsed)s installing $dir ($(du -sh "$dir" | cut -f1))"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$dir"/*.whl 2>&1 | grep -v "Running pip as" || true
+done
+python3 -c "import torch, bitsandbytes, flash_attn; print('torch', torch.__version__, '| bnb', bitsandbytes.__version__,
+      '| flash_attn', flash_attn.__version__, '| GPUs', torch.cuda.device_count())" 2>&1 | tail -1
+nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
+
+case "$stage" in
+peers)
+    echo "== $(elapsed)s selftest --quick on GPU 0 alone (issue 12's quick.wall_s)"
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/selftest_gpu.py --parts quick,quick_cli \
+        --out "$OUT/selftest_quick.json" 2>&1 | tee "$OUT/selftest_quick.log" | grep -E "^(quick|quick_cli):"
+    left=$(( 560 - $(elapsed) ))
+    echo "== $(elapsed)s peers: 7B rows on GPU 0, 1.5B rows then the 1.5B curve on GPU 1 (${left}s left)"
+    python3 bench/trainer_peers.py --only 7b --gpus 0 --workdir /tmp/peers-7b --out "$OUT/peers_7b.json" \
+        --deadline $(( left - 150 )) --arm-timeout 200 >/tmp/peers_7b.log 2>&1 &
+    p7=$!
+    (
+        python3 bench/trainer_peers.py --only 1.5b --gpus 1 --workdir /tmp/peers-1.5b --out "$OUT/peers_1.5b.json" \
+            --deadline $(( left - 190 )) --arm-timeout 150 >/tmp/peers_1.5b.log 2>&1
+        now=$(( $(date +%s) - started ))
+        python3 bench/trainer_peers.py --curve --curve-model 1.5b --curve-mix chat --gpus 1 --workdir /tmp/peers-1.5b \
+            --out "$OUT/peers_curve.json" --deadline $(( 540 - now - 60 )) >/tmp/peers_curve.log 2>&1
+    ) &
+    p15=$!
+    wait $p7; echo "== $(elapsed)s 7B rows done (exit $?)"; tail -n 12 /tmp/peers_7b.log
+    wait $p15; echo "== $(elapsed)s 1.5B rows + curve done (exit $?)"; tail -n 12 /tmp/peers_1.5b.log
+    tail -n 8 /tmp/peers_curve.log
+    logs+=(/tmp/peers_7b.log /tmp/peers_1.5b.log /tmp/peers_curve.log)
+    (cd /tmp && find peers-7b peers-1.5b -maxdepth 1 \( -name '*.log' -o -name '*.json' \) ! -name 'tokens-*' \
+        2>/dev/null; find peers-7b peers-1.5b -name metrics.jsonl 2>/dev/null) | sed 's|^|/tmp/|' > /tmp/arm_logs.txt
+    mapfile -t arm_logs < /tmp/arm_logs.txt
+    logs+=("${arm_logs[@]}")
+    ;;
+multigpu)
+    echo "== $(elapsed)s one GPU vs two, same global batch (bench/multigpu_train.py)"
+    python3 bench/multigpu_train.py --out "$OUT/multigpu_train.json" --budget-s 300 2>&1 | tee /tmp/multigpu_train.log \
+        | grep -v -i "warn" | tail -n 40
+    echo "== $(elapsed)s NCCL report (bench/multigpu_selftest.py)"
+    timeout 150 python3 bench/multigpu_selftest.py --out "$OUT/multigpu_selftest.json" 2>&1 \
+        | tee /tmp/multigpu_selftest.log | tail -n 25
+    echo "== $(elapsed)s first run: samebox train into a fresh output.dir, preflight on (issue 12)"
+    w=/tmp/samebox-multigpu-train
+    fresh=/tmp/fresh-$(date +%s)/runs/qwen2.5-7b-qlora
+    echo "\$ python3 -m builder.cli train configs/qwen2.5-7b-qlora-24gb.yaml model.name=$w/model-7b" \
+        "data.path=$w/data-7b.jsonl output.dir=$fresh train.max_steps=3" | tee /tmp/first_run.log
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m builder.cli train configs/qwen2.5-7b-qlora-24gb.yaml \
+        model.name=$w/model-7b data.path=$w/data-7b.jsonl output.dir=$fresh train.max_steps=3 >>/tmp/first_run.log 2>&1
+    echo "exit $?" >> /tmp/first_run.log
+    head -n 40 /tmp/first_run.log; tail -n 8 /tmp/first_run.log
+    cp /tmp/first_run.log "$OUT/first_run.log"
+    logs+=(/tmp/multigpu_train.log /tmp/multigpu_selftest.log)
+    ;;
+sharded)
+    echo "== $(elapsed)s Qwen2.5-32B QLoRA: one capped card vs two sharded (bench/multigpu_train.py --shard)"
+    python3 bench/multigpu_train.py --size 32b --shard --gib-per-gpu 23.5 --out "$OUT/multigpu_sharded.json" \
+        --budget-s "${SHARD_BUDGET_S:-470}" ${SHARD_PARTS:+--parts "$SHARD_PARTS"} 2>&1 \
+        | tee /tmp/multigpu_sharded.log | grep -v -i "warn" | tail -n 50
+    logs+=(/tmp/multigpu_sharded.log)
+    free -g | head -2; df -h /tmp | tail -1
+    ;;
+*)
+    echo "unknown stage $stage: peers | multigpu | sharded" >&2
+    exit 2
+    ;;
+esac
+[ ${#logs[@]} -gt 0 ] && tar czf "$OUT/logs.tgz" "${logs[@]}" 2>/dev/null
+echo "== $(elapsed)s done: $(ls "$OUT" | tr '\n' ' ')"
