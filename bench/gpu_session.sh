@@ -31,6 +31,19 @@ python3 -c "import torch, bitsandbytes, flash_attn; print('torch', torch.__versi
       '| flash_attn', flash_attn.__version__, '| GPUs', torch.cuda.device_count())" 2>&1 | tail -1
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
 
+first_run() {  # issue 12: `samebox train` into an output.dir that does not exist yet, the preflight on
+    echo "== $(elapsed)s first run: samebox train into a fresh output.dir, preflight on (issue 12)"
+    w=/tmp/samebox-multigpu-train
+    fresh=/tmp/fresh-$(date +%s)/runs/qwen2.5-7b-qlora
+    echo "\$ python3 -m builder.cli train configs/qwen2.5-7b-qlora-24gb.yaml model.name=$w/model-7b" \
+        "data.path=$w/data-7b.jsonl output.dir=$fresh train.max_steps=3" | tee /tmp/first_run.log
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m builder.cli train configs/qwen2.5-7b-qlora-24gb.yaml \
+        model.name=$w/model-7b data.path=$w/data-7b.jsonl output.dir=$fresh train.max_steps=3 >>/tmp/first_run.log 2>&1
+    echo "exit $?" >> /tmp/first_run.log
+    head -n 40 /tmp/first_run.log; tail -n 8 /tmp/first_run.log
+    cp /tmp/first_run.log "$OUT/first_run.log"
+}
+
 case "$stage" in
 peers)
     echo "== $(elapsed)s selftest --quick on GPU 0 alone (issue 12's quick.wall_s)"
@@ -65,17 +78,24 @@ multigpu)
     echo "== $(elapsed)s NCCL report (bench/multigpu_selftest.py)"
     timeout 150 python3 bench/multigpu_selftest.py --out "$OUT/multigpu_selftest.json" 2>&1 \
         | tee /tmp/multigpu_selftest.log | tail -n 25
-    echo "== $(elapsed)s first run: samebox train into a fresh output.dir, preflight on (issue 12)"
-    w=/tmp/samebox-multigpu-train
-    fresh=/tmp/fresh-$(date +%s)/runs/qwen2.5-7b-qlora
-    echo "\$ python3 -m builder.cli train configs/qwen2.5-7b-qlora-24gb.yaml model.name=$w/model-7b" \
-        "data.path=$w/data-7b.jsonl output.dir=$fresh train.max_steps=3" | tee /tmp/first_run.log
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m builder.cli train configs/qwen2.5-7b-qlora-24gb.yaml \
-        model.name=$w/model-7b data.path=$w/data-7b.jsonl output.dir=$fresh train.max_steps=3 >>/tmp/first_run.log 2>&1
-    echo "exit $?" >> /tmp/first_run.log
-    head -n 40 /tmp/first_run.log; tail -n 8 /tmp/first_run.log
-    cp /tmp/first_run.log "$OUT/first_run.log"
+    first_run
     logs+=(/tmp/multigpu_train.log /tmp/multigpu_selftest.log)
+    ;;
+remeasure)
+    # After a fix: the quick self-test alone on GPU 0, the 7B short row's peers (samebox, unsloth, HF padding-free),
+    # one GPU vs two, and the first run with the preflight on.
+    echo "== $(elapsed)s selftest --quick on GPU 0 alone"
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/selftest_gpu.py --parts quick,quick_cli \
+        --out "$OUT/selftest_quick.json" 2>&1 | tee "$OUT/selftest_quick.log" | grep -E "^(quick|quick_cli):"
+    echo "== $(elapsed)s peers: the 7B short row on GPU 0"
+    python3 bench/trainer_peers.py --only 7b,short,samebox,unsloth,hf_padding_free --gpus 0 --workdir /tmp/peers-7b \
+        --out "$OUT/peers_7b_short.json" --deadline 170 --arm-timeout 120 >/tmp/peers_7b.log 2>&1
+    echo "== $(elapsed)s (exit $?)"; tail -n 8 /tmp/peers_7b.log
+    echo "== $(elapsed)s one GPU vs two (bench/multigpu_train.py)"
+    python3 bench/multigpu_train.py --out "$OUT/multigpu_train.json" --budget-s 200 2>&1 \
+        | tee /tmp/multigpu_train.log | grep -v -i "warn" | tail -n 6
+    first_run
+    logs+=(/tmp/peers_7b.log /tmp/multigpu_train.log)
     ;;
 sharded)
     echo "== $(elapsed)s Qwen2.5-32B QLoRA: one capped card vs two sharded (bench/multigpu_train.py --shard)"

@@ -118,7 +118,8 @@ def versions() -> dict:
 # ----- orchestration -------------------------------------------------------------------------------------------
 def child(argv: list[str], timeout: float, log: Path) -> tuple[int | None, float, str]:
     """Run one arm in its own process; (exit code or None on timeout, wall seconds, output tail)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     started = time.perf_counter()
     with open(log, "w") as fh:
         try:

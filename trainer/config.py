@@ -191,7 +191,9 @@ class TrainSection:
     min_lr_ratio: float = number(0.0, 0.0, 1.0)
     max_grad_norm: float = number(1.0, open_low=True)
     seed: int = integer(42, low=0)
-    loss_chunk_tokens: int = integer(1024)  # logits are computed this many tokens at a time, never for the whole batch
+    # Logits are computed this many tokens at a time, never for the whole batch; auto: ~160 MiB of fp32 logits a
+    # chunk (a 152k vocabulary: 256 tokens), so the loss never sets the peak memory.
+    loss_chunk_tokens: int | str = integer("auto", words=("auto",))  # type: ignore[arg-type]
     fused: str = choice("auto", *TRI_STATE)  # fused LoRA/NF4 kernels
     offload_activations: str = choice("auto", *TRI_STATE)  # checkpointed activations kept in host memory
     # fsdp: FSDP2 shards the frozen weights and the LoRA state over the processes (torchrun), for a model whose

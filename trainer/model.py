@@ -15,6 +15,7 @@ import torch
 
 from builder.errors import SameboxError
 from trainer.config import ModelConfig
+from trainer.loss import loss_chunk_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -177,8 +178,9 @@ def auto_budget(config: Any, fused: Any, device: torch.device, dtype: torch.dtyp
         return min(step_tokens, 16384)
     free, _ = torch.cuda.mem_get_info(device)
     elem = torch.finfo(dtype).bits // 8
-    # LoRA weights, grads and AdamW's two moments in fp32; the loss's fp32 logits and their softmax, a chunk at a time.
-    reserve = 16 * trainable + 3 * 4 * loss_chunk * config.vocab_size + 2 ** 30 + gathered
+    # LoRA weights, grads and AdamW's two moments in fp32; the loss's fp32 logits and their bf16 copy, a chunk at a
+    # time.
+    reserve = 16 * trainable + 6 * loss_chunk * config.vocab_size + 2 ** 30 + gathered
     if fused is not None:
         per_token, reserve = fused.bytes_per_token(), reserve + fused.fixed_bytes()
     else:
@@ -304,8 +306,9 @@ def micro_batch_budget(train: Any, loaded: LoadedModel, path: TrainPath, step_to
     if train.micro_batch_tokens != "auto":
         return int(train.micro_batch_tokens)
     trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
-    return auto_budget(loaded.model.get_base_model().config, path.fused, loaded.device, loaded.dtype, step_tokens,
-                       trainable, train.loss_chunk_tokens, gathered)
+    config = loaded.model.get_base_model().config
+    return auto_budget(config, path.fused, loaded.device, loaded.dtype, step_tokens, trainable,
+                       loss_chunk_rows(train.loss_chunk_tokens, config.vocab_size), gathered)
 
 
 def decoder_and_head(model: Any, fused: Any = None) -> tuple[Any, torch.nn.Module]:

@@ -27,6 +27,7 @@ from trainer import sharding
 from trainer.batching import build_micro_batches, idle_micro_batch, step_indices, steps_per_epoch
 from trainer.config import TrainConfig
 from trainer.data import TokenizedData, prepare_data
+from trainer.loss import loss_chunk_rows
 from trainer.metrics import MetricsLogger
 from trainer.model import LoadedModel, decoder_and_head, micro_batch_budget, setup_model
 from trainer.step import StepLoss, clip_and_check, is_finite, run_step
@@ -92,8 +93,9 @@ class LoRAFinetuneRecipe:
         self.checkpointing = path.checkpointing
         self.model = loaded.model
         self.decoder, self.head = decoder_and_head(self.model, path.fused)
+        vocab = self.head.weight.shape[0]
         self.step_loss = StepLoss(self.decoder, self.head, loaded.device, loaded.dtype,
-                                  self.cfg.train.loss_chunk_tokens)
+                                  loss_chunk_rows(self.cfg.train.loss_chunk_tokens, vocab))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # The fused layers and flash-attn take packed rows with the samples' boundaries (varlen attention).
         self.varlen = path.fused is not None or loaded.attention == "flash_attention_2"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tests.trainer.conftest import alpaca_rows
 from trainer import step as step_mod
 from trainer.batching import build_micro_batches, plan_micro_batches, step_indices
-from trainer.loss import chunked_cross_entropy_sum
+from trainer.loss import AUTO_CHUNK_BYTES, chunked_cross_entropy_sum, loss_chunk_rows
 from trainer.recipe import LoRAFinetuneRecipe, main
 
 
@@ -31,6 +31,19 @@ def test_chunked_loss_matches_full_cross_entropy():
     chunked = chunked_cross_entropy_sum(hidden, weight, targets, chunk=3)
     ch, cw = torch.autograd.grad(chunked * 1.0, (hidden, weight))
     assert torch.allclose(full, chunked) and torch.allclose(gh, ch) and torch.allclose(gw, cw)
+
+
+def test_auto_loss_chunk_keeps_the_fp32_logits_small():
+    """auto: a Qwen2.5 vocabulary gets 256-token chunks (156 MB of fp32 logits; 1,024 tokens, 623 MB, set the 7B
+    QLoRA's peak), a small vocabulary bigger ones; a number is taken as given."""
+    assert loss_chunk_rows("auto", 152064) == 256
+    assert loss_chunk_rows("auto", 151936) == 256
+    assert loss_chunk_rows("auto", 32000) == 1280
+    assert loss_chunk_rows("auto", 10**8) == 64
+    for vocab in (1000, 32000, 128256, 152064, 256000):
+        rows = loss_chunk_rows("auto", vocab)
+        assert rows % 64 == 0 and (rows == 64 or 4 * rows * vocab <= AUTO_CHUNK_BYTES)
+    assert loss_chunk_rows(1024, 152064) == 1024
 
 
 def test_micro_batches_respect_the_budget_and_steps_cover_the_epoch():

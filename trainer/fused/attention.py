@@ -60,6 +60,9 @@ BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "sdpa": _per_sample_sdpa}
 
 
+AGREES = 2e-2  # relative error against per-sample SDPA in fp32 under which a varlen backend is used
+
+
 def available(device: torch.device) -> list[str]:
     """Backends that can run here, best first."""
     names = []
@@ -106,7 +109,7 @@ def pick(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, he
         except Exception as e:  # a build without this head dim, an old torch signature, ...
             notes.append(f"{name}: {type(e).__name__}: {str(e)[:120]}")
             continue
-        if err < 2e-2:
+        if err < AGREES:
             return name, notes
         notes.append(f"{name}: relative error {err:.1e} against SDPA")
     return "sdpa", notes

@@ -187,49 +187,82 @@ class NvmlSampler:
         self._thread.join(timeout=5)
 
 
-def sustained_load(seconds: float, n: int = 8192) -> dict[str, Any]:
+def _matmul_graph(a: Any, b: Any, out: Any, count: int) -> Any:
+    """A CUDA graph of ``count`` back-to-back ``a @ b`` into ``out``, or None where capture fails (the caller then
+    launches the matmuls one by one)."""
+    import torch
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS picks its kernel and workspace here
+            for _ in range(3):
+                torch.matmul(a, b, out=out)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(count):
+                torch.matmul(a, b, out=out)
+        return graph
+    except Exception:  # an old torch or driver without graph capture: plain launches
+        return None
+
+
+def sustained_load(seconds: float, n: int = 8192, graph_matmuls: int = 20) -> dict[str, Any]:
     """bf16 matmuls for ``seconds`` with NVML sampled throughout; TFLOP/s per second-long window.
 
-    The first window syncs every 5 matmuls and learns the rate; each later one queues a second's worth at once and
-    syncs once. Each window is timed on the GPU (CUDA events around its matmuls), not by the host clock: the quick
+    The matmuls are replayed from a CUDA graph of ``graph_matmuls`` (one host call launches them all), and each
+    window queues a second's worth of replays and syncs once, timed on the GPU with CUDA events. The quick
     self-test imports kernel libraries on other threads meanwhile, and a thread loading a shared library holds the
-    GIL, so the host clock ran on after the GPU had finished (an H100 measured 495 instead of ~700 TFLOP/s by the
-    host clock and failed the check).
+    GIL: launching matmuls one by one, the host fell behind the GPU, which idled between them (an H200 measured
+    175-435 TFLOP/s over 19-50% utilisation, and failed a healthy machine's preflight), and by the host clock an
+    H100 measured 495 instead of ~700. The first window learns the rate (replays synced one by one).
     """
     import torch
 
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    graph = _matmul_graph(a, b, out, graph_matmuls)
+    per_launch = graph_matmuls if graph is not None else 1
+
+    def launch() -> None:
+        if graph is not None:
+            graph.replay()
+        else:
+            torch.matmul(a, b, out=out)
+
     windows: list[float] = []
     host_windows: list[float] = []
     per_second = 0
     with NvmlSampler() as sampler:
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
-            w0, iters = time.perf_counter(), 0
+            w0, launches = time.perf_counter(), 0
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             if per_second:
                 for _ in range(per_second):
-                    a @ b
-                iters = per_second
+                    launch()
+                launches = per_second
             while time.perf_counter() - w0 < 1.0 and not per_second:
-                for _ in range(5):
-                    a @ b
+                launch()
                 _sync()
-                iters += 5
+                launches += 1
             end.record()
             end.synchronize()
             elapsed = time.perf_counter() - w0
             gpu_seconds = begin.elapsed_time(end) / 1000
-            windows.append(2 * n**3 * iters / (gpu_seconds if gpu_seconds > 0 else elapsed) / 1e12)
-            host_windows.append(2 * n**3 * iters / elapsed / 1e12)
-            # Under 1,000: CUDA's launch queue holds about a thousand kernels before a launch blocks.
-            per_second = min(1000, max(5, round(iters / elapsed)))
+            flops = 2 * n**3 * launches * per_launch
+            windows.append(flops / (gpu_seconds if gpu_seconds > 0 else elapsed) / 1e12)
+            host_windows.append(flops / elapsed / 1e12)
+            # Under 1,000 launches: CUDA's launch queue holds about a thousand before a launch blocks.
+            per_second = min(1000, max(1, round(launches / elapsed)))
     return {
         "seconds": seconds,
         "tflops_windows": windows,
         "host_clock_tflops_windows": host_windows,
+        "cuda_graph": graph is not None,
         "samples": sampler.samples,
         "sampler_error": sampler.error,
     }

@@ -171,16 +171,19 @@ def sdpa_backends() -> dict[str, Any]:
     return result
 
 
-def fused_layers(head_dim: int = 128) -> dict[str, Any]:
+def fused_layers(head_dim: int = 128, every_backend: bool = True) -> dict[str, Any]:
     """The trainer's fused layers on this GPU: Liger's kernels against the torch reference (the trainer falls back
-    to the reference when they disagree), and each varlen attention backend against per-sample SDPA, at a
-    grouped-query layout (28 query heads over 4 key/value heads, as Qwen2.5-7B)."""
+    to the reference when they disagree), and the varlen attention backends against per-sample SDPA, at a
+    grouped-query layout (28 query heads over 4 key/value heads, as Qwen2.5-7B). ``every_backend=False`` (quick)
+    stops at the first backend that agrees, the one the trainer will pick; ``seconds`` says where the time went
+    (Liger's first calls compile Triton kernels)."""
     import torch
 
     from trainer.fused import attention, kernels
 
     device = torch.device("cuda")
-    out: dict[str, Any] = {"liger": None, "attention": {}}
+    out: dict[str, Any] = {"liger": None, "attention": {}, "seconds": {}}
+    start = time.perf_counter()
     try:
         import liger_kernel  # noqa: F401
     except ImportError as e:
@@ -190,11 +193,17 @@ def fused_layers(head_dim: int = 128) -> dict[str, Any]:
             out["liger"] = {"installed": True, "rel_err": kernels.agreement(kernels.liger_kernels(), device)}
         except Exception as e:  # an API that moved, a Triton that cannot compile here
             out["liger"] = {"installed": True, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    out["seconds"]["liger"] = round(time.perf_counter() - start, 3)
     for name in attention.available(device):
+        start = time.perf_counter()
         try:
             out["attention"][name] = attention.check(name, device, torch.bfloat16, 28, 4, head_dim)
         except Exception as e:
             out["attention"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+        out["seconds"][name] = round(time.perf_counter() - start, 3)
+        agreed = isinstance(out["attention"][name], float) and out["attention"][name] < attention.AGREES
+        if agreed and not every_backend:
+            break
     return out
 
 
