@@ -31,16 +31,18 @@ python3 -c "import torch, bitsandbytes, flash_attn; print('torch', torch.__versi
       '| flash_attn', flash_attn.__version__, '| GPUs', torch.cuda.device_count())" 2>&1 | tail -1
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
 
-first_run() {  # issue 12: `samebox train` into an output.dir that does not exist yet, the preflight on
+first_run() {  # issue 12: `samebox train CONFIG` into an output.dir that does not exist yet, the preflight on
+    local config=${1:-configs/qwen2.5-7b-qlora-24gb.yaml} size=${2:-7b} w=${3:-/tmp/samebox-multigpu-train}
     echo "== $(elapsed)s first run: samebox train into a fresh output.dir, preflight on (issue 12)"
-    w=/tmp/samebox-multigpu-train
-    fresh=/tmp/fresh-$(date +%s)/runs/qwen2.5-7b-qlora
-    echo "\$ python3 -m builder.cli train configs/qwen2.5-7b-qlora-24gb.yaml model.name=$w/model-7b" \
-        "data.path=$w/data-7b.jsonl output.dir=$fresh train.max_steps=3" | tee /tmp/first_run.log
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m builder.cli train configs/qwen2.5-7b-qlora-24gb.yaml \
-        model.name=$w/model-7b data.path=$w/data-7b.jsonl output.dir=$fresh train.max_steps=3 >>/tmp/first_run.log 2>&1
+    [ -f "$w/model-$size/tokenizer.json" ] || python3 bench/trainer_vs_recipe.py --child prepare --size "$size" \
+        --workdir "$w" --samples 200 --median 250 --cap 2048 2>&1 | tail -n 2
+    fresh=/tmp/fresh-$(date +%s)/runs/first-run
+    echo "\$ python3 -m builder.cli train $config model.name=$w/model-$size" \
+        "data.path=$w/data-$size.jsonl output.dir=$fresh train.max_steps=3" >/tmp/first_run.log
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m builder.cli train "$config" model.name=$w/model-$size \
+        data.path=$w/data-$size.jsonl output.dir=$fresh train.max_steps=3 >>/tmp/first_run.log 2>&1
     echo "exit $?" >> /tmp/first_run.log
-    head -n 40 /tmp/first_run.log; tail -n 8 /tmp/first_run.log
+    head -n 30 /tmp/first_run.log; echo ...; tail -n 6 /tmp/first_run.log
     cp /tmp/first_run.log "$OUT/first_run.log"
 }
 
@@ -96,6 +98,25 @@ remeasure)
         | tee /tmp/multigpu_train.log | grep -v -i "warn" | tail -n 6
     first_run
     logs+=(/tmp/peers_7b.log /tmp/multigpu_train.log)
+    ;;
+final)
+    # The quick self-test alone on GPU 0, a first run of the 1.5B config, then the sharded 32B (sharded first,
+    # then the one capped card with the time left: the weights are written once).
+    echo "== $(elapsed)s selftest --quick on GPU 0 alone"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 bench/selftest_gpu.py --parts quick,quick_cli \
+        --out "$OUT/selftest_quick.json" 2>&1 | tee "$OUT/selftest_quick.log" | grep -E "^(quick|quick_cli):"
+    first_run configs/qwen2.5-1.5b-lora.yaml 1.5b /tmp/first-run-model
+    echo "== $(elapsed)s Qwen2.5-32B QLoRA sharded over two capped GPUs, then one capped card"
+    python3 bench/multigpu_train.py --size 32b --shard --gib-per-gpu 23.5 --parts sharded --part-timeout 300 \
+        --out "$OUT/multigpu_sharded.json" --budget-s $(( 545 - $(elapsed) )) 2>&1 \
+        | tee /tmp/multigpu_sharded.log | grep -v -i "warn" | tail -n 12
+    left=$(( 560 - $(elapsed) ))
+    echo "== $(elapsed)s one capped card (${left}s left)"
+    [ "$left" -gt 70 ] && python3 bench/multigpu_train.py --size 32b --shard --gib-per-gpu 23.5 --parts one_card \
+        --out "$OUT/multigpu_one_card.json" --budget-s "$left" 2>&1 | tee /tmp/multigpu_one_card.log \
+        | grep -v -i "warn" | tail -n 8
+    logs+=(/tmp/multigpu_sharded.log /tmp/multigpu_one_card.log /tmp/samebox-multigpu-train/*.log)
+    free -g | head -2; df -h /tmp | tail -1
     ;;
 sharded)
     echo "== $(elapsed)s Qwen2.5-32B QLoRA: one capped card vs two sharded (bench/multigpu_train.py --shard)"

@@ -36,3 +36,17 @@ def test_full_hashes_the_environment_after_the_gpus_speed_is_measured(recorder) 
     readings.collect("full", attention_needs(None), "/data")
     assert recorder.index("bandwidth") < recorder.index("lockfile")
     assert {"import transformers", "import peft"} <= set(recorder)
+
+
+def test_kernel_libraries_import_on_one_thread_in_the_probes_order(monkeypatch, recorder) -> None:
+    """Two libraries importing torch._dynamo on two threads at once saw it half-initialised and failed the probes
+    of a healthy H200: the imports run one after another on one thread that is not the collector's."""
+    import threading
+
+    seen: list[tuple[str, int]] = []
+    monkeypatch.setattr(readings, "_import_quietly", lambda m: seen.append((m, threading.get_ident())))
+    readings.collect("quick", attention_needs(None))
+    modules = [m for m, _ in seen]
+    assert modules[0] == "flash_attn" and modules[-1] == "bitsandbytes"
+    assert any(m.startswith("liger_kernel") for m in modules) and len(modules) == len(set(modules))
+    assert len({t for _, t in seen}) == 1 and seen[0][1] != threading.get_ident()

@@ -59,8 +59,21 @@ def _import_quietly(module: str) -> None:
 
 
 def _importing(timings: dict[str, float], modules: list[str]) -> dict[str, Callable[[], Any]]:
-    """One thread per library the job's kernel probes need, started now; each value waits for its import."""
-    return {m: _in_background(timings, f"import_{m}", lambda m=m: _import_quietly(m)) for m in modules}
+    """The job's kernel libraries imported one after another on one thread, started now, in the kernel probes'
+    order; each value waits for its module. One thread, not one per library: two threads importing libraries that
+    both import torch._dynamo saw it half-initialised ("partially initialized module 'torch._dynamo'") and failed
+    the flash-attn and bitsandbytes probes of a healthy machine."""
+    order = list(dict.fromkeys(modules))
+    done = {m: threading.Event() for m in order}
+
+    def run() -> None:
+        for m in order:
+            _probe(timings, f"import_{m}", lambda m=m: _import_quietly(m))
+            done[m].set()
+
+    if order:
+        threading.Thread(target=run, daemon=True).start()
+    return {m: done[m].wait for m in order}
 
 
 def _in_background(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
