@@ -45,8 +45,22 @@ def test_kernel_libraries_import_on_one_thread_in_the_probes_order(monkeypatch, 
 
     seen: list[tuple[str, int]] = []
     monkeypatch.setattr(readings, "_import_quietly", lambda m: seen.append((m, threading.get_ident())))
-    readings.collect("quick", attention_needs(None))
+    readings.collect("full", attention_needs(None))
     modules = [m for m, _ in seen]
-    assert modules[0] == "flash_attn" and modules[-1] == "bitsandbytes"
-    assert any(m.startswith("liger_kernel") for m in modules) and len(modules) == len(set(modules))
+    assert modules[0] == "flash_attn" and "bitsandbytes" in modules and len(modules) == len(set(modules)) > 2
     assert len({t for _, t in seen}) == 1 and seen[0][1] != threading.get_ident()
+
+
+def test_quick_leaves_liger_to_the_trainer_and_stops_at_the_backend_it_will_use(monkeypatch, recorder,
+                                                                              healthy) -> None:
+    """Importing Liger took 10-15 s of a 22 s quick run; the trainer checks Liger against torch before using it."""
+    asked = {}
+    monkeypatch.setattr(kernel_probes, "fused_layers", lambda *a, **k: asked.setdefault(k["liger"], k) and {})
+    readings.collect("quick", attention_needs(None))
+    readings.collect("full", attention_needs(None))
+    assert asked[False]["every_backend"] is False and asked[True]["every_backend"] is True
+    assert "import bitsandbytes" in recorder and not any(m.startswith("import liger") for m in recorder)
+    healthy["fused_layers"] = {"liger": {"installed": True, "skipped": kernel_probes.LIGER_AT_START},
+                                     "attention": {"flash_attn": 1e-3}}
+    finding = checks_kernels.fused_layers(healthy)
+    assert finding.severity == "ok" and "checked by the trainer when it starts" in finding.message

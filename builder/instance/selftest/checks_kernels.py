@@ -217,6 +217,8 @@ def fused_layers(r: dict[str, Any]) -> Finding:
     slow = []
     if not liger.get("installed"):
         slow.append("liger-kernel is not installed: torch's element-wise ops instead (slower)")
+    elif liger.get("skipped"):
+        pass
     elif not (isinstance(liger.get("rel_err"), float) and liger["rel_err"] < FUSED_REL_ERROR):
         slow.append(f"Liger's kernels failed their check ({liger.get('error') or liger.get('rel_err')}): torch's ops "
                     "instead (slower)")
@@ -226,8 +228,9 @@ def fused_layers(r: dict[str, Any]) -> Finding:
         return warn("fused layers: " + "; ".join(slow),
                     "install the lock's liger-kernel and flash-attn (`samebox wheel flash-attn --install`), or "
                     "torch >= 2.10 for its built-in varlen attention")
-    shown = f"Liger kernels within {liger['rel_err']:.1e} of torch; varlen attention: " + ", ".join(
-        f"{k} {attn[k]:.1e}" for k in good)
+    kernels = ("Liger kernels installed (checked by the trainer when it starts)" if liger.get("skipped")
+               else f"Liger kernels within {liger['rel_err']:.1e} of torch")
+    shown = f"{kernels}; varlen attention: " + ", ".join(f"{k} {attn[k]:.1e}" for k in good)
     return ok(f"fused layers: {shown}")
 
 

@@ -4,6 +4,7 @@ five-step LoRA smoke run. Each returns a JSON-ready dict; the checks judge it.""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import time
 from typing import Any
@@ -171,12 +172,28 @@ def sdpa_backends() -> dict[str, Any]:
     return result
 
 
-def fused_layers(head_dim: int = 128, every_backend: bool = True) -> dict[str, Any]:
+LIGER_AT_START = "quick: the trainer checks Liger against torch when it starts (samebox selftest --full checks it here)"
+
+
+def _liger(kernels: Any, device: Any) -> dict[str, Any]:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError as e:
+        return {"installed": False, "error": str(e)[:200]}
+    try:
+        return {"installed": True, "rel_err": kernels.agreement(kernels.liger_kernels(), device)}
+    except Exception as e:  # an API that moved, a Triton that cannot compile here
+        return {"installed": True, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def fused_layers(head_dim: int = 128, every_backend: bool = True, liger: bool = True) -> dict[str, Any]:
     """The trainer's fused layers on this GPU: Liger's kernels against the torch reference (the trainer falls back
     to the reference when they disagree), and the varlen attention backends against per-sample SDPA, at a
-    grouped-query layout (28 query heads over 4 key/value heads, as Qwen2.5-7B). ``every_backend=False`` (quick)
-    stops at the first backend that agrees, the one the trainer will pick; ``seconds`` says where the time went
-    (Liger's first calls compile Triton kernels)."""
+    grouped-query layout (28 query heads over 4 key/value heads, as Qwen2.5-7B). Quick passes
+    ``every_backend=False``, stopping at the first backend that agrees (the one the trainer will pick), and
+    ``liger=False``: importing Liger took 10-15 s of a 22 s quick run on an H200, and the trainer checks Liger
+    against torch itself before it uses it (trainer.fused.kernels.pick), so quick leaves it to the trainer.
+    ``seconds`` says where the time went."""
     import torch
 
     from trainer.fused import attention, kernels
@@ -184,15 +201,8 @@ def fused_layers(head_dim: int = 128, every_backend: bool = True) -> dict[str, A
     device = torch.device("cuda")
     out: dict[str, Any] = {"liger": None, "attention": {}, "seconds": {}}
     start = time.perf_counter()
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError as e:
-        out["liger"] = {"installed": False, "error": str(e)[:200]}
-    else:
-        try:
-            out["liger"] = {"installed": True, "rel_err": kernels.agreement(kernels.liger_kernels(), device)}
-        except Exception as e:  # an API that moved, a Triton that cannot compile here
-            out["liger"] = {"installed": True, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    out["liger"] = _liger(kernels, device) if liger else {
+        "installed": importlib.util.find_spec("liger_kernel") is not None, "skipped": LIGER_AT_START}
     out["seconds"]["liger"] = round(time.perf_counter() - start, 3)
     for name in attention.available(device):
         start = time.perf_counter()
