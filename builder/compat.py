@@ -308,17 +308,19 @@ FLASH_ATTN_BUILD_TOOLS: tuple[str, ...] = (
 # Topology -> all-reduce bus bandwidth (GB/s; nccl-tests' busbw = algbw * 2(n-1)/n) that a healthy single node
 # reaches on 256 MiB float32 all-reduces (builder/instance/selftest/allreduce.py). "nvlink:<GPU>" (name as
 # ``normalise_gpu_name`` writes it): GPUs joined by NVLink/NVSwitch; "pcie:<gen>": GPUs that talk over PCIe (P2P
-# through a switch or the CPU, or through host memory). Estimates, none measured here yet: NVLink about 0.8x of one
-# direction of the link (H100/H200/H20 450 GB/s, A100 300, A800/H800 200), PCIe about 0.55x of one direction of an
-# x16 link (gen3/4/5: 16/32/64 GB/s), the ratios public nccl-tests results show. bench/multigpu_selftest.py measures
-# them on a multi-GPU machine. The self-test warns under 0.5x.
+# through a switch or the CPU, or through host memory). Measured (bench/multigpu_selftest.py, bench/results/
+# multigpu.json): two H200s over NVLink NV18 reach 297.8 GB/s (299.1 under torchrun), two H100s 295.6: H100/H200/H20
+# (450 GB/s links) are 300. The others are estimates at the same 0.67x of one direction of the link (A100 300 GB/s,
+# A800/H800 200) and, for PCIe, about 0.55x of one direction of an x16 link (gen3/4/5: 16/32/64 GB/s), the ratio
+# public nccl-tests results show; with NCCL_P2P_DISABLE=1 the H200 pair fell to 27.7 GB/s (0.09x). Eight GPUs on an
+# NVSwitch reach more than two; the self-test only warns under 0.5x.
 NCCL_BUSBW_GBPS: dict[str, float] = {
-    "nvlink:A100": 230.0,
-    "nvlink:A800": 150.0,
-    "nvlink:H100": 360.0,
-    "nvlink:H800": 150.0,
-    "nvlink:H200": 360.0,
-    "nvlink:H20": 360.0,
+    "nvlink:A100": 200.0,
+    "nvlink:A800": 133.0,
+    "nvlink:H100": 300.0,
+    "nvlink:H800": 133.0,
+    "nvlink:H200": 300.0,
+    "nvlink:H20": 300.0,
     "pcie:3": 9.0,
     "pcie:4": 18.0,
     "pcie:5": 36.0,

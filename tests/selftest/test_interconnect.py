@@ -30,11 +30,11 @@ def consumer_pcie(r: dict[str, Any], busbw: float) -> None:
 
 def test_healthy_h200_pair() -> None:
     r = load_readings("h200x2_handmade")
-    assert r["fixture_source"].startswith("hand-made, not measured")
+    assert r["fixture_source"].startswith("hand-made") and "measured on 2 x H200" in r["fixture_source"]
     found = findings(r, "allreduce")
     assert [f.severity for f in found] == ["ok", "ok"]
     assert "the sum is right" in found[0].message
-    assert "358.0 GB/s" in found[1].message and "nvlink:H200 reference 360" in found[1].message
+    assert "297.8 GB/s" in found[1].message and "nvlink:H200 reference 300" in found[1].message
 
 
 def test_wrong_sum_fails(h200x2) -> None:
