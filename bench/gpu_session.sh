@@ -8,11 +8,13 @@
 #   bash bench/gpu_session.sh multigpu   # issue 13 + 12: one GPU vs two (DDP), the NCCL report, and a first
 #                                        # `samebox train` into a fresh output.dir with the preflight on
 #   bash bench/gpu_session.sh sharded    # issue 13: Qwen2.5-32B QLoRA, one "24 GB card" vs two sharded by FSDP2
+#   bash bench/gpu_session.sh remeasure  # after a fix: quick self-test, the 7B short row, one GPU vs two, a first run
+#   bash bench/gpu_session.sh final      # quick self-test, a first run of the 1.5B config, the sharded 32B
 #
 # Everything lands in $OUT (at most 8 files come back: logs are tarred).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_session.sh peers|multigpu|sharded}
+stage=${1:?usage: gpu_session.sh peers|remeasure|final|multigpu|sharded}
 OUT=${OUT:-/tmp/gpu-session-out}
 SITE=/tmp/site
 started=$(date +%s)
@@ -64,14 +66,14 @@ peers)
             --out "$OUT/peers_curve.json" --deadline $(( 540 - now - 60 )) >/tmp/peers_curve.log 2>&1
     ) &
     p15=$!
-    wait $p7; echo "== $(elapsed)s 7B rows done (exit $?)"; tail -n 12 /tmp/peers_7b.log
-    wait $p15; echo "== $(elapsed)s 1.5B rows + curve done (exit $?)"; tail -n 12 /tmp/peers_1.5b.log
+    wait $p7; rc=$?; echo "== $(elapsed)s 7B rows done (exit $rc)"; tail -n 12 /tmp/peers_7b.log
+    wait $p15; rc=$?; echo "== $(elapsed)s 1.5B rows + curve done (exit $rc)"; tail -n 12 /tmp/peers_1.5b.log
     tail -n 8 /tmp/peers_curve.log
     logs+=(/tmp/peers_7b.log /tmp/peers_1.5b.log /tmp/peers_curve.log)
     (cd /tmp && find peers-7b peers-1.5b -maxdepth 1 \( -name '*.log' -o -name '*.json' \) ! -name 'tokens-*' \
         2>/dev/null; find peers-7b peers-1.5b -name metrics.jsonl 2>/dev/null) | sed 's|^|/tmp/|' > /tmp/arm_logs.txt
     mapfile -t arm_logs < /tmp/arm_logs.txt
-    logs+=("${arm_logs[@]}")
+    [ ${#arm_logs[@]} -gt 0 ] && logs+=("${arm_logs[@]}")
     ;;
 multigpu)
     echo "== $(elapsed)s one GPU vs two, same global batch (bench/multigpu_train.py)"
@@ -92,7 +94,7 @@ remeasure)
     echo "== $(elapsed)s peers: the 7B short row on GPU 0"
     python3 bench/trainer_peers.py --only 7b,short,samebox,unsloth,hf_padding_free --gpus 0 --workdir /tmp/peers-7b \
         --out "$OUT/peers_7b_short.json" --deadline 170 --arm-timeout 120 >/tmp/peers_7b.log 2>&1
-    echo "== $(elapsed)s (exit $?)"; tail -n 8 /tmp/peers_7b.log
+    rc=$?; echo "== $(elapsed)s (exit $rc)"; tail -n 8 /tmp/peers_7b.log
     echo "== $(elapsed)s one GPU vs two (bench/multigpu_train.py)"
     python3 bench/multigpu_train.py --out "$OUT/multigpu_train.json" --budget-s 200 2>&1 \
         | tee /tmp/multigpu_train.log | grep -v -i "warn" | tail -n 6
@@ -127,7 +129,7 @@ sharded)
     free -g | head -2; df -h /tmp | tail -1
     ;;
 *)
-    echo "unknown stage $stage: peers | multigpu | sharded" >&2
+    echo "unknown stage $stage: peers | remeasure | final | multigpu | sharded" >&2
     exit 2
     ;;
 esac

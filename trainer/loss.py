@@ -41,13 +41,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
             rows = torch.arange(y.shape[0], device=y.device)
             logits = F.linear(h, w).to(acc)
-            # One (chunk x vocab) fp32 buffer serves the loss and its gradient: log-sum-exp, the targets' logits,
-            # then softmax - onehot in place (cross_entropy + softmax kept three such buffers alive at once).
-            lse = torch.logsumexp(logits, -1)
-            total += (lse - logits[rows, y]).sum()
+            # One (chunk x vocab) fp32 buffer serves the loss and its gradient, all in place: the targets' logits,
+            # then exp(logits - max), its sum, softmax - onehot (torch.logsumexp would add an fp32 temporary of the
+            # buffer's size; cross_entropy + softmax kept three such buffers alive at once).
+            target = logits[rows, y]
+            top = logits.amax(-1)
+            probs = logits.sub_(top[:, None]).exp_()
+            norm = probs.sum(-1)
+            total += (top + norm.log() - target).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()
+            probs.div_(norm[:, None])
             probs[rows, y] -= 1
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = (probs.to(w.dtype) @ w).to(hidden.dtype)

@@ -178,8 +178,8 @@ def auto_budget(config: Any, fused: Any, device: torch.device, dtype: torch.dtyp
         return min(step_tokens, 16384)
     free, _ = torch.cuda.mem_get_info(device)
     elem = torch.finfo(dtype).bits // 8
-    # LoRA weights, grads and AdamW's two moments in fp32; the loss's fp32 logits and their bf16 copy, a chunk at a
-    # time.
+    # LoRA weights, grads and AdamW's two moments in fp32; the loss's fp32 logits and their bf16 copy for the
+    # gradient, a chunk at a time (trainer/loss.py works in place).
     reserve = 16 * trainable + 6 * loss_chunk * config.vocab_size + 2 ** 30 + gathered
     if fused is not None:
         per_token, reserve = fused.bytes_per_token(), reserve + fused.fixed_bytes()

@@ -110,6 +110,8 @@ def matmul_tflops(r: dict[str, Any]) -> Finding:
     text = (
         f"{name}: {measured:.0f} TFLOP/s bf16 sustained, {measured / expected:.2f}x the {key} reference {expected:.0f}"
     )
+    if load.get("cuda_graph") is False:  # launched one by one: a host busy elsewhere can starve the GPU
+        text += f" (matmuls launched one at a time: no CUDA graph here, {load.get('cuda_graph_error') or 'unknown'})"
     if measured < TFLOPS_FAIL_RATIO * expected:
         return fail(
             text,

@@ -187,9 +187,9 @@ class NvmlSampler:
         self._thread.join(timeout=5)
 
 
-def _matmul_graph(a: Any, b: Any, out: Any, count: int) -> Any:
-    """A CUDA graph of ``count`` back-to-back ``a @ b`` into ``out``, or None where capture fails (the caller then
-    launches the matmuls one by one)."""
+def _matmul_graph(a: Any, b: Any, out: Any, count: int) -> tuple[Any, str | None]:
+    """(a CUDA graph of ``count`` back-to-back ``a @ b`` into ``out``, None), or (None, why) where capture fails:
+    the caller then launches the matmuls one by one."""
     import torch
 
     try:
@@ -200,18 +200,25 @@ def _matmul_graph(a: Any, b: Any, out: Any, count: int) -> Any:
                 torch.matmul(a, b, out=out)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        try:
+            # thread_local: the threads importing kernel libraries meanwhile may make CUDA calls a global capture
+            # forbids (theirs would fail, and so would this capture)
+            capture = torch.cuda.graph(graph, capture_error_mode="thread_local")
+        except TypeError:  # a torch before capture_error_mode
+            capture = torch.cuda.graph(graph)
+        with capture:
             for _ in range(count):
                 torch.matmul(a, b, out=out)
-        return graph
-    except Exception:  # an old torch or driver without graph capture: plain launches
-        return None
+        return graph, None
+    except Exception as e:  # an old torch or driver without graph capture: plain launches
+        return None, f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def sustained_load(seconds: float, n: int = 8192, graph_matmuls: int = 20) -> dict[str, Any]:
+def sustained_load(seconds: float, n: int = 8192, graph_matmuls: int = 50) -> dict[str, Any]:
     """bf16 matmuls for ``seconds`` with NVML sampled throughout; TFLOP/s per second-long window.
 
-    The matmuls are replayed from a CUDA graph of ``graph_matmuls`` (one host call launches them all), and each
+    The matmuls are replayed from a CUDA graph of ``graph_matmuls`` (one host call launches them all: ~80 ms of an
+    H100's work, longer than a thread loading a shared library holds the GIL), and each
     window queues a second's worth of replays and syncs once, timed on the GPU with CUDA events. The quick
     self-test imports kernel libraries on other threads meanwhile, and a thread loading a shared library holds the
     GIL: launching matmuls one by one, the host fell behind the GPU, which idled between them (an H200 measured
@@ -223,7 +230,7 @@ def sustained_load(seconds: float, n: int = 8192, graph_matmuls: int = 20) -> di
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
-    graph = _matmul_graph(a, b, out, graph_matmuls)
+    graph, graph_error = _matmul_graph(a, b, out, graph_matmuls)
     per_launch = graph_matmuls if graph is not None else 1
 
     def launch() -> None:
@@ -240,6 +247,8 @@ def sustained_load(seconds: float, n: int = 8192, graph_matmuls: int = 20) -> di
         while time.perf_counter() - start < seconds:
             w0, launches = time.perf_counter(), 0
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if per_second:
+                launch()  # a lead launch, not counted: the window's clock starts once the GPU has work queued
             begin.record()
             if per_second:
                 for _ in range(per_second):
@@ -256,13 +265,14 @@ def sustained_load(seconds: float, n: int = 8192, graph_matmuls: int = 20) -> di
             flops = 2 * n**3 * launches * per_launch
             windows.append(flops / (gpu_seconds if gpu_seconds > 0 else elapsed) / 1e12)
             host_windows.append(flops / elapsed / 1e12)
-            # Under 1,000 launches: CUDA's launch queue holds about a thousand before a launch blocks.
+            # Under 1,000 launches (of a graph or a matmul) a window: a second's worth, and never enough to block.
             per_second = min(1000, max(1, round(launches / elapsed)))
     return {
         "seconds": seconds,
         "tflops_windows": windows,
         "host_clock_tflops_windows": host_windows,
         "cuda_graph": graph is not None,
+        "cuda_graph_error": graph_error,
         "samples": sampler.samples,
         "sampler_error": sampler.error,
     }

@@ -83,11 +83,12 @@ REPEATABILITY = Probe("repeatability", MEMORY, lambda c: gpu_probes.repeatabilit
 # flash-attn imports quickly, so it goes first; bitsandbytes, slow to import, last.
 FLASH_ATTN = Probe("flash_attn", KERNEL, _flash_attn, kernel="flash-attn", imports=("flash_attn",))
 SDPA_BACKENDS = Probe("sdpa_backends", KERNEL, lambda c: kernel_probes.sdpa_backends(), kernel="sdpa")
-# Quick leaves Liger to the trainer's own check at start (its import alone took 10-15 s on an H200).
+# Quick leaves Liger to the trainer's own check at start (its import alone took 10-15 s on an H200). What the probe
+# imports is on the import thread, so no two threads import at once (torch._dynamo half-initialised).
 FUSED_LAYERS = Probe("fused_layers", KERNEL,
                      lambda c: kernel_probes.fused_layers(max(c.needs.head_dims), every_backend=c.mode == "full",
                                                           liger=c.mode == "full"),
-                     kernel="fused")
+                     kernel="fused", imports=("flash_attn", "torch.nn.attention.varlen", "trainer.fused"))
 BITSANDBYTES = Probe("bitsandbytes", KERNEL, lambda c: kernel_probes.bitsandbytes(), kernel="bitsandbytes",
                      imports=("bitsandbytes",))
 LORA_SMOKE = Probe("lora_smoke", KERNEL, lambda c: kernel_probes.lora_smoke(), imports=("transformers", "peft"))

@@ -67,9 +67,15 @@ def _importing(timings: dict[str, float], modules: list[str]) -> dict[str, Calla
     done = {m: threading.Event() for m in order}
 
     def run() -> None:
-        for m in order:
-            _probe(timings, f"import_{m}", lambda m=m: _import_quietly(m))
-            done[m].set()
+        try:
+            for m in order:
+                try:
+                    _probe(timings, f"import_{m}", lambda m=m: _import_quietly(m))
+                finally:
+                    done[m].set()
+        finally:  # an import that raised BaseException (SystemExit) must not leave a waiter hanging
+            for event in done.values():
+                event.set()
 
     if order:
         threading.Thread(target=run, daemon=True).start()
@@ -102,7 +108,7 @@ def collect(
     the probe's name; ``kernels``: which of KERNELS the job uses (the others are not imported and read
     NOT_NEEDED). Without a usable CUDA GPU only the identity and environment probes run.
 
-    Independent work overlaps: once torch is in, the kernel libraries import on threads (seconds of Python, while
+    Independent work overlaps: once torch is in, the kernel libraries import on a thread (seconds of Python, while
     the GPU computes: the load queues a second of matmuls per sync, so a thread holding the GIL cannot starve it);
     the quick environment probes run on another thread beside the accuracy probe; the processes of a multi-GPU
     all-reduce start before the load and wait for it to end. Nothing else touches the GPU while its speed is
@@ -147,6 +153,9 @@ def collect(
     _run_stage(r, timings, context, plan, TIMED, started)
     env = env or _in_background(timings, "env", environment)
     _run_stage(r, timings, context, plan, MEMORY)
+    if mode == "full":  # full's probes import more (Liger) themselves: not while the import thread still runs
+        for wait in imported.values():
+            wait()
     for p in (p for p in plan if p.stage == KERNEL):
         if p.kernel is not None and p.kernel not in kernels:
             r[p.name] = dict(NOT_NEEDED)
