@@ -24,8 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     catalog = Catalog.load_for_claim(Path(args.root) if args.root else None, args.lockfile, args.image or "")
-    env = Environment.probe(gpus=False)
+    # A lock named, or recorded by setup, needs no torch (its import takes seconds); only the comparison with the
+    # nearest catalog image asks this interpreter's torch.
+    env = Environment.probe(gpus=False, torch=False)
     claim = catalog.claimed_lockfile(env, args.lockfile, args.image or "")
+    if not claim.claimed:
+        env = Environment.probe(gpus=False)
+        claim = catalog.claimed_lockfile(env, args.lockfile, args.image or "")
     if claim.path is None:
         try:
             catalog.match(env)  # says which base image to rent

@@ -77,6 +77,24 @@ def test_verify_against_a_lockfile(tmp_path: Path, capsys, monkeypatch) -> None:
                                "nope 1 is locked but not installed"]
 
 
+def test_verify_with_a_named_lock_does_not_import_torch(tmp_path: Path, capsys, monkeypatch) -> None:
+    import builder.environment as environment
+
+    good = lock_line("jinja2", md.version("jinja2"))
+    root = _catalog(tmp_path, good)
+
+    def no_torch(**_):
+        raise AssertionError("verify asked torch although the lock was named")
+
+    monkeypatch.setattr(environment, "probe_torch", no_torch)
+    assert main(["verify", "--root", str(root), "--image", "test-local", "--no-files"]) == 0
+    assert main(["verify", "--root", str(root), "--lockfile", str(root / "lockfiles" / "test-local.txt"),
+                 "--no-files"]) == 0
+    monkeypatch.setenv("SAMEBOX_LOCKFILE", str(root / "lockfiles" / "test-local.txt"))
+    assert main(["verify", "--root", str(root), "--no-files"]) == 0
+    assert "matches" in capsys.readouterr().out
+
+
 def test_check_gpu_json(capsys) -> None:
     assert main(["check-gpu", "--gpu", "H20", "--driver", "550.54.14", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
