@@ -33,6 +33,11 @@ python3 -c "import torch, bitsandbytes, flash_attn; print('torch', torch.__versi
       '| flash_attn', flash_attn.__version__, '| GPUs', torch.cuda.device_count())" 2>&1 | tail -1
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
 
+quick_selftest() {  # issue 12: `samebox selftest --quick` timed on GPU 0 alone (limit: $1 seconds)
+    CUDA_VISIBLE_DEVICES=0 timeout "$1" python3 bench/selftest_gpu.py --parts quick,quick_cli \
+        --out "$OUT/selftest_quick.json" 2>&1 | tee "$OUT/selftest_quick.log" | grep -E "^(quick|quick_cli):"
+}
+
 first_run() {  # issue 12: `samebox train CONFIG` into an output.dir that does not exist yet, the preflight on
     local config=${1:-configs/qwen2.5-7b-qlora-24gb.yaml} size=${2:-7b} w=${3:-/tmp/samebox-multigpu-train}
     echo "== $(elapsed)s first run: samebox train into a fresh output.dir, preflight on (issue 12)"
@@ -51,8 +56,7 @@ first_run() {  # issue 12: `samebox train CONFIG` into an output.dir that does n
 case "$stage" in
 peers)
     echo "== $(elapsed)s selftest --quick on GPU 0 alone (issue 12's quick.wall_s)"
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/selftest_gpu.py --parts quick,quick_cli \
-        --out "$OUT/selftest_quick.json" 2>&1 | tee "$OUT/selftest_quick.log" | grep -E "^(quick|quick_cli):"
+    quick_selftest 150
     left=$(( 560 - $(elapsed) ))
     echo "== $(elapsed)s peers: 7B rows on GPU 0, 1.5B rows then the 1.5B curve on GPU 1 (${left}s left)"
     python3 bench/trainer_peers.py --only 7b --gpus 0 --workdir /tmp/peers-7b --out "$OUT/peers_7b.json" \
@@ -89,8 +93,7 @@ remeasure)
     # After a fix: the quick self-test alone on GPU 0, the 7B short row's peers (samebox, unsloth, HF padding-free),
     # one GPU vs two, and the first run with the preflight on.
     echo "== $(elapsed)s selftest --quick on GPU 0 alone"
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/selftest_gpu.py --parts quick,quick_cli \
-        --out "$OUT/selftest_quick.json" 2>&1 | tee "$OUT/selftest_quick.log" | grep -E "^(quick|quick_cli):"
+    quick_selftest 150
     echo "== $(elapsed)s peers: the 7B short row on GPU 0"
     python3 bench/trainer_peers.py --only 7b,short,samebox,unsloth,hf_padding_free --gpus 0 --workdir /tmp/peers-7b \
         --out "$OUT/peers_7b_short.json" --deadline 170 --arm-timeout 120 >/tmp/peers_7b.log 2>&1
@@ -105,8 +108,7 @@ final)
     # The quick self-test alone on GPU 0, a first run of the 1.5B config, then the sharded 32B (sharded first,
     # then the one capped card with the time left: the weights are written once).
     echo "== $(elapsed)s selftest --quick on GPU 0 alone"
-    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 bench/selftest_gpu.py --parts quick,quick_cli \
-        --out "$OUT/selftest_quick.json" 2>&1 | tee "$OUT/selftest_quick.log" | grep -E "^(quick|quick_cli):"
+    quick_selftest 120
     first_run configs/qwen2.5-1.5b-lora.yaml 1.5b /tmp/first-run-model
     echo "== $(elapsed)s Qwen2.5-32B QLoRA sharded over two capped GPUs, then one capped card"
     python3 bench/multigpu_train.py --size 32b --shard --gib-per-gpu 23.5 --parts sharded --part-timeout 300 \

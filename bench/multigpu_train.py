@@ -63,11 +63,6 @@ SIZE_DEFAULTS = {  # under --size 32b, for what the command line leaves unset: a
 DEFAULTS = {"steps": 40, "budget": 16384, "stop_after": 5, "part_timeout": 240.0}
 
 
-def repo_path() -> str:
-    """PYTHONPATH for the children: the repository first, then what the caller had (carried wheels in /tmp/site)."""
-    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-
-
 def train_config(model_dir: Path, data: Path, run_dir: Path, opts: argparse.Namespace, shard: str | None = None
                  ) -> dict:
     config = {
@@ -100,7 +95,7 @@ def launch(nproc: int, config: Path, log: Path, timeout: float, extra: tuple[str
         argv = [sys.executable, *train]
     else:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *train]
-    env = dict(os.environ, PYTHONPATH=repo_path(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=tvr.child_pythonpath(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if nproc == 1:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     if capped is not None:
@@ -278,7 +273,8 @@ def prepare(opts: argparse.Namespace, work: Path, deadline: float) -> dict:
     try:
         prep = subprocess.run(me + ["--child", "prepare", "--size", opts.size, "--workdir", str(work), "--samples",
                                     str(opts.samples), "--median", str(opts.median), "--cap", str(opts.cap)],
-                              cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=repo_path()),
+                              cwd=REPO, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=tvr.child_pythonpath()),
                               timeout=max(1.0, deadline - time.monotonic()))
         record["exit"], record["output"] = prep.returncode, (prep.stdout + prep.stderr)[-3000:]
     except subprocess.TimeoutExpired:

@@ -116,10 +116,14 @@ def versions() -> dict:
 
 
 # ----- orchestration -------------------------------------------------------------------------------------------
+def child_pythonpath() -> str:
+    """PYTHONPATH for child processes: the repository first, then the caller's (carried wheels in /tmp/site)."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
 def child(argv: list[str], timeout: float, log: Path) -> tuple[int | None, float, str]:
     """Run one arm in its own process; (exit code or None on timeout, wall seconds, output tail)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=child_pythonpath(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     started = time.perf_counter()
     with open(log, "w") as fh:
         try:
