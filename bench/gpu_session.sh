@@ -10,11 +10,13 @@
 #   bash bench/gpu_session.sh sharded    # issue 13: Qwen2.5-32B QLoRA, one "24 GB card" vs two sharded by FSDP2
 #   bash bench/gpu_session.sh remeasure  # after a fix: quick self-test, the 7B short row, one GPU vs two, a first run
 #   bash bench/gpu_session.sh final      # quick self-test, a first run of the 1.5B config, the sharded 32B
+#   bash bench/gpu_session.sh scaling    # issue 13: one GPU vs two three ways (as shipped + resume, activations
+#                                        # kept on the GPU, 64 samples per step), per-rank time, the topology
 #
 # Everything lands in $OUT (at most 8 files come back: logs are tarred).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_session.sh peers|remeasure|final|multigpu|sharded}
+stage=${1:?usage: gpu_session.sh peers|remeasure|final|multigpu|sharded|scaling}
 OUT=${OUT:-/tmp/gpu-session-out}
 SITE=/tmp/site
 started=$(date +%s)
@@ -122,6 +124,32 @@ final)
     logs+=(/tmp/multigpu_sharded.log /tmp/multigpu_one_card.log /tmp/samebox-multigpu-train/*.log)
     free -g | head -2; df -h /tmp | tail -1
     ;;
+scaling)
+    # Issue 13: where two GPUs lose against one. The same 7B runs three ways, each one GPU vs two with per-rank
+    # compute / all-reduce / host time: as shipped (with the SIGTERM + --resume auto part), activations kept on
+    # the GPU (no host offload), and a global batch twice as large (twice the tokens per micro-batch).
+    nvidia-smi topo -m > "$OUT/topology.txt" 2>&1; lscpu | grep -i -E "numa|socket|model name" >> "$OUT/topology.txt"
+    echo "== $(elapsed)s A: as shipped, 40 steps, then SIGTERM + --resume auto"
+    python3 bench/multigpu_train.py --out "$OUT/mg_shipped.json" --budget-s 300 2>&1 | tee /tmp/mg_shipped.log \
+        | grep -v -i "warn" | tail -n 3
+    echo "== $(elapsed)s B: train.offload_activations=false, 30 steps"
+    python3 bench/multigpu_train.py --out "$OUT/mg_kept.json" --parts one_gpu,gpus --steps 30 \
+        --set train.offload_activations=false --budget-s 150 2>&1 | tee /tmp/mg_kept.log | grep -v -i "warn" | tail -n 3
+    left=$(( 575 - $(elapsed) ))
+    echo "== $(elapsed)s C: 64 samples per step, 20 steps (${left}s left)"
+    [ "$left" -gt 100 ] && python3 bench/multigpu_train.py --out "$OUT/mg_batch64.json" --parts one_gpu,gpus \
+        --steps 20 --samples-per-step 64 --budget "${BATCH64_BUDGET:-16384}" --budget-s $(( left - 60 )) \
+        --part-timeout $(( (left - 10) / 2 )) 2>&1 | tee /tmp/mg_batch64.log | grep -v -i "warn" | tail -n 3
+    for f in "$OUT"/mg_*.json; do python3 - "$f" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(sys.argv[1].rsplit("/", 1)[-1], "speedup", d.get("speedup_label_tokens_per_s"), "curves", d.get("loss_curves"),
+      "resumed", d.get("resumed_vs_uninterrupted"), "errors", [e["stage"] for e in d.get("errors", [])])
+print("  scaling", json.dumps(d.get("scaling")))
+PY
+    done
+    logs+=(/tmp/mg_shipped.log /tmp/mg_kept.log /tmp/mg_batch64.log /tmp/samebox-multigpu-train/*.log)
+    ;;
 sharded)
     echo "== $(elapsed)s Qwen2.5-32B QLoRA: one capped card vs two sharded (bench/multigpu_train.py --shard)"
     python3 bench/multigpu_train.py --size 32b --shard --gib-per-gpu 23.5 --out "$OUT/multigpu_sharded.json" \
@@ -131,7 +159,7 @@ sharded)
     free -g | head -2; df -h /tmp | tail -1
     ;;
 *)
-    echo "unknown stage $stage: peers | remeasure | final | multigpu | sharded" >&2
+    echo "unknown stage $stage: peers | remeasure | final | multigpu | sharded | scaling" >&2
     exit 2
     ;;
 esac

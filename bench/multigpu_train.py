@@ -56,6 +56,7 @@ LAUNCHER = "--capped-train"  # argv[1] of a process started through capped_train
 CAP_ENV = "SAMEBOX_BENCH_GIB_PER_GPU"  # the launcher's cap (GiB per process); unset: no cap
 RECORD_ENV = "SAMEBOX_BENCH_RANK_RECORDS"  # the folder the launcher writes rank<RANK>.json into
 SHARD_PARTS = ("one_card", "sharded", "interrupted")
+DDP_PARTS = ("one_gpu", "gpus", "interrupted")  # "gpus": torchrun over --nproc GPUs (its result key: N_gpus)
 DID_NOT_FIT = "do not fit one GPU"  # trainer.model.weights_do_not_fit's message
 SIZE_DEFAULTS = {  # under --size 32b, for what the command line leaves unset: a few steps that fit a GPU call
     "32b": {"steps": 6, "budget": 4096, "stop_after": 3, "part_timeout": 420.0},
@@ -79,6 +80,10 @@ def train_config(model_dir: Path, data: Path, run_dir: Path, opts: argparse.Name
     }
     if shard is not None:
         config["train"]["shard"] = shard
+    for setting in opts.set:  # --set section.key=value, the trainer's own dotted form (the value read as YAML)
+        dotted, value = setting.split("=", 1)
+        section, key = dotted.split(".", 1)
+        config.setdefault(section, {})[key] = yaml.safe_load(value)
     return config
 
 
@@ -247,7 +252,45 @@ def measured(run_dir: Path, skip: int) -> dict:
            "micro_batches": [r["micro_batches"] for r in rows], "summary": summary,
            "peak_mem_gib_rank0": summary.get("peak_mem_gib")}
     arm["steady"] = tvr.steady(arm, skip)
+    arm["time"] = where_time_went(rows, skip)
     return arm
+
+
+def where_time_went(rows: list[dict], skip: int) -> dict:
+    """Mean seconds per step after the first ``skip``, per rank: the step, the GPU's forward/backward (compute_s)
+    and the gradient all-reduce (reduce_s, which holds the wait for the slowest rank); the rest of a step is host
+    time. One process's rows carry its own; torchrun's carry every rank's (trainer.recipe.RANK_TIMES)."""
+    rows = rows[skip:] if len(rows) > skip else rows
+    if not rows or "compute_s" not in rows[0]:
+        return {}
+    per_rank = {key: [[r[key]] for r in rows] for key in ("step_s", "compute_s", "reduce_s")}
+    if "rank_compute_s" in rows[0]:
+        per_rank = {key: [r[f"rank_{key}"] for r in rows] for key in per_rank}
+    world = len(per_rank["compute_s"][0])
+    mean = {key: [sum(step[k] for step in steps) / len(steps) for k in range(world)]
+            for key, steps in per_rank.items()}
+    host = [s - c - r for s, c, r in zip(mean["step_s"], mean["compute_s"], mean["reduce_s"], strict=True)]
+    # The slowest rank of each step sets its pace: how much longer than the average rank it computed.
+    spread = [max(step) - sum(step) / len(step) for step in per_rank["compute_s"]]
+    return {"steps": len(rows), "step_s": mean["step_s"], "compute_s": mean["compute_s"],
+            "reduce_s": mean["reduce_s"], "host_s": host, "slowest_rank_extra_compute_s": sum(spread) / len(spread)}
+
+
+def scaling(one: dict, many: dict, nproc: int) -> dict:
+    """Where N processes fall short of N times one: the per-step mean of one GPU's compute against the slowest
+    rank's compute, and each rank's other time (all-reduce and wait, host)."""
+    t1, tn = one.get("time"), many.get("time")
+    if not t1 or not tn:
+        return {}
+    one_compute = t1["compute_s"][0]
+    mean = sum(tn["compute_s"]) / len(tn["compute_s"])
+    slowest = mean + tn["slowest_rank_extra_compute_s"]
+    # work_ratio > 1: split N ways, the step's GPU work grew (costs per micro-batch: dequantizing the 4-bit
+    # weights, launches; smaller matrix products); compute_bound_speedup: what the slowest rank's compute allows.
+    return {"work_ratio": len(tn["compute_s"]) * mean / one_compute, "compute_bound_speedup": one_compute / slowest,
+            "compute_s_one_gpu": one_compute, "compute_s_per_rank": tn["compute_s"],
+            "compute_s_slowest_rank": slowest, "reduce_s_per_rank": tn["reduce_s"], "host_s_per_rank": tn["host_s"],
+            "host_s_one_gpu": t1["host_s"][0], "step_s_one_gpu": t1["step_s"][0], "step_s_per_rank": tn["step_s"]}
 
 
 def curve_diff(a: list[float], b: list[float]) -> dict:
@@ -328,7 +371,9 @@ def run(opts: argparse.Namespace, deadline: float, save=lambda result: None) -> 
         plan = {"one_card": (1, "none"), "sharded": (nproc, "fsdp"), "interrupted": (nproc, "fsdp")}
         parts = {name: plan[name] for name in SHARD_PARTS if name in opts.parts}
     else:
-        parts = {"one_gpu": (1, None), f"{nproc}_gpus": (nproc, None), "interrupted": (nproc, None)}
+        plan = {"one_gpu": (1, None), "gpus": (nproc, None), "interrupted": (nproc, None)}
+        parts = {(f"{nproc}_gpus" if name == "gpus" else name): plan[name] for name in DDP_PARTS
+                 if name in opts.parts}
     for name, (n, shard) in parts.items():
         timeout = min(opts.part_timeout, deadline - time.monotonic())
         if timeout < 60:
@@ -370,6 +415,7 @@ def run(opts: argparse.Namespace, deadline: float, save=lambda result: None) -> 
         s1, sn = one["steady"]["label_tokens_per_s"], many["steady"]["label_tokens_per_s"]
         result["speedup_label_tokens_per_s"] = sn / s1 if s1 and sn else None
         result["same_label_tokens"] = one["label_tokens"] == many["label_tokens"]
+        result["scaling"] = scaling(one, many, nproc)
     if many and result.get("interrupted"):
         result["resumed_vs_uninterrupted"] = curve_diff(result["interrupted"]["losses"], many["losses"])
     return result
@@ -452,13 +498,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gib-per-gpu", type=float, default=None,
                    help="--shard: hold each process to this many GiB of its GPU (default 23.5: a 24 GB card; 0: "
                         "no cap)")
-    p.add_argument("--parts", default=",".join(SHARD_PARTS), help="--shard: which parts, comma-separated")
+    p.add_argument("--parts", default=None,
+                   help=f"which parts, comma-separated: of {','.join(DDP_PARTS)} (default all), or with --shard of "
+                        f"{','.join(SHARD_PARTS)}")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a train config setting for every part (repeatable), e.g. train.offload_activations=false")
     opts = p.parse_args(argv)
-    opts.parts = [part.strip() for part in opts.parts.split(",") if part.strip()]
-    if not opts.shard and (opts.gib_per_gpu is not None or opts.parts != list(SHARD_PARTS)):
-        p.error("--gib-per-gpu and --parts go with --shard")
-    if set(opts.parts) - set(SHARD_PARTS) or not opts.parts:
-        p.error(f"--parts: a comma-separated subset of {','.join(SHARD_PARTS)}")
+    allowed = SHARD_PARTS if opts.shard else DDP_PARTS
+    opts.parts = [part.strip() for part in (opts.parts or ",".join(allowed)).split(",") if part.strip()]
+    if not opts.shard and opts.gib_per_gpu is not None:
+        p.error("--gib-per-gpu goes with --shard")
+    if set(opts.parts) - set(allowed) or not opts.parts:
+        p.error(f"--parts: a comma-separated subset of {','.join(allowed)}")
+    for setting in opts.set:
+        if "=" not in setting or "." not in setting.split("=", 1)[0]:
+            p.error(f"--set {setting!r}: write SECTION.KEY=VALUE, e.g. train.offload_activations=false")
     if opts.shard and opts.gib_per_gpu is None:
         opts.gib_per_gpu = 23.5
     opts.gib_per_gpu = opts.gib_per_gpu or None  # 0: no cap

@@ -7,6 +7,7 @@ budget: packed end to end (one row, position ids restarting per sample) or padde
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,14 +42,19 @@ def steps_per_epoch(n_samples: int, samples_per_step: int) -> int:
     return math.ceil(n_samples / samples_per_step)
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(n_samples: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
+    """The samples of one epoch in training order. Kept for the epoch's steps: a shuffle of a million samples costs
+    tens of milliseconds, which every step would otherwise spend with the GPU idle."""
+    if shuffle:
+        return tuple(torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
+    return tuple(range(n_samples))
+
+
 def step_indices(n_samples: int, samples_per_step: int, step: int, seed: int, shuffle: bool) -> list[int]:
     """Sample indices of optimizer step ``step`` (0-based, counting across epochs)."""
     epoch, k = divmod(step, steps_per_epoch(n_samples, samples_per_step))
-    if shuffle:
-        order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    else:
-        order = list(range(n_samples))
-    return order[k * samples_per_step:(k + 1) * samples_per_step]
+    return list(epoch_order(n_samples, seed, epoch, shuffle)[k * samples_per_step:(k + 1) * samples_per_step])
 
 
 def plan_micro_batches(lengths: list[int], budget: int, packing: bool) -> list[list[int]]:

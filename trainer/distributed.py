@@ -11,6 +11,7 @@ buckets and hooks would, and leaves gradient checkpointing, 4-bit layers and the
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -98,11 +99,48 @@ def all_reduce_step(params: list[torch.nn.Parameter], loss_sum: torch.Tensor, ra
 
 def any_rank(flags: list[bool], device: torch.device, ranks: Ranks) -> list[bool]:
     """Each flag true on every rank when it is true on one, so all ranks save and stop at the same step."""
+    return exchange(flags, [], device, ranks)[0]
+
+
+def exchange(flags: list[bool], values: list[float], device: torch.device, ranks: Ranks
+             ) -> tuple[list[bool], list[list[float]]]:
+    """One collective for the end of a step: each flag true on every rank when it is true on one, and every rank's
+    ``values`` (the same count on each), by rank: ``[[rank 0's], [rank 1's], ...]``."""
     if ranks.world == 1:
-        return flags
-    t = torch.tensor([float(f) for f in flags], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+        return list(flags), [list(values)]
+    n = len(values)
+    t = torch.zeros(len(flags) + ranks.world * n, dtype=torch.float64, device=device)
+    t[: len(flags)] = torch.tensor([float(f) for f in flags], dtype=torch.float64)
+    start = len(flags) + ranks.rank * n
+    t[start:start + n] = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)  # a sum: each rank fills its own slots, the others add zeros
+    out = t.tolist()
+    per_rank = [out[len(flags) + r * n: len(flags) + (r + 1) * n] for r in range(ranks.world)]
+    return [v > 0 for v in out[: len(flags)]], per_rank
+
+
+class StepClock:
+    """Where a rank's step went, without a sync of its own: CUDA events on the compute stream (read after the
+    step's one device->host sync has passed them), wall clock on a CPU. ``mark(name)`` in order; ``span(a, b)``
+    in seconds once the later mark has completed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, object] = {}
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[name] = event
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def span(self, a: str, b: str) -> float:
+        start, end = self.marks[a], self.marks[b]
+        if self.cuda:
+            return start.elapsed_time(end) / 1000  # type: ignore[attr-defined]
+        return float(end) - float(start)  # type: ignore[arg-type]
 
 
 def share_of_step(indices: list[int], lengths: list[int], ranks: Ranks) -> list[int]:

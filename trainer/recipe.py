@@ -32,6 +32,8 @@ from trainer.metrics import MetricsLogger
 from trainer.model import LoadedModel, decoder_and_head, micro_batch_budget, setup_model
 from trainer.step import StepLoss, clip_and_check, is_finite, run_step
 
+RANK_TIMES = ("step_s", "compute_s", "reduce_s")  # each rank's, in every row under torchrun
+
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
     def factor(step: int) -> float:
@@ -203,15 +205,19 @@ class LoRAFinetuneRecipe:
             if self.path.sharded:  # every FSDP2 forward/backward is a collective: all ranks run as many
                 most = dist.most_over_ranks(len(batches), self.loaded.device, self.ranks)
                 batches += [idle_micro_batch(pad_id, self.varlen) for _ in range(most - len(batches))]
+            clock.mark("start")  # the batches are cut (again after an out-of-memory retry): the GPU's work begins
             return batches
 
+        clock = dist.StepClock(self.loaded.device)
         result = run_step(self.step_loss, make, self.params, label_total, self.budget, self.loaded.device,
                           scale=self.scaler.scale if self.scaler else None,
                           on_oom=lambda b: self.logger.event(f"out of memory: micro-batch budget now {b} tokens"),
                           retry_oom=not self.path.sharded)
         self.budget = result.budget
         loss_sum = result.loss_sum
+        clock.mark("computed")
         dist.all_reduce_step([] if self.path.sharded else self.params, loss_sum, self.ranks)
+        clock.mark("reduced")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm, loss_value = clip_and_check(self.params, t.max_grad_norm, loss_sum)
@@ -238,6 +244,10 @@ class LoRAFinetuneRecipe:
             "tokens": tokens, "label_tokens": label_total, "micro_batches": result.micro_batches,
             "step_s": elapsed, "tokens_per_s": tokens / elapsed, "label_tokens_per_s": label_total / elapsed,
             "eta_s": self.train_seconds / max(1, self.step) * (self.total_steps - self.step),
+            # This rank's forward/backward on the GPU (from its micro-batches being cut) and its gradient
+            # all-reduce, which holds the wait for the slowest rank; clip_and_check's sync has passed both marks.
+            # What step_s holds beyond them is host time: cutting batches, the optimizer, the sync itself.
+            "compute_s": clock.span("start", "computed"), "reduce_s": clock.span("computed", "reduced"),
         }
         if self.loaded.device.type == "cuda":
             row["mem_gib"] = torch.cuda.max_memory_allocated(self.loaded.device) / 2**30
@@ -283,9 +293,13 @@ class LoRAFinetuneRecipe:
         last_save = time.monotonic()
         while self.step < self.total_steps:
             row = self._train_one()
-            self.logger.log(row)
             by_time = time.monotonic() - last_save >= out.save_every_minutes * 60
-            stop, by_time = dist.any_rank([self.stop_signal is not None, by_time], self.loaded.device, self.ranks)
+            (stop, by_time), ranks = dist.exchange([self.stop_signal is not None, by_time],
+                                                   [row[k] for k in RANK_TIMES], self.loaded.device, self.ranks)
+            if self.world > 1:  # where each rank's step went: the slowest rank's compute sets everyone's pace
+                for i, key in enumerate(RANK_TIMES):
+                    row[f"rank_{key}"] = [r[i] for r in ranks]
+            self.logger.log(row)
             if stop or by_time or self.step % out.save_every_steps == 0 or self.step == self.total_steps:
                 path = self.save()
                 last_save = time.monotonic()

@@ -119,3 +119,37 @@ def test_a_cut_off_model_copy_is_written_again_and_a_complete_one_reused(tmp_pat
     assert not (model / "stale.safetensors").exists() and len(calls) == 1
     again = mg.prepare(opts, tmp_path, deadline=mg.time.monotonic() + 60)
     assert again["reused"] and "removed_incomplete_copy" not in again and again["safetensors_files"] == 1
+
+
+def test_ddp_smoke_says_where_each_ranks_time_went(tmp_path):
+    """The DDP parts on the CPU (gloo): the two-process curve is the one-process curve, each part says per rank how
+    a step split into compute, all-reduce and host time, and --set reaches every part's train config."""
+    out = tmp_path / "multigpu_train.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "multigpu_train.py"), "--smoke", "--parts",
+                           "one_gpu,gpus", "--set", "output.log_every_steps=3", "--workdir", str(tmp_path / "work"),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0 and not result["errors"], result["errors"]
+    assert "interrupted" not in result and result["loss_curves"]["within"]
+    for name, world in (("one_gpu", 1), ("2_gpus", 2)):
+        written = (tmp_path / "work" / f"{name}.yaml").read_text()
+        assert "log_every_steps: 3" in written
+        went = result[name]["time"]
+        assert went["steps"] == STEPS - 1  # the warm-up step left out
+        for key in ("step_s", "compute_s", "reduce_s", "host_s"):
+            assert len(went[key]) == world
+        for step_s, compute_s, host_s in zip(went["step_s"], went["compute_s"], went["host_s"], strict=True):
+            assert 0 < compute_s < step_s and host_s >= 0
+    scaling = result["scaling"]
+    assert scaling["work_ratio"] > 0 and scaling["compute_bound_speedup"] > 0
+    assert len(scaling["compute_s_per_rank"]) == 2
+
+
+def test_set_and_parts_are_checked_before_anything_runs(tmp_path):
+    for argv, said in ((["--set", "offload=false"], "SECTION.KEY=VALUE"), (["--parts", "sharded"], "subset of"),
+                       (["--gib-per-gpu", "16"], "goes with --shard")):
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "multigpu_train.py"), "--out",
+                               str(tmp_path / "x.json"), *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr
+        assert not (tmp_path / "x.json").exists()

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from trainer.distributed import Ranks, share_of_step
@@ -76,6 +77,12 @@ def test_two_processes_match_one_and_survive_sigterm(make_config, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         f"step-{stopped:08d}", f"step-{ended:08d}"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    # Each row says where every rank's step went (one collective per step carries them to rank 0).
+    for r in rows:
+        assert len(r["rank_step_s"]) == len(r["rank_compute_s"]) == len(r["rank_reduce_s"]) == 2
+        assert r["rank_step_s"][0] == r["step_s"] and r["rank_compute_s"][0] == r["compute_s"]
+        for step_s, compute_s, reduce_s in zip(r["rank_step_s"], r["rank_compute_s"], r["rank_reduce_s"], strict=True):
+            assert 0 < compute_s and 0 <= reduce_s and compute_s + reduce_s <= step_s
 
     reference = LoRAFinetuneRecipe(make_config(overrides=overrides, name="one-process"))
     reference.setup()
@@ -95,3 +102,39 @@ def test_step_shares_cover_the_step_once_and_balance_tokens():
     assert abs(loads[0] - loads[1]) <= max(lengths[i] for i in indices)
     assert share_of_step(indices, lengths, Ranks(0, 1)) == indices
     assert share_of_step([4], lengths, Ranks(1, 2)) == []
+
+
+def test_exchange_on_one_process_and_the_step_clock():
+    from trainer.distributed import StepClock, exchange
+
+    flags, per_rank = exchange([True, False], [1.5, 2.0], torch.device("cpu"), Ranks())
+    assert flags == [True, False] and per_rank == [[1.5, 2.0]]
+    clock = StepClock(torch.device("cpu"))
+    clock.mark("a")
+    time.sleep(0.01)
+    clock.mark("b")
+    assert 0.009 <= clock.span("a", "b") < 1.0
+
+
+def _exchange_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed
+
+    from trainer.distributed import exchange
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        result = exchange([rank == 1, False], [float(rank) + 0.5, 10.0 * rank], torch.device("cpu"),
+                          Ranks(rank, world))
+        Path(out, f"{rank}.json").write_text(json.dumps(result))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_exchange_ors_flags_and_gathers_each_ranks_values(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_exchange_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        flags, per_rank = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert flags == [True, False]  # rank 1's stop reaches rank 0
+        assert per_rank == [[0.5, 0.0], [1.5, 10.0]]

@@ -70,6 +70,13 @@ def test_micro_batches_respect_the_budget_and_steps_cover_the_epoch():
     seen = [i for s in range(3) for i in step_indices(20, 8, s, seed=1, shuffle=True)]
     assert sorted(seen) == list(range(20))
     assert step_indices(20, 8, 4, 1, True) == step_indices(20, 8, 4, 1, True) != step_indices(20, 8, 1, 1, True)
+    # The epoch's order is drawn once, not at every step (a shuffle of N samples per step idles the GPU).
+    from trainer.batching import epoch_order
+
+    epoch_order.cache_clear()
+    for s in range(8):
+        step_indices(20, 8, s, seed=1, shuffle=True)
+    assert epoch_order.cache_info().misses == 3  # epochs 0, 1, 2 (3 steps each)
 
 
 def test_loss_falls_and_everything_is_written(make_config):
