@@ -12,11 +12,12 @@
 #   bash bench/gpu_session.sh final      # quick self-test, a first run of the 1.5B config, the sharded 32B
 #   bash bench/gpu_session.sh scaling    # issue 13: one GPU vs two three ways (as shipped + resume, activations
 #                                        # kept on the GPU, 64 samples per step), per-rank time, the topology
+#   bash bench/gpu_session.sh cardcap    # quick self-test with both GPUs; Qwen2.5-32B on 16 GiB cards: one, two
 #
 # Everything lands in $OUT (at most 8 files come back: logs are tarred).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_session.sh peers|remeasure|final|multigpu|sharded|scaling}
+stage=${1:?usage: gpu_session.sh peers|remeasure|final|multigpu|sharded|scaling|cardcap}
 OUT=${OUT:-/tmp/gpu-session-out}
 SITE=/tmp/site
 started=$(date +%s)
@@ -150,6 +151,20 @@ PY
     done
     logs+=(/tmp/mg_shipped.log /tmp/mg_kept.log /tmp/mg_batch64.log /tmp/samebox-multigpu-train/*.log)
     ;;
+cardcap)
+    # Issue 12: the quick self-test with both GPUs (the all-reduce included). Issue 13: a model whose 4-bit
+    # weights do not fit one card: Qwen2.5-32B (~18 GB of NF4 weights) on GPUs held to 16 GiB each, one card
+    # (expected: "do not fit one GPU", exit 2) and two sharded by FSDP2 with 1,024-token micro-batches.
+    echo "== $(elapsed)s selftest --quick with both GPUs"
+    timeout 150 python3 bench/selftest_gpu.py --parts quick,quick_cli --out "$OUT/selftest_quick_2gpu.json" 2>&1 \
+        | tee "$OUT/selftest_quick_2gpu.log" | grep -E "^(quick|quick_cli):"
+    echo "== $(elapsed)s Qwen2.5-32B QLoRA on 16 GiB cards: one, then two sharded"
+    python3 bench/multigpu_train.py --size 32b --shard --gib-per-gpu 16 --budget 1024 --parts one_card,sharded \
+        --part-timeout 330 --out "$OUT/multigpu_16gib.json" --budget-s $(( 560 - $(elapsed) )) 2>&1 \
+        | tee /tmp/multigpu_16gib.log | grep -v -i "warn" | tail -n 12
+    logs+=(/tmp/multigpu_16gib.log /tmp/samebox-multigpu-train/*.log)
+    free -g | head -2; df -h /tmp | tail -1
+    ;;
 sharded)
     echo "== $(elapsed)s Qwen2.5-32B QLoRA: one capped card vs two sharded (bench/multigpu_train.py --shard)"
     python3 bench/multigpu_train.py --size 32b --shard --gib-per-gpu 23.5 --out "$OUT/multigpu_sharded.json" \
@@ -159,7 +174,7 @@ sharded)
     free -g | head -2; df -h /tmp | tail -1
     ;;
 *)
-    echo "unknown stage $stage: peers | remeasure | final | multigpu | sharded | scaling" >&2
+    echo "unknown stage $stage: peers | remeasure | final | multigpu | sharded | scaling | cardcap" >&2
     exit 2
     ;;
 esac
