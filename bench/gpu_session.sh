@@ -154,12 +154,13 @@ PY
 cardcap)
     # Issue 12: the quick self-test with both GPUs (the all-reduce included). Issue 13: a model whose 4-bit
     # weights do not fit one card: Qwen2.5-32B (~18 GB of NF4 weights) on GPUs held to 16 GiB each, one card
-    # (expected: "do not fit one GPU", exit 2) and two sharded by FSDP2 with 1,024-token micro-batches.
+    # (expected: "do not fit one GPU", exit 2) and two sharded by FSDP2 with 1,024-token micro-batches (samples
+    # capped at 1,024 tokens too: a longer one would make a micro-batch of its own length).
     echo "== $(elapsed)s selftest --quick with both GPUs"
     timeout 150 python3 bench/selftest_gpu.py --parts quick,quick_cli --out "$OUT/selftest_quick_2gpu.json" 2>&1 \
         | tee "$OUT/selftest_quick_2gpu.log" | grep -E "^(quick|quick_cli):"
     echo "== $(elapsed)s Qwen2.5-32B QLoRA on 16 GiB cards: one, then two sharded"
-    python3 bench/multigpu_train.py --size 32b --shard --gib-per-gpu 16 --budget 1024 --parts one_card,sharded \
+    python3 bench/multigpu_train.py --size 32b --shard --gib-per-gpu 16 --budget 1024 --cap 1024 --parts one_card,sharded \
         --part-timeout 330 --out "$OUT/multigpu_16gib.json" --budget-s $(( 560 - $(elapsed) )) 2>&1 \
         | tee /tmp/multigpu_16gib.log | grep -v -i "warn" | tail -n 12
     logs+=(/tmp/multigpu_16gib.log /tmp/samebox-multigpu-train/*.log)

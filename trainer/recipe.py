@@ -109,8 +109,9 @@ class LoRAFinetuneRecipe:
         gathered = 0
         if self.path.sharded:
             layers = sharding.decoder_layers(self.decoder)
-            gathered = sharding.gathered_bytes(self.step_loss, layers)
-            sharding.shard(self.step_loss, layers, self.loaded.device, self.ranks)
+            embedding = sharding.input_embedding(self.decoder, self.step_loss)
+            gathered = sharding.gathered_bytes(self.step_loss, layers, embedding)
+            sharding.shard(self.step_loss, layers, self.loaded.device, self.ranks, embedding)
             self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2's sharded parameters
         self.budget = micro_batch_budget(self.cfg.train, self.loaded, self.path, self._step_tokens(), gathered)
 

@@ -1,9 +1,12 @@
 """train.shard=fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) shards the frozen weights, the LoRA weights, their
 gradients and AdamW's state over the processes, for a model whose weights do not fit one card.
 
-Units: each decoder layer, then the root (trainer.step.StepLoss: the embeddings, the final norm and lm_head). A
-unit's weights are all-gathered around its forward and its backward and freed after; the rest of the time each rank
-holds 1/N of them. Each rank's loss is already divided by the whole step's label tokens (trainer/step.py), so the
+Units: each decoder layer, the input embeddings, then the root (trainer.step.StepLoss: the final norm and lm_head,
+whose weight the chunked loss reads). A unit's weights are all-gathered around its forward and its backward and freed
+after; the rest of the time each rank holds 1/N of them. The embeddings are a unit of their own so that the whole
+table is gathered only while the token ids are looked up (frozen, they have no backward), not from the first layer's
+forward to the last layer's backward with the root: on Qwen2.5-32B that is 1.5 GB less at the peak of every rank.
+Each rank's loss is already divided by the whole step's label tokens (trainer/step.py), so the
 gradients' reduce-scatter is set to a plain sum (FSDP2 averages by default): the summed shards are the one-process
 gradient, as under the replicated path's all-reduce (trainer/distributed.py).
 
@@ -56,22 +59,41 @@ def _bytes(params: Any) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def gathered_bytes(step_loss: torch.nn.Module, layers: list[torch.nn.Module]) -> int:
+def input_embedding(body: Any, step_loss: torch.nn.Module) -> torch.nn.Module | None:
+    """The body's token embedding table, to be a unit of its own; None where the body does not say which it is or
+    where it is lm_head's weight too (tied: small Qwen2.5 and Llama models), which must stay in the root: one tensor
+    cannot be in two units."""
+    get = getattr(body, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if not isinstance(embedding, torch.nn.Module):
+        return None
+    head = {id(p) for p in step_loss.head.parameters()} if isinstance(getattr(step_loss, "head", None),
+                                                                        torch.nn.Module) else set()
+    return None if any(id(p) in head for p in embedding.parameters()) else embedding
+
+
+def gathered_bytes(step_loss: torch.nn.Module, layers: list[torch.nn.Module],
+                   embedding: torch.nn.Module | None = None) -> int:
     """GPU memory the all-gathers take beyond this rank's shards (call before sharding): the root unit whole (it stays
-    gathered from its forward to its backward) and two layers (the one computing and the one prefetched)."""
+    gathered from its forward to its backward) and the larger of two layers (the one computing and the one
+    prefetched) and the embedding table (gathered alone at the forward's start, before any activation exists)."""
     layer_bytes = [_bytes(layer.parameters()) for layer in layers]
-    return _bytes(step_loss.parameters()) - sum(layer_bytes) + 2 * max(layer_bytes)
+    table = _bytes(embedding.parameters()) if embedding is not None else 0
+    return _bytes(step_loss.parameters()) - sum(layer_bytes) - table + max(2 * max(layer_bytes), table)
 
 
-def shard(step_loss: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device, ranks: Ranks) -> None:
+def shard(step_loss: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device, ranks: Ranks,
+          embedding: torch.nn.Module | None = None) -> None:
     """Make the FSDP2 units, moving this rank's shards from the host to ``device`` (the rank's GPU, or the CPU
     under gloo). The LoRA weights must already be every rank's same (broadcast from rank 0): each rank keeps its
-    slice of what it holds."""
+    slice of what it holds. ``embedding`` (input_embedding()): a unit of its own; None leaves it in the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (ranks.world,))
     units = [fully_shard(layer, mesh=mesh) for layer in layers]
+    if embedding is not None:
+        units.append(fully_shard(embedding, mesh=mesh))
     units.append(fully_shard(step_loss, mesh=mesh))
     for unit in units:
         # divide factor 1 and SUM only (no PREMUL_SUM, which gloo lacks): the reduce-scatter sums the ranks' grads.

@@ -42,9 +42,11 @@ def main(model_dir: str, out: str) -> None:
     seen = {"full_rows": int(packed.shape[0]), "dtype": str(packed.dtype)}
     if ranks.world > 1:
         layers = sharding.decoder_layers(body)
-        sharding.shard(step_loss, layers, cpu, ranks)
+        embedding = sharding.input_embedding(body, step_loss)
+        sharding.shard(step_loss, layers, cpu, ranks, embedding)
         shard_of = next(m for m in body.modules() if type(m).__name__ == "Linear4bit").weight
-        seen.update(kind=type(shard_of).__name__, local_rows=int(shard_of.to_local().shape[0]))
+        seen.update(kind=type(shard_of).__name__, local_rows=int(shard_of.to_local().shape[0]),
+                    embedding_unit=type(embedding).__name__ if embedding is not None else None)
     model.train()
     rows = [torch.arange(3, 3 + 24).remainder(base.config.vocab_size), torch.arange(40, 58)]
     label_total = sum(len(r) - 1 for r in rows)

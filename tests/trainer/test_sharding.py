@@ -162,6 +162,7 @@ def test_4bit_weights_shard_and_give_the_unsharded_gradient(tiny_model_dir, tmp_
     weight = sharded["weight"]
     assert weight["dtype"] == "torch.bfloat16" and weight["kind"] == "DTensor"
     assert weight["local_rows"] * 2 == weight["full_rows"]
+    assert weight["embedding_unit"] == "FSDPEmbedding"  # the table is a unit of its own (untied: not lm_head's)
     assert sharded["loss_sum"] == pytest.approx(alone["loss_sum"], rel=1e-6)
     assert sorted(sharded["grads"]) == sorted(alone["grads"]) and len(alone["grads"]) == 28
     for name, grad in alone["grads"].items():
@@ -179,3 +180,37 @@ def test_fsdp_on_a_torch_without_fsdp2_says_which_images_have_it(monkeypatch) ->
     with pytest.raises(SameboxError, match=r"train.shard=fsdp needs torch >= 2.6 \(FSDP2\)"):
         sharding.require_processes("fsdp", Ranks(0, 2, 0))
     sharding.require_processes("none", Ranks(0, 1, 0))  # the replicated path asks nothing of torch
+
+
+def test_the_embedding_table_is_its_own_unit_unless_lm_head_shares_it():
+    """Untied, the table is gathered only for its lookup (its own unit; the gathered-memory estimate counts it
+    once, at the forward's start); tied to lm_head it stays in the root, where the chunked loss reads it."""
+    from trainer import sharding
+
+    class Body(torch.nn.Module):
+        def __init__(self, table: torch.nn.Embedding) -> None:
+            super().__init__()
+            self.embed_tokens = table
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8, bias=False) for _ in range(3)])
+
+        def get_input_embeddings(self) -> torch.nn.Module:
+            return self.embed_tokens
+
+    class Root(torch.nn.Module):
+        def __init__(self, body: Body, head: torch.nn.Linear) -> None:
+            super().__init__()
+            self.decoder, self.head = body, head
+
+    table = torch.nn.Embedding(100, 8)
+    untied = Root(Body(table), torch.nn.Linear(8, 100, bias=False))
+    assert sharding.input_embedding(untied.decoder, untied) is table
+    layer = 8 * 8 * 4
+    # root: head (3,200 B) + the larger of two layers (512 B) and the table (3,200 B)
+    assert sharding.gathered_bytes(untied, list(untied.decoder.layers), table) == 3200 + 3200
+    assert sharding.gathered_bytes(untied, list(untied.decoder.layers)) == 3200 + 3200 + 2 * layer
+
+    head = torch.nn.Linear(8, 100, bias=False)
+    head.weight = table.weight
+    tied = Root(Body(table), head)
+    assert sharding.input_embedding(tied.decoder, tied) is None
+    assert sharding.input_embedding(torch.nn.Module(), untied) is None
