@@ -80,7 +80,8 @@ def run_step(loss_of: Callable[[MicroBatch], torch.Tensor], make_batches: Callab
                 (scale(normalised) if scale else normalised).backward()
                 loss_sum += loss.detach()
             return StepResult(loss_sum, len(batches), budget, retries)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as e:
+            asked = oom_request(str(e))
             longest = max(int(mb.input_ids.shape[-1]) for mb in batches)
             for p in params:
                 p.grad = None
@@ -88,17 +89,28 @@ def run_step(loss_of: Callable[[MicroBatch], torch.Tensor], make_batches: Callab
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if not retry_oom:
-                raise SameboxError(f"out of memory in a micro-batch of up to {budget} tokens under train.shard=fsdp",
+                raise SameboxError(f"out of memory in a micro-batch of up to {budget} tokens under train.shard=fsdp"
+                                   f"{asked}",
                                    hint="set train.micro_batch_tokens below that (the sharded ranks cannot halve "
                                         "it on their own), or model.gradient_checkpointing=true") from None
             if all(mb.samples == 1 for mb in batches):
-                raise SameboxError(f"out of memory with one sample of {longest} tokens per micro-batch",
+                raise SameboxError(f"out of memory with one sample of {longest} tokens per micro-batch{asked}",
                                    hint="lower data.max_length, set model.gradient_checkpointing=true, or use "
                                         "model.quantization=nf4") from None
             budget = max(1, budget // 2)
             retries += 1
             if on_oom:
                 on_oom(budget)
+
+
+def oom_request(message: str) -> str:
+    """torch's out-of-memory message, shortened to what was asked and what was free: " (tried to allocate 2.90 GiB;
+    GPU 0 has a total capacity of 79.10 GiB of which 1.20 GiB is free)", or "" when it does not say."""
+    at = message.find("Tried to allocate")
+    if at < 0:
+        return ""
+    said = message[at:].split(". Including")[0].split(". Of the allocated")[0].split(". Process")[0]
+    return f" ({said[0].lower()}{said[1:].rstrip('.')})"
 
 
 def clip_and_check(params: list[torch.nn.Parameter], max_norm: float, loss_sum: torch.Tensor) -> tuple[float, float]:

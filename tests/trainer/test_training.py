@@ -193,3 +193,14 @@ def test_the_final_adapter_loads_into_peft_with_the_trained_weights(make_config,
                                                                                   ".lora_B.default.weight")
         torch.testing.assert_close(loaded[peft_name], value, rtol=0, atol=0)
     assert any(v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k), "B stayed at its zero init"
+
+
+def test_out_of_memory_errors_say_what_torch_asked_for():
+    from trainer.step import oom_request
+
+    torch_said = ("CUDA out of memory. Tried to allocate 2.90 GiB. GPU 0 has a total capacity of 79.10 GiB of which "
+                  "1.20 GiB is free. Process 12 has 77.9 GiB memory in use. Of the allocated memory 75.3 GiB is "
+                  "allocated by PyTorch, and 1.1 GiB is reserved by PyTorch but unallocated.")
+    assert oom_request(torch_said) == (" (tried to allocate 2.90 GiB. GPU 0 has a total capacity of 79.10 GiB of "
+                                       "which 1.20 GiB is free)")
+    assert oom_request("fake: CUDA out of memory") == ""
