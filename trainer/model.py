@@ -140,6 +140,18 @@ def enable_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def gpu_free_bytes(device: torch.device) -> tuple[int, int, float]:
+    """(free bytes this process may still take, the card's total, the process's memory fraction). The fraction
+    (torch.cuda.set_per_process_memory_fraction: a share of a card, or a bigger card made to act like a 24 GB one)
+    caps what the allocator hands out, which cudaMemGetInfo knows nothing of."""
+    free, total = torch.cuda.mem_get_info(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = float(get_fraction(device)) if get_fraction is not None else 1.0
+    if fraction < 1.0:
+        free = min(free, max(0, int(fraction * total) - torch.cuda.memory_reserved(device)))
+    return free, total, fraction
+
+
 def wants_checkpointing(cfg: ModelConfig, base: Any, device: torch.device, dtype: torch.dtype,
                         micro_batch_tokens: int | str) -> bool:
     if cfg.gradient_checkpointing != "auto":
@@ -148,7 +160,7 @@ def wants_checkpointing(cfg: ModelConfig, base: Any, device: torch.device, dtype
         return False
     if micro_batch_tokens == "auto":
         return True  # the budget is then sized for checkpointed layers
-    free, _ = torch.cuda.mem_get_info(device)
+    free, _, _ = gpu_free_bytes(device)
     return activation_bytes_per_token(base.config, dtype) * int(micro_batch_tokens) > 0.6 * free
 
 
@@ -176,7 +188,7 @@ def auto_budget(config: Any, fused: Any, device: torch.device, dtype: torch.dtyp
     ``gathered``: bytes of weights that FSDP2 all-gathers for a while, beyond this rank's shards."""
     if device.type != "cuda":
         return min(step_tokens, 16384)
-    free, _ = torch.cuda.mem_get_info(device)
+    free, _, _ = gpu_free_bytes(device)
     elem = torch.finfo(dtype).bits // 8
     # LoRA weights, grads and AdamW's two moments in fp32; the loss's fp32 logits and their bf16 copy for the
     # gradient, a chunk at a time (trainer/loss.py works in place).
@@ -212,8 +224,10 @@ def weights_do_not_fit(model_dir: str, cfg: ModelConfig, device: torch.device) -
     """The base weights alone overflowed the GPU while loading: say what would hold them (QLoRA, then the model
     sharded over several GPUs, then a bigger card) instead of the allocator's traceback."""
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
+        free, total, fraction = gpu_free_bytes(device)
         card = f"{torch.cuda.get_device_name(device)}: {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free now"
+        if fraction < 1.0:
+            card += f"; this process is held to {fraction * total / 2**30:.1f} GiB of it"
         count = torch.cuda.device_count()
     else:
         card, count = str(device), 0

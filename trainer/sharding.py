@@ -4,11 +4,12 @@ gradients and AdamW's state over the processes, for a model whose weights do not
 Units: each decoder layer, the input embeddings, then the root (trainer.step.StepLoss: the final norm and lm_head,
 whose weight the chunked loss reads). A unit's weights are all-gathered around its forward and its backward and freed
 after; the rest of the time each rank holds 1/N of them. The embeddings are a unit of their own so that the whole
-table is gathered only while the token ids are looked up (frozen, they have no backward), not from the first layer's
-forward to the last layer's backward with the root: on Qwen2.5-32B that is 1.5 GB less at the peak of every rank.
-Each rank's loss is already divided by the whole step's label tokens (trainer/step.py), so the
-gradients' reduce-scatter is set to a plain sum (FSDP2 averages by default): the summed shards are the one-process
-gradient, as under the replicated path's all-reduce (trainer/distributed.py).
+table (1.5 GB on Qwen2.5-32B) is gathered only while the token ids are looked up (frozen, they have no backward), not
+held with the root from the first layer's forward to the last layer's backward. (Measured on two processes held to
+16 GiB: the peak at their first micro-batch stayed at 15.3 GiB, so it is not what sets that peak.) Each rank's loss
+is already divided by the whole step's label tokens (trainer/step.py), so the gradients' reduce-scatter is set to a
+plain sum (FSDP2 averages by default): the summed shards are the one-process gradient, as under the replicated
+path's all-reduce (trainer/distributed.py).
 
 Checkpoints hold the whole adapter and the whole optimizer state, gathered to rank 0 by
 torch.distributed.checkpoint.state_dict, in the files the replicated path writes (optimizer state keyed by the

@@ -80,3 +80,27 @@ def test_a_sharded_load_quantizes_on_this_process_share_of_the_cores(monkeypatch
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_process_held_to_part_of_a_card_sizes_itself_by_that_part(monkeypatch):
+    """torch.cuda.set_per_process_memory_fraction (a card shared, or a big card acting as a 24 GB one) caps the
+    allocator, which cudaMemGetInfo does not see: the free memory the trainer sizes micro-batches and gradient
+    checkpointing by, and its "do not fit" message, use the cap."""
+    import torch
+
+    from trainer import model
+    from trainer.config import ModelConfig
+
+    gib = 2**30
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (139 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * gib)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
+    assert model.gpu_free_bytes(cuda) == (139 * gib, 140 * gib, 1.0)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 16 / 140)
+    free, total, fraction = model.gpu_free_bytes(cuda)
+    assert abs(free - 11 * gib) < 1024 and total == 140 * gib  # 16 GiB held, 5 of them reserved already
+    message = model.weights_do_not_fit("m", ModelConfig(quantization="nf4"), cuda).message
+    assert "11.0 GiB free now" in message and "held to 16.0 GiB of it" in message
