@@ -258,8 +258,9 @@ def measured(run_dir: Path, skip: int) -> dict:
 
 def where_time_went(rows: list[dict], skip: int) -> dict:
     """Mean seconds per step after the first ``skip``, per rank: the step, the GPU's forward/backward (compute_s)
-    and the gradient all-reduce (reduce_s, which holds the wait for the slowest rank); the rest of a step is host
-    time. One process's rows carry its own; torchrun's carry every rank's (trainer.recipe.RANK_TIMES)."""
+    and the gradient all-reduce (reduce_s, which holds the wait for the slowest rank; under --shard the collectives
+    are inside compute_s instead); the rest of a step is host time. One process's rows carry its own; torchrun's
+    carry every rank's (trainer.recipe.RANK_TIMES)."""
     rows = rows[skip:] if len(rows) > skip else rows
     if not rows or "compute_s" not in rows[0]:
         return {}
@@ -276,7 +277,7 @@ def where_time_went(rows: list[dict], skip: int) -> dict:
             "reduce_s": mean["reduce_s"], "host_s": host, "slowest_rank_extra_compute_s": sum(spread) / len(spread)}
 
 
-def scaling(one: dict, many: dict, nproc: int) -> dict:
+def scaling(one: dict, many: dict) -> dict:
     """Where N processes fall short of N times one: the per-step mean of one GPU's compute against the slowest
     rank's compute, and each rank's other time (all-reduce and wait, host)."""
     t1, tn = one.get("time"), many.get("time")
@@ -415,7 +416,7 @@ def run(opts: argparse.Namespace, deadline: float, save=lambda result: None) -> 
         s1, sn = one["steady"]["label_tokens_per_s"], many["steady"]["label_tokens_per_s"]
         result["speedup_label_tokens_per_s"] = sn / s1 if s1 and sn else None
         result["same_label_tokens"] = one["label_tokens"] == many["label_tokens"]
-        result["scaling"] = scaling(one, many, nproc)
+        result["scaling"] = scaling(one, many)
     if many and result.get("interrupted"):
         result["resumed_vs_uninterrupted"] = curve_diff(result["interrupted"]["losses"], many["losses"])
     return result
@@ -511,8 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     if set(opts.parts) - set(allowed) or not opts.parts:
         p.error(f"--parts: a comma-separated subset of {','.join(allowed)}")
     for setting in opts.set:
-        if "=" not in setting or "." not in setting.split("=", 1)[0]:
+        dotted = setting.split("=", 1)[0]
+        if "=" not in setting or dotted.count(".") != 1:
             p.error(f"--set {setting!r}: write SECTION.KEY=VALUE, e.g. train.offload_activations=false")
+        if dotted == "train.shard":
+            p.error("--set train.shard: each part sets its own (--shard runs the train.shard=fsdp parts)")
     if opts.shard and opts.gib_per_gpu is None:
         opts.gib_per_gpu = 23.5
     opts.gib_per_gpu = opts.gib_per_gpu or None  # 0: no cap

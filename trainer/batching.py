@@ -42,19 +42,22 @@ def steps_per_epoch(n_samples: int, samples_per_step: int) -> int:
     return math.ceil(n_samples / samples_per_step)
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(n_samples: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
-    """The samples of one epoch in training order. Kept for the epoch's steps: a shuffle of a million samples costs
-    tens of milliseconds, which every step would otherwise spend with the GPU idle."""
-    if shuffle:
-        return tuple(torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
-    return tuple(range(n_samples))
+@functools.lru_cache(maxsize=1)
+def epoch_order(n_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of one epoch's samples, drawn once for all its steps: a shuffle of a million samples costs
+    tens of milliseconds, which every step would otherwise spend with the GPU idle. Kept as one int64 tensor (8 MB
+    per million samples; the current epoch's only), of which a step converts its own slice. Shared: read it, never
+    write it."""
+    return torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed + epoch))
 
 
 def step_indices(n_samples: int, samples_per_step: int, step: int, seed: int, shuffle: bool) -> list[int]:
     """Sample indices of optimizer step ``step`` (0-based, counting across epochs)."""
     epoch, k = divmod(step, steps_per_epoch(n_samples, samples_per_step))
-    return list(epoch_order(n_samples, seed, epoch, shuffle)[k * samples_per_step:(k + 1) * samples_per_step])
+    start, end = k * samples_per_step, min((k + 1) * samples_per_step, n_samples)
+    if not shuffle:
+        return list(range(start, end))
+    return epoch_order(n_samples, seed, epoch)[start:end].tolist()
 
 
 def plan_micro_batches(lengths: list[int], budget: int, packing: bool) -> list[list[int]]:

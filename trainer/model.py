@@ -143,7 +143,8 @@ def enable_checkpointing(model: Any) -> None:
 def gpu_free_bytes(device: torch.device) -> tuple[int, int, float]:
     """(free bytes this process may still take, the card's total, the process's memory fraction). The fraction
     (torch.cuda.set_per_process_memory_fraction: a share of a card, or a bigger card made to act like a 24 GB one)
-    caps what the allocator hands out, which cudaMemGetInfo knows nothing of."""
+    caps what the allocator hands out, which cudaMemGetInfo knows nothing of. A torch without
+    get_per_process_memory_fraction is taken to have no cap."""
     free, total = torch.cuda.mem_get_info(device)
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     fraction = float(get_fraction(device)) if get_fraction is not None else 1.0

@@ -206,7 +206,8 @@ class LoRAFinetuneRecipe:
             if self.path.sharded:  # every FSDP2 forward/backward is a collective: all ranks run as many
                 most = dist.most_over_ranks(len(batches), self.loaded.device, self.ranks)
                 batches += [idle_micro_batch(pad_id, self.varlen) for _ in range(most - len(batches))]
-            clock.mark("start")  # the batches are cut (again after an out-of-memory retry): the GPU's work begins
+            if "start" not in clock.marks:  # the batches are cut: the GPU's work begins (an out-of-memory retry's
+                clock.mark("start")         # failed attempts stay inside compute_s)
             return batches
 
         clock = dist.StepClock(self.loaded.device)
@@ -245,9 +246,11 @@ class LoRAFinetuneRecipe:
             "tokens": tokens, "label_tokens": label_total, "micro_batches": result.micro_batches,
             "step_s": elapsed, "tokens_per_s": tokens / elapsed, "label_tokens_per_s": label_total / elapsed,
             "eta_s": self.train_seconds / max(1, self.step) * (self.total_steps - self.step),
-            # This rank's forward/backward on the GPU (from its micro-batches being cut) and its gradient
-            # all-reduce, which holds the wait for the slowest rank; clip_and_check's sync has passed both marks.
-            # What step_s holds beyond them is host time: cutting batches, the optimizer, the sync itself.
+            # GPU time between marks on this rank's stream (clip_and_check's sync has passed them): compute_s from
+            # its micro-batches being cut to its backward's end (a GPU that waits on the host in between counts),
+            # reduce_s its gradient all-reduce, which holds the wait for the slowest rank. Under train.shard=fsdp
+            # the all-gathers, the reduce-scatter and their waits are inside compute_s, and reduce_s is the loss's
+            # all-reduce alone. What step_s holds beyond the two is host time that no GPU work overlapped.
             "compute_s": clock.span("start", "computed"), "reduce_s": clock.span("computed", "reduced"),
         }
         if self.loaded.device.type == "cuda":

@@ -6,7 +6,8 @@ whose weight the chunked loss reads). A unit's weights are all-gathered around i
 after; the rest of the time each rank holds 1/N of them. The embeddings are a unit of their own so that the whole
 table (1.5 GB on Qwen2.5-32B) is gathered only while the token ids are looked up (frozen, they have no backward), not
 held with the root from the first layer's forward to the last layer's backward. (Measured on two processes held to
-16 GiB: the peak at their first micro-batch stayed at 15.3 GiB, so it is not what sets that peak.) Each rank's loss
+16 GiB, before the backward prefetch of the table was turned off: the peak at their first micro-batch stayed at
+15.3 GiB, so it is not what sets that peak.) Each rank's loss
 is already divided by the whole step's label tokens (trainer/step.py), so the gradients' reduce-scatter is set to a
 plain sum (FSDP2 averages by default): the summed shards are the one-process gradient, as under the replicated
 path's all-reduce (trainer/distributed.py).
@@ -95,6 +96,10 @@ def shard(step_loss: torch.nn.Module, layers: list[torch.nn.Module], device: tor
     units = [fully_shard(layer, mesh=mesh) for layer in layers]
     if embedding is not None:
         units.append(fully_shard(embedding, mesh=mesh))
+        # FSDP2's default backward prefetch gathers the unit that ran before layer 0 in the forward (the table) when
+        # layer 0's backward starts, and the frozen table, having no backward, stays whole to the end. Prefetching
+        # layer 0 itself (already gathered: a no-op) replaces that default.
+        units[0].set_modules_to_backward_prefetch([units[0]])
     units.append(fully_shard(step_loss, mesh=mesh))
     for unit in units:
         # divide factor 1 and SUM only (no PREMUL_SUM, which gloo lacks): the reduce-scatter sums the ranks' grads.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,13 +105,20 @@ def run_step(loss_of: Callable[[MicroBatch], torch.Tensor], make_batches: Callab
 
 
 def oom_request(message: str) -> str:
-    """torch's out-of-memory message, shortened to what was asked and what was free: " (tried to allocate 2.90 GiB;
-    GPU 0 has a total capacity of 79.10 GiB of which 1.20 GiB is free)", or "" when it does not say."""
-    at = message.find("Tried to allocate")
-    if at < 0:
+    """torch's out-of-memory message, shortened to what was asked, the card and what this process was allowed:
+    " (torch asked for 1.16 GiB; GPU 0: 79.19 GiB, 62.80 GiB free; this process is allowed 16.00 GiB)", or "" when it
+    does not say. The allowance (a per-process memory fraction) is why an allocation fails with the card half free."""
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", message)
+    if not asked:
         return ""
-    said = message[at:].split(". Including")[0].split(". Of the allocated")[0].split(". Process")[0]
-    return f" ({said[0].lower()}{said[1:].rstrip('.')})"
+    parts = [f"torch asked for {asked.group(1)}"]
+    card = re.search(r"GPU (\d+) has a total capacity of ([\d.]+ \w+) of which ([\d.]+ \w+) is free", message)
+    if card:
+        parts.append(f"GPU {card.group(1)}: {card.group(2)}, {card.group(3)} free")
+    allowed = re.search(r"([\d.]+ \w+) allowed", message)
+    if allowed:
+        parts.append(f"this process is allowed {allowed.group(1)}")
+    return f" ({'; '.join(parts)})"
 
 
 def clip_and_check(params: list[torch.nn.Parameter], max_norm: float, loss_sum: torch.Tensor) -> tuple[float, float]:

@@ -147,7 +147,8 @@ def test_ddp_smoke_says_where_each_ranks_time_went(tmp_path):
 
 
 def test_set_and_parts_are_checked_before_anything_runs(tmp_path):
-    for argv, said in ((["--set", "offload=false"], "SECTION.KEY=VALUE"), (["--parts", "sharded"], "subset of"),
+    for argv, said in ((["--set", "offload=false"], "SECTION.KEY=VALUE"), (["--set", "a.b.c=1"], "SECTION.KEY"),
+                       (["--set", "train.shard=fsdp"], "each part sets its own"), (["--parts", "sharded"], "subset of"),
                        (["--gib-per-gpu", "16"], "goes with --shard")):
         proc = subprocess.run([sys.executable, str(REPO / "bench" / "multigpu_train.py"), "--out",
                                str(tmp_path / "x.json"), *argv], cwd=REPO, capture_output=True, text=True, timeout=60)

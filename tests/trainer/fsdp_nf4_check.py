@@ -40,6 +40,7 @@ def main(model_dir: str, out: str) -> None:
     step_loss = StepLoss(body, head, cpu, torch.bfloat16, 16)
     packed = next(m for m in body.modules() if type(m).__name__ == "Linear4bit").weight
     seen = {"full_rows": int(packed.shape[0]), "dtype": str(packed.dtype)}
+    phase, table_gathers = ["setup"], []
     if ranks.world > 1:
         layers = sharding.decoder_layers(body)
         embedding = sharding.input_embedding(body, step_loss)
@@ -47,6 +48,16 @@ def main(model_dir: str, out: str) -> None:
         shard_of = next(m for m in body.modules() if type(m).__name__ == "Linear4bit").weight
         seen.update(kind=type(shard_of).__name__, local_rows=int(shard_of.to_local().shape[0]),
                     embedding_unit=type(embedding).__name__ if embedding is not None else None)
+        # Which pass gathers the table: FSDP2's public set_custom_all_gather with its default collective, counted.
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+        class Counted(DefaultAllGather):
+            def __call__(self, *args, **kwargs):
+                table_gathers.append(phase[0])
+                return super().__call__(*args, **kwargs)
+
+        embedding.set_custom_all_gather(Counted())
+    seen["table_gathers"] = table_gathers
     model.train()
     rows = [torch.arange(3, 3 + 24).remainder(base.config.vocab_size), torch.arange(40, 58)]
     label_total = sum(len(r) - 1 for r in rows)
@@ -55,7 +66,9 @@ def main(model_dir: str, out: str) -> None:
     for ids in mine:
         targets = torch.cat([ids[1:], torch.tensor([IGNORE])])
         mb = MicroBatch(ids[None], targets[None], torch.arange(len(ids))[None], None, len(ids), len(ids) - 1, 1)
+        phase[0] = "forward"
         loss = step_loss(mb)
+        phase[0] = "backward"
         (loss / label_total).backward()
         loss_sum += loss.detach()
     dist.all_reduce_step([], loss_sum, ranks)

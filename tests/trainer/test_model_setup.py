@@ -104,3 +104,14 @@ def test_a_process_held_to_part_of_a_card_sizes_itself_by_that_part(monkeypatch)
     assert abs(free - 11 * gib) < 1024 and total == 140 * gib  # 16 GiB held, 5 of them reserved already
     message = model.weights_do_not_fit("m", ModelConfig(quantization="nf4"), cuda).message
     assert "11.0 GiB free now" in message and "held to 16.0 GiB of it" in message
+    # The same cap sizes auto gradient checkpointing and the auto micro-batch budget.
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, vocab_size=152064)
+    base = SimpleNamespace(config=config)
+    auto = ModelConfig(gradient_checkpointing="auto")
+    held = model.wants_checkpointing(auto, base, cuda, torch.bfloat16, 4096)  # ~42 GB without it
+    held_budget = model.auto_budget(config, None, cuda, torch.bfloat16, 10**6, 40 * 10**6, 256)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
+    assert held and not model.wants_checkpointing(auto, base, cuda, torch.bfloat16, 4096)
+    assert held_budget < model.auto_budget(config, None, cuda, torch.bfloat16, 10**6, 40 * 10**6, 256)

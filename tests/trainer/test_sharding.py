@@ -163,6 +163,9 @@ def test_4bit_weights_shard_and_give_the_unsharded_gradient(tiny_model_dir, tmp_
     assert weight["dtype"] == "torch.bfloat16" and weight["kind"] == "DTensor"
     assert weight["local_rows"] * 2 == weight["full_rows"]
     assert weight["embedding_unit"] == "FSDPEmbedding"  # the table is a unit of its own (untied: not lm_head's)
+    # ... gathered for the lookup only: frozen, it has no backward, so nothing may gather it again there (FSDP2's
+    # default prefetch of the unit that ran before layer 0 would, and keep it whole to the end of the backward).
+    assert weight["table_gathers"] == ["forward"]
     assert sharded["loss_sum"] == pytest.approx(alone["loss_sum"], rel=1e-6)
     assert sorted(sharded["grads"]) == sorted(alone["grads"]) and len(alone["grads"]) == 28
     for name, grad in alone["grads"].items():

@@ -198,9 +198,14 @@ def test_the_final_adapter_loads_into_peft_with_the_trained_weights(make_config,
 def test_out_of_memory_errors_say_what_torch_asked_for():
     from trainer.step import oom_request
 
-    torch_said = ("CUDA out of memory. Tried to allocate 2.90 GiB. GPU 0 has a total capacity of 79.10 GiB of which "
-                  "1.20 GiB is free. Process 12 has 77.9 GiB memory in use. Of the allocated memory 75.3 GiB is "
-                  "allocated by PyTorch, and 1.1 GiB is reserved by PyTorch but unallocated.")
-    assert oom_request(torch_said) == (" (tried to allocate 2.90 GiB. GPU 0 has a total capacity of 79.10 GiB of "
-                                       "which 1.20 GiB is free)")
+    # torch's message (c10's CUDA caching allocator) for a process held to 16 GiB of an 80 GB card.
+    torch_said = ("CUDA out of memory. Tried to allocate 1.16 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                  "62.80 GiB is free. Including non-PyTorch memory, this process has 16.37 GiB memory in use. "
+                  "16.00 GiB allowed; Of the allocated memory 15.28 GiB is allocated by PyTorch, and 0.68 GiB is "
+                  "reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+                  "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+    assert oom_request(torch_said) == (" (torch asked for 1.16 GiB; GPU 0: 79.19 GiB, 62.80 GiB free; this process is "
+                                       "allowed 16.00 GiB)")
+    uncapped = torch_said.replace("16.00 GiB allowed; ", "")
+    assert oom_request(uncapped) == " (torch asked for 1.16 GiB; GPU 0: 79.19 GiB, 62.80 GiB free)"
     assert oom_request("fake: CUDA out of memory") == ""
