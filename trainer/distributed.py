@@ -97,15 +97,11 @@ def all_reduce_step(params: list[torch.nn.Parameter], loss_sum: torch.Tensor, ra
             t.copy_(part.view_as(t))
 
 
-def any_rank(flags: list[bool], device: torch.device, ranks: Ranks) -> list[bool]:
-    """Each flag true on every rank when it is true on one, so all ranks save and stop at the same step."""
-    return exchange(flags, [], device, ranks)[0]
-
-
 def exchange(flags: list[bool], values: list[float], device: torch.device, ranks: Ranks
              ) -> tuple[list[bool], list[list[float]]]:
-    """One collective for the end of a step: each flag true on every rank when it is true on one, and every rank's
-    ``values`` (the same count on each), by rank: ``[[rank 0's], [rank 1's], ...]``."""
+    """One collective for the end of a step: each flag true on every rank when it is true on one (so all ranks save
+    and stop at the same step), and every rank's ``values`` (the same count on each), by rank:
+    ``[[rank 0's], [rank 1's], ...]``."""
     if ranks.world == 1:
         return list(flags), [list(values)]
     n = len(values)
