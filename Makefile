@@ -1,15 +1,22 @@
 # samebox front door. Every target creates or refreshes the virtualenv it needs: nothing to install first.
 #   make image TORCH=2.3 [CUDA=12.1] [PYTHON=3.12] [ENGINE=docker] [BASE_IMAGE=...] [TAG=...] [CONDA_MIRROR=URL]
 #              [ALLOW_STALE=1]
-#   make test
+#   make test        the fast tier (a developer's loop)      make test-all   every test (what CI runs)
+#   make lock-dev    re-resolve the dev locks               make test-latest  trainer/serve tests on the newest releases
+# The virtualenv is the committed dev lock, exactly: lockfiles/dev-builder.txt for the builder (any Python >= 3.10),
+# lockfiles/dev.txt for the tests (Python 3.11, torch's CPU build), both installed with --require-hashes --no-deps.
 PYTHON_BIN ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 SAMEBOX    := $(VENV)/bin/samebox
-# torch for the test suite (the trainer's tests run on the CPU). From PyPI this is the CUDA build (several GB);
-# on a laptop, `make test TEST_TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the small CPU build.
-TEST_TORCH ?= torch==2.13.0
-TEST_TORCH_INDEX ?=
+PIP_LOCKED := -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r
+PIP_SELF   := -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+# The dev lock's torch is the CPU build (2.13.0+cpu), published on the PyTorch index; where pip's configuration
+# does not already find it (find-links), `make test DEV_TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+DEV_TORCH_INDEX ?=
+# `make lock-dev PIP_FIND_LINKS=DIR` takes the CPU torch wheel from a directory instead of its index.
+PIP_FIND_LINKS ?=
+DEV_PYTHON := $(shell sed -n 's/^python = "\(.*\)"/\1/p' pyproject.toml)
 
 TORCH  ?=
 CUDA   ?=
@@ -22,23 +29,30 @@ CONDA_MIRROR ?=
 # image and render refuse a lockfile `samebox lock --check` finds stale; ALLOW_STALE=1 builds from it with a warning.
 ALLOW_STALE ?=
 
-.PHONY: help venv image render lock lock-check images test lint clean
+.PHONY: help venv image render lock lock-check lock-dev images test test-all test-latest lint clean
 
 help:
 	@echo "make image TORCH=2.3 [CUDA=12.1] [PYTHON=3.12] [ENGINE=docker|podman|buildah|none] [BASE_IMAGE=ref] [TAG=name]"
 	@echo "           [CONDA_MIRROR=url] [ALLOW_STALE=1]"
-	@echo "make images | make render TORCH=2.3 | make lock [IMAGE=id] | make lock-check | make test | make lint"
+	@echo "make images | make render TORCH=2.3 | make lock [IMAGE=id] | make lock-check | make lock-dev"
+	@echo "make test (fast tier) | make test-all (every test, CI) | make test-latest | make lint"
 
-$(VENV)/.builder: pyproject.toml
-	$(PYTHON_BIN) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[lock]'
+$(VENV)/.builder: lockfiles/dev-builder.txt pyproject.toml
+	$(PYTHON_BIN) -m venv --clear $(VENV)
+	$(PY) $(PIP_LOCKED) lockfiles/dev-builder.txt
+	$(PY) $(PIP_SELF)
 	touch $@
 
-$(VENV)/.test: $(VENV)/.builder
-	$(PY) -m pip install -q $(if $(TEST_TORCH_INDEX),--index-url $(TEST_TORCH_INDEX)) '$(TEST_TORCH)'
-	$(PY) -m pip install -q -e '.[lock,test,train,serve]'
-	touch $@
+# A fresh venv whenever the lock changes: pip never removes what a lock dropped.
+$(VENV)/.test: lockfiles/dev.txt lockfiles/dev-builder.txt pyproject.toml
+	@$(PYTHON_BIN) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if v == "$(DEV_PYTHON)" else \
+		"samebox: the dev lock is for Python $(DEV_PYTHON), $(PYTHON_BIN) is " + v + ": make test PYTHON_BIN=python$(DEV_PYTHON)")'
+	$(PYTHON_BIN) -m venv --clear $(VENV)
+	$(PY) $(PIP_LOCKED) lockfiles/dev.txt $(if $(DEV_TORCH_INDEX),--extra-index-url $(DEV_TORCH_INDEX)) || { \
+		echo "samebox: installing lockfiles/dev.txt failed; if torch 2.13.0+cpu was not found:" \
+		     "make test DEV_TORCH_INDEX=https://download.pytorch.org/whl/cpu" >&2; rm -rf $(VENV); exit 1; }
+	$(PY) $(PIP_SELF)
+	touch $(VENV)/.builder $@
 
 venv: $(VENV)/.builder
 
@@ -60,9 +74,25 @@ lock: $(VENV)/.builder
 lock-check: $(VENV)/.builder
 	$(SAMEBOX) lock --all --check
 
+# Re-resolve the dev locks to the newest releases and rewrite builder/data/supported.toml (the ranges the trainer,
+# export and serve check at start). Runs uv from the builder venv.
+lock-dev: $(VENV)/.builder
+	$(SAMEBOX) lock --dev $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+
+# The fast tier: no test marked slow, integration or docker.
 test: $(VENV)/.test
 	$(PY) -m ruff check builder trainer tests bench
+	$(PY) -m pytest -q -ra -m "not slow and not integration and not docker"
+
+# Every test; where CI=true a Docker test that cannot reach an engine fails instead of skipping.
+test-all: $(VENV)/.test
+	$(PY) -m ruff check builder trainer tests bench
 	$(PY) -m pytest -q -ra
+
+# Not in CI: the trainer and serve tests in a scratch venv with the newest transformers, peft, accelerate and
+# bitsandbytes; prints the versions and what broke.
+test-latest: $(VENV)/.test
+	$(PY) tests/latest.py $(if $(DEV_TORCH_INDEX),--extra-index-url $(DEV_TORCH_INDEX))
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check builder trainer tests bench

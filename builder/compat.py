@@ -334,7 +334,3 @@ NCCL_BUSBW_GBPS: dict[str, float] = {
 # predates the locked transformers) and 2.5 (vllm 0.7.3 predates transformers 5, which that lock has).
 # SGLang (0.5.23: torch 2.14.1, transformers 5.19.0, manylinux_2_34) fits no catalog image.
 VLLM_FOR_TORCH: dict[str, str] = {"2.8": "0.11.0", "2.11": "0.26.0"}
-
-# `transformers serve` as samebox drives it (transformers.cli.serve.Serve: force_model, non_blocking, start_server),
-# read in 5.17 and 5.24. Older releases (the torch 2.1/2.3 locks have 4.x) have another, incompatible server class.
-TRANSFORMERS_SERVE_MIN = "5.17"

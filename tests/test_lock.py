@@ -268,6 +268,7 @@ def test_declared_torch_bound_violation_writes_nothing(tmp_path: Path, fake_uv: 
     assert not spec.lockfile.exists()
 
 
+@pytest.mark.slow
 def test_cannot_lock_without_the_variant_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -96,6 +96,7 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Pa
     server.shutdown()
 
 
+@pytest.mark.integration
 def test_lock_against_a_local_torch_variant_index(tmp_path: Path, served: tuple[Path, str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     require(have_uv(), "uv is not installed (pip install 'samebox[lock]')")
@@ -165,6 +166,7 @@ def test_declared_torch_requirements_only_count_runtime_extras() -> None:
     assert unchecked == ["other==2"]
 
 
+@pytest.mark.integration
 @pytest.mark.network
 def test_lock_test_catalog_from_pypi(tmp_path: Path) -> None:
     """One real resolution against PyPI (or the configured mirror): the test catalog relocks to the same pins."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from builder import compat
+from builder import compat, supported
 from builder.errors import SameboxError
 from trainer.served import ServedModel, adapter_config, overlay_dir
 
@@ -104,9 +104,10 @@ def _vllm_unusable(f: Facts) -> str | None:
 
 
 def _transformers_unusable(f: Facts) -> str | None:
-    if Version(f.transformers) < Version(compat.TRANSFORMERS_SERVE_MIN):
-        return (f"transformers {f.transformers} is older than {compat.TRANSFORMERS_SERVE_MIN}, whose `transformers "
-                "serve` samebox drives (catalog images with torch >= 2.5 lock a newer one)")
+    floor = supported.SERVE_TRANSFORMERS_FLOOR
+    if Version(f.transformers) < Version(floor):
+        return (f"transformers {f.transformers} is older than {floor}, whose `transformers serve` samebox drives "
+                "(catalog images with torch >= 2.5 lock a newer one)")
     if f.serve_extra_missing:
         return (f"its serving extra is not installed ({', '.join(f.serve_extra_missing)}): "
                 "pip install fastapi uvicorn openai")
@@ -141,27 +142,103 @@ def vllm_argv(served: ServedModel, opts: ServeOptions) -> list[str]:
 
 
 def serve_transformers(served: ServedModel, opts: ServeOptions, facts: Facts) -> int:
-    from trainer.serve_gate import Gate
-
     with tempfile.TemporaryDirectory(prefix="samebox-serve-") as tmp:
-        overlay_dir(served, Path(tmp))
+        overlay = overlay_dir(served, Path(tmp))
         # The engine names a local model by the path it was given: a relative one makes responses say the name.
         os.chdir(tmp)
-        server = _transformers_server(served, opts, facts)
-        model, tokenizer = _loaded(server)
-        merged = merge_lora(model)
-        app = server.server.config.app
-        server.server.config.app = Gate(app, served.name, served.name, opts.api_key,
-                                        chat_template=bool(getattr(tokenizer, "chat_template", None)))
-        lora = f" (LoRA merged into the weights in memory: {merged} layers)" if merged else ""
-        weights = next(model.parameters())
-        print(f"samebox serve: {served.describe()}{lora}, {str(weights.dtype).removeprefix('torch.')} on "
-              f"{weights.device}", flush=True)
-        server.server.run()
+        dialect = transformers_dialect()
+        if dialect == "engine-process":
+            _serve_engine_process(served, opts, facts, has_chat_template(overlay))
+        else:
+            _serve_in_process(served, opts, facts)
     return 0
 
 
-def _transformers_server(served: ServedModel, opts: ServeOptions, facts: Facts):
+def transformers_dialect() -> str:
+    """Which `transformers serve` this is, by its shape rather than its version number: 'in-process' (5.17-5.24:
+    the model loads in the server's process; ``Serve(non_blocking=True)`` builds it and starts it on a thread),
+    'engine-process' (5.25 on: the model loads and generates in a process of its own, which a ``ModelLoader``
+    loads it in; ``Serve(...)`` runs the server at once). Another shape is a SameboxError at start, never a
+    traceback once the banner is out."""
+    import inspect
+
+    from transformers.cli.serve import Serve
+
+    params = inspect.signature(Serve.__init__).parameters
+    if "non_blocking" in params and hasattr(Serve, "start_server"):
+        return "in-process"
+    try:
+        from transformers.cli.serving import model_manager, server
+    except ImportError:
+        model_manager = server = None
+    if (model_manager is not None and hasattr(model_manager, "ModelLoader") and hasattr(server, "build_server")
+            and hasattr(Serve, "run")):
+        return "engine-process"
+    import transformers
+
+    raise SameboxError(f"transformers {transformers.__version__}'s `transformers serve` is not one samebox knows how "
+                       f"to drive (it drives {supported.range_text('transformers', 'serve')})",
+                       f"install a release in that range ({supported.pip_spec('transformers', 'serve')}), or "
+                       "serve with --engine vllm where vLLM is installed against this torch")
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    return bool(getattr(AutoTokenizer.from_pretrained(str(model_dir)), "chat_template", None))
+
+
+def _serve_in_process(served: ServedModel, opts: ServeOptions, facts: Facts) -> None:
+    from trainer.serve_gate import Gate
+
+    server = _transformers_server(served, opts, facts, non_blocking=True)
+    model, tokenizer = _loaded(server)
+    merged = merge_lora(model)
+    app = server.server.config.app
+    server.server.config.app = Gate(app, served.name, served.name, opts.api_key,
+                                    chat_template=bool(getattr(tokenizer, "chat_template", None)))
+    print(loaded_line(served.describe(), model, merged), flush=True)
+    server.server.run()
+
+
+def _serve_engine_process(served: ServedModel, opts: ServeOptions, facts: Facts, chat_template: bool) -> None:
+    """transformers builds its app inside ``Serve.run`` and loads the model in a spawned process through
+    ``self.loader``: the gate goes around the app ``build_server`` returns (only for this run), and the loader
+    becomes trainer.serve_loader.MergingLoader, which merges the LoRA where the weights live."""
+    from transformers.cli.serve import Serve
+    from transformers.cli.serving import server as tf_server
+
+    from trainer.serve_gate import Gate
+    from trainer.serve_loader import MergingLoader
+
+    build_server = tf_server.build_server
+
+    def gated(*args, **kwargs):
+        return Gate(build_server(*args, **kwargs), served.name, served.name, opts.api_key, chat_template)
+
+    class _Gated(Serve):
+        def run(self, *args, **kwargs) -> None:
+            self.loader.__class__ = MergingLoader
+            self.loader.describe = served.describe()
+            tf_server.build_server = gated
+            try:
+                super().run(*args, **kwargs)
+            finally:
+                tf_server.build_server = build_server
+
+    _Gated(**_serve_kwargs(served, opts, facts))
+
+
+def _serve_kwargs(served: ServedModel, opts: ServeOptions, facts: Facts) -> dict:
+    continuous = opts.batching == "continuous" or (opts.batching == "auto" and facts.cuda)
+    # One device by default: transformers' "auto" is accelerate's device_map, whose per-module hooks cost every
+    # decoding step; "auto" stays available for a model that needs several GPUs.
+    device = opts.device or ("cuda" if facts.cuda else "cpu")
+    return dict(force_model=served.name, continuous_batching=continuous, device=device, dtype=opts.dtype,
+                trust_remote_code=served.trust_remote_code, host=opts.host, port=opts.port, log_level="warning")
+
+
+def _transformers_server(served: ServedModel, opts: ServeOptions, facts: Facts, non_blocking: bool):
     from transformers.cli.serve import Serve
 
     class _Built(Serve):
@@ -170,19 +247,21 @@ def _transformers_server(served: ServedModel, opts: ServeOptions, facts: Facts):
         def start_server(self) -> None:
             pass
 
-    continuous = opts.batching == "continuous" or (opts.batching == "auto" and facts.cuda)
-    # One device by default: transformers' "auto" is accelerate's device_map, whose per-module hooks cost every
-    # decoding step; "auto" stays available for a model that needs several GPUs.
-    device = opts.device or ("cuda" if facts.cuda else "cpu")
-    return _Built(force_model=served.name, continuous_batching=continuous, device=device, dtype=opts.dtype,
-                  trust_remote_code=served.trust_remote_code, host=opts.host, port=opts.port, log_level="warning",
-                  non_blocking=True)
+    return _Built(**_serve_kwargs(served, opts, facts), non_blocking=non_blocking)
 
 
 def _loaded(server):
     """The (model, tokenizer) the server preloaded for its one model."""
     (timed,) = server._model_manager.loaded_models.values()
     return timed.model, timed.processor
+
+
+def loaded_line(describe: str, model, merged: int) -> str:
+    """What `samebox serve` prints once the weights are in place (``describe``: ServedModel.describe())."""
+    lora = f" (LoRA merged into the weights in memory: {merged} layers)" if merged else ""
+    weights = next(model.parameters())
+    return (f"samebox serve: {describe}{lora}, {str(weights.dtype).removeprefix('torch.')} on "
+            f"{weights.device}")
 
 
 def merge_lora(model) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from builder import supported
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from trainer.gguf_export import QUANT_NAMES
@@ -27,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    supported.require("export")  # a release outside the tested range: said now, not mid-run
     from trainer.export import export_gguf, export_merged
     from trainer.served import resolve_model
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from builder import supported
+
 
 def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
@@ -39,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    supported.require("serve")  # a release outside the tested range: said now, not mid-run
     from trainer.serve import ServeOptions, api_key, default_port, probe, serve
     from trainer.served import resolve_model
 

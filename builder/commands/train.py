@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from builder import supported
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune with LoRA/QLoRA from a YAML config (see configs/)")
@@ -38,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    supported.require("train")  # a release outside the tested range: said now, not mid-run
     # The config is checked before torch and transformers are imported: a typo costs no wait.
     from trainer.config import load_config
 

@@ -155,6 +155,25 @@ def missing_locks_error(specs: list[ImageSpec]) -> SameboxError:
                         [f"{s.id}: {lock_command(s)}" for s in specs])
 
 
+def check_header(text: str, inputs_sha256: str, changed: str) -> str | None:
+    """Why a lock written by samebox is stale, or None when it is fresh: its header's inputs-sha256 against
+    ``inputs_sha256`` (``changed`` says what that covers) and its content-sha256 against its pins."""
+    if not text.startswith(MARKER.split("`")[0]):
+        return "not written by samebox"
+    header, body = split_lock(text)
+    m = _HASH_LINE.search(header)
+    if not m:
+        return "header has no inputs-sha256"
+    if m.group(1) != inputs_sha256:
+        return f"inputs changed since it was locked ({changed})"
+    content = _CONTENT_LINE.search(header)
+    if not content:
+        return "header has no content-sha256"
+    if content.group(1) != sha256_text(body):
+        return "its pins differ from the content-sha256 it was written with (edited by hand?)"
+    return None
+
+
 def check_lock(spec: ImageSpec) -> LockStatus:
     """Whether the committed lockfile matches its inputs now, and its pins the hash it was written with (no network,
     no uv). A stale one is fixed by ``lock_command(spec)``."""
@@ -162,22 +181,8 @@ def check_lock(spec: ImageSpec) -> LockStatus:
     if not path.is_file():
         return LockStatus(spec.id, path, "missing", "no lockfile")
     text = read_text(path, "lockfile", f"regenerate it: {lock_command(spec)}")
-    if not text.startswith(MARKER):
-        return LockStatus(spec.id, path, "stale", "not written by `samebox lock`")
-    header, body = split_lock(text)
-    m = _HASH_LINE.search(header)
-    if not m:
-        return LockStatus(spec.id, path, "stale", "header has no inputs-sha256")
-    if m.group(1) != inputs_sha256(spec):
-        return LockStatus(spec.id, path, "stale", "inputs changed since it was locked (its images/matrix.toml entry, "
-                          "requirements.in or constraints)")
-    content = _CONTENT_LINE.search(header)
-    if not content:
-        return LockStatus(spec.id, path, "stale", "header has no content-sha256")
-    if content.group(1) != sha256_text(body):
-        return LockStatus(spec.id, path, "stale", "its pins differ from the content-sha256 it was written with "
-                          "(edited by hand?)")
-    return LockStatus(spec.id, path, "fresh")
+    problem = check_header(text, inputs_sha256(spec), "its images/matrix.toml entry, requirements.in or constraints")
+    return LockStatus(spec.id, path, "stale", problem) if problem else LockStatus(spec.id, path, "fresh")
 
 
 def require_fresh_locks(specs: list[ImageSpec], allow_stale: bool = False) -> list[str]:

@@ -28,6 +28,7 @@ def sharded_smoke(tmp_path_factory) -> tuple[dict, int, str]:
     return json.loads(out.read_text()), proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_sharded_smoke_gives_the_one_process_losses(sharded_smoke):
     result, rc, output = sharded_smoke
     assert rc == 0 and not result["errors"], (result["errors"], output[-3000:])
@@ -45,6 +46,7 @@ def test_sharded_smoke_gives_the_one_process_losses(sharded_smoke):
     assert result["verdict"]["sharded"] == {"exit": 0, "steps_trained": STEPS, "trained_every_step": True}
 
 
+@pytest.mark.slow
 def test_one_card_part_records_its_exit_and_the_skipped_cap(sharded_smoke):
     result, _, _ = sharded_smoke
     one = result["one_card"]
@@ -58,6 +60,7 @@ def test_one_card_part_records_its_exit_and_the_skipped_cap(sharded_smoke):
     assert [r["rank"] for r in ranks] == [0] and ranks[0]["exit"] == one["launch"]["exit"]
 
 
+@pytest.mark.slow
 def test_every_sharded_rank_records_its_cap_exit_and_load_time(sharded_smoke):
     result, _, _ = sharded_smoke
     sharded = result["sharded"]
@@ -71,6 +74,7 @@ def test_every_sharded_rank_records_its_cap_exit_and_load_time(sharded_smoke):
     assert prep["exit"] == 0 and prep["s"] > 0 and prep["safetensors_files"] >= 1 and not prep["reused"]
 
 
+@pytest.mark.slow
 def test_the_sharded_run_resumes_onto_its_uninterrupted_curve(sharded_smoke):
     result, _, _ = sharded_smoke
     first, second = result["interrupted"]["launches"]
@@ -121,6 +125,7 @@ def test_a_cut_off_model_copy_is_written_again_and_a_complete_one_reused(tmp_pat
     assert again["reused"] and "removed_incomplete_copy" not in again and again["safetensors_files"] == 1
 
 
+@pytest.mark.slow
 def test_ddp_smoke_says_where_each_ranks_time_went(tmp_path):
     """The DDP parts on the CPU (gloo): the two-process curve is the one-process curve, each part says per rank how
     a step split into compute, all-reduce and host time, and --set reaches every part's train config."""

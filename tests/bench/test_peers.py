@@ -75,6 +75,7 @@ def smoke(tmp_path_factory) -> tuple[dict, str]:
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_the_result_shape(smoke):
     result, stdout = smoke
     assert {"command", "machine", "versions", "rows"} <= set(result)
@@ -94,6 +95,7 @@ def test_smoke_run_writes_the_result_shape(smoke):
         assert f"| smoke | {row['mix']} | samebox |" in stdout
 
 
+@pytest.mark.slow
 def test_smoke_arms_see_the_same_label_tokens_and_agree_at_step_one(smoke):
     result, _ = smoke
     for row in result["rows"]:

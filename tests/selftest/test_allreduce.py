@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from builder.instance.selftest.allreduce import local_allreduce
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_two_processes_sum_and_bandwidth() -> None:
     reading = local_allreduce(2, "gloo", size_mib=1, iters=3, timeout_s=120)
     assert "error" not in reading and not reading["timed_out"], reading
@@ -34,6 +37,7 @@ def test_deadline_turns_a_stuck_run_into_a_reading() -> None:
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.slow
 def test_under_torchrun_uses_the_launchers_ranks(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
@@ -48,6 +52,7 @@ def test_under_torchrun_uses_the_launchers_ranks(tmp_path) -> None:
         assert reading["wrong_elements"] == 0 and not reading["timed_out"]
 
 
+@pytest.mark.slow
 def test_started_ranks_wait_for_run_before_they_measure() -> None:
     """start() spawns the ranks (Python and torch load meanwhile); they write nothing until run() lets them go."""
     from pathlib import Path

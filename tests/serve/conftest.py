@@ -26,6 +26,17 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 API_KEY = "sk-test-5f1d2c"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _the_transformers_asked_for() -> None:
+    """tests/test_dev_lock.py runs these tests again over another transformers (SAMEBOX_TEST_TRANSFORMERS names
+    it): they must run on that release, not fall back to the venv's."""
+    want = os.environ.get("SAMEBOX_TEST_TRANSFORMERS")
+    if want:
+        import transformers
+
+        assert transformers.__version__ == want, f"asked for transformers {want}, imported {transformers.__version__}"
+
+
 def chatml_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

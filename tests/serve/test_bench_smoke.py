@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_smoke_run_measures_every_arm(tmp_path):
     out = tmp_path / "serve_smoke.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "serve_gpu.py"), "--smoke", "--clients", "1,2",

@@ -12,6 +12,9 @@ import pytest
 
 from tests.serve.conftest import API_KEY, post
 
+# every test here talks to a real `samebox serve` process over HTTP
+pytestmark = pytest.mark.integration
+
 PROMPT = "red cat blue"
 MAX_TOKENS = 12
 
@@ -54,9 +57,9 @@ def test_chat_answers_and_streams_the_same_text(client):
                                                  temperature=0, stream=True))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) >= 2  # streamed token by token, not one block at the end
-    # A random model's last byte tokens can end inside a UTF-8 character: the stream holds such a tail back,
-    # the whole decode shows it as U+FFFD.
-    assert "".join(pieces) == text.rstrip("\ufffd")
+    # A random model's last byte tokens can end inside a UTF-8 character: the whole decode shows such a tail as
+    # U+FFFD; the stream holds it back (transformers up to 5.24) or sends it as U+FFFD too (5.25 on).
+    assert "".join(pieces).rstrip("\ufffd") == text.rstrip("\ufffd")
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 

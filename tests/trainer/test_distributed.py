@@ -50,6 +50,7 @@ def _torchrun_until(config_file: Path, run_dir: Path, rows: int, *extra: str) ->
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_survive_sigterm(make_config, tmp_path):
     overrides = ("train.max_steps=100000", "output.save_every_steps=1000", "output.keep_last=5",
                  "train.samples_per_step=8", "train.micro_batch_tokens=256")
@@ -130,6 +131,7 @@ def _exchange_worker(rank: int, world: int, init: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_exchange_ors_flags_and_gathers_each_ranks_values(tmp_path):
     import torch.multiprocessing as mp
 

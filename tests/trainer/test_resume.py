@@ -28,6 +28,7 @@ def _losses(recipe: LoRAFinetuneRecipe, steps: int) -> list[float]:
     return [recipe._train_one()["loss"] for _ in range(steps)]
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_auto_gives_identical_losses(make_config, tmp_path):
     overrides = ("train.max_steps=100000", "lora.dropout=0.1", "output.save_every_steps=1000", "output.keep_last=2",
                  "train.micro_batch_tokens=512", "train.samples_per_step=4")

@@ -65,6 +65,7 @@ def _uneven_steps(make_config, steps: int) -> list[int]:
     return uneven
 
 
+@pytest.mark.slow
 def test_two_sharded_processes_train_like_one(make_config, tmp_path):
     overrides = (*SHARDED, "train.max_steps=4", "output.save_every_steps=2")
     cfg = make_config(overrides=overrides, name="fsdp")
@@ -98,6 +99,7 @@ def test_two_sharded_processes_train_like_one(make_config, tmp_path):
         "scheduler.pt", "trainer_state.json"]
 
 
+@pytest.mark.slow
 def test_sharded_run_survives_sigterm_and_resumes_with_the_same_losses(make_config, tmp_path):
     overrides = (*SHARDED, "train.max_steps=100000", "output.save_every_steps=1000", "output.keep_last=5")
     cfg = make_config(overrides=overrides, name="fsdp-resume")
@@ -144,6 +146,7 @@ def test_fsdp_in_one_process_or_with_fp16_exits_2_saying_what_works(tmp_path, ca
     assert "train.shard=fsdp trains in bf16 or fp32" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_4bit_weights_shard_and_give_the_unsharded_gradient(tiny_model_dir, tmp_path):
     """NF4 with bnb_4bit_quant_storage=bf16 (quantization_config under fsdp) through trainer.sharding's units, on
     bitsandbytes' CPU backend: the packed weights are split like any other, each rank restores the quant state

@@ -25,6 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_train_like_one_process(make_config, tmp_path):
     overrides = ("train.max_steps=3", "train.samples_per_step=8", "train.micro_batch_tokens=256",
                  "output.save_every_steps=1000")

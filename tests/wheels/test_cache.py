@@ -62,6 +62,7 @@ def _runner(world, cache: Path, **env: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_one_key_build_once(world, tmp_path):
     cache = tmp_path / "shared"
     procs = [_runner(world, cache, FAKE_OBJECT_SECONDS="0.6") for _ in range(2)]
@@ -76,6 +77,7 @@ def test_two_processes_one_key_build_once(world, tmp_path):
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_from_kept_objects(world, tmp_path):
     cache = tmp_path / "c"
     proc = _runner(world, cache, FAKE_OBJECT_SECONDS="0.6")
