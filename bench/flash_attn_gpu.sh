@@ -39,7 +39,7 @@ if ! "$VPY" -c "import setuptools, wheel, packaging" 2>/dev/null; then
   "$VPY" -m pip install -q --no-index --find-links "$SRC_DIR" setuptools wheel packaging 2>&1 | tail -2
 fi
 echo "python: $VPY ($("$VPY" -c 'import torch, setuptools; print("torch", torch.__version__, "setuptools", setuptools.__version__)'))"
-SAMEBOX=("$VPY" -m builder.cli wheel flash-attn --from-env --version "$FA_VERSION" --cache "$CACHE")
+SAMEBOX=("$VPY" -m builder wheel flash-attn --from-env --version "$FA_VERSION" --cache "$CACHE")
 SDIST=$SRC_DIR/flash_attn-$FA_VERSION.tar.gz
 if [ -n "$NVCC_TIME" ]; then
   # nvcc appends one CSV row per compile phase (cicc, ptxas, the host compiler, ...) of every object.
@@ -113,7 +113,7 @@ printf '__global__ void k(float *x) { x[0] = 1.f; }\n' >"$WORK/k.cu"
 import sys, sysconfig, zipfile
 from pathlib import Path
 from builder.wheels.cache import WheelCache
-from builder.environment import Environment
+from builder.core.environment import Environment
 from builder.wheels.key import key_from_env
 from builder.wheels.resolve import built_wheel_name
 work, scratch, version = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
@@ -123,7 +123,7 @@ with zipfile.ZipFile(whl, "w") as zf:
     zf.write(work / "flash_attn_2_cuda.so", "flash_attn_2_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
 WheelCache(scratch).add(key, whl, "build", ("8.0",))
 EOF
-REFUSE_CMD=("$VPY" -m builder.cli wheel flash-attn --from-env --version "$FA_VERSION" --cache "$SCRATCH"
+REFUSE_CMD=("$VPY" -m builder wheel flash-attn --from-env --version "$FA_VERSION" --cache "$SCRATCH"
             --arch 8.0 --profile slim --offline --install)
 "${REFUSE_CMD[@]}" >/dev/null 2>"$WORK/refuse.log"
 refuse_rc=$?

@@ -195,7 +195,7 @@ def trainer_runs(device: torch.device, workdir: Path) -> dict:
         label = "nf4" if "qlora" in config else "bf16"
         for name, (env, extra) in variants.items():
             run = workdir / f"run-{label}-{name}"
-            cmd = [sys.executable, "-m", "builder.cli", "train", config, f"model.name={model_dir}",
+            cmd = [sys.executable, "-m", "builder", "train", config, f"model.name={model_dir}",
                    f"data.path={data}", "data.shuffle=false", f"data.cache_dir={workdir / 'cache'}",
                    "train.max_steps=4", "train.warmup_ratio=0", f"output.dir={run}", "output.tensorboard=false",
                    "--no-preflight", "--overwrite", *extra]

@@ -18,8 +18,8 @@ python3 -c "import torch, flash_attn, bitsandbytes, liger_kernel; print('torch',
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 for visible in 0 all; do
     t0=$(date +%s.%N)
-    if [ "$visible" = all ]; then python3 -m builder.cli selftest --quick --json >"$OUT/selftest_quick_all.json" 2>"$OUT/selftest_quick_all.err"
-    else CUDA_VISIBLE_DEVICES=0 python3 -m builder.cli selftest --quick --json >"$OUT/selftest_quick_1.json" 2>"$OUT/selftest_quick_1.err"; fi
+    if [ "$visible" = all ]; then python3 -m builder selftest --quick --json >"$OUT/selftest_quick_all.json" 2>"$OUT/selftest_quick_all.err"
+    else CUDA_VISIBLE_DEVICES=0 python3 -m builder selftest --quick --json >"$OUT/selftest_quick_1.json" 2>"$OUT/selftest_quick_1.err"; fi
     echo "selftest --quick on GPUs=$visible: rc $? $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
 done
 second=0; [ "$gpus" -gt 1 ] && second=1

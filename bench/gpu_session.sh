@@ -47,9 +47,9 @@ first_run() {  # issue 12: `samebox train CONFIG` into an output.dir that does n
     [ -f "$w/model-$size/tokenizer.json" ] || python3 bench/trainer_vs_recipe.py --child prepare --size "$size" \
         --workdir "$w" --samples 200 --median 250 --cap 2048 2>&1 | tail -n 2
     fresh=/tmp/fresh-$(date +%s)/runs/first-run
-    echo "\$ python3 -m builder.cli train $config model.name=$w/model-$size" \
+    echo "\$ python3 -m builder train $config model.name=$w/model-$size" \
         "data.path=$w/data-$size.jsonl output.dir=$fresh train.max_steps=3" >/tmp/first_run.log
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m builder.cli train "$config" model.name=$w/model-$size \
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m builder train "$config" model.name=$w/model-$size \
         data.path=$w/data-$size.jsonl output.dir=$fresh train.max_steps=3 >>/tmp/first_run.log 2>&1
     echo "exit $?" >> /tmp/first_run.log
     head -n 30 /tmp/first_run.log; echo ...; tail -n 6 /tmp/first_run.log

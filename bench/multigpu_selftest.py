@@ -49,8 +49,8 @@ def machine() -> dict[str, Any]:
 def judged(reading: dict[str, Any], nvml: dict[str, Any]) -> list[dict[str, str]]:
     """The self-test's all-reduce check on one reading, with this machine's NVML reading for its topology: the
     readings it judges, each under its probe's name (torch's says the GPU probes ran)."""
-    from builder.instance.selftest.checks_interconnect import allreduce
-    from builder.instance.selftest.probes import ALLREDUCE, NVML, TORCH
+    from builder.selftest.checks_interconnect import allreduce
+    from builder.selftest.probes import ALLREDUCE, NVML, TORCH
 
     readings = {NVML.name: nvml, TORCH.name: {"cuda_available": True}, ALLREDUCE.name: reading}
     return [f.to_dict() for f in allreduce(readings)]
@@ -61,7 +61,7 @@ def local_runs(
 ) -> dict[str, Any]:
     """The local check at 2..n GPUs (256 MiB; the smoke run 4) and a size sweep at n, with ``env`` set for the
     ranks."""
-    from builder.instance.selftest.allreduce import local_allreduce
+    from builder.selftest.allreduce import local_allreduce
 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the spawned ranks inherit this process's environment
@@ -85,7 +85,7 @@ def local_runs(
 
 def rank_probe(out_dir: Path, backend: str | None) -> None:
     """Run under torchrun: this rank's all-reduce reading -> OUT_DIR/rank<RANK>.json."""
-    from builder.instance.selftest.allreduce import torchrun_allreduce
+    from builder.selftest.allreduce import torchrun_allreduce
 
     reading = torchrun_allreduce(backend=backend, size_mib=256, iters=30, timeout_s=120)
     (out_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps(reading))
@@ -112,7 +112,7 @@ def torchrun(n: int, backend: str = "nccl") -> dict[str, Any]:
         probe = run([*launcher, str(Path(__file__).resolve()), "--rank-probe", d, "--backend", backend])
         probe["ranks"] = [json.loads(p.read_text()) for p in sorted(Path(d).glob("rank*.json"))]
     probe.pop("stdout", None)
-    selftest = run([*launcher, "-m", "builder.cli", "selftest", "--quick"])
+    selftest = run([*launcher, "-m", "builder", "selftest", "--quick"])
     return {"allreduce": probe, "selftest_quick": selftest}
 
 
@@ -128,7 +128,7 @@ def main() -> int:
         return 0
     import torch
 
-    from builder.nvml import read_nvml
+    from builder.core.nvml import read_nvml
 
     backend = "gloo" if args.smoke else "nccl"
     n = 2 if args.smoke else torch.cuda.device_count()
@@ -147,7 +147,7 @@ def main() -> int:
             ("local", lambda: local_runs(n, nvml, {}, backend, sizes)),
             ("local_p2p_disabled", lambda: local_runs(n, nvml, {"NCCL_P2P_DISABLE": "1"}, backend, sizes)),
             ("torchrun", lambda: torchrun(n, backend)),
-            ("selftest_quick", lambda: run([sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"])),
+            ("selftest_quick", lambda: run([sys.executable, "-m", "builder", "selftest", "--quick", "--json"])),
         )[: 3 if args.smoke else 4]
         for name, fn in parts:
             try:

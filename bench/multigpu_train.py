@@ -57,7 +57,7 @@ CAP_ENV = "SAMEBOX_BENCH_GIB_PER_GPU"  # the launcher's cap (GiB per process); u
 RECORD_ENV = "SAMEBOX_BENCH_RANK_RECORDS"  # the folder the launcher writes rank<RANK>.json into
 SHARD_PARTS = ("one_card", "sharded", "interrupted")
 DDP_PARTS = ("one_gpu", "gpus", "interrupted")  # "gpus": torchrun over --nproc GPUs (its result key: N_gpus)
-DID_NOT_FIT = "do not fit one GPU"  # trainer.model.weights_do_not_fit's message
+DID_NOT_FIT = "do not fit one GPU"  # trainer.model.load.weights_do_not_fit's message
 SIZE_DEFAULTS = {  # under --size 32b, for what the command line leaves unset: a few steps that fit a GPU call
     "32b": {"steps": 6, "budget": 4096, "stop_after": 3, "part_timeout": 420.0},
 }
@@ -93,7 +93,7 @@ def launch(nproc: int, config: Path, log: Path, timeout: float, extra: tuple[str
     ``capped`` (--shard): {"gib": cap or None, "records": folder, "threads": OMP_NUM_THREADS or None}: every process
     runs through this script's launcher, which caps its memory and writes its record into the folder."""
     if capped is None:
-        train = ["-m", "builder.cli", "train", str(config), "--no-preflight", *extra]
+        train = ["-m", "builder", "train", str(config), "--no-preflight", *extra]
     else:
         train = [str(Path(__file__).resolve()), LAUNCHER, "train", str(config), "--no-preflight", *extra]
     if nproc == 1:
@@ -141,7 +141,7 @@ def launch(nproc: int, config: Path, log: Path, timeout: float, extra: tuple[str
         out["sigterm_after_step"] = signalled_at
     if capped is not None:
         out["error_line"] = error_line(text)
-        out["oom_backoffs"] = text.count("out of memory: micro-batch budget now")  # trainer.recipe's event
+        out["oom_backoffs"] = text.count("out of memory: micro-batch budget now")  # trainer.loop.recipe's event
         out["ranks"] = rank_records(Path(capped["records"]), nproc)
         if capped["threads"] is not None:
             out["omp_num_threads"] = capped["threads"]
@@ -173,13 +173,13 @@ def rank_records(folder: Path, nproc: int) -> list[dict]:
 def capped_train(argv: list[str]) -> int:
     """The launcher of each --shard process (torchrun starts one per GPU): hold this process's CUDA allocator to
     $SAMEBOX_BENCH_GIB_PER_GPU GiB of its LOCAL_RANK's card, time the weights' load and the set-up, run
-    `python -m builder.cli ARGV` (runpy), then write this rank's record: the cap (or why there is none), the exit
+    `python -m builder ARGV` (runpy), then write this rank's record: the cap (or why there is none), the exit
     code, peak memory and those times."""
     import runpy
 
     import torch
 
-    import trainer.recipe as recipe
+    import trainer.loop.recipe as recipe
 
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     record: dict = {"rank": rank, "local_rank": local, "pid": os.getpid(),
@@ -202,9 +202,9 @@ def capped_train(argv: list[str]) -> int:
     timed(recipe.LoRAFinetuneRecipe, "setup", "setup", seconds)
     started = time.perf_counter()
     code: int = 1
-    sys.argv = ["builder.cli", *argv]
+    sys.argv = ["builder", *argv]
     try:
-        runpy.run_module("builder.cli", run_name="__main__", alter_sys=True)
+        runpy.run_module("builder", run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
@@ -260,7 +260,7 @@ def where_time_went(rows: list[dict], skip: int) -> dict:
     """Mean seconds per step after the first ``skip``, per rank: the step, the GPU's forward/backward (compute_s)
     and the gradient all-reduce (reduce_s, which holds the wait for the slowest rank; under --shard the collectives
     are inside compute_s instead); the rest of a step is host time. One process's rows carry its own; torchrun's
-    carry every rank's (trainer.recipe.RANK_TIMES)."""
+    carry every rank's (trainer.loop.recipe.RANK_TIMES)."""
     rows = rows[skip:] if len(rows) > skip else rows
     if not rows or "compute_s" not in rows[0]:
         return {}

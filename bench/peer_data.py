@@ -18,7 +18,7 @@ from typing import Any
 from trainer_arms import LETTERS, QWEN
 
 IGNORE = -100
-# ChatML as Qwen2.5 writes it: each turn renders as a prefix of the next (trainer/data.py checks that).
+# ChatML as Qwen2.5 writes it: each turn renders as a prefix of the next (trainer/data/dataset.py checks that).
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<unk>", "<pad>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -123,8 +123,8 @@ def hf_labels(ids: list[int], targets: list[int]) -> list[int]:
 def tokenize_mix(config: Path, overrides: list[str], out: Path) -> dict:
     """Token ids and labels exactly as `samebox train` makes them (its DataConfig, its tokenizer loading, its cache)."""
     from trainer.config import load_config
-    from trainer.data import load_dataset
-    from trainer.model import load_tokenizer
+    from trainer.data.dataset import load_dataset
+    from trainer.model.load import load_tokenizer
 
     cfg = load_config(config, overrides)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model)

@@ -62,8 +62,8 @@ def write_json(path: Path, obj: object) -> None:
 def readings_subprocess(mode: str, env: dict[str, str], data_dir: str) -> dict:
     """Collects readings in a fresh interpreter: CUDA_VISIBLE_DEVICES counts only before CUDA starts."""
     code = (
-        "import json,sys; from builder.instance.selftest.readings import collect; "
-        "from builder.instance.selftest.model import attention_needs; "
+        "import json,sys; from builder.selftest.readings import collect; "
+        "from builder.selftest.model import attention_needs; "
         f"print(json.dumps(collect({mode!r}, attention_needs(None), {data_dir!r}), default=str))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -73,8 +73,8 @@ def readings_subprocess(mode: str, env: dict[str, str], data_dir: str) -> dict:
 
 
 def capture(out_dir: Path) -> None:
-    from builder.instance.selftest.model import attention_needs
-    from builder.instance.selftest.readings import collect
+    from builder.selftest.model import attention_needs
+    from builder.selftest.readings import collect
 
     out_dir.mkdir(parents=True, exist_ok=True)
     smi = shutil.which("nvidia-smi")
@@ -102,7 +102,7 @@ extern "C" const char *launch() {
 
 
 def timed_selftest(mode: str, data_dir: str) -> dict:
-    from builder.instance.selftest import run_selftest
+    from builder.selftest import run_selftest
 
     start = time.perf_counter()
     report = run_selftest(mode, data_dir=data_dir)
@@ -114,7 +114,7 @@ def timed_cli(data_dir: str) -> dict:
     """`samebox selftest --quick --json` as the trainer's preflight runs it: a fresh interpreter, wall time included."""
     start = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json", "--data-dir", data_dir],
+        [sys.executable, "-m", "builder", "selftest", "--quick", "--json", "--data-dir", data_dir],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     result: dict = {"wall_s": round(time.perf_counter() - start, 2), "exit_code": out.returncode}
@@ -131,7 +131,7 @@ def findings_of(report: dict, check: str) -> list[dict]:
 
 
 def judged(readings: dict, check: str) -> list[dict]:
-    from builder.instance.selftest import report_from_readings
+    from builder.selftest import report_from_readings
 
     return findings_of(report_from_readings(readings).to_dict(), check)
 
@@ -140,7 +140,7 @@ def fault_no_visible_devices() -> dict:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     start = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-m", "builder.cli", "selftest", "--quick", "--json"],
+        [sys.executable, "-m", "builder", "selftest", "--quick", "--json"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -163,7 +163,7 @@ def fault_no_visible_devices() -> dict:
 def fault_lock_drift(healthy: dict) -> dict:
     from importlib import metadata
 
-    from builder.instance.selftest import env_probes
+    from builder.selftest import env_probes
 
     pins = [f"{name}=={metadata.version(name)}" for name in ("transformers", "peft", "safetensors")]
     pins[0] = "transformers==4.40.0"  # the injected drift: the lock says another transformers
@@ -193,7 +193,7 @@ def _mount(*args: str) -> str | None:
 
 def fault_data_dir(healthy: dict) -> dict:
     """--data-dir on a 1 MiB tmpfs and on a read-only bind mount (or an existing read-only mount)."""
-    from builder.instance.selftest import env_probes
+    from builder.selftest import env_probes
 
     results, mounted = [], []
     with tempfile.TemporaryDirectory() as d:
@@ -226,8 +226,8 @@ def fault_data_dir(healthy: dict) -> dict:
 
 
 def fault_sliding_window_slim(healthy: dict) -> dict:
-    from builder.instance.selftest import kernel_probes
-    from builder.instance.selftest.model import attention_needs
+    from builder.selftest import kernel_probes
+    from builder.selftest.model import attention_needs
 
     with tempfile.TemporaryDirectory() as d:
         config = {
@@ -275,7 +275,7 @@ def _standin_extension(work: Path) -> tuple[str | None, str | None]:
 
 
 def fault_sm80_flash_attn(healthy: dict, sm80: Path | None) -> dict:
-    from builder.instance.selftest import kernel_probes
+    from builder.selftest import kernel_probes
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -355,10 +355,10 @@ def run_all(unpacked: list[str], sm80: Path | None, parts: tuple[str, ...] = PAR
 
 
 def as_current(readings: dict) -> dict:
-    """``readings`` in the current layout (builder.instance.selftest.readings.READINGS_VERSION): version 1's "gpu" and
+    """``readings`` in the current layout (builder.selftest.readings.READINGS_VERSION): version 1's "gpu" and
     "env" groups become top-level readings under their probes' names (a group of None, the GPU probes of a
     machine without one, adds nothing). Current readings come back unchanged."""
-    from builder.instance.selftest.readings import READINGS_VERSION
+    from builder.selftest.readings import READINGS_VERSION
 
     if readings.get("readings_version", 1) >= 2:
         return dict(readings)

@@ -147,8 +147,8 @@ def generated_tokens(out: torch.Tensor, prompt_len: int, eos: int, pad: int) -> 
 
 
 def generate_arms(run: Path, prompts: list[str], clients: list[int], max_tokens: int, sequential_max: int) -> list:
-    from trainer.export import merged_model
-    from trainer.served import resolve_model
+    from trainer.serve.export import merged_model
+    from trainer.serve.served import resolve_model
 
     model, tok = merged_model(resolve_model(str(run)), "bf16")
     tok.padding_side = "left"
@@ -207,7 +207,7 @@ def free_port() -> int:
 
 def start_server(run: Path, batching: str, device: str, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "builder.cli", "serve", str(run), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "builder", "serve", str(run), "--host", "127.0.0.1", "--port", str(port),
            "--batching", batching, "--device", device]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

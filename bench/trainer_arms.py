@@ -157,9 +157,8 @@ def recipe_arm(model_dir: Path, data: Path, steps: int, out: Path, quantize: boo
 
 # ----- are packed samples isolated? (child process) -----------------------------------------------------------
 def packing_check(model_dir: Path, data: Path, out: Path, samples: int = 8) -> None:
+    from packing_check import packing_isolation
     from transformers import AutoTokenizer
-
-    from trainer.packing_check import packing_isolation
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(line) for line in data.read_text().splitlines()[:samples]]

@@ -274,7 +274,7 @@ class Bench:
                     gpu: str | None) -> None:
         run_dir = self.work / "runs" / f"samebox-{model}-{mix}"
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        argv = [sys.executable, "-m", "builder.cli", "train", str(REPO / CONFIGS[model]),
+        argv = [sys.executable, "-m", "builder", "train", str(REPO / CONFIGS[model]),
                 *self.config_overrides(model, mix), "data.shuffle=false", f"train.max_steps={self.opts.steps}",
                 "train.warmup_ratio=0", f"output.dir={run_dir}", "output.save_every_steps=100000",
                 "output.tensorboard=false", "--no-preflight"]

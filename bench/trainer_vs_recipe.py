@@ -173,7 +173,7 @@ def run_size(size: str, opts: argparse.Namespace, deadline: float, peak: float |
     import yaml
 
     cfg_file.write_text(yaml.safe_dump(samebox_config(model_dir, data, run_dir, steps, opts.budget, quantize)))
-    plans = [("samebox", [sys.executable, "-m", "builder.cli", "train", str(cfg_file), "--no-preflight"]),
+    plans = [("samebox", [sys.executable, "-m", "builder", "train", str(cfg_file), "--no-preflight"]),
              ("recipe", me + ["--child", "recipe", "--model-dir", str(model_dir), "--data", str(data),
                               "--steps", str(steps), "--result", str(work / f"recipe-{size}.json")]
               + ([] if quantize else ["--no-quantize"]))]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from builder.environment import Capability, Environment, Gpu, TorchBuild
+from builder.core.environment import Capability, Environment, Gpu, TorchBuild
 
 
 def make_env(torch: str | None = "2.11.0+cu130", cuda: str | None = "13.0", python: str = "3.12",

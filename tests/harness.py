@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.environment import canonical_name
-from builder.fsutil import sha256_file
+from builder.core.environment import canonical_name
+from builder.core.fsutil import sha256_file
 from tests.conftest import REPO, require
 
 TEST_ROOT = REPO / "tests" / "fixtures" / "catalog"
@@ -81,7 +81,7 @@ def test_base_image(docker: Docker) -> str:
 
 def samebox(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd or REPO)
 
 

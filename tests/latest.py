@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder import supported  # noqa: E402
-from builder.host import devlock  # noqa: E402
+from builder.core import supported  # noqa: E402
+from builder.image import devlock  # noqa: E402
 
 PIP = ["-m", "pip", "--disable-pip-version-check"]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.host import lock
-from builder.spec import find_image, load_catalog
+from builder.core.spec import find_image, load_catalog
+from builder.image import lock
 from tests.conftest import REPO
 
 TEST_ROOT = REPO / "tests" / "fixtures" / "catalog"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from builder import compat
-from builder.environment import Capability
+from builder.core import compat
+from builder.core.environment import Capability
 
 
 @pytest.mark.parametrize(

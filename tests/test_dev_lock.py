@@ -1,6 +1,6 @@
 """samebox's own environment: the dev lock `make test` installs, and the ranges the trainer, export and serve check.
 
-lockfiles/dev.txt and dev-builder.txt are written by `make lock-dev` (builder/host/devlock.py, uv); the venv `make
+lockfiles/dev.txt and dev-builder.txt are written by `make lock-dev` (builder/image/devlock.py, uv); the venv `make
 test` builds must be exactly dev.txt; builder/data/supported.toml must be what the committed locks say.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from builder import supported
-from builder.errors import SameboxError
-from builder.host import devlock
-from builder.lockfile import read_lock
+from builder.core import supported
+from builder.core.errors import SameboxError
+from builder.core.lockfile import read_lock
+from builder.image import devlock
 from tests.conftest import REPO, require
 
 try:
@@ -71,14 +71,14 @@ def test_a_changed_extra_makes_the_dev_lock_stale(tmp_path: Path) -> None:
     py.write_text(py.read_text().replace('"pyyaml",', '"pyyaml", "rich",'))
     statuses = devlock.check_dev_lock(root)
     assert {s.state for s in statuses} == {"stale"} and "changed" in statuses[0].reason
-    proc = subprocess.run([sys.executable, "-m", "builder.cli", "lock", "--dev", "--check", "--root", str(root)],
+    proc = subprocess.run([sys.executable, "-m", "builder", "lock", "--dev", "--check", "--root", str(root)],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1 and "regenerate with `make lock-dev`" in proc.stderr
     assert "stale" in proc.stdout
 
 
 def test_lock_dev_check_from_the_cli() -> None:
-    proc = subprocess.run([sys.executable, "-m", "builder.cli", "lock", "--dev", "--check", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "builder", "lock", "--dev", "--check", "--json"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert '"state": "fresh"' in proc.stdout
@@ -131,7 +131,7 @@ def test_a_command_outside_the_range_stops_at_start_with_exit_2(tmp_path: Path, 
     site = tmp_path / "site"
     _fake_distribution(site, "transformers", "4.30.0")
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
-    proc = subprocess.run([sys.executable, "-m", "builder.cli", *command], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "builder", *command], capture_output=True, text=True,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "transformers 4.30.0 is older than" in proc.stderr and "pip install 'transformers>=" in proc.stderr
@@ -141,7 +141,7 @@ def test_a_command_outside_the_range_stops_at_start_with_exit_2(tmp_path: Path, 
 def test_an_unknown_transformers_serve_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers.cli.serve as tf_serve
 
-    from trainer import serve
+    from trainer.serve import server as serve
 
     assert serve.transformers_dialect() in ("in-process", "engine-process")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import SameboxError
-from builder.host.engine import (
+from builder.core.errors import SameboxError
+from builder.image.engine import (
     BUILDKIT,
     BUILDX,
     DAEMONLESS,
@@ -119,7 +119,7 @@ def test_engine_none_writes_context_and_prints_command(tmp_path: Path, capsys: p
                  "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "DOCKER_BUILDKIT=1 docker build" in printed
-    assert (out / "Dockerfile").is_file() and (out / "src" / "builder" / "cli.py").is_file()
+    assert (out / "Dockerfile").is_file() and (out / "src" / "builder" / "cli" / "__init__.py").is_file()
     assert (out / "test-bookworm-py311.lock.txt").read_bytes() == (root / "lockfiles" / "test-bookworm-py311.txt"
                                                                    ).read_bytes()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "no temp dirs left behind"
@@ -139,11 +139,11 @@ def test_missing_lockfile_says_how_to_make_it(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_ca_bundle_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from builder.host.engine import ca_bundle_path
+    from builder.image.engine import ca_bundle_path
 
     pem = tmp_path / "ca.pem"
     pem.write_text("-----BEGIN CERTIFICATE-----\n")
-    from builder.pyindex import CA_ENV_VARS
+    from builder.core.pyindex import CA_ENV_VARS
 
     for var in CA_ENV_VARS:
         monkeypatch.delenv(var, raising=False)

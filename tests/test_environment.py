@@ -1,4 +1,4 @@
-"""builder/environment.py: the one probe of the instance, and the one spelling of a compute capability."""
+"""builder/core/environment.py: the one probe of the instance, and the one spelling of a compute capability."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from builder.environment import Capability, Environment, TorchBuild, probe_torch
+from builder.core.environment import Capability, Environment, TorchBuild, probe_torch
 from tests.conftest import REPO
 
 
@@ -47,7 +47,7 @@ def test_a_broken_torch_is_a_note_not_a_crash(tmp_path) -> None:
     pkg = tmp_path / "torch"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n")
-    code = ("from builder.environment import Environment; e = Environment.probe(gpus=False); "
+    code = ("from builder.core.environment import Environment; e = Environment.probe(gpus=False); "
             "print(e.torch_version, '|', e.notes[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin"}).stdout
@@ -56,7 +56,7 @@ def test_a_broken_torch_is_a_note_not_a_crash(tmp_path) -> None:
 
 def test_the_environment_layer_imports_the_standard_library_only() -> None:
     """The setup script runs it on the platform's bare Python, before anything is installed."""
-    code = ("import sys; import builder.environment, builder.catalog; "
+    code = ("import sys; import builder.core.environment, builder.core.catalog; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jinja2', 'packaging', 'torch', 'yaml')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.strip() == "[]"

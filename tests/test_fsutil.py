@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.fsutil import atomic_path, write_atomic
+from builder.core.fsutil import atomic_path, write_atomic
 
 
 def test_write_atomic_replaces_whole(tmp_path: Path) -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from builder import lockfile, pyindex
 from builder.cli import main
-from builder.errors import SameboxError
-from builder.host import lock
+from builder.core import lockfile, pyindex
+from builder.core.errors import SameboxError
+from builder.core.spec import ImageSpec, load_catalog
+from builder.image import lock
 from builder.instance import drift
-from builder.spec import ImageSpec, load_catalog
 from tests.conftest import require
 
 REPO = Path(__file__).resolve().parent.parent

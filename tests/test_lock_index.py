@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from builder import pyindex
-from builder.errors import SameboxError
-from builder.host import lock, torchbounds
-from builder.spec import load_catalog
+from builder.core import pyindex
+from builder.core.errors import SameboxError
+from builder.core.spec import load_catalog
+from builder.image import lock, torchbounds
 from tests.conftest import require
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.host.pin import parse_reference
-from builder.spec import load_catalog
+from builder.core.spec import load_catalog
+from builder.image.pin import parse_reference
 
 REPO = Path(__file__).resolve().parent.parent
 DIGEST = "sha256:" + "ab" * 32

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.host.render import default_tag, render_bake, render_dockerfile, write_context
-from builder.spec import find_image, load_catalog
+from builder.core.spec import find_image, load_catalog
+from builder.image.render import default_tag, render_bake, render_dockerfile, write_context
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "golden"
@@ -57,7 +57,7 @@ def test_render_is_stamped_and_stable() -> None:
 
 
 def test_unknown_flash_attn_profile_is_a_user_error() -> None:
-    from builder.errors import SameboxError
+    from builder.core.errors import SameboxError
 
     with pytest.raises(SameboxError, match="choose one of: full, slim"):
         render_dockerfile(_spec("torch2.3-cu121-py312"), flash_attn_profile="tiny")
@@ -100,7 +100,7 @@ def test_write_context_replaces_a_context_it_wrote(tmp_path: Path) -> None:
 
 
 def test_write_context_refuses_a_directory_it_did_not_write(tmp_path: Path) -> None:
-    from builder.errors import SameboxError
+    from builder.core.errors import SameboxError
 
     out = tmp_path / "work"
     out.mkdir()
@@ -129,7 +129,7 @@ def test_flash_attn_stage_finds_the_catalog_in_its_copy(tmp_path: Path) -> None:
             else:
                 (root / path.name).write_bytes(path.read_bytes())
     assert "ENV SAMEBOX_ROOT=/opt/samebox/src" in stage and "trainer" not in " ".join(s for c in copied for s in c)
-    out = subprocess.run([sys.executable, "-m", "builder.cli", "wheel", "flash-attn", "--image", spec.id, "--dry-run",
+    out = subprocess.run([sys.executable, "-m", "builder", "wheel", "flash-attn", "--image", spec.id, "--dry-run",
                           "--json"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "SAMEBOX_ROOT": str(root), "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.errors import SameboxError
-from builder.spec import load_catalog, resolve_spec
+from builder.core.errors import SameboxError
+from builder.core.spec import load_catalog, resolve_spec
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.errors import SameboxError
-from builder.host import workstation
-from builder.host.lock import read_lock
-from builder.host.render import render_dockerfile
-from builder.spec import find_image, load_catalog
+from builder.core.errors import SameboxError
+from builder.core.spec import find_image, load_catalog
+from builder.image import workstation
+from builder.image.lock import read_lock
+from builder.image.render import render_dockerfile
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "torch2.11-cu130-py312"

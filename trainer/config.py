@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from builder.environment import AUTODL_DATA_DISK
-from builder.errors import SameboxError
-from trainer.formats import FORMATS
+from builder.core.environment import AUTODL_DATA_DISK
+from builder.core.errors import SameboxError
+from trainer.data.formats import FORMATS
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class LoraSection:
 @dataclass
 class DataConfig:
     path: str = text("", f"a JSONL file ({', '.join(FORMATS)} rows)")
-    format: str = choice("auto", "auto", *FORMATS)  # trainer/formats.py
+    format: str = choice("auto", "auto", *FORMATS)  # trainer/data/formats.py
     max_length: int = integer(2048, low=2)  # a sample needs a token to predict from and one to predict
     train_on_prompt: bool = flag(False)
     packing: str = choice("auto", *TRI_STATE)  # auto (with flash-attn varlen) | true | false (padded buckets)

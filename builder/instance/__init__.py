@@ -1,2 +1,2 @@
-"""The instance side: what runs on the rented GPU machine: converging it to an image's environment (the setup
-script's steps), proving it (fingerprint, drift against the lock) and testing its GPUs before a job (selftest)."""
+"""The rented GPU machine: converging it to an image's environment (the setup script's steps) and proving it
+(fingerprint, drift against the lock). The GPU self-test is builder/selftest/."""

@@ -24,16 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import builder
-from builder import compat
-from builder.catalog import Catalog
-from builder.environment import AUTODL_DATA_DISK, Capability, Environment
-from builder.errors import SameboxError
+from builder.core import compat
+from builder.core.catalog import Catalog
+from builder.core.environment import AUTODL_DATA_DISK, Capability, Environment
+from builder.core.errors import SameboxError
 from builder.instance import converge_steps as steps
 from builder.instance.converge_steps import Match, Preflight, Run, StepFailed
 
 PROG = "bash setup.sh"
 # One home for the profile names: compat's table (builder/wheels/key.py's PROFILES is the same tuple, but that module
-# needs builder.spec, which a bare Python 3.10 cannot import). The first profile is the default: every feature.
+# needs builder.core.spec, which a bare Python 3.10 cannot import). The first profile is the default: every feature.
 FLASH_ATTN_PROFILES = tuple(compat.FLASH_ATTN_PROFILES)
 DEFAULT_FLASH_ATTN_PROFILE = FLASH_ATTN_PROFILES[0]
 DEFAULT_MIN_FREE_MB = 2048

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from builder.errors import SameboxError
-from builder.fsutil import write_atomic
+from builder.core.errors import SameboxError
+from builder.core.fsutil import write_atomic
 
 if TYPE_CHECKING:
     from builder.instance.converge import Options
@@ -104,7 +104,7 @@ def _drift(run: Run, *args: str) -> subprocess.CompletedProcess:
 
 def _samebox(run: Run, *args: str, **kwargs: object) -> subprocess.CompletedProcess:
     """samebox's CLI as installed in the target environment."""
-    return subprocess.run([run.python, "-m", "builder.cli", *args], **kwargs)  # type: ignore[call-overload]
+    return subprocess.run([run.python, "-m", "builder", *args], **kwargs)  # type: ignore[call-overload]
 
 
 def _python_can(python: str, code: str) -> bool:

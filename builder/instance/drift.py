@@ -6,7 +6,7 @@ settings (selected environment variables, pip configuration), which are not drif
 
 ``verify_lock`` checks the live environment against a lockfile; ``plan_install`` says which locked packages a setup
 run still has to install. On an instance torch, triton and nvidia-* come from the platform: they are verified, never
-installed. Lockfiles are read by builder/lockfile.py's parser. Imports the standard library only: setup.sh runs
+installed. Lockfiles are read by builder/core/lockfile.py's parser. Imports the standard library only: setup.sh runs
 ``python -m builder.instance.drift`` before anything else is installed.
 """
 
@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from builder import environment
-from builder.errors import SameboxError
+from builder.core import environment
+from builder.core.errors import SameboxError
+from builder.core.lockfile import LockedPackage, read_lock_file
 from builder.instance import fingerprint
-from builder.lockfile import LockedPackage, read_lock_file
 
 
 def read_pins(lockfile: Path) -> list[LockedPackage]:

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from builder.environment import Environment, TorchBuild, installed_distributions
-from builder.pyindex import redact
+from builder.core.environment import Environment, TorchBuild, installed_distributions
+from builder.core.pyindex import redact
 
 SCHEMA = 1
 ENV_ALLOWLIST = (
@@ -248,8 +248,8 @@ def shape_problems(data: Any) -> list[str]:
 
 
 def load(path: Path) -> dict[str, Any]:
-    from builder.errors import SameboxError
-    from builder.fsutil import read_text
+    from builder.core.errors import SameboxError
+    from builder.core.fsutil import read_text
 
     make = "make one with `samebox fingerprint -o FILE`"
     try:

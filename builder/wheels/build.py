@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder import compat, pyindex
-from builder.environment import Capability, Environment
-from builder.errors import SameboxError
-from builder.fsutil import sha256_file
+from builder.core import compat, pyindex
+from builder.core.environment import Capability, Environment
+from builder.core.errors import SameboxError
+from builder.core.fsutil import sha256_file
 from builder.wheels.key import WheelKey, release_facts
 
 Say = Callable[[str], None]
@@ -237,7 +237,7 @@ def _fetch_sdist(url: str, sha256: str, dest: Path, say: Say) -> str:
 
 
 def fetch_sdist(version: str, dest_dir: Path, given: Path | None, offline: bool, say: Say) -> Path:
-    """The sdist for ``version`` in ``dest_dir``, its sha256 checked against builder/compat.py."""
+    """The sdist for ``version`` in ``dest_dir``, its sha256 checked against builder/core/compat.py."""
     release = release_facts(version)
     name = release.sdist_url.rsplit("/", 1)[1]
     dest = dest_dir / name

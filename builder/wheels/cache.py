@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.environment import AUTODL_SHARED_FS
-from builder.errors import SameboxError
-from builder.fsutil import sha256_file, write_atomic
+from builder.core.environment import AUTODL_SHARED_FS
+from builder.core.errors import SameboxError
+from builder.core.fsutil import sha256_file, write_atomic
 from builder.wheels.key import WheelKey
 
 MANIFEST = "manifest.json"

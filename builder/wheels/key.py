@@ -11,11 +11,11 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from builder import compat
-from builder.catalog import Catalog
-from builder.environment import Capability, Environment
-from builder.errors import SameboxError
-from builder.spec import ImageSpec
+from builder.core import compat
+from builder.core.catalog import Catalog
+from builder.core.environment import Capability, Environment
+from builder.core.errors import SameboxError
+from builder.core.spec import ImageSpec
 
 PROFILES = tuple(compat.FLASH_ATTN_PROFILES)
 DEFAULT_PROFILE = "full"
@@ -92,7 +92,7 @@ def build_archs(capabilities: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 def release_facts(version: str) -> compat.FlashAttnRelease:
     release = compat.FLASH_ATTN_RELEASES.get(version)
     if release is None:
-        raise SameboxError(f"flash-attn {version} is not in builder/compat.py FLASH_ATTN_RELEASES",
+        raise SameboxError(f"flash-attn {version} is not in builder/core/compat.py FLASH_ATTN_RELEASES",
                            f"known versions: {', '.join(compat.FLASH_ATTN_RELEASES)} (add its sdist sha256 there)")
     return release
 

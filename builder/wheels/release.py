@@ -17,8 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.environment import AUTODL_TURBO, sm_list
-from builder.errors import SameboxError
+from builder.core.environment import AUTODL_TURBO, sm_list
+from builder.core.errors import SameboxError
 from builder.wheels.key import WheelKey, release_facts
 
 DEFAULT_BASE = "https://github.com/Dao-AILab/flash-attention/releases/download"

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.environment import Environment, sm_list
-from builder.errors import SameboxError
+from builder.core.environment import Environment, sm_list
+from builder.core.errors import SameboxError
 from builder.wheels import build, release, verify
 from builder.wheels.cache import CacheEntry, WheelCache, copy_atomic
 from builder.wheels.key import WheelKey, release_facts

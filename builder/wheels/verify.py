@@ -1,6 +1,6 @@
 """Checks a flash-attn wheel must pass: its file-name tags, the SASS archs `cuobjdump --list-elf` finds in its
 extension, whether that SASS runs on the GPUs here, and (torch + GPU present) a numeric check of
-flash_attn_varlen_func forward and backward against torch SDPA. The last two are builder/kernelcheck.py's, which
+flash_attn_varlen_func forward and backward against torch SDPA. The last two are builder/wheels/kernelcheck.py's, which
 the self-test uses too.
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
 
-from builder import kernelcheck
-from builder.environment import Gpu, sm_list
-from builder.errors import SameboxError
-from builder.kernelcheck import REL_ERR_BOUND
-from builder.kernelcheck import find_cuobjdump as find_cuobjdump  # resolve.py finds the tool through here
+from builder.core.environment import Gpu, sm_list
+from builder.core.errors import SameboxError
+from builder.wheels import kernelcheck
+from builder.wheels.kernelcheck import REL_ERR_BOUND
+from builder.wheels.kernelcheck import find_cuobjdump as find_cuobjdump  # resolve.py finds the tool through here
 from builder.wheels.key import WheelKey
 
 EXTENSION = "flash_attn_2_cuda"

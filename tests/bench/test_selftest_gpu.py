@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from builder.instance.selftest import kernel_probes
-from builder.instance.selftest.probes import PROBES
-from builder.instance.selftest.readings import READINGS_VERSION
-from builder.instance.selftest.registry import checks_for, judge
+from builder.selftest import kernel_probes
+from builder.selftest.probes import PROBES
+from builder.selftest.readings import READINGS_VERSION
+from builder.selftest.registry import checks_for, judge
 from tests.conftest import REPO
 from tests.selftest.conftest import FIXTURES
 from tests.selftest.test_registry import CONTEXT_KEYS

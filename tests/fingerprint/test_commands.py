@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from builder.cli import main
-from builder.environment import Environment, TorchBuild
+from builder.core.environment import Environment, TorchBuild
 from tests.conftest import REPO
 from tests.fingerprint.fakesite import lock_line
 
@@ -78,7 +78,7 @@ def test_verify_against_a_lockfile(tmp_path: Path, capsys, monkeypatch) -> None:
 
 
 def test_verify_with_a_named_lock_does_not_import_torch(tmp_path: Path, capsys, monkeypatch) -> None:
-    import builder.environment as environment
+    import builder.core.environment as environment
 
     good = lock_line("jinja2", md.version("jinja2"))
     root = _catalog(tmp_path, good)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from builder import environment
+from builder.core import environment
 from builder.instance import drift
 from tests.fingerprint.fakesite import add_dist, lock_line
 
@@ -156,7 +156,7 @@ def test_drift_main_plan_writes_requirements_with_hashes(site: Path, tmp_path: P
     ("nvidia-ml-py", False), ("numpy", False), ("transformers", False), ("torchvision", False)])
 def test_platform_packages(name: str, provided: bool) -> None:
     """What the platform brings with torch: setup verifies these and installs everything else."""
-    from builder.lockfile import LockedPackage, is_platform_package
+    from builder.core.lockfile import LockedPackage, is_platform_package
 
     assert is_platform_package(name) is provided
     assert LockedPackage(environment.canonical_name(name), "1").platform_provided is provided
@@ -174,7 +174,7 @@ def test_setup_steps_run_on_the_standard_library(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     script = ("import sys; sys.path.insert(0, sys.argv[1]); from builder.instance import drift; "
               "rc = drift.main(['plan', '--lock', sys.argv[2], '--out', sys.argv[3]]); "
-              "banned = sorted(m for m in sys.modules if m in ('tomllib', 'builder.spec', 'builder.host.lock')); "
+              "banned = sorted(m for m in sys.modules if m in ('tomllib', 'builder.core.spec', 'builder.image.lock')); "
               "print('imported:', banned, file=sys.stderr); sys.exit(rc or int(bool(banned)))")
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", script, str(repo), str(lock), str(out)],
                           capture_output=True, text=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import SameboxError
+from builder.core.errors import SameboxError
 from builder.instance import fingerprint
 from tests.fingerprint.fakesite import add_dist
 

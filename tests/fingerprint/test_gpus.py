@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from builder import environment, nvml
-from builder.environment import Capability, Environment, Gpu
+from builder.core import environment, nvml
+from builder.core.environment import Capability, Environment, Gpu
 from builder.instance import fingerprint
 
 

@@ -1,4 +1,4 @@
-"""builder/catalog.py picks the image an instance replicates (or names the base image to rent), the lockfile an
+"""builder/core/catalog.py picks the image an instance replicates (or names the base image to rent), the lockfile an
 environment claims, and which image runs on a GPU the user names, and why not."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.catalog import DOES_NOT_RUN, RUNS, RUNS_WITHOUT_FLASH_ATTN, Catalog, PlatformMismatch, check_gpu
-from builder.environment import Gpu
-from builder.errors import SameboxError
+from builder.core.catalog import DOES_NOT_RUN, RUNS, RUNS_WITHOUT_FLASH_ATTN, Catalog, PlatformMismatch, check_gpu
+from builder.core.environment import Gpu
+from builder.core.errors import SameboxError
 from tests.conftest import REPO
 from tests.envs import make_env
 
@@ -57,7 +57,7 @@ def test_unknown_platform_lists_the_base_images() -> None:
 def test_the_claimed_lockfile_follows_one_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = _env()
     spec = CATALOG.find("torch2.3-cu121-py312")
-    monkeypatch.setattr("builder.catalog.IMAGE_LOCKFILE", tmp_path / "no-image-lock.txt")
+    monkeypatch.setattr("builder.core.catalog.IMAGE_LOCKFILE", tmp_path / "no-image-lock.txt")
     assert CATALOG.claimed_lockfile(env, "x.txt", environ={}).path == Path("x.txt")
     assert CATALOG.claimed_lockfile(env, image="torch2.5-cu124-py312", environ={}).image.id == "torch2.5-cu124-py312"
     recorded = CATALOG.claimed_lockfile(env, environ={"SAMEBOX_LOCKFILE": "/root/.samebox/lock.txt"})
@@ -71,7 +71,7 @@ def test_the_claimed_lockfile_follows_one_order(tmp_path: Path, monkeypatch: pyt
     assert none.path is None and "no catalog image has torch 2.4.1+cu121" in none.how
     image_lock = tmp_path / "lock.txt"
     image_lock.write_text("")
-    monkeypatch.setattr("builder.catalog.IMAGE_LOCKFILE", image_lock)
+    monkeypatch.setattr("builder.core.catalog.IMAGE_LOCKFILE", image_lock)
     inside = CATALOG.claimed_lockfile(env, environ={"SAMEBOX_IMAGE": "torch2.3-cu121-py312"})
     assert (inside.path, inside.claimed, inside.image) == (image_lock, True, spec)
 
@@ -83,8 +83,8 @@ def test_images_that_run_and_flash_attn_pins() -> None:
     py310 = CATALOG.find("torch2.1-cu121-py310")
     assert CATALOG.flash_attn_version("2.1.2+cu121", "12.1", "3.10") == py310.flash_attn
     assert CATALOG.flash_attn_version("9.9.0", "99.0", "3.12") == max(
-        __import__("builder.compat", fromlist=["x"]).FLASH_ATTN_RELEASES,
-        key=__import__("builder.compat", fromlist=["x"]).version_tuple)
+        __import__("builder.core.compat", fromlist=["x"]).FLASH_ATTN_RELEASES,
+        key=__import__("builder.core.compat", fromlist=["x"]).version_tuple)
 
 
 def test_a_standalone_catalog_round_trips_through_json(tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_a_standalone_catalog_round_trips_through_json(tmp_path: Path) -> None:
 
 
 def test_the_probe_reads_autodl_markers_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from builder.environment import probe_rental
+    from builder.core.environment import probe_rental
 
     monkeypatch.setenv("AutoDLRegion", "beijing-a")
     rental = probe_rental()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.fsutil import sha256_file
+from builder.core.fsutil import sha256_file
 from tests.harness import (  # noqa: F401
     CANARY,
     TEST_IMAGE_ID,

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from builder import nvml
-from builder.instance.selftest import allreduce, env_probes, gpu_probes, kernel_probes, readings
-from builder.instance.selftest.findings import Finding
-from builder.instance.selftest.registry import judge
+from builder.core import nvml
+from builder.selftest import allreduce, env_probes, gpu_probes, kernel_probes, readings
+from builder.selftest.findings import Finding
+from builder.selftest.registry import judge
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "nvml"
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from builder.instance.selftest.allreduce import local_allreduce
+from builder.selftest.allreduce import local_allreduce
 from tests.conftest import REPO
 
 
@@ -57,7 +57,7 @@ def test_started_ranks_wait_for_run_before_they_measure() -> None:
     """start() spawns the ranks (Python and torch load meanwhile); they write nothing until run() lets them go."""
     from pathlib import Path
 
-    from builder.instance.selftest.allreduce import LocalAllreduce
+    from builder.selftest.allreduce import LocalAllreduce
 
     probe = LocalAllreduce(2, "gloo", size_mib=1, iters=3, timeout_s=120).start()
     time.sleep(3)

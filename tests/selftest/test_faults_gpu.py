@@ -33,7 +33,7 @@ def slowdown(r: dict[str, Any]) -> int:
 
 
 def reference(r: dict[str, Any]) -> float:
-    from builder.instance.selftest.checks_numerics import reference_tflops
+    from builder.selftest.checks_numerics import reference_tflops
 
     return reference_tflops(dev(r)["name"])[1]
 

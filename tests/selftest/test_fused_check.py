@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from builder.instance.selftest import checks_kernels
+from builder.selftest import checks_kernels
 
 
 def reading(fused):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from builder.instance.selftest import report_from_readings
-from builder.instance.selftest.registry import CHECKS, FULL, judge
+from builder.selftest import report_from_readings
+from builder.selftest.registry import CHECKS, FULL, judge
 from tests.selftest.conftest import load_readings
 
 

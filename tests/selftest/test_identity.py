@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from builder.instance.selftest import report_from_readings
-from builder.instance.selftest.probes import GPU_STAGES, PROBES
+from builder.selftest import report_from_readings
+from builder.selftest.probes import GPU_STAGES, PROBES
 from tests.selftest.conftest import findings, load_readings, only
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from builder.instance.selftest.checks_interconnect import P2P_OFF
+from builder.selftest.checks_interconnect import P2P_OFF
 from tests.selftest.conftest import findings, load_readings, severities
 
 

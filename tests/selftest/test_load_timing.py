@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from builder.instance.selftest import gpu_probes
+from builder.selftest import gpu_probes
 
 GPU_TFLOPS = 700.0
 N = 8192
@@ -141,7 +141,7 @@ def test_without_graphs_matmuls_are_launched_one_by_one(monkeypatch: pytest.Monk
 
 
 def test_the_finding_says_when_the_load_ran_without_a_graph(healthy) -> None:
-    from builder.instance.selftest import checks_numerics
+    from builder.selftest import checks_numerics
 
     healthy["load"].update(cuda_graph=False, cuda_graph_error="RuntimeError: capture failed")
     finding = checks_numerics.matmul_tflops(healthy)

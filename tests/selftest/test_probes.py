@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import SameboxError
-from builder.instance.selftest import env_probes
-from builder.instance.selftest.model import attention_needs, attention_needs_from_config
+from builder.core.errors import SameboxError
+from builder.selftest import env_probes
+from builder.selftest.model import attention_needs, attention_needs_from_config
 
 
 def test_model_needs() -> None:
@@ -64,7 +64,7 @@ def test_lockfile_drift_is_listed(tmp_path) -> None:
 def test_which_lockfile(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("SAMEBOX_LOCKFILE", raising=False)
     monkeypatch.delenv("SAMEBOX_IMAGE", raising=False)
-    monkeypatch.setattr("builder.catalog.IMAGE_LOCKFILE", tmp_path / "absent.txt")
+    monkeypatch.setattr("builder.core.catalog.IMAGE_LOCKFILE", tmp_path / "absent.txt")
     path, how, claimed = env_probes.find_lockfile(None, "2.11.0+cu130")
     if sys.version_info[:2] == (3, 12):
         assert path is not None and path.name == "torch2.11-cu130-py312.txt" and "not set up by samebox" in how
@@ -74,7 +74,7 @@ def test_which_lockfile(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("SAMEBOX_IMAGE", "torch2.3-cu121-py312")
     path, how, claimed = env_probes.find_lockfile(None, "2.11.0+cu130")
     assert path is not None and path.name == "torch2.3-cu121-py312.txt" and claimed
-    monkeypatch.setattr("builder.catalog.IMAGE_LOCKFILE", tmp_path / "lock.txt")
+    monkeypatch.setattr("builder.core.catalog.IMAGE_LOCKFILE", tmp_path / "lock.txt")
     (tmp_path / "lock.txt").write_text("")
     assert env_probes.find_lockfile(None, None) == (tmp_path / "lock.txt", "the samebox image's lock", True)
     assert env_probes.find_lockfile("x.txt", None) == (Path("x.txt"), "given", True)
@@ -90,7 +90,7 @@ def test_data_dir_write(tmp_path) -> None:
 def test_data_dir_not_made_yet_is_judged_on_its_nearest_existing_parent(tmp_path) -> None:
     """`samebox train` makes output.dir after the self-test's checks are planned: a missing one is no failure;
     the disk it will be on is."""
-    from builder.instance.selftest import report_from_readings
+    from builder.selftest import report_from_readings
 
     run = tmp_path / "runs" / "new"
     reading = env_probes.data_dir(str(run), write_mib=1)
@@ -106,8 +106,8 @@ def test_data_dir_not_made_yet_is_judged_on_its_nearest_existing_parent(tmp_path
 
 
 def test_elf_archs_reads_cuobjdump(monkeypatch, tmp_path) -> None:
-    from builder import kernelcheck
-    from builder.instance.selftest import kernel_probes
+    from builder.selftest import kernel_probes
+    from builder.wheels import kernelcheck
 
     monkeypatch.setattr(kernelcheck, "DEFAULT_CUDA_HOME", "/nonexistent")
     monkeypatch.delenv("CUDA_PATH", raising=False)

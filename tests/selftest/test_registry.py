@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from builder.instance.selftest import probes, readings, registry
-from builder.instance.selftest.findings import ok
-from builder.instance.selftest.model import attention_needs
-from builder.instance.selftest.probes import GPU_STAGES, PROBES, Probe
-from builder.instance.selftest.registry import CHECKS, MODES, Check
+from builder.selftest import probes, readings, registry
+from builder.selftest.findings import ok
+from builder.selftest.model import attention_needs
+from builder.selftest.probes import GPU_STAGES, PROBES, Probe
+from builder.selftest.registry import CHECKS, MODES, Check
 from tests.selftest.conftest import FIXTURES
 
 # What a run records besides its probes' readings (collect) and what a capture adds (bench/selftest_gpu.py).

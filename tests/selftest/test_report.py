@@ -6,8 +6,8 @@ import json
 import re
 
 from builder.cli import main
-from builder.instance.selftest import JSON_SCHEMA, report_from_readings
-from builder.instance.selftest.report import schema_problems
+from builder.selftest import JSON_SCHEMA, report_from_readings
+from builder.selftest.report import schema_problems
 from tests.conftest import REPO
 from tests.selftest.conftest import load_readings
 

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from builder.instance.selftest.allreduce import torchrun_allreduce
+from builder.selftest.allreduce import torchrun_allreduce
 
 if __name__ == "__main__":
     reading = torchrun_allreduce(backend="gloo", size_mib=1, iters=3, timeout_s=60)

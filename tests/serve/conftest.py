@@ -122,7 +122,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "builder.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "builder", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             cwd=Path(__file__).resolve().parents[2])
 

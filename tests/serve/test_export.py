@@ -171,8 +171,8 @@ def test_a_real_training_run_serves_and_exports(tmp_path, base_dir, probe_ids):
     """The adapter `samebox train` writes (not one made by peft here) merges to the logits of base + adapter."""
     from tests.trainer.conftest import alpaca_rows, write_jsonl
     from trainer.config import load_config
-    from trainer.recipe import main as train
-    from trainer.served import resolve_model
+    from trainer.loop.recipe import main as train
+    from trainer.serve.served import resolve_model
 
     data = write_jsonl(tmp_path / "data.jsonl", alpaca_rows(16))
     cfg = load_config(None, [f"model.name={base_dir}", "model.dtype=fp32", f"data.path={data}",

@@ -11,8 +11,8 @@ import pytest
 
 from builder.cli import main
 from tests.serve.conftest import save_adapter, save_tiny_model, write_run_dir
-from trainer.serve import Facts, ServeOptions, choose_engine, vllm_argv
-from trainer.served import ServedModel, resolve_model
+from trainer.serve.served import ServedModel, resolve_model
+from trainer.serve.server import Facts, ServeOptions, choose_engine, vllm_argv
 
 
 def serve_exit(capsys, *argv: str) -> tuple[int, str]:
@@ -106,7 +106,7 @@ def test_auto_takes_the_best_engine_that_runs_and_says_what_it_passed_over(facts
 
 
 def test_no_engine_at_all_names_every_reason():
-    from builder.errors import SameboxError
+    from builder.core.errors import SameboxError
 
     old = Facts("2.3.0", True, "4.57.6", serve_extra_missing=("fastapi",))
     with pytest.raises(SameboxError) as e:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import compat
-from builder.catalog import Catalog
-from builder.errors import SameboxError
+from builder.core import compat
+from builder.core.catalog import Catalog
+from builder.core.errors import SameboxError
 from builder.instance import converge
 from builder.instance import converge_steps as steps
 from builder.instance.converge import Step, execute, parse_options, plan, preflight

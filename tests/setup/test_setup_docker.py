@@ -212,7 +212,7 @@ def test_injected_drift_is_detected_then_repaired(box: Box, converged: dict[str,
     site = _ok(box.sh(f"{VENV_PY} -c 'import jinja2, os; print(os.path.dirname(jinja2.__file__))'")).strip()
     _ok(box.sh(f"{pip} install --no-index --no-deps /wheels/extra/six-1.16.0-*.whl /wheels/extra/idna-*.whl"
                f" && echo '# edited' >> {shlex.quote(site)}/__init__.py"))
-    verify = box.sh(f"{VENV_PY} -m builder.cli verify --image {TEST_IMAGE_ID} --root /src/tests/fixtures/catalog")
+    verify = box.sh(f"{VENV_PY} -m builder verify --image {TEST_IMAGE_ID} --root /src/tests/fixtures/catalog")
     assert verify.returncode == 1, verify.stdout + verify.stderr
     assert f"six is 1.16.0, the lock has {locked['six']}" in verify.stdout
     assert "jinja2/__init__.py" in verify.stdout
@@ -227,7 +227,7 @@ def test_injected_drift_is_detected_then_repaired(box: Box, converged: dict[str,
     local = {"version": "2.3.0+cu121", "cuda": "12.1", "cudnn": 8902, "cxx11abi": False, "arch_list": ["sm_80"]}
     a.write_text(json.dumps({**reference, "torch": local}))
     b.write_text(json.dumps({**reference, "torch": {**local, "version": "2.3.0+cu118"}}))
-    diff = subprocess.run([sys.executable, "-m", "builder.cli", "diff", str(a), str(b)], capture_output=True, text=True,
+    diff = subprocess.run([sys.executable, "-m", "builder", "diff", str(a), str(b)], capture_output=True, text=True,
                           cwd=REPO)
     assert diff.returncode == 1 and "torch.version: 2.3.0+cu121 -> 2.3.0+cu118" in diff.stdout
 

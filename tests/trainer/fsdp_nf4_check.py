@@ -1,6 +1,6 @@
 """The 4-bit FSDP2 wiring on the CPU (bitsandbytes' CPU backend; the trainer itself refuses nf4 without a GPU):
 ``python fsdp_nf4_check.py MODEL_DIR OUT.json`` runs two rows unsharded in one process; under
-``torchrun --nproc_per_node 2`` each rank runs one row through trainer.sharding's units. Rank 0 writes the step's
+``torchrun --nproc_per_node 2`` each rank runs one row through trainer.loop.sharding's units. Rank 0 writes the step's
 loss sum, each LoRA weight's whole gradient and what a 4-bit weight looked like after sharding. Run by
 tests/trainer/test_sharding.py."""
 
@@ -16,13 +16,13 @@ def main(model_dir: str, out: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainer import distributed as dist
-    from trainer import sharding
-    from trainer.batching import MicroBatch
     from trainer.config import ModelConfig
-    from trainer.data import IGNORE
-    from trainer.model import decoder_and_head, quantization_config
-    from trainer.step import StepLoss
+    from trainer.data.batching import MicroBatch
+    from trainer.data.dataset import IGNORE
+    from trainer.loop import distributed as dist
+    from trainer.loop import sharding
+    from trainer.loop.step import StepLoss
+    from trainer.model.load import decoder_and_head, quantization_config
 
     ranks = dist.ranks_from_env()
     dist.init(ranks)

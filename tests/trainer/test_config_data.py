@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import SameboxError
+from builder.core.errors import SameboxError
 from tests.trainer.conftest import alpaca_rows, write_jsonl
 from trainer.config import DataConfig, load_config
-from trainer.data import IGNORE, load_dataset, read_rows, tokenize_row
+from trainer.data.dataset import IGNORE, load_dataset, read_rows, tokenize_row
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +53,7 @@ def test_every_shipped_config_loads_and_says_how_to_run_it():
         first = path.read_text().splitlines()[0]
         cfg = load_config(path)
         # A sharded config needs its processes: its command is the launcher's.
-        launcher = "# torchrun --nproc_per_node 2 -m builder.cli" if cfg.train.shard == "fsdp" else "# samebox"
+        launcher = "# torchrun --nproc_per_node 2 -m builder" if cfg.train.shard == "fsdp" else "# samebox"
         assert first.startswith(f"{launcher} train configs/{path.name}"), path
         assert cfg.model.name and cfg.data.path
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from builder.cli import main as cli_main
-from builder.errors import SameboxError
+from builder.core.errors import SameboxError
 from trainer.config import load_config, schema
 
 # field -> (a value of the wrong type, a value of the right type out of its range; None: the type has no range).

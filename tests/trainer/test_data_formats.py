@@ -1,4 +1,4 @@
-"""trainer/formats.py: the data-format registry drives auto-detection, row checks, the config's choices and
+"""trainer/data/formats.py: the data-format registry drives auto-detection, row checks, the config's choices and
 tokenization; a new format is one entry."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import SameboxError
+from builder.core.errors import SameboxError
 from tests.trainer.conftest import write_jsonl
-from trainer import formats
 from trainer.config import DataConfig, load_config
-from trainer.data import IGNORE, read_rows, tokenize_row
+from trainer.data import formats
+from trainer.data.dataset import IGNORE, read_rows, tokenize_row
 
 
 def test_config_choices_are_the_registry() -> None:

@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from trainer.distributed import Ranks, share_of_step
-from trainer.recipe import LoRAFinetuneRecipe
+from trainer.loop.distributed import Ranks, share_of_step
+from trainer.loop.recipe import LoRAFinetuneRecipe
 
 REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5  # relative, per step
@@ -36,7 +36,7 @@ def _rows(run_dir: Path) -> list[dict]:
 def _torchrun_until(config_file: Path, run_dir: Path, rows: int, *extra: str) -> str:
     """Launch 2 processes, SIGTERM the launcher once metrics.jsonl has ``rows`` rows; the combined output."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "builder.cli", "train", str(config_file), "--no-preflight", *extra]
+            "-m", "builder", "train", str(config_file), "--no-preflight", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
@@ -106,7 +106,7 @@ def test_step_shares_cover_the_step_once_and_balance_tokens():
 
 
 def test_exchange_on_one_process_and_the_step_clock():
-    from trainer.distributed import StepClock, exchange
+    from trainer.loop.distributed import StepClock, exchange
 
     flags, per_rank = exchange([True, False], [1.5, 2.0], torch.device("cpu"), Ranks())
     assert flags == [True, False] and per_rank == [[1.5, 2.0]]
@@ -120,7 +120,7 @@ def test_exchange_on_one_process_and_the_step_clock():
 def _exchange_worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed
 
-    from trainer.distributed import exchange
+    from trainer.loop.distributed import exchange
 
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:

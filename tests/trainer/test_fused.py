@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from builder.errors import SameboxError
+from builder.core.errors import SameboxError
 from trainer.fused import fused_decoder
 from trainer.fused import kernels as K
 from trainer.fused.attention import BACKENDS, Packed

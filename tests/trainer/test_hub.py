@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from builder.cli import main as cli_main
-from builder.errors import SameboxError
-from trainer import hub
+from builder.core.errors import SameboxError
 from trainer.config import ModelConfig
+from trainer.model import hub
 
 
 def _closed_port() -> int:

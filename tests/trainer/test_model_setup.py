@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import SameboxError
-from trainer.recipe import LoRAFinetuneRecipe, main
+from builder.core.errors import SameboxError
+from trainer.loop.recipe import LoRAFinetuneRecipe, main
 
 
 def test_a_lora_target_that_matches_nothing_is_an_error_naming_the_real_ones(make_config):
@@ -46,7 +46,7 @@ def test_weights_that_overflow_the_gpu_say_how_to_fit_them(make_config, monkeypa
     would fit it (QLoRA, the model sharded over GPUs) with exit 2, not the traceback."""
     from transformers import AutoModelForCausalLM
 
-    from trainer import model
+    from trainer.model import load as model
 
     def overflow(*_args, **_kwargs):
         raise model.OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 270.00 MiB")
@@ -66,7 +66,7 @@ def test_a_sharded_load_quantizes_on_this_process_share_of_the_cores(monkeypatch
     gives them back (training keeps torchrun's setting)."""
     import torch
 
-    from trainer.model import host_threads
+    from trainer.model.load import host_threads
 
     before = torch.get_num_threads()
     try:
@@ -88,8 +88,8 @@ def test_a_process_held_to_part_of_a_card_sizes_itself_by_that_part(monkeypatch)
     checkpointing by, and its "do not fit" message, use the cap."""
     import torch
 
-    from trainer import model
     from trainer.config import ModelConfig
+    from trainer.model import load as model
 
     gib = 2**30
     cuda = torch.device("cuda", 0)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.errors import SameboxError
-from trainer.recipe import LoRAFinetuneRecipe
+from builder.core.errors import SameboxError
+from trainer.loop.recipe import LoRAFinetuneRecipe
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def test_sigterm_then_resume_auto_gives_identical_losses(make_config, tmp_path):
     run_dir = Path(cfg.output.dir)
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
-    proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "train", str(config_file), "--no-preflight"],
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "train", str(config_file), "--no-preflight"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while len(_rows(run_dir)) < 3 and proc.poll() is None and time.monotonic() < deadline:

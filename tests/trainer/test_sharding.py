@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 
 from builder.cli import main as cli_main
 from tests.trainer.test_distributed import _rows, _torchrun_until
-from trainer.batching import plan_micro_batches
-from trainer.distributed import Ranks, share_of_step
-from trainer.recipe import LoRAFinetuneRecipe
+from trainer.data.batching import plan_micro_batches
+from trainer.loop.distributed import Ranks, share_of_step
+from trainer.loop.recipe import LoRAFinetuneRecipe
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDED = ("train.shard=fsdp", "model.gradient_checkpointing=true", "train.samples_per_step=5", "train.fused=false",
@@ -33,7 +33,7 @@ SHARDED = ("train.shard=fsdp", "model.gradient_checkpointing=true", "train.sampl
 
 def _torchrun(config_file: Path, *extra: str) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "builder.cli", "train", str(config_file), "--no-preflight", *extra]
+            "-m", "builder", "train", str(config_file), "--no-preflight", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -140,7 +140,7 @@ def test_fsdp_in_one_process_or_with_fp16_exits_2_saying_what_works(tmp_path, ca
             f"data.cache_dir={tmp_path / 'cache'}", "train.shard=fsdp"]
     assert cli_main(args) == 2
     err = capsys.readouterr().err
-    assert "train.shard=fsdp" in err and "torchrun --nproc_per_node N -m builder.cli train" in err
+    assert "train.shard=fsdp" in err and "torchrun --nproc_per_node N -m builder train" in err
     assert "Traceback" not in err
     assert cli_main([*args, "model.dtype=fp16"]) == 2
     assert "train.shard=fsdp trains in bf16 or fp32" in capsys.readouterr().err
@@ -148,7 +148,7 @@ def test_fsdp_in_one_process_or_with_fp16_exits_2_saying_what_works(tmp_path, ca
 
 @pytest.mark.slow
 def test_4bit_weights_shard_and_give_the_unsharded_gradient(tiny_model_dir, tmp_path):
-    """NF4 with bnb_4bit_quant_storage=bf16 (quantization_config under fsdp) through trainer.sharding's units, on
+    """NF4 with bnb_4bit_quant_storage=bf16 (quantization_config under fsdp) through trainer.loop.sharding's units, on
     bitsandbytes' CPU backend: the packed weights are split like any other, each rank restores the quant state
     after the all-gather, and the summed shards' gradients are the one-process ones (the same bf16 arithmetic per
     row; a sum of two fp32 terms is exact in either order)."""
@@ -178,9 +178,9 @@ def test_4bit_weights_shard_and_give_the_unsharded_gradient(tiny_model_dir, tmp_
 
 def test_fsdp_on_a_torch_without_fsdp2_says_which_images_have_it(monkeypatch) -> None:
     """The older catalog images (torch 2.1, 2.3, 2.5) train replicated: shard=fsdp there is a clear refusal."""
-    from builder.errors import SameboxError
-    from trainer import sharding
-    from trainer.distributed import Ranks
+    from builder.core.errors import SameboxError
+    from trainer.loop import sharding
+    from trainer.loop.distributed import Ranks
 
     monkeypatch.setattr(sharding, "_torch_release", lambda: (2, 3))
     with pytest.raises(SameboxError, match=r"train.shard=fsdp needs torch >= 2.6 \(FSDP2\)"):
@@ -191,7 +191,7 @@ def test_fsdp_on_a_torch_without_fsdp2_says_which_images_have_it(monkeypatch) ->
 def test_the_embedding_table_is_its_own_unit_unless_lm_head_shares_it():
     """Untied, the table is gathered only for its lookup (its own unit; the gathered-memory estimate counts it
     once, at the forward's start); tied to lm_head it stays in the root, where the chunked loss reads it."""
-    from trainer import sharding
+    from trainer.loop import sharding
 
     class Body(torch.nn.Module):
         def __init__(self, table: torch.nn.Embedding) -> None:

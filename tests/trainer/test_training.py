@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.trainer.conftest import alpaca_rows
-from trainer import step as step_mod
-from trainer.batching import build_micro_batches, plan_micro_batches, step_indices
-from trainer.loss import AUTO_CHUNK_BYTES, chunked_cross_entropy_sum, loss_chunk_rows
-from trainer.recipe import LoRAFinetuneRecipe, main
+from trainer.data.batching import build_micro_batches, plan_micro_batches, step_indices
+from trainer.loop import step as step_mod
+from trainer.loop.loss import AUTO_CHUNK_BYTES, chunked_cross_entropy_sum, loss_chunk_rows
+from trainer.loop.recipe import LoRAFinetuneRecipe, main
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -71,7 +71,7 @@ def test_micro_batches_respect_the_budget_and_steps_cover_the_epoch():
     assert sorted(seen) == list(range(20))
     assert step_indices(20, 8, 4, 1, True) == step_indices(20, 8, 4, 1, True) != step_indices(20, 8, 1, 1, True)
     # The epoch's order is drawn once, not at every step (a shuffle of N samples per step idles the GPU).
-    from trainer.batching import epoch_order
+    from trainer.data.batching import epoch_order
 
     epoch_order.cache_clear()
     for s in range(8):
@@ -164,7 +164,10 @@ def test_non_finite_step_is_skipped_and_reported(make_config, monkeypatch, capsy
 
 
 def test_packed_samples_do_not_see_each_other(tiny_model_dir, tokenizer):
-    from trainer.packing_check import packing_isolation
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from packing_check import packing_isolation  # bench/: the benchmark's check, run here on the tiny model
 
     rows = [r["instruction"] + " " + r["output"] for r in alpaca_rows(4)]
     result = packing_isolation(tiny_model_dir, [tokenizer(t)["input_ids"] for t in rows], torch.float32)
@@ -196,7 +199,7 @@ def test_the_final_adapter_loads_into_peft_with_the_trained_weights(make_config,
 
 
 def test_out_of_memory_errors_say_what_torch_asked_for():
-    from trainer.step import oom_request
+    from trainer.loop.step import oom_request
 
     # torch's message (c10's CUDA caching allocator) for a process held to 16 GiB of an 80 GB card.
     torch_said = ("CUDA out of memory. Tried to allocate 1.16 GiB. GPU 0 has a total capacity of 79.19 GiB of which "

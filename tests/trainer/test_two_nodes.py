@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.recipe import LoRAFinetuneRecipe
+from trainer.loop.recipe import LoRAFinetuneRecipe
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def test_two_torchrun_agents_train_like_one_process(make_config, tmp_path):
     for node in (0, 1):
         argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                 "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
-                "--rdzv_id", "samebox-two-nodes", "-m", "builder.cli", "train", str(config_file), "--no-preflight"]
+                "--rdzv_id", "samebox-two-nodes", "-m", "builder", "train", str(config_file), "--no-preflight"]
         agents.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True))
     outs = [a.communicate(timeout=300)[0] for a in agents]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import compat
-from builder.environment import Environment
+from builder.core import compat
+from builder.core.environment import Environment
 from builder.wheels import build
 from builder.wheels.cache import WheelCache
 from builder.wheels.key import WheelKey

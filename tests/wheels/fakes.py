@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from builder import compat
+from builder.core import compat
 
 VERSION = "9.9.9"
 PY = f"cp{sys.version_info.major}{sys.version_info.minor}"

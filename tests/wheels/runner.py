@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from builder import compat
+from builder.core import compat
 from builder.wheels import build
 from builder.wheels.cache import WheelCache
 from builder.wheels.key import WheelKey

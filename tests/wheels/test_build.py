@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from builder import compat
-from builder.errors import SameboxError
+from builder.core import compat
+from builder.core.errors import SameboxError
 from builder.wheels import build
 from builder.wheels.key import WheelKey
 from tests.envs import make_env

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import SameboxError
+from builder.core.errors import SameboxError
 from builder.wheels.cache import default_cache_dir
 from tests.conftest import REPO
 from tests.wheels import fakes

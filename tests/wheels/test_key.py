@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from builder.catalog import Catalog
-from builder.errors import SameboxError
-from builder.spec import find_image, load_catalog
+from builder.core.catalog import Catalog
+from builder.core.errors import SameboxError
+from builder.core.spec import find_image, load_catalog
 from builder.wheels.key import WheelKey, build_archs, key_from_env, key_from_spec
 from tests.envs import make_env
 

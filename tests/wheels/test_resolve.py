@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from builder.cli import main
-from builder.errors import SameboxError
+from builder.core.errors import SameboxError
 from builder.wheels import release, verify
 from builder.wheels.resolve import install, resolve_wheel
 from tests.envs import make_env
@@ -112,7 +112,7 @@ def test_dry_run_json_prints_plan_and_does_nothing(world, tmp_path, capsys):
     (["--from-env"], "CPU build"),
     (["--image", "torch2.3-cu121-py312", "--arch", "7.5"], "flash-attn 2 needs Ampere or newer"),
     (["--image", "nope"], "no catalog image"),
-    (["--image", "torch2.3-cu121-py312", "--version", "1.0"], "not in builder/compat.py"),
+    (["--image", "torch2.3-cu121-py312", "--version", "1.0"], "not in builder/core/compat.py"),
 ])
 def test_bad_input_exits_2(argv, message, capsys):
     assert main(["wheel", "flash-attn", *argv, "--dry-run"]) == 2

@@ -1,4 +1,4 @@
-"""builder/kernelcheck.py, which the wheel verifier and the self-test share: the cuobjdump reader and the varlen
+"""builder/wheels/kernelcheck.py, which the wheel verifier and the self-test share: the cuobjdump reader and the varlen
 numeric check (run on the CPU here, with SDPA standing in for flash-attn, right and wrong)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from builder import kernelcheck
+from builder.wheels import kernelcheck
 
 
 def fake_cuobjdump(tmp_path, body: str) -> str:

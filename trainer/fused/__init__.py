@@ -42,7 +42,7 @@ def fused_decoder(model: Any, setting: str, dtype: torch.dtype, device: torch.de
         decoder = build(model, dtype, device, chosen, offload)
     except NotFusable as e:
         if setting == "true":
-            from builder.errors import SameboxError
+            from builder.core.errors import SameboxError
 
             raise SameboxError(f"train.fused=true but the model cannot use fused layers: {e}",
                                hint="set train.fused=auto (falls back to transformers + peft)") from None

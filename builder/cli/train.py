@@ -1,0 +1,61 @@
+"""`samebox train CONFIG.yaml [--resume auto|PATH | --overwrite] [--no-preflight] [key=value ...]`: LoRA/QLoRA
+fine-tuning.
+
+Before anything slow, in this order: the config (every field), output.dir (created, writable, and no earlier run's
+checkpoints unless resuming or --overwrite), the data (file, rows, tokenizer), then the GPU self-test, then the
+weights. Under several GPUs the launcher runs it once per GPU: `torchrun --nproc_per_node 2 -m builder train ...`
+(or `accelerate launch -m builder train ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from builder.core import supported
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune with LoRA/QLoRA from a YAML config (see configs/)")
+    p.add_argument("config", help="YAML config, e.g. configs/qwen2.5-7b-qlora-24gb.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest checkpoint in output.dir (auto) or from PATH")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output.dir that holds an earlier run (its checkpoints are deleted)")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip `samebox selftest --quick` before training (needed on a machine without a GPU)")
+    p.set_defaults(func=run)
+    plain = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        # argparse ends the positionals at the first flag: `train C --resume auto lr=1` would leave lr=1 unparsed.
+        ns, extra = plain(args, namespace)
+        late = [a for a in extra if "=" in a and not a.startswith("-")]
+        ns.overrides = list(ns.overrides or []) + late
+        return ns, [a for a in extra if a not in late]
+
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def run(args: argparse.Namespace) -> int:
+    supported.require("train")  # a release outside the tested range: said now, not mid-run
+    # The config is checked before torch and transformers are imported: a typo costs no wait.
+    from trainer.config import load_config
+
+    cfg = load_config(Path(args.config), args.overrides)
+    from trainer.data.dataset import prepare_data
+    from trainer.loop.checkpoint import check_run_dir
+    from trainer.loop.preflight import PreflightFailed, run_preflight
+    from trainer.loop.recipe import main
+
+    check_run_dir(Path(cfg.output.dir).expanduser(), args.resume, args.overwrite)
+    prepared = prepare_data(cfg)
+    if not args.no_preflight:
+        try:
+            run_preflight(cfg)
+        except PreflightFailed as e:
+            print(f"samebox train: {e}", file=sys.stderr)
+            return 1
+    return main(cfg, resume=args.resume, overwrite=args.overwrite, prepared=prepared)

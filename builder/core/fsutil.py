@@ -1,0 +1,112 @@
+"""Files users hand us and files we write: text read as UTF-8 with a clear error, writes atomic (a temp file in
+the same directory, fsync, rename: a half-written file never exists), and a directory proven writable up front.
+
+A path the user gave that cannot be read or written is a user mistake (SameboxError, exit 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from builder.core.environment import AUTODL_DATA_DISK
+from builder.core.errors import SameboxError
+
+
+def read_text(path: Path, what: str, hint: str) -> str:
+    """A text file's content as UTF-8; a missing, unreadable or non-UTF-8 file is a SameboxError naming ``what``
+    and, in ``hint``, what would work."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SameboxError(f"cannot read {what} {path}: {e.strerror or e}", hint) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SameboxError(f"{what} {path} is not UTF-8 text (line {line}, byte {e.start}: {e.reason})",
+                           hint) from None
+
+
+def _unwritable(path: Path, e: OSError) -> SameboxError:
+    why = e.strerror or str(e)
+    return SameboxError(f"cannot write {path}: {why}",
+                        "give a file path in an existing, writable directory (not a directory or a path under a file)")
+
+
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _unwritable(path, e) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _unwritable(path, e) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path`` to write to (by any library); on success it is fsynced and renamed onto ``path``,
+    on error removed. For writers that want a file name, not bytes (torch.save, safetensors)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _unwritable(path, e) from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        try:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _unwritable(path, e) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def ensure_writable_dir(path: Path, what: str) -> Path:
+    """Create ``path`` (parents included) and prove a file can be made in it, before any long work depends on it;
+    else a SameboxError naming ``what`` (a config field, a flag)."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".samebox-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SameboxError(f"{what}={path} is not a writable directory: {e.strerror or e}",
+                           f"point {what} at a directory you can write (on AutoDL: under {AUTODL_DATA_DISK})") from None
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

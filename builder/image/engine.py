@@ -1,0 +1,220 @@
+"""Container engines: build a rendered context with Docker (BuildKit), podman or buildah; `none` only prints.
+
+``ENGINES`` is the registry: each engine is one ``EngineKind`` (what to install, the ``Driver``s it builds with, in
+order of preference); ``detect_engine`` finds a client binary and the first driver it can run.
+
+Secrets (proxy CA bundle, pip index URLs that may carry credentials) go in as BuildKit secrets from files in a
+private temp dir outside the context, removed after the build: they never land in a layer or the history.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from builder.core import pyindex
+from builder.core.errors import SameboxError
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    context: Path
+    tag: str
+    base_image: str | None = None
+    network_host: bool = True
+    push: bool = False
+    build_args: dict[str, str] = field(default_factory=dict)
+    no_cache: bool = False
+
+
+def _always(binary: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Driver:
+    """One way a client runs a build: the arguments after the binary that start it, the environment it needs, and
+    whether a given client binary can do it."""
+
+    build: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    usable: Callable[[str], bool] = _always
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A client found on this machine: its registry name, its binary and the driver it builds with."""
+
+    name: str
+    binary: str
+    driver: Driver | None  # None: write the context only (--engine none)
+
+    def build_argv(self, req: BuildRequest, secrets: dict[str, Path], env_secrets: dict[str, str] | None = None
+                   ) -> list[str]:
+        """The build command. ``secrets``: id -> file; ``env_secrets``: id -> the environment variable BuildKit
+        reads it from (for a command printed to run elsewhere: no secret written to a file)."""
+        assert self.driver is not None, f"engine {self.name} does not build"
+        argv = [self.binary, *self.driver.build]
+        sources = {**{sid: f"src={path}" for sid, path in secrets.items()},
+                   **{sid: f"env={var}" for sid, var in (env_secrets or {}).items()}}
+        for sid, source in sorted(sources.items()):
+            argv += ["--secret", f"id={sid},{source}"]
+        args = {**req.build_args, **({"BASE_IMAGE": req.base_image} if req.base_image else {})}
+        for name, value in sorted(args.items()):
+            argv += ["--build-arg", f"{name}={value}"]
+        if req.network_host:
+            argv += ["--network", "host"]
+        if req.no_cache:
+            argv.append("--no-cache")
+        argv += ["-t", req.tag, "-f", str(req.context / "Dockerfile"), str(req.context)]
+        return argv
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **dict(self.driver.env if self.driver else ())}
+
+
+def _ok(argv: list[str]) -> bool:
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _client_major(binary: str) -> int:
+    out = subprocess.run([binary, "version", "--format", "{{.Client.Version}}"], capture_output=True, text=True)
+    try:
+        return int(out.stdout.strip().split(".")[0])
+    except ValueError:
+        return 0
+
+
+BUILDX = Driver(("buildx", "build", "--load", "--progress=plain"), usable=lambda b: _ok([b, "buildx", "version"]))
+# Docker clients before 23 run BuildKit builds themselves; newer ones need the buildx plugin.
+BUILDKIT = Driver(("build", "--progress=plain"), (("DOCKER_BUILDKIT", "1"),), lambda b: 0 < _client_major(b) < 23)
+DAEMONLESS = Driver(("build", "--layers"))  # podman and buildah: BuildKit's Dockerfile syntax, layers cached
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    """One entry of the registry: ``drivers`` are tried in order on each client binary found ($SAMEBOX_<NAME>
+    first, then every ``name`` on PATH); ``unusable`` says why a found client fits none of them."""
+
+    name: str
+    install: str
+    drivers: tuple[Driver, ...] = ()
+    unusable: str = ""
+
+
+# The container engines. A new one is one entry here.
+ENGINES: dict[str, EngineKind] = {kind.name: kind for kind in (
+    EngineKind("docker", "install Docker (Debian/Ubuntu: apt-get install docker.io; or Docker Engine with the buildx "
+               "plugin)", (BUILDX, BUILDKIT), "without the buildx plugin"),
+    EngineKind("podman", "install podman (apt-get install podman)", (DAEMONLESS,)),
+    EngineKind("buildah", "install buildah (apt-get install buildah)", (DAEMONLESS,)),
+    EngineKind("none", ""),  # writes the context and prints the docker command that builds it
+)}
+
+
+def _candidates(name: str) -> list[str]:
+    found: list[str] = []
+    override = os.environ.get(f"SAMEBOX_{name.upper()}")
+    if override:
+        found.append(override)
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        p = os.path.join(d, name)
+        if os.access(p, os.X_OK) and p not in found:
+            found.append(p)
+    return found
+
+
+def detect_engine(name: str) -> Engine:
+    """Find a usable client of that registry entry, or say what to install (or to use --engine none)."""
+    kind = ENGINES.get(name)
+    if kind is None:
+        raise SameboxError(f"unknown engine {name!r}", f"choose one of: {', '.join(ENGINES)}")
+    if not kind.drivers:
+        return Engine(name, "", None)
+    tried = _candidates(name)
+    for binary in tried:
+        for driver in kind.drivers:
+            if driver.usable(binary):
+                return Engine(name, binary, driver)
+    others = "|".join(n for n, k in ENGINES.items() if k.drivers and n != name)
+    hint = f"{kind.install}; or pick --engine {others}, or --engine none to write the context only"
+    if tried:
+        raise SameboxError(f"no usable {name} client (found {', '.join(tried)} {kind.unusable})", hint)
+    raise SameboxError(f"{name} not found on PATH", hint)
+
+
+def ca_bundle_path(explicit: str | None = None) -> Path | None:
+    """The proxy CA bundle to hand to the build as a secret: --ca-bundle, else what `samebox lock` uses too."""
+    if explicit:
+        if not Path(explicit).is_file():
+            raise SameboxError(f"CA bundle not found: {explicit}", "pass an existing PEM file to --ca-bundle")
+        return Path(explicit)
+    found = pyindex.ca_bundle()
+    return Path(found) if found else None
+
+
+@contextmanager
+def secret_files(ca_bundle: Path | None) -> Iterator[dict[str, Path]]:
+    """Materialise build secrets as 0600 files in a private temp dir that is removed afterwards."""
+    values = {
+        "pip_index_url": os.environ.get("PIP_INDEX_URL", ""),
+        "pip_extra_index_url": os.environ.get("PIP_EXTRA_INDEX_URL", ""),
+    }
+    with tempfile.TemporaryDirectory(prefix="samebox-secrets-") as d:
+        out: dict[str, Path] = {}
+        if ca_bundle:
+            out["ca_bundle"] = ca_bundle
+        for sid, value in values.items():
+            if value:
+                p = Path(d) / sid
+                p.touch(mode=0o600)
+                p.write_text(value)
+                out[sid] = p
+        yield out
+
+
+def run_build(engine: Engine, req: BuildRequest, log_path: Path, ca_bundle: Path | None = None) -> int:
+    """Run the build, streaming its output to the terminal and to log_path. Returns the engine's exit code.
+
+    The engine tags only a finished image, so a failed build leaves no tag pointing at a half-built one.
+    """
+    with secret_files(ca_bundle) as secrets:
+        argv = engine.build_argv(req, secrets)
+        print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(argv, env=engine.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stderr.write(line)
+                log.write(line)
+            rc = proc.wait()
+    if rc == 0 and req.push:
+        rc = subprocess.run([engine.binary, "push", req.tag], env=engine.env()).returncode
+    return rc
+
+
+# Secrets a build reads from the environment of the shell that runs it: id -> variable.
+ENV_SECRETS = {"pip_index_url": "PIP_INDEX_URL", "pip_extra_index_url": "PIP_EXTRA_INDEX_URL"}
+
+
+def printed_command(req: BuildRequest, ca_bundle: Path | None = None) -> str:
+    """What `--engine none` prints: a Docker command that builds the written context as it stands, run from this
+    directory. The CA bundle (ca_bundle_path's answer) goes in by its absolute path; pip index URLs, which may carry
+    credentials, are read by BuildKit from the same variables in the shell that runs it (never printed)."""
+    engine = Engine("docker", "docker", BUILDKIT)
+    files = {"ca_bundle": ca_bundle.resolve()} if ca_bundle else {}
+    from_env = {sid: var for sid, var in ENV_SECRETS.items() if os.environ.get(var)}
+    argv = engine.build_argv(replace(req, context=req.context.resolve()), files, from_env)
+    return "DOCKER_BUILDKIT=1 " + shlex.join(argv)

@@ -1,0 +1,138 @@
+"""Preflight: `samebox selftest --quick` must pass before hours of GPU time are spent on a training run. It tests
+the kernels the config uses, flash-attn at the model's head dim, and the disk output.dir is on; it says what it is
+doing when it starts and what took the time when it ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from builder.core.errors import SameboxError
+from builder.selftest.report import slowest
+from trainer.config import ModelConfig, TrainConfig
+
+SELFTEST = [sys.executable, "-m", "builder", "selftest", "--quick", "--json"]
+
+
+class PreflightFailed(Exception):
+    """The self-test ran and found a failure: a failing check (exit 1), not a user mistake."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("preflight self-test failed; not starting training")
+        self.problems = problems
+
+    def __str__(self) -> str:
+        lines = [self.args[0], *(f"  - {p}" for p in self.problems)]
+        lines.append("fix the findings (`samebox selftest --quick` shows them), or pass --no-preflight")
+        return "\n".join(lines)
+
+
+def _report(stdout: str) -> dict[str, Any]:
+    """The selftest JSON report (schema: docs/selftest.md) when it parses, else {}."""
+    try:
+        report = json.loads(stdout)
+    except json.JSONDecodeError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _failed_checks(report: dict[str, Any]) -> list[str]:
+    findings = report.get("findings", [])
+    return [f"{f.get('check')}: {f.get('message')} -> {f.get('remediation')}"
+            for f in findings if isinstance(f, dict) and f.get("severity") == "fail"][:20]
+
+
+def kernels_for(cfg: TrainConfig) -> list[str]:
+    """The kernel libraries the run will call: flash-attn unless attention is pinned to SDPA or eager, SDPA unless
+    pinned to flash-attn or eager (it is auto's fallback), bitsandbytes for NF4, the fused layers' kernels when the
+    run can take them."""
+    attention = cfg.model.attention
+    kernels = []
+    if attention in ("auto", "flash_attention_2"):
+        kernels.append("flash-attn")
+    if attention in ("auto", "sdpa"):
+        kernels.append("sdpa")
+    if cfg.model.quantization == "nf4":
+        kernels.append("bitsandbytes")
+    if cfg.train.fused != "false" and cfg.lora.dropout == 0 and cfg.data.packing != "false":
+        kernels.append("fused")
+    return kernels
+
+
+def model_config_for_selftest(cfg: ModelConfig) -> str | None:
+    """The model's config.json when it is already on this machine (a local directory, or a hub id in the Hugging
+    Face cache), so that the self-test runs flash-attn at the model's head dim and with the features it needs (a
+    slim or lean build may lack them); None when it is not here yet or the run will not use flash-attn."""
+    if cfg.attention in ("sdpa", "eager"):
+        return None
+    from trainer.model.hub import cached_config
+    from trainer.model.load import resolve_source
+
+    try:
+        source, name = resolve_source(cfg)
+    except SameboxError:
+        return None  # the run itself reports a bad model.name
+    found: str | None = None
+    if source == "local":
+        found = str(Path(name) / "config.json")
+    elif source == "hub":
+        found = cached_config(name, cfg.revision)
+    if found is None:
+        return None
+    from builder.selftest.model import attention_needs
+
+    try:
+        attention_needs(found)
+    except SameboxError:
+        return None  # a config the self-test cannot read (no head dim, say): it tests its default head dims
+    return found
+
+
+def selftest_command(data_dir: str | None = None, model_config: str | None = None,
+                     kernels: list[str] | None = None) -> list[str]:
+    return (SELFTEST + (["--data-dir", data_dir] if data_dir else [])
+            + (["--model", model_config] if model_config else [])
+            + (["--kernels", ",".join(kernels)] if kernels is not None else []))
+
+
+def preflight_command(cfg: TrainConfig) -> list[str]:
+    """The self-test for this run: output.dir's disk, the model's attention (when its config is here), and only
+    the kernels the run calls."""
+    return selftest_command(str(Path(cfg.output.dir).expanduser()), model_config_for_selftest(cfg.model),
+                            kernels_for(cfg))
+
+
+def run_preflight(cfg: TrainConfig | None = None, command: list[str] | None = None, timeout: float = 600) -> None:
+    """Run the quick self-test in a subprocess (``command``, default preflight_command(cfg)); a failure (or a
+    missing selftest) stops the run before the weights load."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return  # one self-test per machine (it checks every local GPU), from each machine's first process
+    if command is None:
+        if cfg is None:
+            raise ValueError("run_preflight needs a config or a command")
+        command = preflight_command(cfg)
+    shown = " ".join(["samebox", *command[command.index("selftest"):]]) if "selftest" in command else command[0]
+    print(f"samebox: preflight: {shown} (GPU health, numerics, the run's kernels, the data disk; "
+          "--no-preflight skips it) ...", flush=True)
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SameboxError(f"preflight self-test did not finish in {timeout:.0f} s",
+                           hint="run `samebox selftest --quick` by hand, or pass --no-preflight") from None
+    report = _report(proc.stdout)
+    if proc.returncode == 0:
+        took = slowest(report.get("timings") or {}, 3)
+        print(f"samebox: preflight passed in {time.monotonic() - start:.1f} s" + (f" ({took})" if took else ""),
+              flush=True)
+        return
+    if "invalid choice" in proc.stderr and "selftest" in proc.stderr:
+        raise SameboxError("preflight needs `samebox selftest`, which this samebox does not have",
+                           hint="update samebox, or pass --no-preflight to train without the self-test")
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    raise PreflightFailed(_failed_checks(report) or tail)
