@@ -63,7 +63,7 @@ def readings_subprocess(mode: str, env: dict[str, str], data_dir: str) -> dict:
     """Collects readings in a fresh interpreter: CUDA_VISIBLE_DEVICES counts only before CUDA starts."""
     code = (
         "import json,sys; from builder.selftest.readings import collect; "
-        "from builder.selftest.model import attention_needs; "
+        "from builder.core.attention_needs import attention_needs; "
         f"print(json.dumps(collect({mode!r}, attention_needs(None), {data_dir!r}), default=str))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -73,7 +73,7 @@ def readings_subprocess(mode: str, env: dict[str, str], data_dir: str) -> dict:
 
 
 def capture(out_dir: Path) -> None:
-    from builder.selftest.model import attention_needs
+    from builder.core.attention_needs import attention_needs
     from builder.selftest.readings import collect
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,8 +226,8 @@ def fault_data_dir(healthy: dict) -> dict:
 
 
 def fault_sliding_window_slim(healthy: dict) -> dict:
+    from builder.core.attention_needs import attention_needs
     from builder.selftest import kernel_probes
-    from builder.selftest.model import attention_needs
 
     with tempfile.TemporaryDirectory() as d:
         config = {

@@ -49,9 +49,19 @@ def test_flash_attn_profiles_nest_and_setup_script_knows_each() -> None:
     full, slim, lean = (set(compat.FLASH_ATTN_PROFILES[p]) for p in ("full", "slim", "lean"))
     assert full == set() and slim < lean and lean - slim == {"FLASHATTENTION_DISABLE_UNEVEN_K"}
     assert set(compat.FLASH_ATTN_OBJECT_SECONDS) == set(compat.FLASH_ATTN_PROFILES)
-    from builder.instance import converge
+    # every command that takes a profile accepts each one and refuses another name
+    from builder.cli import build_parser
+    from builder.instance.converge import parse_options
 
-    assert converge.FLASH_ATTN_PROFILES == tuple(compat.FLASH_ATTN_PROFILES)
+    parser = build_parser()
+    for profile in compat.FLASH_ATTN_PROFILES:
+        assert parser.parse_args(["wheel", "flash-attn", "--from-env", "--profile", profile]).profile == profile
+        assert parser.parse_args(["render", "--torch", "2.3", "--flash-attn-profile", profile]).flash_attn_profile \
+            == profile
+        assert parse_options(["--flash-attn-profile", profile], {}).flash_attn_profile == profile
+    with pytest.raises(SystemExit):
+        parser.parse_args(["wheel", "flash-attn", "--from-env", "--profile", "turbo"])
+    assert parser.parse_args(["wheel", "flash-attn", "--from-env"]).profile == compat.DEFAULT_FLASH_ATTN_PROFILE
 
 
 def test_head_dims_flash_attn_runs_unpadded() -> None:

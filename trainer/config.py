@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from builder.core.environment import AUTODL_DATA_DISK
 from builder.core.errors import SameboxError
+from builder.core.settings import AUTODL_DATA_DISK
 from trainer.data.formats import FORMATS
 
 

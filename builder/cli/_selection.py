@@ -21,7 +21,8 @@ def add_selection_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_flash_attn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flash-attn", action="store_true", help="leave the flash-attn wheel stage out")
-    p.add_argument("--flash-attn-profile", choices=tuple(compat.FLASH_ATTN_PROFILES), default="full",
+    p.add_argument("--flash-attn-profile", choices=tuple(compat.FLASH_ATTN_PROFILES),
+                   default=compat.DEFAULT_FLASH_ATTN_PROFILE,
                    help=compat.FLASH_ATTN_PROFILE_HELP)
 
 

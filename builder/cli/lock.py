@@ -8,7 +8,7 @@ from pathlib import Path
 
 from builder.cli._args import add_root_argument
 from builder.core.output import format_table, print_json
-from builder.core.paths import project_root
+from builder.core.settings import project_root
 from builder.core.spec import ImageSpec, find_image, load_catalog
 from builder.image import lock
 

@@ -45,9 +45,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
+    _register_trainer_checks()
     report = run_selftest(args.mode, args.model, args.data_dir, args.lockfile, kernels)
     if args.json:
         print_json(report.to_dict())
     else:
         print(report.format())
     return 1 if report.failed else 0
+
+
+def _register_trainer_checks() -> None:
+    """The trainer's fused layers bring their own check; where torch (and so the trainer) is missing, the probe
+    says it was not registered."""
+    try:
+        from trainer.fused import selfcheck
+    except ImportError:
+        return
+    from builder.selftest import kernel_probes
+
+    kernel_probes.register_fused_layers(selfcheck.fused_layers)

@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     cfg = load_config(Path(args.config), args.overrides)
-    from trainer.data.dataset import prepare_data
     from trainer.loop.checkpoint import check_run_dir
     from trainer.loop.preflight import PreflightFailed, run_preflight
+    from trainer.loop.prepare import prepare_data
     from trainer.loop.recipe import main
 
     check_run_dir(Path(cfg.output.dir).expanduser(), args.resume, args.overwrite)

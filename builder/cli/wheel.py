@@ -10,8 +10,9 @@ from pathlib import Path
 from builder.cli._args import add_root_argument
 from builder.core import compat
 from builder.core.catalog import Catalog
-from builder.core.environment import AUTODL_SHARED_FS, Environment
+from builder.core.environment import Environment
 from builder.core.output import print_json
+from builder.core.settings import AUTODL_SHARED_FS
 from builder.wheels import key as wkey
 from builder.wheels import resolve
 from builder.wheels.cache import WheelCache, default_cache_dir

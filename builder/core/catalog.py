@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.core import compat
+from builder.core import compat, settings
 from builder.core.environment import Capability, Environment, sm_list
 from builder.core.errors import SameboxError
 from builder.core.spec import ImageSpec, find_image, load_catalog, read_catalog, resolve_spec
@@ -92,7 +92,7 @@ class Catalog:
         try:
             return cls.load(root)
         except SameboxError:
-            if not image and (explicit or environ.get("SAMEBOX_LOCKFILE")):
+            if not image and (explicit or settings.lockfile(environ)):
                 return cls(())
             raise
 
@@ -148,14 +148,14 @@ class Catalog:
         if image:
             spec = self.find(image)
             return LockClaim(spec.lockfile, f"image {spec.id}", True, spec)
-        if environ.get("SAMEBOX_LOCKFILE"):
-            return LockClaim(Path(environ["SAMEBOX_LOCKFILE"]), "set up by samebox: $SAMEBOX_LOCKFILE", True)
+        if settings.lockfile(environ):
+            return LockClaim(Path(settings.lockfile(environ)), "set up by samebox: $SAMEBOX_LOCKFILE", True)
         if IMAGE_LOCKFILE.is_file():
-            named = environ.get("SAMEBOX_IMAGE", "")
+            named = settings.image(environ)
             spec = next((s for s in self.images if s.id == named), None)
             return LockClaim(IMAGE_LOCKFILE, "the samebox image's lock", True, spec)
-        if environ.get("SAMEBOX_IMAGE"):
-            spec = self.find(environ["SAMEBOX_IMAGE"])
+        if settings.image(environ):
+            spec = self.find(settings.image(environ))
             return LockClaim(spec.lockfile, "set up by samebox: $SAMEBOX_IMAGE", True, spec)
         for spec in self.images:
             if self.fits(spec, env):

@@ -74,6 +74,15 @@ def gpu_capability(name: str) -> tuple[str, str] | None:
 # Features by compute capability: bf16 needs Ampere (8.0); flash-attn 2 needs Ampere or newer.
 BF16_MIN_CAPABILITY = "8.0"
 FLASH_ATTN2_MIN_CAPABILITY = "8.0"
+# A kernel agrees with its fp32 reference below this relative error: flash-attn's varlen check (the wheel verifier
+# and the self-test), the trainer's varlen attention backends and Liger's kernels (which fall back when over it).
+AGREEMENT_REL_ERROR = 2e-2
+
+
+def flash_attn2_runs(major: int, minor: int = 0) -> bool:
+    """flash-attn 2's kernels run on compute capability ``major.minor`` (Ampere, sm80, or newer)."""
+    floor = tuple(int(x) for x in FLASH_ATTN2_MIN_CAPABILITY.split("."))
+    return (major, minor) >= floor
 
 # --- CUDA and drivers -------------------------------------------------------------------------------------------
 
@@ -143,8 +152,13 @@ def cuda_tag(cuda: str) -> str:
 
 def torch_minor(version: str) -> str:
     """'2.3.0+cu121' -> '2.3'."""
-    parts = version.split("+")[0].split(".")
+    parts = torch_release(version).split(".")
     return ".".join(parts[:2])
+
+
+def torch_release(version: str) -> str:
+    """'2.3.0+cu121' -> '2.3.0' (the local tag dropped)."""
+    return version.split("+")[0]
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -241,6 +255,7 @@ FLASH_ATTN_PROFILES: dict[str, tuple[str, ...]] = {
     # Gemma; not Phi-2's 80). Every kernel's uneven-K variant goes.
     "lean": _SLIM + ("FLASHATTENTION_DISABLE_UNEVEN_K",),
 }
+DEFAULT_FLASH_ATTN_PROFILE = "full"  # every feature; slim and lean trade features for build time
 # flash-attn 2.x rounds a head dim up to a multiple of 32 (up to 128) or of 64 (above), at most 256 (flash_api.cpp:
 # round_multiple(head_size, head_size <= 128 ? 32 : 64)); a lean build refuses any head dim it would round.
 FLASH_ATTN_EVEN_HEAD_DIMS = (32, 64, 96, 128, 192, 256)

@@ -7,7 +7,7 @@ take the result; none of them probes on its own. A compute capability is a ``Cap
 
 Standard library only: the setup script runs this on the platform's bare Python before anything is installed.
 torch and nvidia-ml-py are imported lazily and may be absent or broken (that is a fact, not a crash).
-AutoDL's paths live here and nowhere else; /etc/profile.d/autodl.env.sh holds a panel token and is never read.
+AutoDL's paths live in builder/core/settings.py; /etc/profile.d/autodl.env.sh holds a panel token and is never read.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from functools import total_ordering
 from pathlib import Path
 from typing import Any
 
+from builder.core import settings
+
 NO_TORCH = "none"
 
 # AutoDL: the network accelerator script, the per-instance data disk and the region-shared file system.
-AUTODL_TURBO = Path("/etc/network_turbo")
-AUTODL_DATA_DISK = Path("/root/autodl-tmp")
-AUTODL_SHARED_FS = Path("/root/autodl-fs")
 
 
 # --- compute capability -----------------------------------------------------------------------------------------
@@ -324,10 +323,10 @@ def name_capability(name: str) -> Capability | None:
 def probe_rental() -> Rental:
     region = os.environ.get("AutoDLRegion", "")
     return Rental(
-        autodl=AUTODL_TURBO.exists() or bool(region),
+        autodl=settings.AUTODL_TURBO.exists() or bool(region),
         region=region,
-        data_disk=str(AUTODL_DATA_DISK) if AUTODL_DATA_DISK.is_dir() else "",
-        shared_fs=str(AUTODL_SHARED_FS) if AUTODL_SHARED_FS.is_dir() else "",
+        data_disk=str(settings.AUTODL_DATA_DISK) if settings.AUTODL_DATA_DISK.is_dir() else "",
+        shared_fs=str(settings.AUTODL_SHARED_FS) if settings.AUTODL_SHARED_FS.is_dir() else "",
     )
 
 

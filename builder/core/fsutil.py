@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from builder.core.environment import AUTODL_DATA_DISK
 from builder.core.errors import SameboxError
+from builder.core.settings import AUTODL_DATA_DISK
 
 
 def read_text(path: Path, what: str, hint: str) -> str:

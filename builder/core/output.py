@@ -20,3 +20,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def slowest(timings: dict[str, Any], count: int = 4) -> str:
+    """'flash_attn 3.1 s, load 2.0 s, ...': where a run's time went (probes on background threads overlap others)."""
+    top = sorted(((v, k) for k, v in timings.items() if isinstance(v, (int, float))), reverse=True)[:count]
+    return ", ".join(f"{k} {v:.1f} s" for v, k in top)

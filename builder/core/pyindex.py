@@ -19,6 +19,8 @@ import urllib.request
 import zipfile
 from html.parser import HTMLParser
 
+from builder.core import settings
+
 PYPI_SIMPLE = "https://pypi.org/simple"
 # A wheel is downloaded whole only when its index serves no PEP 658 metadata file; past this size we give up.
 _WHEEL_FALLBACK_LIMIT = 128 * 1024 * 1024
@@ -39,13 +41,13 @@ def default_index() -> str:
     return PYPI_SIMPLE
 
 
-CA_ENV_VARS = ("SAMEBOX_CA_BUNDLE", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE")
+CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE")
 
 
 def ca_bundle() -> str | None:
-    """The proxy/corporate CA bundle the environment names (the first of CA_ENV_VARS that is a file)."""
-    for var in CA_ENV_VARS:
-        path = os.environ.get(var)
+    """The proxy/corporate CA bundle the environment names: $SAMEBOX_CA_BUNDLE, else the first of CA_ENV_VARS,
+    that is a file."""
+    for path in (settings.ca_bundle_override(), *(os.environ.get(var) for var in CA_ENV_VARS)):
         if path and os.path.isfile(path):
             return path
     return None

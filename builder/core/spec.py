@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from builder.core import compat
+from builder.core.environment import NO_TORCH
 from builder.core.errors import SameboxError
 from builder.core.fsutil import read_text
-from builder.core.paths import project_root
+from builder.core.settings import project_root
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,7 +29,6 @@ else:  # pragma: no cover - Python 3.10 platforms: tomli if present, else the co
         from pip._vendor import tomli as tomllib
 
 PYTHON_PROVIDERS = ("conda", "system")
-NO_TORCH = "none"
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 _VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?([a-z]+\d*)?(\.post\d+)?$")
 _MM_RE = re.compile(r"^\d+\.\d+$")

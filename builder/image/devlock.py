@@ -21,7 +21,7 @@ from builder.core import pyindex
 from builder.core.errors import SameboxError
 from builder.core.fsutil import sha256_text, write_atomic
 from builder.core.lockfile import parse_lock
-from builder.core.paths import project_root
+from builder.core.settings import project_root
 from builder.image.lock import LOCK_PLATFORM, MARKER, check_header, find_uv, split_lock, uv_version
 
 try:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from builder.core import pyindex
+from builder.core import pyindex, settings
 from builder.core.errors import SameboxError
 
 
@@ -124,7 +124,7 @@ ENGINES: dict[str, EngineKind] = {kind.name: kind for kind in (
 
 def _candidates(name: str) -> list[str]:
     found: list[str] = []
-    override = os.environ.get(f"SAMEBOX_{name.upper()}")
+    override = settings.engine_client(name)
     if override:
         found.append(override)
     for d in os.environ.get("PATH", "").split(os.pathsep):

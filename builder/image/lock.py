@@ -24,7 +24,7 @@ from builder.core import pyindex
 from builder.core.errors import SameboxError
 from builder.core.fsutil import read_text, sha256_file, sha256_text, write_atomic
 from builder.core.lockfile import LockedPackage, is_platform_package, parse_lock, read_lock
-from builder.core.paths import project_root
+from builder.core.settings import project_root
 from builder.core.spec import ImageSpec
 from builder.image import torchbounds
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import jinja2
 
 from builder import __version__
-from builder.core import compat
+from builder.core import compat, settings
 from builder.core.errors import SameboxError
 from builder.core.fsutil import sha256_file, sha256_text, write_atomic
-from builder.core.paths import project_root
+from builder.core.settings import project_root
 from builder.core.spec import ImageSpec
 from builder.image import workstation as workstation_layer
 from builder.image.lock import lockfile_sha256
@@ -24,7 +24,7 @@ from builder.image.lock import lockfile_sha256
 MINICONDA_BASE_URL = "https://repo.anaconda.com/miniconda/"
 SOURCE_URL = "https://github.com/samebox/samebox"
 # What of the checkout goes into an image as samebox's own source (the final, fast-changing layer).
-SOURCE_ITEMS = ("pyproject.toml", "README.md", "builder", "trainer", "images", "configs")
+SOURCE_ITEMS = (*settings.SOURCE_PARTS, "images", "configs")
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
 
 
@@ -61,7 +61,8 @@ def _template_env() -> jinja2.Environment:
     )
 
 
-def render_dockerfile(spec: ImageSpec, flash_attn: bool = True, flash_attn_profile: str = "full",
+def render_dockerfile(spec: ImageSpec, flash_attn: bool = True,
+                      flash_attn_profile: str = compat.DEFAULT_FLASH_ATTN_PROFILE,
                       workstation: bool = False) -> str:
     """The Dockerfile for ``spec``. The flash-attn stage is there for images with torch unless ``flash_attn`` is off;
     ``workstation`` adds JupyterLab (its own lock) and the entrypoint that starts it and TensorBoard."""
@@ -125,7 +126,8 @@ def _check_replaceable(out_dir: Path) -> None:
         )
 
 
-def write_context(spec: ImageSpec, out_dir: Path, flash_attn: bool = True, flash_attn_profile: str = "full",
+def write_context(spec: ImageSpec, out_dir: Path, flash_attn: bool = True,
+                  flash_attn_profile: str = compat.DEFAULT_FLASH_ATTN_PROFILE,
                   workstation: bool = False) -> Path:
     """Write a self-contained build context (Dockerfile, lockfile, src/) to out_dir, replacing it whole.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from builder.core.errors import SameboxError
 from builder.core.fsutil import read_text
-from builder.core.paths import project_root
+from builder.core.settings import project_root
 from builder.core.spec import ImageSpec
 
 TEMPLATE = "setup.sh.j2"

@@ -24,41 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import builder
-from builder.core import compat
+from builder.core import compat, settings
 from builder.core.catalog import Catalog
-from builder.core.environment import AUTODL_DATA_DISK, Capability, Environment
+from builder.core.environment import Capability, Environment
 from builder.core.errors import SameboxError
+from builder.core.settings import AUTODL_DATA_DISK
 from builder.instance import converge_steps as steps
-from builder.instance.converge_steps import Match, Preflight, Run, StepFailed
+from builder.instance.converge_steps import Match, Options, Preflight, Run, StepFailed
 
 PROG = "bash setup.sh"
 # One home for the profile names: compat's table (builder/wheels/key.py's PROFILES is the same tuple, but that module
 # needs builder.core.spec, which a bare Python 3.10 cannot import). The first profile is the default: every feature.
 FLASH_ATTN_PROFILES = tuple(compat.FLASH_ATTN_PROFILES)
-DEFAULT_FLASH_ATTN_PROFILE = FLASH_ATTN_PROFILES[0]
-DEFAULT_MIN_FREE_MB = 2048
-DEFAULT_VENV = "/opt/samebox/venv"
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the user asked for: the command line over SAMEBOX_* variables over the defaults."""
-
-    image: str
-    python: str
-    offline: bool
-    wheelhouse: Path | None
-    cache_dir: Path | None
-    samebox_src: Path
-    root: Path | None
-    catalog: Path | None
-    lockfile: Path | None
-    min_free_mb: int
-    flash_attn: bool
-    flash_attn_profile: str
-    selftest: bool
-    state: Path
-    venv: Path
+DEFAULT_FLASH_ATTN_PROFILE = compat.DEFAULT_FLASH_ATTN_PROFILE
 
 
 # --- options ----------------------------------------------------------------------------------------------------
@@ -97,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--lockfile", default="", metavar="FILE",
         help="the image's lockfile, kept in the state directory (default: ROOT/lockfiles/IMAGE.txt)")
     add("--min-free-mb", default=None, metavar="N",
-        help=f"free space the cache disk needs (default {DEFAULT_MIN_FREE_MB}, or SAMEBOX_MIN_FREE_MB)")
+        help=f"free space the cache disk needs (default {settings.DEFAULT_MIN_FREE_MB}, or SAMEBOX_MIN_FREE_MB)")
     add("--no-flash-attn", dest="flash_attn", action="store_false", help="leave flash-attn out")
     add("--flash-attn-profile", default=None, metavar="PROFILE",
         help=f"{_one_of(FLASH_ATTN_PROFILES)} (default {DEFAULT_FLASH_ATTN_PROFILE}, or SAMEBOX_FA_PROFILE): "
@@ -123,15 +101,14 @@ def parse_options(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
         problems.append("--offline needs --wheelhouse DIR (a directory of the locked wheels)")
     if args.wheelhouse and not os.path.isdir(args.wheelhouse):
         problems.append(f"wheelhouse {args.wheelhouse} is not a directory")
-    min_free = args.min_free_mb if args.min_free_mb is not None else environ.get("SAMEBOX_MIN_FREE_MB", "")
-    min_free = min_free or str(DEFAULT_MIN_FREE_MB)
+    min_free = args.min_free_mb if args.min_free_mb is not None else settings.min_free_mb(environ)
     if not min_free.isdigit():
         problems.append(f"--min-free-mb must be a number of MiB, got '{min_free}'")
-    profile = args.flash_attn_profile or environ.get("SAMEBOX_FA_PROFILE") or DEFAULT_FLASH_ATTN_PROFILE
+    profile = args.flash_attn_profile or settings.flash_attn_profile(environ) or DEFAULT_FLASH_ATTN_PROFILE
     if args.flash_attn and profile not in FLASH_ATTN_PROFILES:  # only a run that may build flash-attn needs one
         problems.append(f"flash-attn profile (--flash-attn-profile or SAMEBOX_FA_PROFILE) must be "
                         f"{_one_of(FLASH_ATTN_PROFILES)}, got '{profile}'")
-    python = args.python or environ.get("SAMEBOX_PYTHON", "") or sys.executable
+    python = args.python or settings.python(environ) or sys.executable
     if os.path.realpath(python) != os.path.realpath(sys.executable):
         problems.append(f"--python {python} is not the interpreter running this ({sys.executable}): run "
                         f"`{python} -m builder.instance.converge`, as setup.sh does")
@@ -145,7 +122,7 @@ def parse_options(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
         python=sys.executable,
         offline=args.offline,
         wheelhouse=_path(args.wheelhouse),
-        cache_dir=_path(args.cache_dir or environ.get("SAMEBOX_CACHE_DIR", "")),
+        cache_dir=_path(args.cache_dir) or settings.cache_dir_override(environ),
         samebox_src=Path(os.path.abspath(src)),
         root=_path(args.root),
         catalog=_path(args.catalog),
@@ -154,8 +131,8 @@ def parse_options(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
         flash_attn=args.flash_attn,
         flash_attn_profile=profile,
         selftest=args.selftest,
-        state=Path(os.path.abspath(environ.get("SAMEBOX_STATE") or os.path.join(os.path.expanduser("~"), ".samebox"))),
-        venv=Path(os.path.abspath(environ.get("SAMEBOX_VENV") or DEFAULT_VENV)),
+        state=settings.state_dir(environ),
+        venv=settings.venv_dir(environ),
     )
 
 
@@ -219,7 +196,7 @@ def preflight(opts: Options, match: Callable[[Path, str], Match] = _detect_and_m
     if not lock.is_file():
         raise SameboxError(f"no lockfile {lock} for image {found.image}; make it with "
                            f"`make lock IMAGE={found.image}`")
-    cache = opts.cache_dir or Path(found.data_disk or found.shared_fs or os.path.expanduser("~")) / ".cache"
+    cache = settings.instance_cache(opts.cache_dir, found.data_disk, found.shared_fs)
     if not _writable(cache):
         raise SameboxError(f"cache directory {cache} is not writable (read-only disk?); pass --cache-dir DIR on a "
                            "writable disk")

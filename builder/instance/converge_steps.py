@@ -20,24 +20,42 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from builder.core import settings
+from builder.core.environment import NO_TORCH
 from builder.core.errors import SameboxError
 from builder.core.fsutil import write_atomic
 
-if TYPE_CHECKING:
-    from builder.instance.converge import Options
-
-NO_TORCH = "none"
 # What `samebox` step copies of a source checkout to build from (an in-tree build would leave build/ and
 # *.egg-info in the checkout), and what its digest covers: a change to any of these reinstalls samebox.
-SOURCE_PARTS = ("pyproject.toml", "README.md", "LICENSE", "builder", "trainer")
+SOURCE_PARTS = settings.SOURCE_PARTS
 DIGEST_PARTS = ("pyproject.toml", "builder", "trainer")
 DIGEST_PATTERNS = ("*.py", "*.toml", "*.typed")
 
 
 class StepFailed(Exception):
     """A step could not converge its part; the message says what to look at. Exit status 1."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked for: the command line over SAMEBOX_* variables over the defaults."""
+
+    image: str
+    python: str
+    offline: bool
+    wheelhouse: Path | None
+    cache_dir: Path | None
+    samebox_src: Path
+    root: Path | None
+    catalog: Path | None
+    lockfile: Path | None
+    min_free_mb: int
+    flash_attn: bool
+    flash_attn_profile: str
+    selftest: bool
+    state: Path
+    venv: Path
 
 
 @dataclass(frozen=True)
@@ -212,7 +230,8 @@ def caches(run: Run) -> None:
     """On AutoDL the data disk (or the region's shared disk), never the 30 GB system disk."""
     cache, state = run.pre.cache_dir, run.opts.state
     cache.mkdir(parents=True, exist_ok=True)
-    run.wheel_cache = Path(os.environ.get("SAMEBOX_WHEEL_CACHE") or cache / "samebox" / "wheels")
+    shared = run.pre.match.shared_fs
+    run.wheel_cache = settings.wheel_cache(caches=cache, shared_fs=Path(shared) if shared else None)
     text = env_sh(run)
     write_atomic(state / "env.sh", text)
     for line in text.splitlines()[1:]:  # what the later steps' commands see, as a new shell would

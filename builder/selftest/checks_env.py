@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from builder.core.environment import AUTODL_DATA_DISK, AUTODL_SHARED_FS
+from builder.core.settings import AUTODL_DATA_DISK, AUTODL_SHARED_FS
 from builder.selftest.findings import Finding, fail, gib, na, ok, probe_error, warn
 from builder.selftest.probes import DATA_DIR, HF_CACHE, LOCKFILE, SHM
 

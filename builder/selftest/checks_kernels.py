@@ -7,10 +7,10 @@ import math
 from typing import Any
 
 from builder.core import compat
+from builder.core.compat import AGREEMENT_REL_ERROR
 from builder.core.environment import Capability, sm_list
 from builder.selftest.findings import Finding, fail, gpu_reading, na, no_gpu, nvml_devices, ok, probe_error, warn
 from builder.selftest.probes import BITSANDBYTES, FLASH_ATTN, FUSED_LAYERS, LORA_SMOKE, SDPA_BACKENDS, TORCH
-from builder.wheels.kernelcheck import REL_ERR_BOUND
 
 NF4_REL_ERROR = 1e-2
 NO_KERNEL_IMAGE = "no kernel image is available"
@@ -89,8 +89,8 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
                 found.append(fail(f"{what}: {case['error']}", rebuild_flash_attn(cap)))
             continue
         worst = max(case, key=lambda k: case[k])
-        text = f"{what} vs SDPA: worst relative error {case[worst]:.1e} ({worst}), bound {REL_ERR_BOUND:.0e}"
-        bad = not all(math.isfinite(v) for v in case.values()) or case[worst] > REL_ERR_BOUND
+        text = f"{what} vs SDPA: worst relative error {case[worst]:.1e} ({worst}), bound {AGREEMENT_REL_ERROR:.0e}"
+        bad = not all(math.isfinite(v) for v in case.values()) or case[worst] > AGREEMENT_REL_ERROR
         found.append(fail(text, rebuild_flash_attn(cap)) if bad else ok(text))
     features = fa.get("features") or {}
     # The build's runtime guard says "does not support"; any other error is a broken kernel, reported by the cases.
@@ -111,7 +111,7 @@ def flash_attn(r: dict[str, Any]) -> list[Finding]:
         else:
             worst = max(window.values())
             text = f"{label} sliding window {fa.get('window')} vs SDPA: worst relative error {worst:.1e}"
-            found.append(fail(text, rebuild_flash_attn(cap)) if worst > REL_ERR_BOUND else ok(text))
+            found.append(fail(text, rebuild_flash_attn(cap)) if worst > AGREEMENT_REL_ERROR else ok(text))
     if missing and not set(missing) & set(needs.get("features") or []):
         found.append(
             ok(
@@ -185,8 +185,6 @@ def sdpa_backends(r: dict[str, Any]) -> Finding:
     return fail(f"no torch SDPA backend runs here: {sdpa}", "reinstall the environment's torch")
 
 
-# The fused layers check each kernel against its reference when they start, and fall back when one disagrees.
-FUSED_REL_ERROR = 2e-2
 
 
 def fused_layers(r: dict[str, Any]) -> Finding:
@@ -202,14 +200,14 @@ def fused_layers(r: dict[str, Any]) -> Finding:
         return warn(f"the fused-layers probe crashed: {err}; training falls back to transformers + peft if they do",
                     "run `samebox selftest --kernels fused --json` for details")
     attn = {k: v for k, v in (fused.get("attention") or {}).items() if k != "sdpa"}
-    good = [k for k, v in attn.items() if isinstance(v, float) and v < FUSED_REL_ERROR]
+    good = [k for k, v in attn.items() if isinstance(v, float) and v < AGREEMENT_REL_ERROR]
     liger = fused.get("liger") or {}
     slow = []
     if not liger.get("installed"):
         slow.append("liger-kernel is not installed: torch's element-wise ops instead (slower)")
     elif liger.get("skipped"):
         pass
-    elif not (isinstance(liger.get("rel_err"), float) and liger["rel_err"] < FUSED_REL_ERROR):
+    elif not (isinstance(liger.get("rel_err"), float) and liger["rel_err"] < AGREEMENT_REL_ERROR):
         slow.append(f"Liger's kernels failed their check ({liger.get('error') or liger.get('rel_err')}): torch's ops "
                     "instead (slower)")
     if not good:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 from builder.wheels import kernelcheck
@@ -39,7 +40,6 @@ def _dist_version(name: str) -> str | None:
 
 
 def _flash_attn_extension() -> str | None:
-    import importlib.util
 
     spec = importlib.util.find_spec("flash_attn_2_cuda")
     return spec.origin if spec and spec.origin else None
@@ -175,45 +175,26 @@ def sdpa_backends() -> dict[str, Any]:
 LIGER_AT_START = "quick: the trainer checks Liger against torch when it starts (samebox selftest --full checks it here)"
 
 
-def _liger(kernels: Any, device: Any) -> dict[str, Any]:
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError as e:
-        return {"installed": False, "error": str(e)[:200]}
-    try:
-        return {"installed": True, "rel_err": kernels.agreement(kernels.liger_kernels(), device)}
-    except Exception as e:  # an API that moved, a Triton that cannot compile here
-        return {"installed": True, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+# The trainer's fused layers are the trainer's to test: trainer/fused/selfcheck.py registers its check here
+# (`samebox selftest` does, from builder/cli); the self-test itself imports nothing of the trainer.
+_FUSED_CHECK: Callable[..., dict[str, Any]] | None = None
+
+
+def register_fused_layers(check: Callable[..., dict[str, Any]]) -> None:
+    global _FUSED_CHECK
+    _FUSED_CHECK = check
 
 
 def fused_layers(head_dim: int = 128, every_backend: bool = True, liger: bool = True) -> dict[str, Any]:
-    """The trainer's fused layers on this GPU: Liger's kernels against the torch reference (the trainer falls back
-    to the reference when they disagree), and the varlen attention backends against per-sample SDPA, at a
-    grouped-query layout (28 query heads over 4 key/value heads, as Qwen2.5-7B). Quick passes
-    ``every_backend=False``, stopping at the first backend that agrees (the one the trainer will pick), and
-    ``liger=False``: importing Liger took 10-15 s of a 22 s quick run on an H200, and the trainer checks Liger
-    against torch itself before it uses it (trainer.fused.kernels.pick), so quick leaves it to the trainer.
-    ``seconds`` says where the time went."""
-    import torch
-
-    from trainer.fused import attention, kernels
-
-    device = torch.device("cuda")
-    out: dict[str, Any] = {"liger": None, "attention": {}, "seconds": {}}
-    start = time.perf_counter()
-    out["liger"] = _liger(kernels, device) if liger else {
-        "installed": importlib.util.find_spec("liger_kernel") is not None, "skipped": LIGER_AT_START}
-    out["seconds"]["liger"] = round(time.perf_counter() - start, 3)
-    for name in attention.available(device):
-        start = time.perf_counter()
-        try:
-            out["attention"][name] = attention.check(name, device, torch.bfloat16, 28, 4, head_dim)
-        except Exception as e:
-            out["attention"][name] = f"{type(e).__name__}: {str(e)[:200]}"
-        out["seconds"][name] = round(time.perf_counter() - start, 3)
-        agreed = isinstance(out["attention"][name], float) and out["attention"][name] < attention.AGREES
-        if agreed and not every_backend:
-            break
+    """The trainer's fused layers on this GPU (the registered check: Liger's kernels against the torch reference,
+    the varlen attention backends against per-sample SDPA). Quick passes ``every_backend=False`` (stop at the first
+    backend that agrees: the one the trainer will pick) and ``liger=False``: importing Liger took 10-15 s of a 22 s
+    quick run on an H200, and the trainer checks Liger against torch itself before it uses it."""
+    if _FUSED_CHECK is None:
+        return {"error": "the trainer's fused-layer check is not registered (run it through `samebox selftest`)"}
+    out = _FUSED_CHECK(head_dim=head_dim, every_backend=every_backend, liger=liger)
+    if not liger:
+        out["liger"] = {**(out.get("liger") or {}), "skipped": LIGER_AT_START}
     return out
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from builder.core import nvml
+from builder.core.attention_needs import AttentionNeeds
 from builder.selftest import allreduce, env_probes, gpu_probes, kernel_probes
-from builder.selftest.model import AttentionNeeds
 
 # mode -> seconds of sustained matmul load with NVML sampled throughout. On the H100 the first one-second window
 # ran as fast as the later ones (bench/results/selftest_gpu.json), so quick's 2 s give one judged window after

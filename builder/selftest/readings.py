@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from builder.core.attention_needs import AttentionNeeds
 from builder.selftest import allreduce, gpu_probes
-from builder.selftest.model import AttentionNeeds
 from builder.selftest.probes import (
     ACCURACY,
     AFTER,

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from builder.core.output import format_table
+from builder.core.output import format_table, slowest
 from builder.selftest.findings import FAIL, SEVERITIES, Finding
 
 SCHEMA_ID = "samebox.selftest/1"
@@ -102,12 +102,6 @@ def schema_problems(value: Any, schema: dict[str, Any] = JSON_SCHEMA, where: str
         for i, item in enumerate(value):
             problems += schema_problems(item, schema["items"], f"{where}[{i}]")
     return problems
-
-
-def slowest(timings: dict[str, Any], count: int = 4) -> str:
-    """'flash_attn 3.1 s, load 2.0 s, ...': where a run's time went (probes on background threads overlap others)."""
-    top = sorted(((v, k) for k, v in timings.items() if isinstance(v, (int, float))), reverse=True)[:count]
-    return ", ".join(f"{k} {v:.1f} s" for v, k in top)
 
 
 @dataclass

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from builder.core.attention_needs import attention_needs
 from builder.core.errors import SameboxError
 from builder.core.fsutil import read_text
-from builder.selftest.model import attention_needs
 from builder.selftest.probes import KERNELS
 from builder.selftest.readings import collect
 from builder.selftest.registry import MODES, judge

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.core.environment import AUTODL_SHARED_FS
+from builder.core import settings
 from builder.core.errors import SameboxError
 from builder.core.fsutil import sha256_file, write_atomic
 from builder.wheels.key import WheelKey
@@ -28,14 +28,9 @@ from builder.wheels.key import WheelKey
 MANIFEST = "manifest.json"
 
 
-def default_cache_dir(env: dict[str, str] | None = None, autodl_fs: Path = AUTODL_SHARED_FS) -> Path:
-    """$SAMEBOX_WHEEL_CACHE, else samebox/wheels on AutoDL's region-shared file system, else ~/.cache."""
-    env = os.environ if env is None else env
-    if env.get("SAMEBOX_WHEEL_CACHE"):
-        return Path(env["SAMEBOX_WHEEL_CACHE"])
-    if autodl_fs.is_dir():
-        return autodl_fs / "samebox" / "wheels"
-    return Path(env.get("HOME", str(Path.home()))) / ".cache" / "samebox" / "wheels"
+def default_cache_dir(env: dict[str, str] | None = None, autodl_fs: Path | None = None) -> Path:
+    """settings.wheel_cache: the one decision setup and `samebox wheel` share."""
+    return settings.wheel_cache(env, shared_fs=autodl_fs)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from builder.core.errors import SameboxError
 from builder.core.spec import ImageSpec
 
 PROFILES = tuple(compat.FLASH_ATTN_PROFILES)
-DEFAULT_PROFILE = "full"
+DEFAULT_PROFILE = compat.DEFAULT_FLASH_ATTN_PROFILE
 
 
 @dataclass(frozen=True)

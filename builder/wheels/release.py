@@ -17,8 +17,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.core.environment import AUTODL_TURBO, sm_list
+from builder.core import settings
+from builder.core.environment import sm_list
 from builder.core.errors import SameboxError
+from builder.core.settings import AUTODL_TURBO
 from builder.wheels.key import WheelKey, release_facts
 
 DEFAULT_BASE = "https://github.com/Dao-AILab/flash-attention/releases/download"
@@ -32,8 +34,7 @@ class ReleaseWheel:
 
 
 def release_base(env: dict[str, str] | None = None) -> str:
-    env = os.environ if env is None else env
-    return env.get("SAMEBOX_FA_RELEASE_BASE", DEFAULT_BASE).rstrip("/")
+    return settings.flash_attn_release_base(DEFAULT_BASE, env)
 
 
 def release_cuda_tag(version: str, cuda: str) -> str | None:

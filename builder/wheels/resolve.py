@@ -122,7 +122,7 @@ def _from_source(key: WheelKey, cache: WheelCache, here: Environment, sdist: Pat
         numeric = verify.numeric_check(wheel, python)
         worst = max(numeric["rel_err"].values())
         steps.append(f"numeric check: varlen fwd+bwd vs SDPA, worst relative error {worst:.1e} "
-                     f"<= {verify.REL_ERR_BOUND:.0e}")
+                     f"<= {verify.AGREEMENT_REL_ERROR:.0e}")
     say(steps[-1])
     entry = cache.add(key, wheel, "build", found, {"build": plan.to_dict(), "numeric": numeric})
     return entry, numeric

@@ -18,10 +18,10 @@ from pathlib import Path
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
 
+from builder.core.compat import AGREEMENT_REL_ERROR
 from builder.core.environment import Gpu, sm_list
 from builder.core.errors import SameboxError
 from builder.wheels import kernelcheck
-from builder.wheels.kernelcheck import REL_ERR_BOUND
 from builder.wheels.kernelcheck import find_cuobjdump as find_cuobjdump  # resolve.py finds the tool through here
 from builder.wheels.key import WheelKey
 
@@ -133,7 +133,7 @@ def verify_wheel(wheel: Path, key: WheelKey, exact_archs: bool, cuobjdump: str |
 
 def numeric_check(wheel: Path, python: str = sys.executable) -> dict[str, object]:
     """Import the wheel's flash_attn (unpacked, not installed) in a child Python and compare varlen fwd+bwd with
-    an fp32 SDPA reference; SameboxError when any relative error exceeds REL_ERR_BOUND."""
+    an fp32 SDPA reference; SameboxError when any relative error exceeds AGREEMENT_REL_ERROR."""
     with tempfile.TemporaryDirectory() as tmp:
         with zipfile.ZipFile(wheel) as zf:
             zf.extractall(tmp)
@@ -145,9 +145,9 @@ def numeric_check(wheel: Path, python: str = sys.executable) -> dict[str, object
         raise SameboxError(f"numeric check of {wheel.name} could not run", "see the error below",
                            res.stderr.strip().splitlines()[-8:])
     result = json.loads(res.stdout.strip().splitlines()[-1])
-    result["bound"] = REL_ERR_BOUND
-    bad = [f"{n}: relative error {e:.2e} > {REL_ERR_BOUND:.0e}" for n, e in result["rel_err"].items()
-           if not e <= REL_ERR_BOUND]
+    result["bound"] = AGREEMENT_REL_ERROR
+    bad = [f"{n}: relative error {e:.2e} > {AGREEMENT_REL_ERROR:.0e}" for n, e in result["rel_err"].items()
+           if not e <= AGREEMENT_REL_ERROR]
     if bad:
         raise SameboxError(f"{wheel.name} computes wrong attention against torch SDPA:", "do not use it", bad)
     return result

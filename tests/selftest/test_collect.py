@@ -3,8 +3,8 @@ in what order around the timed load, with which flash-attn features, and what a 
 
 from __future__ import annotations
 
+from builder.core.attention_needs import attention_needs
 from builder.selftest import checks_kernels, kernel_probes, readings
-from builder.selftest.model import attention_needs
 
 
 def test_quick_checks_the_environment_before_the_load_and_imports_only_the_jobs_kernels(recorder) -> None:

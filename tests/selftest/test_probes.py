@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from builder.core.attention_needs import attention_needs, attention_needs_from_config
 from builder.core.errors import SameboxError
 from builder.selftest import env_probes
-from builder.selftest.model import attention_needs, attention_needs_from_config
 
 
 def test_model_needs() -> None:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from builder.core.attention_needs import attention_needs
 from builder.selftest import probes, readings, registry
 from builder.selftest.findings import ok
-from builder.selftest.model import attention_needs
 from builder.selftest.probes import GPU_STAGES, PROBES, Probe
 from builder.selftest.registry import CHECKS, MODES, Check
 from tests.selftest.conftest import FIXTURES

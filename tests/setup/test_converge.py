@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.core import compat
+from builder.core import compat, settings
 from builder.core.catalog import Catalog
 from builder.core.errors import SameboxError
 from builder.instance import converge
@@ -55,7 +55,6 @@ def test_every_bad_option_is_reported_together(tmp_path: Path) -> None:
 def test_profiles_are_compats_and_checked_only_when_flash_attn_may_be_built() -> None:
     for profile in compat.FLASH_ATTN_PROFILES:
         assert _opts("--flash-attn-profile", profile).flash_attn_profile == profile
-    assert converge.FLASH_ATTN_PROFILES == tuple(compat.FLASH_ATTN_PROFILES)
     assert _opts().flash_attn_profile == "full"
     assert _opts(SAMEBOX_FA_PROFILE="lean").flash_attn_profile == "lean"
     assert not _opts("--no-flash-attn", "--flash-attn-profile", "turbo").flash_attn
@@ -67,7 +66,7 @@ def test_environment_defaults_and_the_command_line_over_them(tmp_path: Path) -> 
     opts = _opts(SAMEBOX_MIN_FREE_MB="7", SAMEBOX_STATE=str(tmp_path / "st"), SAMEBOX_CACHE_DIR=str(tmp_path / "c"))
     assert (opts.min_free_mb, opts.state, opts.cache_dir) == (7, tmp_path / "st", tmp_path / "c")
     assert _opts("--min-free-mb", "9", SAMEBOX_MIN_FREE_MB="7").min_free_mb == 9
-    assert _opts().min_free_mb == converge.DEFAULT_MIN_FREE_MB
+    assert _opts().min_free_mb == settings.DEFAULT_MIN_FREE_MB
     assert _opts().samebox_src == REPO  # the source this module was imported from
     with pytest.raises(SameboxError, match="is not the interpreter running this"):
         _opts("--python", "/bin/sh")

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from builder.cli import main as cli_main
+from builder.core.progress import Progress
 from tests.trainer.conftest import alpaca_rows, write_jsonl
 from trainer.loop import preflight
-from trainer.loop.progress import Progress
 from trainer.loop.recipe import LoRAFinetuneRecipe
 
 # A stand-in `samebox selftest --quick --json`: passes only when --data-dir exists (as the real data_dir check
@@ -164,7 +164,7 @@ def test_an_unwritable_output_or_cache_dir_exits_2_before_tokenizing(make_config
 
 
 def test_tokenizing_says_how_far_it_is(make_config, capsys):
-    from trainer.data.dataset import prepare_data
+    from trainer.loop.prepare import prepare_data
 
     data, note = prepare_data(make_config())
     err = capsys.readouterr().err

@@ -13,7 +13,8 @@ from builder.cli import main as cli_main
 from builder.core.errors import SameboxError
 from trainer.config import ModelConfig
 from trainer.loop.preflight import PreflightFailed, model_config_for_selftest, run_preflight, selftest_command
-from trainer.model.load import fetch_model, pick_attention, quantization_config, resolve_source
+from trainer.model.hub import resolve_source
+from trainer.model.load import fetch_model, pick_attention, quantization_config
 
 
 def test_model_sources(tiny_model_dir, tmp_path):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from tests.trainer.conftest import alpaca_rows
 from trainer.data.batching import build_micro_batches, plan_micro_batches, step_indices
 from trainer.loop import step as step_mod
-from trainer.loop.loss import AUTO_CHUNK_BYTES, chunked_cross_entropy_sum, loss_chunk_rows
 from trainer.loop.recipe import LoRAFinetuneRecipe, main
+from trainer.model.loss import AUTO_CHUNK_BYTES, chunked_cross_entropy_sum, loss_chunk_rows
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from builder.core import compat
 from builder.wheels import kernelcheck
 
 
@@ -64,9 +65,9 @@ def test_varlen_errors_pass_a_right_kernel_and_catch_a_wrong_one() -> None:
     pytest.importorskip("torch")
     right = kernelcheck.varlen_errors(sdpa_varlen(True), head_dim=64, device="cpu", seqlens=(7, 33, 20), heads=2)
     assert set(right) == {"out", "dq", "dk", "dv"}
-    assert max(right.values()) < kernelcheck.REL_ERR_BOUND
+    assert max(right.values()) < compat.AGREEMENT_REL_ERROR
     wrong = kernelcheck.varlen_errors(sdpa_varlen(False), head_dim=64, device="cpu", seqlens=(7, 33, 20), heads=2)
-    assert max(wrong.values()) > 10 * kernelcheck.REL_ERR_BOUND
+    assert max(wrong.values()) > 10 * compat.AGREEMENT_REL_ERROR
 
 
 def test_the_verifier_can_run_kernelcheck_in_a_python_without_builder(tmp_path) -> None:

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from builder.core import settings
 from builder.core.errors import SameboxError
 from builder.core.fsutil import atomic_path, ensure_writable_dir, sha256_file
-from trainer.config import DataConfig, ModelConfig, TrainConfig
+from builder.core.progress import Progress
+from trainer.config import DataConfig
 from trainer.data.formats import FORMATS, DataFormat, detect_format
-from trainer.loop.progress import Progress
 
 IGNORE = -100
 # Bump when tokenization changes so old caches are not reused.
@@ -129,7 +129,7 @@ def cache_key(path: Path, tokenizer: Any, cfg: DataConfig) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SAMEBOX_CACHE", Path.home() / ".cache" / "samebox")) / "tokenized"
+    return settings.tokenized_cache()
 
 
 def check_labels(data: TokenizedData, cfg: DataConfig, path: Path) -> None:
@@ -173,24 +173,3 @@ def load_dataset(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedData, bool]:
                     "targets": torch.tensor([t for s in data.targets for t in s], dtype=torch.int32),
                     "lengths": torch.tensor([len(s) for s in data.input_ids]), "truncated": data.truncated}, tmp)
     return data, False
-
-
-def load_tokenizer(cfg: ModelConfig) -> Any:
-    """The model's tokenizer alone: the data is checked against it before any weights load. A hub id is first
-    checked for reachability (trainer/model/hub.py), so an offline machine hears so in seconds."""
-    from trainer.model.hub import check_model_source
-    from trainer.model.load import fetch_model
-    from trainer.model.load import load_tokenizer as from_model_dir
-
-    check_model_source(cfg)
-    return from_model_dir(fetch_model(cfg), cfg)
-
-
-def prepare_data(cfg: TrainConfig) -> tuple[TokenizedData, str]:
-    """The run's tokenized data and a line describing it: file, rows and tokenizer checked before the weights."""
-    data, cached = load_dataset(cfg.data, load_tokenizer(cfg.model))
-    note = f"{len(data)} samples ({'cached' if cached else 'tokenized'}, {data.truncated} truncated to " \
-           f"{cfg.data.max_length}"
-    if data.unlabeled:
-        note += f"; {data.unlabeled} with no token left to train after truncation"
-    return data, note + ")"

@@ -8,11 +8,11 @@ backend; offload keeps the per-layer tensors the backward pass needs, on the hos
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from builder.core import settings
 from trainer.fused.decoder import FusedDecoder, NotFusable, build
 from trainer.fused.kernels import pick as pick_kernels
 from trainer.fused.offload import host_available_bytes
@@ -34,7 +34,7 @@ def fused_decoder(model: Any, setting: str, dtype: torch.dtype, device: torch.de
 
     For diagnosis, SAMEBOX_FUSED_KERNELS=torch|liger and SAMEBOX_FUSED_ATTENTION=flash_attn|torch_varlen|sdpa
     force a kernel set or an attention backend."""
-    kernels = kernels or os.environ.get("SAMEBOX_FUSED_KERNELS", "auto")
+    kernels = kernels or settings.fused_kernels()
     if setting == "false":
         return None, "transformers + peft layers (train.fused=false)"
     chosen, kernel_note = pick_kernels(device, kernels)
@@ -47,7 +47,7 @@ def fused_decoder(model: Any, setting: str, dtype: torch.dtype, device: torch.de
             raise SameboxError(f"train.fused=true but the model cannot use fused layers: {e}",
                                hint="set train.fused=auto (falls back to transformers + peft)") from None
         return None, f"transformers + peft layers ({e})"
-    forced = os.environ.get("SAMEBOX_FUSED_ATTENTION")
+    forced = settings.fused_attention()
     if forced:
         decoder.attention = forced
     notes = [kernel_note, *decoder.notes]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from builder.core import compat
+
 
 @dataclass(frozen=True)
 class Packed:
@@ -60,14 +62,14 @@ BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "sdpa": _per_sample_sdpa}
 
 
-AGREES = 2e-2  # relative error against per-sample SDPA in fp32 under which a varlen backend is used
 
 
 def available(device: torch.device) -> list[str]:
     """Backends that can run here, best first."""
     names = []
     if device.type == "cuda":
-        if importlib.util.find_spec("flash_attn") is not None and torch.cuda.get_device_capability(device)[0] >= 8:
+        if importlib.util.find_spec("flash_attn") is not None and compat.flash_attn2_runs(
+                *torch.cuda.get_device_capability(device)):
             names.append("flash_attn")
         if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
             names.append("torch_varlen")
@@ -109,7 +111,7 @@ def pick(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, he
         except Exception as e:  # a build without this head dim, an old torch signature, ...
             notes.append(f"{name}: {type(e).__name__}: {str(e)[:120]}")
             continue
-        if err < AGREES:
+        if err < compat.AGREEMENT_REL_ERROR:
             return name, notes
         notes.append(f"{name}: relative error {err:.1e} against SDPA")
     return "sdpa", notes

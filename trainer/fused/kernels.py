@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from builder.core import compat
+
 
 # ----- the reference (torch) ----------------------------------------------------------------------------------
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, Any]:
@@ -185,6 +187,6 @@ def pick(device: torch.device, want: str = "auto") -> tuple[Kernels, str]:
         err = agreement(liger, device)
     except Exception as e:  # an API that moved between Liger versions, a Triton that cannot compile here
         return TORCH, f"torch kernels (Liger failed its check: {type(e).__name__}: {str(e)[:120]})"
-    if not err < 2e-2:
+    if not err < compat.AGREEMENT_REL_ERROR:
         return TORCH, f"torch kernels (Liger disagreed with torch: relative error {err:.1e})"
     return liger, f"Liger kernels (checked against torch: {err:.1e})"

@@ -10,9 +10,10 @@ of copies about a quarter of that over PCIe 4.0.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
+
+from builder.core import settings
 
 
 def host_available_bytes() -> int:
@@ -39,7 +40,7 @@ class ActivationStore:
         self.ready: dict[int, tuple[tuple[torch.Tensor, ...], object]] = {}
         cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if cuda and offload else None
-        self.pin = cuda and offload and os.environ.get("SAMEBOX_PIN_MEMORY", "1") != "0"
+        self.pin = cuda and offload and settings.pin_memory()
 
     # ----- forward -----------------------------------------------------------------------------------------
     def save(self, layer: int, *tensors: torch.Tensor) -> None:

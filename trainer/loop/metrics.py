@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.core.fsutil import write_atomic
+from builder.core.progress import format_duration
 from trainer.config import OutputConfig
 
 AUTODL_TF_LOGS = Path("/root/tf-logs")
@@ -28,13 +29,6 @@ def tensorboard_dir(cfg: OutputConfig, run_dir: Path) -> Path | None:
     if AUTODL_TF_LOGS.is_dir():
         return AUTODL_TF_LOGS / run_dir.name
     return run_dir / "tensorboard"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def truncate_metrics(path: Path, start_step: int) -> int:

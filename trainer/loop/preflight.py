@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.core.errors import SameboxError
-from builder.selftest.report import slowest
+from builder.core.output import slowest
 from trainer.config import ModelConfig, TrainConfig
 
 SELFTEST = [sys.executable, "-m", "builder", "selftest", "--quick", "--json"]
@@ -70,8 +70,7 @@ def model_config_for_selftest(cfg: ModelConfig) -> str | None:
     slim or lean build may lack them); None when it is not here yet or the run will not use flash-attn."""
     if cfg.attention in ("sdpa", "eager"):
         return None
-    from trainer.model.hub import cached_config
-    from trainer.model.load import resolve_source
+    from trainer.model.hub import cached_config, resolve_source
 
     try:
         source, name = resolve_source(cfg)
@@ -84,7 +83,7 @@ def model_config_for_selftest(cfg: ModelConfig) -> str | None:
         found = cached_config(name, cfg.revision)
     if found is None:
         return None
-    from builder.selftest.model import attention_needs
+    from builder.core.attention_needs import attention_needs
 
     try:
         attention_needs(found)

@@ -23,14 +23,15 @@ from builder.core.errors import SameboxError
 from builder.core.fsutil import write_atomic
 from trainer.config import TrainConfig
 from trainer.data.batching import build_micro_batches, idle_micro_batch, step_indices, steps_per_epoch
-from trainer.data.dataset import TokenizedData, prepare_data
+from trainer.data.dataset import TokenizedData
 from trainer.loop import checkpoint as ckpt
 from trainer.loop import distributed as dist
 from trainer.loop import sharding
-from trainer.loop.loss import loss_chunk_rows
 from trainer.loop.metrics import MetricsLogger
+from trainer.loop.prepare import prepare_data
 from trainer.loop.step import StepLoss, clip_and_check, is_finite, run_step
 from trainer.model.load import LoadedModel, decoder_and_head, micro_batch_budget, setup_model
+from trainer.model.loss import loss_chunk_rows
 
 RANK_TIMES = ("step_s", "compute_s", "reduce_s")  # each rank's, in every row under torchrun
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from builder.core import compat
 from builder.core.errors import SameboxError
 from trainer.loop.distributed import Ranks
 
@@ -45,7 +46,7 @@ def require_processes(shard: str, ranks: Ranks) -> None:
 
 
 def _torch_release() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    major, minor = compat.torch_minor(torch.__version__).split(".")
     return int(major), int(minor)
 
 

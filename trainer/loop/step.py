@@ -18,7 +18,7 @@ import torch
 
 from builder.core.errors import SameboxError
 from trainer.data.batching import MicroBatch
-from trainer.loop.loss import chunked_cross_entropy_sum
+from trainer.model.loss import chunked_cross_entropy_sum
 
 
 @dataclass

@@ -4,10 +4,12 @@ behind the GFW without a mirror) otherwise waits through the hub client's retrie
 from __future__ import annotations
 
 import os
+import re
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 from builder.core.errors import SameboxError
 from trainer.config import ModelConfig
@@ -66,8 +68,6 @@ def go_offline() -> None:
 def check_model_source(cfg: ModelConfig, timeout: float = TIMEOUT_S) -> None:
     """A hub id must be reachable, or already in the cache (then the run loads it offline, and says so).
     Local directories and ModelScope ids pass (ModelScope's client fails fast by itself)."""
-    from trainer.model.load import resolve_source
-
     source, name = resolve_source(cfg)
     if source != "hub":
         return
@@ -85,3 +85,23 @@ def check_model_source(cfg: ModelConfig, timeout: float = TIMEOUT_S) -> None:
         go_offline()
         print(f"samebox: {hub_endpoint()} gave no answer; loading {name} from the local cache (HF_HUB_OFFLINE=1)",
               flush=True)
+
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str]:
+    """(source, name): local directory, hub id or ModelScope id, decided from the name when source is auto."""
+    name = cfg.name
+    if cfg.source == "modelscope" or name.startswith("modelscope://"):
+        return "modelscope", name.removeprefix("modelscope://")
+    local = Path(name).expanduser()
+    if cfg.source == "local" or (cfg.source == "auto" and local.exists()):
+        if not (local / "config.json").is_file():
+            raise SameboxError(f"model directory {local} has no config.json",
+                               hint="point model.name at a directory saved with save_pretrained")
+        return "local", str(local)
+    if HUB_ID.match(name):
+        return "hub", name
+    raise SameboxError(f"model.name={name!r} is neither a directory nor a hub id",
+                       hint="use a local path, an id such as Qwen/Qwen2.5-7B, or modelscope://Qwen/Qwen2.5-7B")

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from builder.core import compat
 from builder.core.errors import SameboxError
 from trainer.config import ModelConfig
-from trainer.loop.loss import loss_chunk_rows
+from trainer.model.hub import resolve_source
+from trainer.model.loss import loss_chunk_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -29,23 +28,6 @@ class LoadedModel:
     dtype: torch.dtype
     attention: str
     model_dir: str
-
-
-def resolve_source(cfg: ModelConfig) -> tuple[str, str]:
-    """(source, name): local directory, hub id or ModelScope id, decided from the name when source is auto."""
-    name = cfg.name
-    if cfg.source == "modelscope" or name.startswith("modelscope://"):
-        return "modelscope", name.removeprefix("modelscope://")
-    local = Path(name).expanduser()
-    if cfg.source == "local" or (cfg.source == "auto" and local.exists()):
-        if not (local / "config.json").is_file():
-            raise SameboxError(f"model directory {local} has no config.json",
-                               hint="point model.name at a directory saved with save_pretrained")
-        return "local", str(local)
-    if HUB_ID.match(name):
-        return "hub", name
-    raise SameboxError(f"model.name={name!r} is neither a directory nor a hub id",
-                       hint="use a local path, an id such as Qwen/Qwen2.5-7B, or modelscope://Qwen/Qwen2.5-7B")
 
 
 def fetch_model(cfg: ModelConfig) -> str:
@@ -73,7 +55,7 @@ def flash_attn_usable(device: torch.device) -> bool:
     """flash-attn's varlen kernels: importable and an Ampere-or-newer GPU."""
     if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 8
+    return compat.flash_attn2_runs(*torch.cuda.get_device_capability(device))
 
 
 def pick_attention(cfg: ModelConfig, device: torch.device) -> str:
@@ -192,7 +174,7 @@ def auto_budget(config: Any, fused: Any, device: torch.device, dtype: torch.dtyp
     free, _, _ = gpu_free_bytes(device)
     elem = torch.finfo(dtype).bits // 8
     # LoRA weights, grads and AdamW's two moments in fp32; the loss's fp32 logits and their bf16 copy for the
-    # gradient, a chunk at a time (trainer/loop/loss.py works in place).
+    # gradient, a chunk at a time (trainer/model/loss.py works in place).
     reserve = 16 * trainable + 6 * loss_chunk * config.vocab_size + 2 ** 30 + gathered
     if fused is not None:
         per_token, reserve = fused.bytes_per_token(), reserve + fused.fixed_bytes()
@@ -332,3 +314,12 @@ def decoder_and_head(model: Any, fused: Any = None) -> tuple[Any, torch.nn.Modul
     causal_lm = model.get_base_model()
     body = fused if fused is not None else getattr(causal_lm, causal_lm.base_model_prefix)
     return body, causal_lm.get_output_embeddings()
+
+
+def checked_tokenizer(cfg: ModelConfig) -> Any:
+    """The model's tokenizer alone: the data is checked against it before any weights load. A hub id is first
+    checked for reachability (trainer/model/hub.py), so an offline machine hears so in seconds."""
+    from trainer.model.hub import check_model_source
+
+    check_model_source(cfg)
+    return load_tokenizer(fetch_model(cfg), cfg)

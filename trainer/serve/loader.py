@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers.cli.serving.model_manager import ModelLoader
 
-from trainer.serve.server import loaded_line, merge_lora
+from trainer.serve.served import loaded_line, merge_lora
 
 
 class MergingLoader(ModelLoader):

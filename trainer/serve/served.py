@@ -95,7 +95,8 @@ def _adapter_dir(path: Path, what: str) -> Path:
 def local_model_dir(cfg) -> Path:  # cfg: trainer.config.ModelConfig
     """The base model as a local directory: a local path as is, a ModelScope id through its client, a hub id from
     the Hugging Face cache or downloaded (HF_ENDPOINT honoured; an unreachable hub exits 2 in seconds)."""
-    from trainer.model.load import fetch_model, resolve_source
+    from trainer.model.hub import resolve_source
+    from trainer.model.load import fetch_model
 
     source, name = resolve_source(cfg)
     if source != "hub":
@@ -181,3 +182,24 @@ def overlay_dir(served: ServedModel, parent: Path) -> Path:
         for item in (served.adapter_dir / ADAPTER_CONFIG, served.adapter_dir / ADAPTER_WEIGHTS):
             os.symlink(item, out / item.name)
     return out
+
+
+def loaded_line(describe: str, model, merged: int) -> str:
+    """What `samebox serve` prints once the weights are in place (``describe``: ServedModel.describe())."""
+    lora = f" (LoRA merged into the weights in memory: {merged} layers)" if merged else ""
+    weights = next(model.parameters())
+    return (f"samebox serve: {describe}{lora}, {str(weights.dtype).removeprefix('torch.')} on "
+            f"{weights.device}")
+
+
+def merge_lora(model) -> int:
+    """Fold every LoRA pair into its base weight and put the plain layer back in its place (as peft's
+    merge_and_unload does): after this a token costs what it costs on the base model. The number of layers merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in layers:
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.get_base_layer())
+    return len(layers)

@@ -25,13 +25,12 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from builder.core import compat, supported
+from builder.core import compat, settings, supported
 from builder.core.errors import SameboxError
-from trainer.serve.served import ServedModel, adapter_config, overlay_dir
+from trainer.serve.served import ServedModel, adapter_config, loaded_line, merge_lora, overlay_dir
 
 AUTODL_PORT = 6006  # AutoDL maps each instance's 6006 (and 6008) to a public address
 DEFAULT_PORT = 8000  # elsewhere: the port OpenAI-compatible servers (vLLM, transformers serve) use
-API_KEY_ENV = "SAMEBOX_API_KEY"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 
 
@@ -71,7 +70,7 @@ def probe() -> Facts:
         vllm = importlib.metadata.version("vllm")
         pins = [r for r in importlib.metadata.requires("vllm") or [] if r.replace(" ", "").startswith("torch==")]
         vllm_torch = pins[0].split("==", 1)[1].split(";")[0].strip() if pins else ""
-    return Facts(torch.__version__.split("+")[0], torch.cuda.is_available(), transformers.__version__, missing,
+    return Facts(compat.torch_release(torch.__version__), torch.cuda.is_available(), transformers.__version__, missing,
                  vllm, vllm_torch, probe_rental().autodl)
 
 
@@ -256,33 +255,6 @@ def _loaded(server):
     return timed.model, timed.processor
 
 
-def loaded_line(describe: str, model, merged: int) -> str:
-    """What `samebox serve` prints once the weights are in place (``describe``: ServedModel.describe())."""
-    lora = f" (LoRA merged into the weights in memory: {merged} layers)" if merged else ""
-    weights = next(model.parameters())
-    return (f"samebox serve: {describe}{lora}, {str(weights.dtype).removeprefix('torch.')} on "
-            f"{weights.device}")
-
-
-def merge_lora(model) -> int:
-    """Fold every LoRA pair into its base weight and put the plain layer back in its place (as peft's
-    merge_and_unload does): after this a token costs what it costs on the base model. The number of layers merged."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name, layer in layers:
-        layer.merge()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.get_base_layer())
-    return len(layers)
-
-
-ENGINES: tuple[Engine, ...] = (
-    Engine("vllm", _vllm_unusable, serve_vllm),
-    Engine("transformers", _transformers_unusable, serve_transformers),
-)
-
-
 def choose_engine(requested: str, facts: Facts) -> tuple[Engine, list[str]]:
     """The engine to run and a note per better engine passed over (why); a requested engine that cannot run here,
     or none at all, is a SameboxError naming every reason."""
@@ -306,12 +278,18 @@ def choose_engine(requested: str, facts: Facts) -> tuple[Engine, list[str]]:
                        "--gguf OUT.gguf) and serve it with ollama", notes)
 
 
+ENGINES: tuple[Engine, ...] = (
+    Engine("vllm", _vllm_unusable, serve_vllm),
+    Engine("transformers", _transformers_unusable, serve_transformers),
+)
+
+
 # --- checks before anything loads -------------------------------------------------------------------------------
 
 
 def api_key(flag: str | None) -> str | None:
     """--api-key, else $SAMEBOX_API_KEY; empty means none."""
-    key = flag if flag is not None else os.environ.get(API_KEY_ENV, "")
+    key = flag if flag is not None else settings.api_key()
     return key or None
 
 
@@ -343,11 +321,12 @@ def banner(served: ServedModel, engine: Engine, notes: list[str], opts: ServeOpt
         else ""
     lines.append(f"samebox serve: http://{opts.host}:{opts.port}/v1{public}")
     if opts.api_key:
-        lines.append(f"samebox serve: API key required (Authorization: Bearer ...; from --api-key or {API_KEY_ENV})")
+        lines.append("samebox serve: API key required (Authorization: Bearer ...; from --api-key or "
+                     f"{settings.API_KEY_VARIABLE})")
     elif opts.host not in ("127.0.0.1", "localhost", "::1"):
         lines.append(f"samebox serve: no API key: anyone who reaches port {opts.port} can use the model; "
-                     f"set {API_KEY_ENV} to require one")
-    auth = f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if opts.api_key else ""
+                     f"set {settings.API_KEY_VARIABLE} to require one")
+    auth = f" -H \"Authorization: Bearer ${settings.API_KEY_VARIABLE}\"" if opts.api_key else ""
     request = json.dumps({"model": served.name, "messages": [{"role": "user", "content": "hello"}]})
     lines.append(f"samebox serve: try: curl http://127.0.0.1:{opts.port}/v1/chat/completions"
                  f" -H 'Content-Type: application/json'{auth} -d '{request}'")

@@ -3,12 +3,18 @@ on a terminal; elsewhere (a log file, nohup, a pipe) one line when the stage sta
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
 
-from trainer.loop.distributed import ranks_from_env
-from trainer.loop.metrics import format_duration
+
+def format_duration(seconds: float) -> str:
+    """'1h02m' or '3m07s'."""
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class Progress:
@@ -18,8 +24,8 @@ class Progress:
                  tty: bool | None = None) -> None:
         self.what, self.total, self.unit = what, total, unit
         self.stream = stream or sys.stderr
-        # Under torchrun every process tokenizes; the first one speaks for them.
-        self.quiet = stream is None and not ranks_from_env().main
+        # Under torchrun every process tokenizes; the first one (RANK 0, the launcher's variable) speaks for them.
+        self.quiet = stream is None and os.environ.get("RANK", "0") != "0"
         self.tty = self.stream.isatty() if tty is None else tty
         self.every_s = every_s
         self.done = 0
