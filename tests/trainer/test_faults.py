@@ -192,7 +192,8 @@ def test_a_second_run_on_an_output_dir_in_use_is_refused_and_a_killed_runs_lock_
     assert (run_dir / ".samebox-train.lock").is_file()
     assert cli_main(["train", str(config), "--no-preflight", "--resume", "auto", "train.max_steps=3"]) == 0
     assert _steps(run_dir) == [1, 2, 3]
-    lock_run_dir(run_dir).release()  # the finished run let go of it
+    assert not (run_dir / ".samebox-train.lock").exists()  # a run that ends lets go of it and removes it
+    lock_run_dir(run_dir).release()
 
 
 def test_what_a_killed_save_leaves_is_tidied_at_the_next_start(make_config, tmp_path, capsys):
