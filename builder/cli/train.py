@@ -1,9 +1,10 @@
-"""`samebox train CONFIG.yaml [--resume auto|PATH | --overwrite] [--no-preflight] [key=value ...]`: LoRA/QLoRA
-fine-tuning.
+"""`samebox train CONFIG.yaml [--resume auto|PATH [--resume-changed-data] | --overwrite] [--no-preflight]
+[key=value ...]`: LoRA/QLoRA fine-tuning.
 
-Before anything slow, in this order: the config (every field), output.dir (created, writable, and no earlier run's
-checkpoints unless resuming or --overwrite), the data (file, rows, tokenizer), then the GPU self-test, then the
-weights. Under several GPUs the launcher runs it once per GPU: `torchrun --nproc_per_node 2 -m builder train ...`
+Before anything slow, in this order: the config (every field), output.dir (created, writable, not in use by another
+run, no earlier run's checkpoints unless resuming or --overwrite; when resuming, a checkpoint that passes its checks,
+of the same data file), the data (file, rows, tokenizer), then the GPU self-test, then the weights. Under several
+GPUs the launcher runs it once per GPU: `torchrun --nproc_per_node 2 -m builder train ...`
 (or `accelerate launch -m builder train ...`).
 """
 
@@ -22,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest checkpoint in output.dir (auto) or from PATH")
+    p.add_argument("--resume-changed-data", action="store_true",
+                   help="resume although the data file changed since the checkpoint (the steps left use the new data)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an output.dir that holds an earlier run (its checkpoints are deleted)")
     p.add_argument("--no-preflight", action="store_true",
@@ -45,17 +48,20 @@ def run(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     cfg = load_config(Path(args.config), args.overrides)
-    from trainer.loop.checkpoint import check_run_dir
+    from trainer.loop.distributed import ranks_from_env
     from trainer.loop.preflight import PreflightFailed, run_preflight
     from trainer.loop.prepare import prepare_data
     from trainer.loop.recipe import main
+    from trainer.loop.rundir import open_run
 
-    check_run_dir(Path(cfg.output.dir).expanduser(), args.resume, args.overwrite)
-    prepared = prepare_data(cfg)
-    if not args.no_preflight:
-        try:
-            run_preflight(cfg)
-        except PreflightFailed as e:
-            print(f"samebox train: {e}", file=sys.stderr)
-            return 1
-    return main(cfg, resume=args.resume, overwrite=args.overwrite, prepared=prepared)
+    # output.dir stays locked until the run returns: a second run there is refused, whatever it was asked to do.
+    with open_run(cfg, args.resume, args.overwrite, args.resume_changed_data, ranks_from_env()) as start:
+        prepared = prepare_data(cfg)
+        if not args.no_preflight:
+            try:
+                run_preflight(cfg)
+            except PreflightFailed as e:
+                print(f"samebox train: {e}", file=sys.stderr)
+                return 1
+        return main(cfg, resume=args.resume, overwrite=args.overwrite, prepared=prepared,
+                    resume_changed_data=args.resume_changed_data, start=start)

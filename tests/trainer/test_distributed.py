@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from trainer.loop.checkpoint import verify_checkpoint
 from trainer.loop.distributed import Ranks, share_of_step
 from trainer.loop.recipe import LoRAFinetuneRecipe
 
@@ -64,9 +65,10 @@ def test_two_processes_match_one_and_survive_sigterm(make_config, tmp_path):
     assert f"stopped by signal at step {stopped};" in first and first.count("stopped by signal") == 1
     ckpt = run_dir / "checkpoints" / f"step-{stopped:08d}"
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng-0.pt", "rng-1.pt",
-        "scheduler.pt", "trainer_state.json"]
+        "adapter_config.json", "adapter_model.safetensors", "manifest.json", "optimizer.pt", "rng-0.pt",
+        "rng-1.pt", "scheduler.pt", "trainer_state.json"]
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
+    assert verify_checkpoint(ckpt) is None  # the manifest holds both ranks' RNG files
 
     second = _torchrun_until(config_file, run_dir, stopped + 3, "--resume", "auto")
     assert f"resumed from {ckpt} at step {stopped}" in second

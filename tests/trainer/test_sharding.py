@@ -95,8 +95,8 @@ def test_two_sharded_processes_train_like_one(make_config, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["shard"] == "fsdp" and summary["path"].startswith("FSDP2-sharded")
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step-00000004").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng-0.pt", "rng-1.pt",
-        "scheduler.pt", "trainer_state.json"]
+        "adapter_config.json", "adapter_model.safetensors", "manifest.json", "optimizer.pt", "rng-0.pt",
+        "rng-1.pt", "scheduler.pt", "trainer_state.json"]
 
 
 @pytest.mark.slow

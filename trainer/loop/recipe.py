@@ -19,14 +19,13 @@ from typing import Any
 import torch
 import yaml
 
-from builder.core.errors import SameboxError
 from builder.core.fsutil import write_atomic
 from trainer.config import TrainConfig
 from trainer.data.batching import build_micro_batches, idle_micro_batch, step_indices, steps_per_epoch
 from trainer.data.dataset import TokenizedData
 from trainer.loop import checkpoint as ckpt
 from trainer.loop import distributed as dist
-from trainer.loop import sharding
+from trainer.loop import rundir, sharding
 from trainer.loop.metrics import MetricsLogger
 from trainer.loop.prepare import prepare_data
 from trainer.loop.step import StepLoss, clip_and_check, is_finite, run_step
@@ -47,11 +46,14 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
 
 class LoRAFinetuneRecipe:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
-                 prepared: tuple[TokenizedData, str] | None = None) -> None:
+                 prepared: tuple[TokenizedData, str] | None = None, resume_changed_data: bool = False,
+                 start: rundir.RunStart | None = None) -> None:
         self.cfg = cfg
         self.resume = resume
         self.overwrite = overwrite
+        self.resume_changed_data = resume_changed_data
         self.prepared = prepared  # (data, note) when the command already checked the data (prepare_data)
+        self.given_start = start  # output.dir's lock and checkpoint when the command already took them (open_run)
         self.run_dir = Path(cfg.output.dir).expanduser()
         self.ranks = dist.ranks_from_env()
         self.rank, self.world = self.ranks.rank, self.ranks.world
@@ -66,10 +68,12 @@ class LoRAFinetuneRecipe:
     def setup(self) -> None:
         dist.init(self.ranks)
         torch.manual_seed(self.cfg.train.seed)
-        ckpt.check_run_dir(self.run_dir, self.resume, self.overwrite)
+        self.start = self.given_start or rundir.open_run(self.cfg, self.resume, self.overwrite,
+                                                         self.resume_changed_data, self.ranks)
         if self.overwrite and self.rank == 0:
-            ckpt.clear_run(self.run_dir)
+            rundir.clear_run(self.run_dir)
         self._setup_data()  # the data, its rows and the tokenizer are checked before the weights load
+        rundir.check_samples(self.start, len(self.data))
         self._setup_model()
         dist.broadcast_params(self.params, self.ranks, self.loaded.device)
         self._restore_adapter()  # into the whole adapter, before any sharding
@@ -139,20 +143,12 @@ class LoRAFinetuneRecipe:
         self.scaler = torch.amp.GradScaler("cuda") if self.loaded.dtype == torch.float16 else None
 
     def _restore_adapter(self) -> None:
-        path = ckpt.resolve_resume(self.run_dir, self.resume)
-        self.resumed_from = path
+        """The LoRA weights of the checkpoint open_run chose (verified, of the same data)."""
+        path = self.resumed_from = self.start.checkpoint
         if path is None:
             return
-        state = ckpt.read_state(path)
-        expected = {"samples": len(self.data), "samples_per_step": self.cfg.train.samples_per_step,
-                    "seed": self.cfg.train.seed, "shuffle": self.cfg.data.shuffle}
-        changed = [f"{k}: checkpoint {state['data'].get(k)!r}, now {v!r}" for k, v in expected.items()
-                   if state["data"].get(k) != v]
-        if changed:
-            raise SameboxError(f"cannot resume from {path}: the data order would differ", problems=changed,
-                               hint="resume with the same data and train settings, or start a new output.dir")
         ckpt.load_adapter(path, self.model)
-        self.resumed_state = state
+        self.resumed_state = self.start.state
 
     def _restore(self) -> None:
         """The rest of the checkpoint _restore_adapter found: optimizer, scheduler, RNG and counters."""
@@ -283,7 +279,9 @@ class LoRAFinetuneRecipe:
                      "skipped": self.skipped, "label_tokens_seen": self.label_tokens_seen,
                      "train_seconds": self.train_seconds, "world_size": self.world,
                      "data": {"samples": len(self.data), "samples_per_step": self.cfg.train.samples_per_step,
-                              "seed": self.cfg.train.seed, "shuffle": self.cfg.data.shuffle}}
+                              "seed": self.cfg.train.seed, "shuffle": self.cfg.data.shuffle,
+                              "path": str(Path(self.cfg.data.path).expanduser()),
+                              "sha256": self.start.data_sha256}}
             path = ckpt.commit_checkpoint(self.run_dir, self.step, self.model, trainable, optimizer_state,
                                           self.scheduler, state, self.cfg.output.keep_last)
         dist.barrier(self.ranks)
@@ -339,12 +337,15 @@ class LoRAFinetuneRecipe:
             signal.signal(sig, handler)
         if getattr(self, "logger", None) is not None:
             self.logger.close()
+        if self.given_start is None and getattr(self, "start", None) is not None:
+            self.start.release()
         dist.shutdown(self.ranks)
 
 
 def main(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
-         prepared: tuple[TokenizedData, str] | None = None) -> int:
-    recipe = LoRAFinetuneRecipe(cfg, resume, overwrite, prepared)
+         prepared: tuple[TokenizedData, str] | None = None, resume_changed_data: bool = False,
+         start: rundir.RunStart | None = None) -> int:
+    recipe = LoRAFinetuneRecipe(cfg, resume, overwrite, prepared, resume_changed_data, start)
     try:
         recipe.setup()
         return recipe.train()
