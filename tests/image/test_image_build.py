@@ -47,6 +47,10 @@ def test_labels_name_the_image_and_lockfile(docker: Docker, built: dict) -> None
     assert labels["io.samebox.lock-sha256"] == sha256_file(lock)
     assert labels["org.opencontainers.image.title"] == f"samebox {TEST_IMAGE_ID}"
     assert labels["io.samebox.flash-attn"] == "none: this image has no torch"
+    # Debian's Docker 20.10 client builds with the daemon's embedded BuildKit, which cannot stamp the build date on
+    # the layers' files: the image and the build output say so.
+    assert labels["io.samebox.reproducible"].startswith("no: a Docker client before 23"), labels
+    assert "samebox: warning: not reproducible:" in built["stderr"]
 
 
 def test_every_locked_package_installed_at_its_version(docker: Docker, built: dict) -> None:  # noqa: F811
