@@ -170,6 +170,23 @@ def test_the_first_differing_layer_and_its_files_are_named(tmp_path: Path) -> No
     assert "first differing layer: 3 of 3, made by: RUN plant" in report and "opt/planted: content" in report
     assert "la != lb" in report
     assert list(work.iterdir()) == [], "the exported archives are removed"
+    assert "by their time only" not in report
+
+
+def test_a_difference_of_file_times_only_says_the_date_was_not_stamped(tmp_path: Path) -> None:
+    _archive(tmp_path / "a.tar", [BASE, _tar({"opt": (None, 1)})], ["RUN venv"])
+    _archive(tmp_path / "b.tar", [BASE, _tar({"opt": (None, 2)})], ["RUN venv"])
+    engine = FakeEngine({"a": (ImageInfo("sha256:a", ("l0", "la"), {}), tmp_path / "a.tar"),
+                         "b": (ImageInfo("sha256:b", ("l0", "lb"), {}), tmp_path / "b.tar")})
+    report = compare_images(engine, "a", "b", tmp_path / "work").report()
+    assert "1 file(s) differ in it by their time only: the engine did not stamp the build date:" in report
+
+
+def test_built_image_takes_entry_and_lock_from_its_labels(capsys: pytest.CaptureFixture) -> None:
+    from builder.cli import main
+
+    assert main(["verify", "--built-image", "samebox:x", "--image", "test-bookworm-py311"]) == 2
+    assert "leave out --image and --lockfile" in capsys.readouterr().err
 
 
 def test_same_image_is_not_exported_and_a_config_difference_is_named(tmp_path: Path) -> None:

@@ -128,6 +128,11 @@ class Engine:
     def remove(self, ref: str) -> None:
         subprocess.run([self.binary, *self._commands().remove, ref], capture_output=True, env=self.env())
 
+    def run_in(self, ref: str, argv: list[str], mounts: dict[Path, str]) -> subprocess.CompletedProcess:
+        """Run ``argv`` in a throw-away container of the image, without network, with host files mounted read-only
+        (host path -> path inside)."""
+        return self._commands().run(self, ref, argv, mounts)
+
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -154,21 +159,46 @@ def _read_buildah_inspect(data: dict) -> ImageInfo:
     return ImageInfo(image_id if ":" in image_id else f"sha256:{image_id}", layers, labels)
 
 
+def _volumes(mounts: dict[Path, str]) -> list[str]:
+    return [arg for src, dst in sorted(mounts.items()) for arg in ("-v", f"{src}:{dst}:ro")]
+
+
+def _docker_run(engine: Engine, ref: str, argv: list[str], mounts: dict[Path, str]) -> subprocess.CompletedProcess:
+    # --entrypoint: a workstation image's entrypoint would start JupyterLab first.
+    return subprocess.run([engine.binary, "run", "--rm", "--network", "none", *_volumes(mounts), "--entrypoint",
+                           argv[0], ref, *argv[1:]], capture_output=True, text=True, env=engine.env())
+
+
+def _buildah_run(engine: Engine, ref: str, argv: list[str], mounts: dict[Path, str]) -> subprocess.CompletedProcess:
+    """buildah runs commands in a working container: made from the image, removed afterwards."""
+    made = subprocess.run([engine.binary, "from", "--quiet", ref], capture_output=True, text=True, env=engine.env())
+    if made.returncode != 0:
+        return made
+    container = made.stdout.strip().splitlines()[-1]
+    try:
+        return subprocess.run([engine.binary, "run", "--network", "none", *_volumes(mounts), container, "--", *argv],
+                              capture_output=True, text=True, env=engine.env())
+    finally:
+        subprocess.run([engine.binary, "rm", container], capture_output=True, env=engine.env())
+
+
 @dataclass(frozen=True)
 class ImageCommands:
     """How a client answers about a local image: ``inspect`` + ref prints JSON that ``read`` turns into an
-    ``ImageInfo``; ``save`` (with {ref} and {archive}) writes it as a docker-archive tar; ``remove`` + ref untags it."""
+    ``ImageInfo``; ``save`` (with {ref} and {archive}) writes it as a docker-archive tar; ``remove`` + ref untags it;
+    ``run`` runs a command in a container of it."""
 
     inspect: tuple[str, ...]
     read: Callable[..., ImageInfo]
     save: tuple[str, ...]
     remove: tuple[str, ...]
+    run: Callable[[Engine, str, list[str], dict[Path, str]], subprocess.CompletedProcess] = _docker_run
 
 
 DOCKER_IMAGES = ImageCommands(("image", "inspect"), _read_docker_inspect, ("save", "-o", "{archive}", "{ref}"),
                               ("rmi",))
 BUILDAH_IMAGES = ImageCommands(("inspect", "--type", "image"), _read_buildah_inspect,
-                               ("push", "--quiet", "{ref}", "docker-archive:{archive}"), ("rmi",))
+                               ("push", "--quiet", "{ref}", "docker-archive:{archive}"), ("rmi",), _buildah_run)
 
 
 def _ok(argv: list[str]) -> bool:

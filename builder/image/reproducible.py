@@ -79,7 +79,10 @@ class Comparison:
         lines.append(f"first differing layer: {self.layer + 1} of {max(len(a.layers), len(b.layers))}"
                      + (f", made by: {_short(self.made_by)}" if self.made_by else ""))
         lines.append(f"  {_at(a.layers, self.layer)} != {_at(b.layers, self.layer)}")
-        lines.append(f"{len(self.files)} file(s) differ in it" + (":" if self.files else ""))
+        times_only = self.files and all(d.what.startswith("mtime ") for d in self.files)
+        lines.append(f"{len(self.files)} file(s) differ in it"
+                     + (" by their time only: the engine did not stamp the build date" if times_only else "")
+                     + (":" if self.files else ""))
         lines += [f"  {d.path}: {d.what}" for d in self.files[:REPORT_FILES]]
         if len(self.files) > REPORT_FILES:
             lines.append(f"  ... and {len(self.files) - REPORT_FILES} more")

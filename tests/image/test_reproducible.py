@@ -3,6 +3,7 @@ and on the history), a changed pin builds another, and a planted difference is n
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import uuid
@@ -112,3 +113,14 @@ def test_planted_difference_is_named_by_layer_and_file(buildah: Buildah, tmp_pat
         assert engine.image(tag) is not None and engine.image(f"{tag}-rebuild") is not None, "both kept to inspect"
     finally:
         buildah("rmi", "--force", tag, f"{tag}-rebuild", check=False)
+
+
+def test_verify_built_image_runs_inside_a_buildah_container(buildah: Buildah, verified: dict) -> None:  # noqa: F811
+    from tests.harness import samebox
+
+    proc = samebox("verify", "--root", str(TEST_ROOT), "--engine", "buildah", "--built-image", verified["tag"],
+                   "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] and report["image"] == TEST_IMAGE_ID and report["reproducible"].startswith("yes:")
+    assert buildah("containers", "--quiet").stdout.strip() == "", "the working container is removed"
