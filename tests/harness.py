@@ -1,7 +1,8 @@
 """Docker test harness: a reachable daemon (started by .ci/run, or by hand with tests/docker/dockerd.sh), the local
-debootstrap base image, and helpers that build the test catalog's image with the real `samebox image` command.
+debootstrap base image, buildah with a private store holding that base, and helpers that build the test catalog's
+image with the real `samebox image` command.
 
-With CI=true a missing daemon fails the test instead of skipping it (tests/conftest.py ``require``).
+With CI=true a missing daemon or buildah fails the test instead of skipping it (tests/conftest.py ``require``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import base64
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -77,6 +79,53 @@ def test_base_image(docker: Docker) -> str:
         subprocess.run(["bash", str(REPO / "tests/docker/base-image.sh"), BASE_IMAGE], check=True,
                        env={**os.environ, "DOCKER": docker.binary})
     return BASE_IMAGE
+
+
+@dataclass
+class Buildah:
+    """buildah with a private store (its own storage.conf) and chroot isolation: ``env`` goes to every call (and
+    is in os.environ while the session's tests run, for the engine samebox drives)."""
+
+    binary: str
+    env: dict[str, str]
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([self.binary, *args], capture_output=True, text=True, check=check,
+                              env={**os.environ, **self.env})
+
+
+def _store_conf(path: Path, driver: str) -> None:
+    path.write_text(f'[storage]\ndriver = "{driver}"\nrunroot = "{path.parent}/run"\n'
+                    f'graphroot = "{path.parent}/graph"\n')
+
+
+@pytest.fixture(scope="session")
+def buildah(docker: Docker, test_base_image: str, tmp_path_factory: pytest.TempPathFactory):
+    """buildah with the test base image in a private store: overlay where the kernel allows it, else vfs (slower:
+    a full copy per layer). The store is removed at the end of the session."""
+    binary = shutil.which("buildah")
+    require(binary is not None, "buildah not installed (apt-get install buildah)")
+    assert binary is not None
+    root = tmp_path_factory.mktemp("buildah")
+    base = root / "base.tar"
+    docker("save", "-o", str(base), test_base_image)
+    for driver in ("overlay", "vfs"):
+        store = root / driver
+        store.mkdir()
+        _store_conf(store / "storage.conf", driver)
+        engine = Buildah(binary, {"CONTAINERS_STORAGE_CONF": str(store / "storage.conf"),
+                                  "BUILDAH_ISOLATION": "chroot"})
+        pulled = engine("pull", "--quiet", f"docker-archive:{base}", check=False)
+        if pulled.returncode == 0:
+            break
+    assert pulled.returncode == 0, f"buildah could not load the base image: {pulled.stderr}"
+    base.unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in engine.env.items():
+            mp.setenv(name, value)
+        yield engine
+    engine("rmi", "--all", "--force", check=False)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def samebox(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

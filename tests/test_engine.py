@@ -35,7 +35,8 @@ def test_buildkit_argv_carries_secrets_as_files_and_base_override(tmp_path: Path
 
 def test_buildx_and_daemonless_argv(tmp_path: Path) -> None:
     req = BuildRequest(context=tmp_path, tag="t", network_host=False)
-    assert Engine("docker", "docker", BUILDX).build_argv(req, {})[:4] == ["docker", "buildx", "build", "--load"]
+    argv = Engine("docker", "docker", BUILDX).build_argv(req, {})
+    assert argv[:3] == ["docker", "buildx", "build"] and "--load" in argv
     for name in ("podman", "buildah"):
         argv = Engine(name, name, DAEMONLESS).build_argv(req, {})
         assert argv[:3] == [name, "build", "--layers"] and "--network" not in argv

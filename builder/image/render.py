@@ -20,6 +20,7 @@ from builder.core.settings import project_root
 from builder.core.spec import ImageSpec
 from builder.image import workstation as workstation_layer
 from builder.image.lock import lockfile_sha256
+from builder.image.reproducible import SOURCE_DATE_EPOCH
 
 MINICONDA_BASE_URL = "https://repo.anaconda.com/miniconda/"
 SOURCE_URL = "https://github.com/samebox/samebox"
@@ -76,7 +77,8 @@ def render_dockerfile(spec: ImageSpec, flash_attn: bool = True,
         json.dumps(
             {"template": template_path.read_text(), "spec": {k: v for k, v in spec.to_dict().items()
                                                              if k not in ("root", "lockfile")},
-             "lock": lock, "flash_attn": flash_attn_enabled, "profile": flash_attn_profile}
+             "lock": lock, "flash_attn": flash_attn_enabled, "profile": flash_attn_profile,
+             "source_date_epoch": SOURCE_DATE_EPOCH}
             | ({"workstation": sha256_file(workstation_layer.require_fresh(spec))} if workstation else {}),
             sort_keys=True,
         )
@@ -94,6 +96,7 @@ def render_dockerfile(spec: ImageSpec, flash_attn: bool = True,
         command=command,
         inputs_sha256=inputs,
         lock_sha256=lock,
+        source_date_epoch=SOURCE_DATE_EPOCH,
         lock_name=f"{spec.id}.lock.txt",
         conda_mirror=MINICONDA_BASE_URL,
         flash_attn_enabled=flash_attn_enabled,

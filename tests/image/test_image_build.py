@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import uuid
@@ -47,6 +48,10 @@ def test_labels_name_the_image_and_lockfile(docker: Docker, built: dict) -> None
     assert labels["io.samebox.lock-sha256"] == sha256_file(lock)
     assert labels["org.opencontainers.image.title"] == f"samebox {TEST_IMAGE_ID}"
     assert labels["io.samebox.flash-attn"] == "none: this image has no torch"
+    # Debian's Docker 20.10 client builds with the daemon's embedded BuildKit, which cannot stamp the build date on
+    # the layers' files: the image and the build output say so.
+    assert labels["io.samebox.reproducible"].startswith("no: a Docker client before 23"), labels
+    assert "samebox: warning: not reproducible:" in built["stderr"]
 
 
 def test_every_locked_package_installed_at_its_version(docker: Docker, built: dict) -> None:  # noqa: F811
@@ -161,3 +166,30 @@ def test_engine_none_prints_a_command_that_builds_as_printed(docker: Docker, tes
         assert any(p.startswith("/files/") for p in authorized[seen:]), "pip reached the mirror through the secret"
     finally:
         docker("rmi", "-f", tag, check=False)
+
+
+def test_verify_built_image_against_its_lock(docker: Docker, built: dict, tmp_path: Path) -> None:  # noqa: F811
+    """`samebox verify --built-image REF`: the labels name the entry and lock; samebox inside checks what is
+    installed. A file changed after the build and a lock moved since are both reported."""
+    from tests.harness import samebox
+
+    ok = samebox("verify", "--root", str(TEST_ROOT), "--built-image", built["tag"])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "and what is installed in it matches it" in ok.stdout and "reproducible: no:" in ok.stdout
+    tampered = f"{built['tag']}-tampered"
+    site = "/opt/samebox/venv/lib/python3.11/site-packages"
+    docker("build", "--network", "none", "-t", tampered, "-",
+           input=f"FROM {built['tag']}\nRUN echo '# changed' >> {site}/six.py\n")
+    root = tmp_path / "catalog"
+    shutil.copytree(TEST_ROOT, root)
+    lock = root / "lockfiles" / f"{TEST_IMAGE_ID}.txt"
+    lock.write_text(lock.read_text().replace("packaging==26.3", "packaging==26.2"))
+    try:
+        bad = samebox("verify", "--root", str(root), "--built-image", tampered, "--json")
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        problems = "\n".join(json.loads(bad.stdout)["problems"])
+        assert f"but {lock} now has sha256" in problems
+        assert "packaging is 26.3, the lock has 26.2" in problems
+        assert "six 1.17.0: 1 file(s) differ from its RECORD (six.py)" in problems
+    finally:
+        docker("rmi", "-f", tampered, check=False)
