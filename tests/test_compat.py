@@ -72,3 +72,23 @@ def test_head_dims_flash_attn_runs_unpadded() -> None:
 
     assert [d for d in range(8, 257, 8) if compat.flash_attn_head_dim_even(d)] == [
         d for d in range(8, 257, 8) if rounded(d) == d] == [32, 64, 96, 128, 192, 256]
+
+
+def test_the_hardware_tables_are_data_checked_when_loaded(tmp_path) -> None:
+    import json
+
+    data = json.loads(compat.HARDWARE_TABLES.read_text())
+    assert compat.GPU_CAPABILITY["H20"] == ("9.0", "H20") and compat.CUDA_MIN_DRIVER["12.1"] == "530.30.02"
+    data["gpus"]["NEWCARD"] = ["9.0", "New Card"]  # a new GPU is a data edit
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(data))
+    assert compat.load_tables(good)["gpus"]["NEWCARD"] == ["9.0", "New Card"]
+    data["gpus"]["BROKEN"] = ["nine", "Broken"]
+    data["cuda_min_driver"]["12.1"] = "latest"
+    data["torch_releases"]["2.3"]["cuda"].append("99.9")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as e:
+        compat.load_tables(bad)
+    for problem in ("gpus.BROKEN", "cuda_min_driver.12.1: 'latest'", "torch_releases.2.3: CUDA 99.9 has no"):
+        assert problem in str(e.value)

@@ -5,51 +5,49 @@ Every function here is a lookup over the tables; callers never encode version kn
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HARDWARE_TABLES = Path(__file__).resolve().parents[1] / "data" / "hardware.json"
+_CAPABILITY = re.compile(r"^\d{1,2}\.\d$")
+_DRIVER = re.compile(r"^\d+(\.\d+){1,2}$")
+
+
+def load_tables(path: Path = HARDWARE_TABLES) -> dict[str, dict[str, Any]]:
+    """builder/data/hardware.json, checked: every capability 'M.m', every driver dotted numbers, every torch
+    release's CUDA variants with arches and a driver minimum. A broken edit fails here, naming each problem."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    tables = {name: {k: v for k, v in table.items() if k != "_about"}
+              for name, table in data.items() if name != "_about"}
+    problems = []
+    for name, (cap, canonical) in tables["gpus"].items():
+        if not _CAPABILITY.match(cap) or not canonical:
+            problems.append(f"gpus.{name}: want [\"M.m\", \"canonical name\"], got {[cap, canonical]}")
+    for cuda, driver in tables["cuda_min_driver"].items():
+        if not _DRIVER.match(driver):
+            problems.append(f"cuda_min_driver.{cuda}: {driver!r} is not a driver version")
+    for cuda, arches in tables["torch_arches"].items():
+        problems += [f"torch_arches.{cuda}: {a!r} is not M.m" for a in arches if not _CAPABILITY.match(a)]
+    for minor, release in tables["torch_releases"].items():
+        if release["pypi_cuda"] not in release["cuda"]:
+            problems.append(f"torch_releases.{minor}: pypi_cuda {release['pypi_cuda']} is not one of its CUDA variants")
+        problems += [f"torch_releases.{minor}: CUDA {c} has no torch_arches row" for c in release["cuda"]
+                     if c not in tables["torch_arches"]]
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return tables
+
+
+_TABLES = load_tables()
 
 # --- GPUs -------------------------------------------------------------------------------------------------------
 
 # Marketing name (as users and the rental platforms write it, normalised by ``normalise_gpu_name``) ->
-# (compute capability, canonical name). The vGPU rows are AutoDL's virtualised cards.
-GPU_CAPABILITY: dict[str, tuple[str, str]] = {
-    "V100": ("7.0", "Tesla V100"),
-    "T4": ("7.5", "Tesla T4"),
-    "2080TI": ("7.5", "GeForce RTX 2080 Ti"),
-    "TITANRTX": ("7.5", "TITAN RTX"),
-    "A100": ("8.0", "A100"),
-    "A800": ("8.0", "A800"),
-    "A30": ("8.0", "A30"),
-    "3060": ("8.6", "GeForce RTX 3060"),
-    "3080": ("8.6", "GeForce RTX 3080"),
-    "3080TI": ("8.6", "GeForce RTX 3080 Ti"),
-    "3090": ("8.6", "GeForce RTX 3090"),
-    "A10": ("8.6", "A10"),
-    "A40": ("8.6", "A40"),
-    "A4000": ("8.6", "RTX A4000"),
-    "A5000": ("8.6", "RTX A5000"),
-    "A6000": ("8.6", "RTX A6000"),
-    "4060": ("8.9", "GeForce RTX 4060"),
-    "4070": ("8.9", "GeForce RTX 4070"),
-    "4080": ("8.9", "GeForce RTX 4080"),
-    "4090": ("8.9", "GeForce RTX 4090"),
-    "4090D": ("8.9", "GeForce RTX 4090 D"),
-    "L4": ("8.9", "L4"),
-    "L20": ("8.9", "L20"),
-    "L40": ("8.9", "L40"),
-    "L40S": ("8.9", "L40S"),
-    "VGPU": ("8.9", "vGPU (AutoDL, RTX 4090 class)"),
-    "H20": ("9.0", "H20"),
-    "H100": ("9.0", "H100"),
-    "H800": ("9.0", "H800"),
-    "H200": ("9.0", "H200"),
-    "GH200": ("9.0", "GH200"),
-    "B200": ("10.0", "B200"),
-    "5080": ("12.0", "GeForce RTX 5080"),
-    "5090": ("12.0", "GeForce RTX 5090"),
-    "5090D": ("12.0", "GeForce RTX 5090 D"),
-    "PRO6000": ("12.0", "RTX PRO 6000 Blackwell"),
-}
+# (compute capability, canonical name): builder/data/hardware.json's "gpus".
+GPU_CAPABILITY: dict[str, tuple[str, str]] = {k: (v[0], v[1]) for k, v in _TABLES["gpus"].items()}
 
 _NAME_NOISE = re.compile(r"NVIDIA|GEFORCE|TESLA|RTX|PCIE|SXM\d?|NVLINK|HBM\d?E?|\d+\s*GB|[\s_\-/]+")
 
@@ -86,18 +84,8 @@ def flash_attn2_runs(major: int, minor: int = 0) -> bool:
 
 # --- CUDA and drivers -------------------------------------------------------------------------------------------
 
-# CUDA toolkit (major.minor) -> minimum Linux driver.
-CUDA_MIN_DRIVER: dict[str, str] = {
-    "11.7": "515.43.04",
-    "11.8": "520.61.05",
-    "12.1": "530.30.02",
-    "12.2": "535.54.03",
-    "12.4": "550.54.14",
-    "12.6": "560.28.03",
-    "12.8": "570.26",
-    "12.9": "575.51.03",
-    "13.0": "580.65.06",
-}
+# CUDA toolkit (major.minor) -> minimum Linux driver: hardware.json's "cuda_min_driver".
+CUDA_MIN_DRIVER: dict[str, str] = dict(_TABLES["cuda_min_driver"])
 
 # --- torch builds -----------------------------------------------------------------------------------------------
 
@@ -113,33 +101,14 @@ class TorchRelease:
     pypi_cuda: str
 
 
+# hardware.json's "torch_releases".
 TORCH_RELEASES: dict[str, TorchRelease] = {
-    "2.0": TorchRelease(("11.7", "11.8"), ("3.8", "3.9", "3.10", "3.11"), False, "11.7"),
-    "2.1": TorchRelease(("11.8", "12.1"), ("3.8", "3.9", "3.10", "3.11"), False, "12.1"),
-    "2.2": TorchRelease(("11.8", "12.1"), ("3.8", "3.9", "3.10", "3.11", "3.12"), False, "12.1"),
-    "2.3": TorchRelease(("11.8", "12.1"), ("3.8", "3.9", "3.10", "3.11", "3.12"), False, "12.1"),
-    "2.4": TorchRelease(("11.8", "12.1", "12.4"), ("3.8", "3.9", "3.10", "3.11", "3.12"), False, "12.1"),
-    "2.5": TorchRelease(("11.8", "12.1", "12.4"), ("3.9", "3.10", "3.11", "3.12", "3.13"), False, "12.4"),
-    "2.6": TorchRelease(("11.8", "12.4", "12.6"), ("3.9", "3.10", "3.11", "3.12", "3.13"), False, "12.4"),
-    "2.7": TorchRelease(("11.8", "12.6", "12.8"), ("3.9", "3.10", "3.11", "3.12", "3.13"), True, "12.6"),
-    "2.8": TorchRelease(("12.6", "12.8", "12.9"), ("3.9", "3.10", "3.11", "3.12", "3.13"), True, "12.8"),
-    "2.9": TorchRelease(("12.6", "12.8", "13.0"), ("3.10", "3.11", "3.12", "3.13", "3.14"), True, "12.8"),
-    "2.10": TorchRelease(("12.6", "12.8", "13.0"), ("3.10", "3.11", "3.12", "3.13", "3.14"), True, "12.8"),
-    "2.11": TorchRelease(("12.6", "12.8", "13.0"), ("3.10", "3.11", "3.12", "3.13", "3.14"), True, "13.0"),
-}
+    minor: TorchRelease(tuple(r["cuda"]), tuple(r["python"]), bool(r["cxx11abi"]), r["pypi_cuda"])
+    for minor, r in _TABLES["torch_releases"].items()}
 
 # CUDA variant of torch's Linux wheels -> the SASS architectures compiled into them (torch.cuda.get_arch_list()).
 # A cubin for sm_XY also runs on sm_XZ with Z >= Y (same major); see ``Capability.runs`` (builder/core/environment.py).
-TORCH_ARCHES: dict[str, tuple[str, ...]] = {
-    "11.7": ("3.7", "5.0", "6.0", "7.0", "7.5", "8.0", "8.6"),
-    "11.8": ("3.7", "5.0", "6.0", "7.0", "7.5", "8.0", "8.6", "9.0"),
-    "12.1": ("5.0", "6.0", "7.0", "7.5", "8.0", "8.6", "9.0"),
-    "12.4": ("5.0", "6.0", "7.0", "7.5", "8.0", "8.6", "9.0"),
-    "12.6": ("5.0", "6.0", "7.0", "7.5", "8.0", "8.6", "9.0"),
-    "12.8": ("7.5", "8.0", "8.6", "9.0", "10.0", "12.0"),
-    "12.9": ("7.5", "8.0", "8.6", "9.0", "10.0", "12.0"),
-    "13.0": ("7.5", "8.0", "8.6", "9.0", "10.0", "11.0", "12.0"),
-}
+TORCH_ARCHES: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in _TABLES["torch_arches"].items()}
 
 # The PyTorch index that serves each CUDA variant (the plain PyPI wheel is one of them, see pypi_cuda).
 TORCH_INDEX_URL = "https://download.pytorch.org/whl/cu{tag}"

@@ -30,7 +30,7 @@ from builder.core.fsutil import write_atomic
 # *.egg-info in the checkout), and what its digest covers: a change to any of these reinstalls samebox.
 SOURCE_PARTS = settings.SOURCE_PARTS
 DIGEST_PARTS = ("pyproject.toml", "builder", "trainer")
-DIGEST_PATTERNS = ("*.py", "*.toml", "*.typed")
+DIGEST_PATTERNS = ("*.py", "*.toml", "*.typed", "*.json")
 
 
 class StepFailed(Exception):

@@ -168,11 +168,13 @@ def test_a_platform_the_catalog_cannot_replicate_exits_2_with_nothing_written(tm
 def test_source_digest_is_the_one_earlier_setup_scripts_recorded(tmp_path: Path) -> None:
     src = tmp_path / "src"
     for rel in ("pyproject.toml", "builder/a.py", "builder/B.py", "builder/sub/c.typed", "builder/skip.txt",
+                "builder/data/t.json",
                 "trainer/t.py", "trainer/cfg.toml"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(rel)
     earlier = subprocess.run(
-        "find pyproject.toml builder trainer -type f \\( -name '*.py' -o -name '*.toml' -o -name '*.typed' \\) "
+        "find pyproject.toml builder trainer -type f \\( -name '*.py' -o -name '*.toml' -o -name '*.typed' "
+        "-o -name '*.json' \\) "
         "| LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1",
         shell=True, cwd=src, capture_output=True, text=True, check=True).stdout.strip()
     assert steps.source_digest(src) == earlier
