@@ -117,6 +117,10 @@ def test_outside_the_range_is_an_error_below_and_a_warning_above() -> None:
     with pytest.raises(SameboxError, match="older than 5.17"):
         supported.check_installed("serve", {"transformers": "5.0.0"})
     assert supported.check_installed("serve", {"transformers": "5.17.0"}) == []
+    # a patch release below the oldest pin, of the same minor, is the same API: accepted
+    peft_oldest = Version(ranges["peft"].oldest)
+    same_minor = f"{peft_oldest.major}.{peft_oldest.minor}.0"
+    assert supported.check_installed("export", {"peft": same_minor}) == []
 
 
 def _fake_distribution(site: Path, name: str, version: str) -> None:

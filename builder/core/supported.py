@@ -128,7 +128,8 @@ def check_installed(component: str, versions: dict[str, str | None] | None = Non
             version = Version(found)
         except InvalidVersion:
             continue
-        if version < Version(oldest):
+        # the bottom end by minor release: a patch release of the oldest tested minor is the same API
+        if version.release[:2] < Version(oldest).release[:2]:
             too_old[name] = f"{name} {found} is older than {oldest} (supported: {oldest} to {newest})"
         elif version.release > Version(newest).release:
             warnings.append(f"{name} {found} is newer than samebox has tested (up to {newest}); if `samebox "
