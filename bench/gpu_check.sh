@@ -15,7 +15,8 @@ $py -m builder selftest --quick --json > "$out/quick.json" 2> "$out/quick.err"; 
 t1=$(date +%s.%N)
 $py -m builder selftest --full --kernels fused,sdpa --json > "$out/fused.json" 2> "$out/fused.err"; fused_rc=$?
 t2=$(date +%s.%N)
-$py -m builder check-gpu --json > "$out/check_gpu.json" 2> "$out/check_gpu.err"; check_rc=$?
+gpu=$($py -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null || echo unknown)
+$py -m builder check-gpu --gpu "$gpu" --json > "$out/check_gpu.json" 2> "$out/check_gpu.err"; check_rc=$?
 $py - "$out" "$quick_rc" "$fused_rc" "$check_rc" "$t0" "$t1" "$t2" <<'PY'
 import json, subprocess, sys, datetime, platform
 from pathlib import Path
@@ -45,7 +46,7 @@ result = {
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "cuda": torch.version.cuda, "transformers": transformers.__version__,
                             "peft": peft.__version__, "accelerate": accelerate.__version__},
-               "commit": commit or "(working tree copy, no git)", "date": datetime.datetime.utcnow().isoformat() + "Z"},
+               "commit": commit or "(working tree copy, no git)", "date": datetime.datetime.now(datetime.timezone.utc).isoformat()},
     "supported_range": in_range,
     "quick": {"exit": quick_rc, "seconds": round(t1 - t0, 1), "report": load("quick.json")},
     "fused_full": {"exit": fused_rc, "seconds": round(t2 - t1, 1),
