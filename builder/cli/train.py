@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from builder.core import supported
+from builder.core.fsutil import pruned_if_left_empty
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,17 +46,20 @@ def run(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     cfg = load_config(Path(args.config), args.overrides)
-    from trainer.data.dataset import prepare_data
+    from trainer.data.dataset import cache_dir, prepare_data
     from trainer.loop.checkpoint import check_run_dir
     from trainer.loop.preflight import PreflightFailed, run_preflight
-    from trainer.loop.recipe import main
+    from trainer.loop.recipe import main, resume_point
 
-    check_run_dir(Path(cfg.output.dir).expanduser(), args.resume, args.overwrite)
-    prepared = prepare_data(cfg)
-    if not args.no_preflight:
-        try:
-            run_preflight(cfg)
-        except PreflightFailed as e:
-            print(f"samebox train: {e}", file=sys.stderr)
-            return 1
-    return main(cfg, resume=args.resume, overwrite=args.overwrite, prepared=prepared)
+    # A run that fails its checks leaves no empty output.dir or cache behind (a config's AutoDL paths on another host)
+    with pruned_if_left_empty(Path(cfg.output.dir)), pruned_if_left_empty(cache_dir(cfg.data)):
+        check_run_dir(Path(cfg.output.dir).expanduser(), args.resume, args.overwrite)
+        prepared = prepare_data(cfg)
+        resume_point(cfg, args.resume, len(prepared[0]))  # before the self-test, and before the weights
+        if not args.no_preflight:
+            try:
+                run_preflight(cfg)
+            except PreflightFailed as e:
+                print(f"samebox train: {e}", file=sys.stderr)
+                return 1
+        return main(cfg, resume=args.resume, overwrite=args.overwrite, prepared=prepared)

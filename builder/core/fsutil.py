@@ -10,7 +10,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from builder.core.environment import AUTODL_DATA_DISK
@@ -98,6 +98,31 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
         raise SameboxError(f"{what}={path} is not a writable directory: {e.strerror or e}",
                            f"point {what} at a directory you can write (on AutoDL: under {AUTODL_DATA_DISK})") from None
     return path
+
+
+@contextmanager
+def pruned_if_left_empty(path: Path) -> Iterator[None]:
+    """Around work that creates ``path`` (and its missing parents) for its output: each directory it created goes
+    again when the work ends with no file under it, so a run that failed its checks leaves nothing behind."""
+    path = Path(path).expanduser().absolute()
+    missing = []  # deepest first
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    try:
+        yield
+    finally:
+        for directory in missing:
+            if not directory.is_dir():
+                continue
+            inside = list(directory.rglob("*"))
+            if any(not p.is_dir() or p.is_symlink() for p in inside):
+                break  # it holds a file: it stays, and so do its parents
+            with suppress(OSError):  # something put a file there meanwhile (another rank): it stays
+                for empty in sorted(inside, reverse=True):  # children before their parents
+                    empty.rmdir()
+                directory.rmdir()
 
 
 def sha256_file(path: Path) -> str:

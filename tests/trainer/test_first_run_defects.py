@@ -5,12 +5,16 @@ that does not quantize; `samebox serve` of a missing path; files written 0644; `
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
+from builder.cli import main as cli_main
 from tests.conftest import REPO
 
 DEMO = REPO / "configs" / "demo"
@@ -47,3 +51,154 @@ def test_the_demo_trains_serves_and_gets_an_answer(tmp_path):
     answer = next(line for line in proc.stdout.splitlines() if line.startswith("demo: answer"))
     assert answer.rstrip().endswith("'") and not answer.rstrip().endswith("''")  # a non-empty answer
     assert (tmp_path / "demo" / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# --- resume checks before the weights -------------------------------------------------------------------------------
+
+
+def _no_weights(monkeypatch) -> None:
+    """Loading weights (or running the GPU self-test) fails the test: the checks must come first."""
+    import transformers
+
+    from trainer.loop import preflight
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("ran before the checks")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_run)
+    monkeypatch.setattr(preflight, "run_preflight", must_not_run)
+
+
+def _config_file(make_config, tmp_path: Path, overrides: tuple[str, ...] = ()) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(make_config(overrides=overrides).to_dict()))
+    return path
+
+
+def _fake_checkpoint(run_dir: Path, step: int, data: dict) -> Path:
+    """What the resume checks read of a checkpoint: its trainer_state.json (no weights are needed for them)."""
+    path = run_dir / "checkpoints" / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"step": step, "data": data}))
+    return path
+
+
+@pytest.mark.parametrize("how", ["changed seed", "not a checkpoint", "unreadable state"])
+def test_resume_problems_stop_before_the_selftest_and_the_weights(make_config, tmp_path, monkeypatch, capsys, how):
+    _no_weights(monkeypatch)
+    config = _config_file(make_config, tmp_path, ("train.seed=7",))
+    run_dir = tmp_path / "run"
+    order = {"samples": 64, "samples_per_step": 8, "seed": 42, "shuffle": True}
+    checkpoint = _fake_checkpoint(run_dir, 3, order)
+    resume = "auto"
+    if how == "not a checkpoint":
+        resume = str(tmp_path / "elsewhere")
+    elif how == "unreadable state":
+        (checkpoint / "trainer_state.json").write_text('{"step": 3')
+    assert cli_main(["train", str(config), "--resume", resume]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    expected = {"changed seed": "the data order would differ\n  - seed: checkpoint 42, now 7",
+                "not a checkpoint": "not a checkpoint directory (no trainer_state.json)",
+                "unreadable state": "trainer_state.json cannot be read"}[how]
+    assert expected in err
+
+
+def test_the_recipe_checks_the_resume_point_before_the_weights(make_config, tmp_path, monkeypatch):
+    from builder.core.errors import SameboxError
+    from trainer.loop.recipe import LoRAFinetuneRecipe
+
+    _no_weights(monkeypatch)
+    cfg = make_config(overrides=("train.seed=7",))
+    _fake_checkpoint(Path(cfg.output.dir), 3, {"samples": 64, "samples_per_step": 8, "seed": 42, "shuffle": True})
+    with pytest.raises(SameboxError, match="data order would differ"):
+        LoRAFinetuneRecipe(cfg, resume="auto").setup()
+
+
+# --- nothing left on disk by a run that fails its checks -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("problem", ["no data file", "malformed row", "preflight fails"])
+def test_a_run_that_fails_its_checks_leaves_no_directories(make_config, tmp_path, monkeypatch, capsys, problem):
+    """As the shipped configs' AutoDL paths on another host: output.dir, the cache and their parents are new."""
+    from trainer.loop import preflight
+
+    fresh = tmp_path / "fresh"
+    overrides = (f"output.dir={fresh / 'autodl-tmp' / 'runs' / 'first'}", f"data.cache_dir={fresh / 'cache' / 'tok'}")
+    if problem == "no data file":
+        overrides += ("data.path=nowhere/train.jsonl",)
+    config = _config_file(make_config, tmp_path, overrides)
+    if problem == "malformed row":
+        (tmp_path / "run.jsonl").write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x"\n')
+    elif problem == "preflight fails":
+        def fails(cfg):
+            raise preflight.PreflightFailed(["gpu: no GPU"])
+
+        monkeypatch.setattr(preflight, "run_preflight", fails)
+    code = cli_main(["train", str(config)])
+    assert code == (1 if problem == "preflight fails" else 2), capsys.readouterr().err
+    assert not (fresh / "autodl-tmp").exists()
+    # the tokenized cache, once written, is kept for the next run; a run that failed before writing it leaves none
+    assert (fresh / "cache").exists() == (problem == "preflight fails")
+
+
+def test_a_run_that_fails_leaves_an_existing_output_dir_alone(make_config, tmp_path, capsys):
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    config = _config_file(make_config, tmp_path, (f"output.dir={kept / 'run'}", "data.path=nowhere.jsonl"))
+    assert cli_main(["train", str(config), "--no-preflight"]) == 2
+    assert kept.is_dir() and not (kept / "run").exists()
+
+
+# --- every config problem at once ----------------------------------------------------------------------------------
+
+
+def test_a_config_with_several_problems_reports_them_all(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  name: ''\n  quantization: nf4\n  dtype: fp32\ntrain:\n  lr: -1\n  epocs: 2\n")
+    assert cli_main(["train", str(config), "data.path=x.jsonl", "bogus=1"]) == 2
+    err = capsys.readouterr().err
+    for problem in ("override 'bogus=1' is not section.key=value", "train.lr=-1: expected a number > 0",
+                    "unknown key train.epocs", "model.name='': expected a local directory",
+                    "model.quantization=nf4 computes in bf16 or fp16"):
+        assert problem in err, problem
+
+
+def test_a_conflict_is_not_reported_for_a_value_already_found_bad(tmp_path):
+    from builder.core.errors import SameboxError
+    from trainer.config import load_config
+
+    with pytest.raises(SameboxError) as e:
+        load_config(None, ["model.name=x", "data.path=x", "model.quantization=nf4", "model.dtype=fp33"])
+    assert e.value.problems == ["model.dtype='fp33': expected one of bf16, fp16, fp32 (default bf16)"]
+
+
+# --- data errors: the absolute path, the real position ---------------------------------------------------------------
+
+
+def test_a_relative_data_path_says_where_it_was_looked_for(make_config, tmp_path, monkeypatch, capsys):
+    config = _config_file(make_config, tmp_path, ("data.path=data/train.jsonl",))
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", str(config), "--no-preflight"]) == 2
+    err = capsys.readouterr().err
+    assert f"data file not found: data/train.jsonl (looked for {tmp_path / 'data' / 'train.jsonl'})" in err
+    assert f"taken from the directory samebox runs in ({tmp_path})" in err
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ('{"instruction": "x", "output": "y"', "the line ends after 34 characters, before its JSON does"),
+    ('{"instruction": "x", "output": "the answ', "the line ends inside the string that starts at character 32 of 40"),
+    ('{"instruction": "x", "output": "y"}}', 'Extra data at character 36 of 36, near "'),
+    ('{"instruction": "x" "output": "y"}', "Expecting ',' delimiter at character 21 of 34"),
+])
+def test_a_broken_json_row_names_its_line_and_what_is_wrong(tmp_path, line, expected):
+    from builder.core.errors import SameboxError
+    from trainer.data.dataset import read_rows
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n' + line + "\n")
+    with pytest.raises(SameboxError) as e:
+        read_rows(path, "auto")
+    (problem,) = e.value.problems
+    assert problem.startswith(f"{path}:2: not valid JSON: ") and expected in problem, problem
+    assert "column 1" not in problem

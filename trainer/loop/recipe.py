@@ -69,6 +69,8 @@ class LoRAFinetuneRecipe:
         if self.overwrite and self.rank == 0:
             ckpt.clear_run(self.run_dir)
         self._setup_data()  # the data, its rows and the tokenizer are checked before the weights load
+        found = resume_point(self.cfg, self.resume, len(self.data))  # and so is the checkpoint resumed from
+        self.resumed_from, self.resumed_state = found if found else (None, None)
         self._setup_model()
         dist.broadcast_params(self.params, self.ranks, self.loaded.device)
         self._restore_adapter()  # into the whole adapter, before any sharding
@@ -138,23 +140,11 @@ class LoRAFinetuneRecipe:
         self.scaler = torch.amp.GradScaler("cuda") if self.loaded.dtype == torch.float16 else None
 
     def _restore_adapter(self) -> None:
-        path = ckpt.resolve_resume(self.run_dir, self.resume)
-        self.resumed_from = path
-        if path is None:
-            return
-        state = ckpt.read_state(path)
-        expected = {"samples": len(self.data), "samples_per_step": self.cfg.train.samples_per_step,
-                    "seed": self.cfg.train.seed, "shuffle": self.cfg.data.shuffle}
-        changed = [f"{k}: checkpoint {state['data'].get(k)!r}, now {v!r}" for k, v in expected.items()
-                   if state["data"].get(k) != v]
-        if changed:
-            raise SameboxError(f"cannot resume from {path}: the data order would differ", problems=changed,
-                               hint="resume with the same data and train settings, or start a new output.dir")
-        ckpt.load_adapter(path, self.model)
-        self.resumed_state = state
+        if self.resumed_from is not None:
+            ckpt.load_adapter(self.resumed_from, self.model)
 
     def _restore(self) -> None:
-        """The rest of the checkpoint _restore_adapter found: optimizer, scheduler, RNG and counters."""
+        """The rest of the checkpoint resume_point found: optimizer, scheduler, RNG and counters."""
         path = self.resumed_from
         if path is None:
             return
@@ -281,8 +271,7 @@ class LoRAFinetuneRecipe:
             state = {"step": self.step, "total_steps": self.total_steps, "micro_batch_tokens": self.budget,
                      "skipped": self.skipped, "label_tokens_seen": self.label_tokens_seen,
                      "train_seconds": self.train_seconds, "world_size": self.world,
-                     "data": {"samples": len(self.data), "samples_per_step": self.cfg.train.samples_per_step,
-                              "seed": self.cfg.train.seed, "shuffle": self.cfg.data.shuffle}}
+                     "data": data_order(self.cfg, len(self.data))}
             path = ckpt.commit_checkpoint(self.run_dir, self.step, self.model, trainable, optimizer_state,
                                           self.scheduler, state, self.cfg.output.keep_last)
         dist.barrier(self.ranks)
@@ -339,6 +328,34 @@ class LoRAFinetuneRecipe:
         if getattr(self, "logger", None) is not None:
             self.logger.close()
         dist.shutdown(self.ranks)
+
+
+def data_order(cfg: TrainConfig, samples: int) -> dict[str, Any]:
+    """What fixes which samples each step draws: a checkpoint records it, and a run resumed from it must match."""
+    return {"samples": samples, "samples_per_step": cfg.train.samples_per_step, "seed": cfg.train.seed,
+            "shuffle": cfg.data.shuffle}
+
+
+def resume_point(cfg: TrainConfig, resume: str | None, samples: int) -> tuple[Path, dict[str, Any]] | None:
+    """(checkpoint, its trainer state) to resume from, or None for a fresh start; a path that is not a checkpoint,
+    or a run whose data order would differ from the checkpoint's, is a SameboxError. Reads trainer_state.json alone:
+    called before the weights load."""
+    path = ckpt.resolve_resume(Path(cfg.output.dir).expanduser(), resume)
+    if path is None:
+        return None
+    try:
+        state = ckpt.read_state(path)
+        recorded = state["data"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SameboxError(f"cannot resume from {path}: its {ckpt.STATE_FILE} cannot be read "
+                           f"({type(e).__name__}: {e})",
+                           hint="resume from another checkpoint (--resume PATH) or start a new output.dir") from None
+    changed = [f"{k}: checkpoint {recorded.get(k)!r}, now {v!r}" for k, v in data_order(cfg, samples).items()
+               if recorded.get(k) != v]
+    if changed:
+        raise SameboxError(f"cannot resume from {path}: the data order would differ", problems=changed,
+                           hint="resume with the same data and train settings, or start a new output.dir")
+    return path, state
 
 
 def main(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
