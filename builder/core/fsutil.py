@@ -100,6 +100,21 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
     return path
 
 
+def check_creatable(path: Path, what: str) -> Path:
+    """That ``path`` can be made later (its nearest existing parent is a directory that takes a new entry), proven
+    now and creating nothing: for work that writes its output only after minutes of loading."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in path.parents if p.exists())
+    hint = "give a path in a directory you can write (not under a file, not on a read-only disk)"
+    if not existing.is_dir():
+        raise SameboxError(f"{what} {path}: {existing} is a file, not a directory", hint)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".samebox-write-test-", dir=existing))
+    except OSError as e:
+        raise SameboxError(f"{what} {path}: cannot write in {existing}: {e.strerror or e}", hint) from None
+    return path
+
+
 @contextmanager
 def pruned_if_left_empty(path: Path) -> Iterator[None]:
     """Around work that creates ``path`` (and its missing parents) for its output: each directory it created goes

@@ -202,3 +202,35 @@ def test_a_broken_json_row_names_its_line_and_what_is_wrong(tmp_path, line, expe
     (problem,) = e.value.problems
     assert problem.startswith(f"{path}:2: not valid JSON: ") and expected in problem, problem
     assert "column 1" not in problem
+
+
+# --- export: the output path before the weights ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory) -> Path:
+    """A finished run as `samebox train` leaves it: config.yaml naming a tiny base, adapter/."""
+    from tests.serve.conftest import save_adapter, save_tiny_model, write_run_dir
+
+    base = save_tiny_model(tmp_path_factory.mktemp("base") / "tiny-qwen2")
+    run = write_run_dir(tmp_path_factory.mktemp("runs") / "tiny-sft", base)
+    save_adapter(base, run / "adapter")
+    return run
+
+
+@pytest.mark.parametrize("flag", ["--merge", "--gguf"])
+@pytest.mark.parametrize("where", ["under a file", "read-only"])
+def test_export_to_an_unwritable_place_exits_2_before_loading(served_run, tmp_path, monkeypatch, capsys, flag,
+                                                              where):
+    _no_weights(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    # /sys takes no new entry, even from root (tests run as root, to whom a chmod 0555 directory is writable)
+    parent = blocker / "sub" if where == "under a file" else Path("/sys")
+    out = parent / ("merged.gguf" if flag == "--gguf" else "merged")
+    assert cli_main(["export", str(served_run), flag, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{flag} {out}:" in err
+    assert (f"{blocker} is a file, not a directory" if where == "under a file" else "cannot write in /sys") in err
+    assert "a directory you can write" in err
+    assert not (blocker.parent / "sub").exists()
