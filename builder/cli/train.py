@@ -1,20 +1,23 @@
-"""`samebox train CONFIG.yaml [--resume auto|PATH | --overwrite] [--no-preflight] [key=value ...]`: LoRA/QLoRA
-fine-tuning.
+"""`samebox train CONFIG.yaml [--resume auto|PATH | --overwrite] [--no-preflight] [--json] [key=value ...]`:
+LoRA/QLoRA fine-tuning.
 
 Before anything slow, in this order: the config (every field), output.dir (created, writable, and no earlier run's
-checkpoints unless resuming or --overwrite), the data (file, rows, tokenizer), then the GPU self-test, then the
-weights. Under several GPUs the launcher runs it once per GPU: `torchrun --nproc_per_node 2 -m builder train ...`
-(or `accelerate launch -m builder train ...`).
+checkpoints unless resuming or --overwrite), the data (file, rows, tokenizer), the checkpoint resumed from, then the
+GPU self-test, then the weights; a run that stops in these checks leaves no directory it made. Under several GPUs
+the launcher runs it once per GPU: `torchrun --nproc_per_node 2 -m builder train ...` (or `accelerate launch -m
+builder train ...`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from builder.core import supported
 from builder.core.fsutil import pruned_if_left_empty
+from builder.core.output import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start over in an output.dir that holds an earlier run (its checkpoints are deleted)")
     p.add_argument("--no-preflight", action="store_true",
                    help="skip `samebox selftest --quick` before training (needed on a machine without a GPU)")
+    p.add_argument("--json", action="store_true",
+                   help="print how the run ended (status, steps, adapter, summary) as one JSON object on stdout; "
+                        "progress and messages go to stderr")
     p.set_defaults(func=run)
     plain = p.parse_known_args
 
@@ -41,6 +47,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.json:
+        return train(args, {})
+    outcome: dict = {}
+    with contextlib.redirect_stdout(sys.stderr):  # every line for people; stdout keeps the one JSON object
+        code = train(args, outcome)
+    if outcome:
+        print_json(outcome)
+    return code
+
+
+def train(args: argparse.Namespace, outcome: dict) -> int:
     supported.require("train")  # a release outside the tested range: said now, not mid-run
     # The config is checked before torch and transformers are imported: a typo costs no wait.
     from trainer.config import load_config
@@ -61,5 +78,6 @@ def run(args: argparse.Namespace) -> int:
                 run_preflight(cfg)
             except PreflightFailed as e:
                 print(f"samebox train: {e}", file=sys.stderr)
+                outcome.update(status="preflight failed", problems=e.problems)
                 return 1
-        return main(cfg, resume=args.resume, overwrite=args.overwrite, prepared=prepared)
+        return main(cfg, resume=args.resume, overwrite=args.overwrite, prepared=prepared, outcome=outcome)

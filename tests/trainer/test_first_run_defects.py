@@ -234,3 +234,35 @@ def test_export_to_an_unwritable_place_exits_2_before_loading(served_run, tmp_pa
     assert (f"{blocker} is a file, not a directory" if where == "under a file" else "cannot write in /sys") in err
     assert "a directory you can write" in err
     assert not (blocker.parent / "sub").exists()
+
+
+# --- samebox train --json -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_json_prints_one_object_on_stdout_and_the_rest_on_stderr(make_config, tmp_path, capsys):
+    config = _config_file(make_config, tmp_path, ("train.max_steps=2",))
+    assert cli_main(["train", str(config), "--no-preflight", "--json"]) == 0
+    captured = capsys.readouterr()
+    outcome = json.loads(captured.out)  # the whole of stdout is one JSON object
+    assert outcome["status"] == "finished" and outcome["steps"] == outcome["total_steps"] == 2
+    assert Path(outcome["adapter"], "adapter_model.safetensors").is_file()
+    assert outcome["run_dir"] == str(tmp_path / "run") and "train_seconds" in outcome
+    assert "step 2/2" in captured.err and "done: adapter in" in captured.err
+
+    assert cli_main(["train", str(config), "--no-preflight", "--json", "--resume", "auto"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["status"] == "already finished" and again["steps"] == 2
+
+
+def test_train_json_says_a_failed_preflight(make_config, tmp_path, monkeypatch, capsys):
+    from trainer.loop import preflight
+
+    def fails(cfg):
+        raise preflight.PreflightFailed(["gpu: no GPU"])
+
+    monkeypatch.setattr(preflight, "run_preflight", fails)
+    assert cli_main(["train", str(_config_file(make_config, tmp_path)), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"status": "preflight failed", "problems": ["gpu: no GPU"]}
+    assert "tokenizing run.jsonl" in captured.err and "preflight self-test failed" in captured.err

@@ -60,6 +60,7 @@ class LoRAFinetuneRecipe:
         self.skipped = 0
         self.label_tokens_seen = 0
         self.train_seconds = 0.0
+        self.outcome: dict[str, Any] = {}  # rank 0: how the run ended, for `samebox train --json`
 
     # ----- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -281,6 +282,7 @@ class LoRAFinetuneRecipe:
         out = self.cfg.output
         if self.step >= self.total_steps:
             self.logger.event(f"already finished ({self.step}/{self.total_steps} steps); nothing to do")
+            self._ended("already finished")
             return 0
         self.model.train()
         last_save = time.monotonic()
@@ -300,6 +302,7 @@ class LoRAFinetuneRecipe:
                     self.logger.event(f"checkpoint {path}")
             if stop:
                 self.logger.event(f"stopped by signal at step {self.step}; resume with --resume auto")
+                self._ended("stopped", checkpoint=str(path) if path else None)
                 return 0
         self._finish()
         return 0
@@ -320,6 +323,12 @@ class LoRAFinetuneRecipe:
             summary["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.loaded.device) / 2**30
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         self.logger.event(f"done: adapter in {self.run_dir / 'adapter'}")
+        self._ended("finished", adapter=str(self.run_dir / "adapter"), **summary)
+
+    def _ended(self, status: str, **facts: Any) -> None:
+        if self.rank == 0:
+            self.outcome = {"status": status, "run_dir": str(self.run_dir), "steps": self.step,
+                            "total_steps": self.total_steps, **facts}
 
     # ----- cleanup -----------------------------------------------------------------------------------------
     def cleanup(self) -> None:
@@ -359,10 +368,14 @@ def resume_point(cfg: TrainConfig, resume: str | None, samples: int) -> tuple[Pa
 
 
 def main(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
-         prepared: tuple[TokenizedData, str] | None = None) -> int:
+         prepared: tuple[TokenizedData, str] | None = None, outcome: dict[str, Any] | None = None) -> int:
+    """Set up, train, clean up; ``outcome`` (when given) receives how the run ended on rank 0: status (finished,
+    stopped, already finished), steps and, once finished, the adapter and summary.json's facts."""
     recipe = LoRAFinetuneRecipe(cfg, resume, overwrite, prepared)
     try:
         recipe.setup()
         return recipe.train()
     finally:
         recipe.cleanup()
+        if outcome is not None:
+            outcome.update(recipe.outcome)
