@@ -266,3 +266,65 @@ def test_train_json_says_a_failed_preflight(make_config, tmp_path, monkeypatch, 
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"status": "preflight failed", "problems": ["gpu: no GPU"]}
     assert "tokenizing run.jsonl" in captured.err and "preflight self-test failed" in captured.err
+
+
+# --- no bitsandbytes on a run that does not quantize -------------------------------------------------------------
+
+
+BNB_PROBE = """
+import sys
+from builder.cli import main
+code = main(sys.argv[1:])
+print("bitsandbytes loaded:", sys.modules.get("bitsandbytes") is not None)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_an_unquantized_run_never_imports_bitsandbytes(make_config, tmp_path):
+    """bitsandbytes is installed here (the NF4 tests run its CPU kernels), and peft imports it when it can."""
+    config = _config_file(make_config, tmp_path, ("train.max_steps=1",))
+    proc = subprocess.run([sys.executable, "-c", BNB_PROBE, "train", str(config), "--no-preflight"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bitsandbytes loaded: False" in proc.stdout
+    assert "bitsandbytes" not in proc.stderr and "kernels-community" not in proc.stderr
+
+
+def test_a_process_that_quantizes_keeps_bitsandbytes():
+    from trainer.model.load import hide_bitsandbytes
+
+    hide_bitsandbytes("nf4")
+    assert sys.modules.get("bitsandbytes", "absent") is not None
+
+
+# --- samebox serve of a path that is not there ---------------------------------------------------------------------
+
+
+def test_serve_of_a_missing_run_dir_says_so_and_names_the_runs_beside_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs" / "first").mkdir(parents=True)
+    (tmp_path / "runs" / "first" / "config.yaml").write_text("model: {name: x}\n")
+    monkeypatch.chdir(tmp_path)
+    for target in ("runs/nope", "nope", "./runs/a/b"):
+        assert cli_main(["serve", target]) == 2
+        err = capsys.readouterr().err
+        assert f"{target}: no such run directory or model directory ({tmp_path / target.removeprefix('./')} " \
+               "does not exist)" in err
+        assert "model.name" not in err and "output.dir of a `samebox train` run" in err
+    assert cli_main(["serve", "runs/nope"]) == 2
+    assert "runs beside it: runs/first" in capsys.readouterr().err
+
+
+def test_serve_of_a_hub_id_that_cannot_be_fetched_speaks_of_the_target(tmp_path, monkeypatch):
+    from builder.core.errors import SameboxError
+    from trainer.serve.served import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(SameboxError) as e:
+        resolve_model("someorg/nope")
+    err = str(e.value)
+    assert f"someorg/nope: no such run directory or model directory ({tmp_path / 'someorg' / 'nope'} does not " \
+           "exist), and as a hub id it cannot be fetched: HF_HUB_OFFLINE is set" in err
+    assert "model.name" not in err

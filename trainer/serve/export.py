@@ -37,6 +37,9 @@ def merged_model(served: ServedModel, dtype: str) -> tuple[Any, Any]:
     # per forward that a token-by-token generate pays at every step.
     model = AutoModelForCausalLM.from_pretrained(str(served.base_dir), dtype=torch_dtype, **kwargs).to(device)
     if served.adapter_dir is not None:
+        from trainer.model.load import hide_bitsandbytes
+
+        hide_bitsandbytes()  # a merge quantizes nothing
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(served.adapter_dir)).merge_and_unload()
