@@ -62,9 +62,10 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temp path beside ``path`` to write to (by any library); on success it is fsynced and renamed onto ``path``,
-    on error removed. For writers that want a file name, not bytes (torch.save, safetensors)."""
+def atomic_path(path: Path, mode: int = 0o644) -> Iterator[Path]:
+    """A temp path beside ``path`` to write to (by any library); on success it is fsynced, given ``mode`` (the temp
+    file is made 0600) and renamed onto ``path``, on error removed. For writers that want a file name, not bytes
+    (torch.save, safetensors)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         try:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            os.chmod(tmp, mode)
             os.replace(tmp, path)
         except OSError as e:
             raise _unwritable(path, e) from None
@@ -98,6 +100,14 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
         raise SameboxError(f"{what}={path} is not a writable directory: {e.strerror or e}",
                            f"point {what} at a directory you can write (on AutoDL: under {AUTODL_DATA_DISK})") from None
     return path
+
+
+def readable_files(directory: Path, mode: int = 0o644) -> None:
+    """The files a library wrote into ``directory`` get ``mode``, as samebox's own writers give theirs: some
+    (safetensors) make theirs 0600, beside 0644 files of the same output."""
+    for item in Path(directory).iterdir():
+        if item.is_file() and not item.is_symlink():
+            item.chmod(mode)
 
 
 def check_creatable(path: Path, what: str) -> Path:

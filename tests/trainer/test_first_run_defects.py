@@ -249,6 +249,10 @@ def test_train_json_prints_one_object_on_stdout_and_the_rest_on_stderr(make_conf
     assert Path(outcome["adapter"], "adapter_model.safetensors").is_file()
     assert outcome["run_dir"] == str(tmp_path / "run") and "train_seconds" in outcome
     assert "step 2/2" in captured.err and "done: adapter in" in captured.err
+    # the adapter and the checkpoint's safetensors are written 0644, like every other file of the run
+    written = [p for d in (Path(outcome["adapter"]), tmp_path / "run" / "checkpoints" / "step-00000002")
+               for p in d.iterdir()]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written if p.stat().st_mode & 0o777 != 0o644} == {}
 
     assert cli_main(["train", str(config), "--no-preflight", "--json", "--resume", "auto"]) == 0
     again = json.loads(capsys.readouterr().out)

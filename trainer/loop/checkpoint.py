@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from builder.core.errors import SameboxError
-from builder.core.fsutil import ensure_writable_dir
+from builder.core.fsutil import ensure_writable_dir, readable_files
 
 PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -105,6 +105,7 @@ def commit_checkpoint(run_dir: Path, step: int, model: Any, trainable: dict[str,
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+    readable_files(tmp)
     _fsync_tree(tmp)
     final = checkpoint_dir(run_dir) / f"{PREFIX}{step:08d}"
     # A step saved again (after a resume) keeps its old copy until the new one is in place: never a moment

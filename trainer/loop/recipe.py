@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from builder.core.errors import SameboxError
-from builder.core.fsutil import write_atomic
+from builder.core.fsutil import readable_files, write_atomic
 from trainer.config import TrainConfig
 from trainer.data.batching import build_micro_batches, idle_micro_batch, step_indices, steps_per_epoch
 from trainer.data.dataset import TokenizedData, prepare_data
@@ -312,6 +312,7 @@ class LoRAFinetuneRecipe:
         if self.rank != 0:
             return
         self.model.save_pretrained(str(self.run_dir / "adapter"), state_dict=trainable)
+        readable_files(self.run_dir / "adapter")
         summary = {"steps": self.step, "skipped_steps": self.skipped, "label_tokens": self.label_tokens_seen,
                    "train_seconds": self.train_seconds, "attention": self.loaded.attention,
                    "packing": self.packing, "gradient_checkpointing": self.checkpointing,
