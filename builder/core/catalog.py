@@ -136,8 +136,7 @@ class Catalog:
         if fitting:
             raise PlatformMismatch(f"{len(fitting)} catalog images fit this instance "
                                    f"({', '.join(s.id for s in fitting)}); pick one with --image ID")
-        choices = "; ".join(f"{' or '.join(repr(p) for p in rentable_platforms(s))} -> {s.id}" for s in self.images
-                            if s.has_torch and rentable_platforms(s))
+        choices = "; ".join(f"{self._labels(s)} -> {s.id}" for s in self.images if s.has_torch)
         raise PlatformMismatch(f"no catalog image replicates this instance ({env.describe()}, {env.executable})"
                                f"{hint}. Rent one of these base images: {choices}")
 
