@@ -355,7 +355,7 @@ def resume_point(cfg: TrainConfig, resume: str | None, samples: int) -> tuple[Pa
         return None
     try:
         state = ckpt.read_state(path)
-        recorded = state["data"]
+        recorded = dict(state["data"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SameboxError(f"cannot resume from {path}: its {ckpt.STATE_FILE} cannot be read "
                            f"({type(e).__name__}: {e})",
