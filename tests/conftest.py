@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,20 @@ def require(condition: bool, reason: str) -> None:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(autouse=True)
+def _bitsandbytes_visible_again():
+    """A process that quantizes nothing hides bitsandbytes for good (trainer/model/load.py hide_bitsandbytes); the
+    test process trains unquantized and NF4 models alike, so after each test it is visible again, and the answers
+    peft and transformers cached while it was hidden are forgotten."""
+    yield
+    if "bitsandbytes" not in sys.modules or sys.modules["bitsandbytes"] is not None:
+        return
+    del sys.modules["bitsandbytes"]
+    for module, names in (("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available")),
+                          ("transformers.utils.import_utils", ("is_bitsandbytes_available",))):
+        for name in names:
+            cached = getattr(sys.modules.get(module), name, None)
+            if hasattr(cached, "cache_clear"):
+                cached.cache_clear()

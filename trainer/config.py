@@ -2,8 +2,8 @@
 ``section.key=value`` overrides.
 
 Stages: parse (YAML -> dict, overrides applied) -> build (unknown keys, and every value against its field's rule:
-type, range or choices) -> validate (settings that conflict with each other). Each stage collects every problem and
-reports them together, each naming the field and what would work.
+type, range or choices) -> validate (settings that conflict with each other). Each stage collects every problem, and
+``load_config`` reports those of all three together, each naming the field and what would work.
 """
 
 from __future__ import annotations
@@ -247,6 +247,15 @@ def field_problem(dotted: str, value: Any, rule: Rule, default: Any) -> str:
 
 def parse_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """YAML file (optional) -> dict, with ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    raw, problems = _parse(path, overrides)
+    if problems:
+        raise SameboxError("invalid training config", problems=problems)
+    return raw
+
+
+def _parse(path: Path | None, overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+    """The dict and every override that could not be applied. A file that cannot be read as a YAML mapping is
+    raised at once: nothing else can be checked without it."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -261,24 +270,36 @@ def parse_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ())
         if loaded is not None and not isinstance(loaded, dict):
             raise SameboxError(f"{path}: expected a mapping of sections (model:, data:, ...)")
         raw = loaded or {}
+    problems: list[str] = []
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            raise SameboxError(f"override {item!r} is not section.key=value", hint="e.g. train.lr=1e-4")
+            problems.append(f"override {item!r} is not section.key=value (e.g. train.lr=1e-4)")
+            continue
         section = raw.setdefault(parts[0], {})
         if not isinstance(section, dict):
-            raise SameboxError(f"override {item!r}: {parts[0]} is not a section")
+            problems.append(f"override {item!r}: {parts[0]} is not a section")
+            continue
         try:
             section[parts[1]] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
             section[parts[1]] = value  # not a YAML scalar: the field's rule judges the text as given
-    return raw
+    return raw, problems
 
 
 def build_config(raw: dict[str, Any]) -> TrainConfig:
     """dict -> TrainConfig: unknown sections or keys name the valid ones; every value is checked by its rule."""
+    cfg, problems, _bad = _build(raw)
+    if problems:
+        raise SameboxError("invalid training config", problems=problems)
+    return cfg
+
+
+def _build(raw: dict[str, Any]) -> tuple[TrainConfig, list[str], set[str]]:
+    """(the config with every bad value left at its default, the problems, the fields whose value was bad)."""
     problems: list[str] = []
+    bad: set[str] = set()
     sections: dict[str, Any] = {}
     for name, body in raw.items():
         if name not in SECTIONS:
@@ -288,6 +309,7 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
             body = {}
         if not isinstance(body, dict):
             problems.append(f"section {name!r} must be a mapping of its keys, e.g. {name}: {{key: value}}")
+            bad.update(f"{name}.{f.name}" for f in fields(SECTIONS[name]))
             continue
         specs = {f.name: f for f in fields(SECTIONS[name])}
         values: dict[str, Any] = {}
@@ -301,28 +323,41 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
                 values[key] = value
             else:
                 problems.append(field_problem(f"{name}.{key}", body[key], rule, specs[key].default))
+                bad.add(f"{name}.{key}")
         sections[name] = SECTIONS[name](**values)
-    if problems:
-        raise SameboxError("invalid training config", problems=problems)
-    return TrainConfig(**sections)
+    return TrainConfig(**sections), problems, bad
 
 
 def validate_config(cfg: TrainConfig) -> TrainConfig:
     """What no single field says: required fields given, and settings that conflict. Every problem at once."""
-    problems: list[str] = []
-    for dotted, (rule, _default) in schema().items():
-        section, key = dotted.split(".")
-        if rule.required and not getattr(getattr(cfg, section), key):
-            problems.append(f"{dotted} is empty; give {rule.required}")
-    if cfg.model.quantization == "nf4" and cfg.model.dtype == "fp32":
-        problems.append("model.quantization=nf4 computes in bf16 or fp16; set model.dtype=bf16")
-    if cfg.train.shard == "fsdp" and cfg.model.dtype == "fp16":
-        problems.append("train.shard=fsdp trains in bf16 or fp32 (fp16's loss scaling is not sharded); "
-                        "set model.dtype=bf16")
+    problems = _conflicts(cfg)
     if problems:
         raise SameboxError("invalid training config", problems=problems)
     return cfg
 
 
+def _conflicts(cfg: TrainConfig, bad: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Required fields left empty and settings that conflict; none that involves a field in ``bad`` (its value
+    was already reported, and the default standing in for it is not what the user chose)."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    for dotted, (rule, _default) in schema().items():
+        section, key = dotted.split(".")
+        if rule.required and not getattr(getattr(cfg, section), key):
+            found.append(((dotted,), f"{dotted} is empty; give {rule.required}"))
+    if cfg.model.quantization == "nf4" and cfg.model.dtype == "fp32":
+        found.append((("model.quantization", "model.dtype"),
+                      "model.quantization=nf4 computes in bf16 or fp16; set model.dtype=bf16"))
+    if cfg.train.shard == "fsdp" and cfg.model.dtype == "fp16":
+        found.append((("train.shard", "model.dtype"), "train.shard=fsdp trains in bf16 or fp32 (fp16's loss scaling "
+                      "is not sharded); set model.dtype=bf16"))
+    return [message for involved, message in found if not bad.intersection(involved)]
+
+
 def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    return validate_config(build_config(parse_config(path, overrides)))
+    """Parse, build and validate, reporting the problems of all three stages together."""
+    raw, problems = _parse(path, overrides)
+    cfg, found, bad = _build(raw)
+    problems += found + _conflicts(cfg, bad)
+    if problems:
+        raise SameboxError("invalid training config", problems=problems)
+    return cfg

@@ -27,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{report['gpu']} ({Capability.parse(report['compute_capability']).sm})"
           + (f", driver {report['driver']}" if report["driver"] else ", driver not given (not checked)"))
-    rows = [(v["image"], v["torch"], v["verdict"], "; ".join(v["reasons"]) or "-") for v in report["images"]]
-    print(format_table(("image", "torch", "verdict", "why"), rows))
-    print(f"best image: {report['best']}" if report["best"] else "best image: none of the catalog runs on this GPU")
+    rows = [(v["image"], v["torch"], v["verdict"], "yes" if v["rent"] else "no", "; ".join(v["reasons"]) or "-")
+            for v in report["images"]]
+    print(format_table(("image", "torch", "verdict", "rentable", "why"), rows))
+    print(f"best image: {report['best']} (rent the base image: {report['rent']})" if report["best"]
+          else "best image: none of the catalog's rentable images runs on this GPU")
     return 0

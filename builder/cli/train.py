@@ -1,20 +1,24 @@
-"""`samebox train CONFIG.yaml [--resume auto|PATH [--resume-changed-data] | --overwrite] [--no-preflight]
+"""`samebox train CONFIG.yaml [--resume auto|PATH [--resume-changed-data] | --overwrite] [--no-preflight] [--json]
 [key=value ...]`: LoRA/QLoRA fine-tuning.
 
 Before anything slow, in this order: the config (every field), output.dir (created, writable, not in use by another
 run, no earlier run's checkpoints unless resuming or --overwrite; when resuming, a checkpoint that passes its checks,
-of the same data file), the data (file, rows, tokenizer), then the GPU self-test, then the weights. Under several
-GPUs the launcher runs it once per GPU: `torchrun --nproc_per_node 2 -m builder train ...`
-(or `accelerate launch -m builder train ...`).
+of the same data file), the data (file, rows, tokenizer) and the resumed checkpoint's data order, then the GPU
+self-test, then the weights; a run that stops in these checks leaves no directory it made. Under several GPUs the
+launcher runs it once per GPU: `torchrun --nproc_per_node 2 -m builder train ...` (or `accelerate launch -m builder
+train ...`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from builder.core import supported
+from builder.core.fsutil import pruned_if_left_empty
+from builder.core.output import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start over in an output.dir that holds an earlier run (its checkpoints are deleted)")
     p.add_argument("--no-preflight", action="store_true",
                    help="skip `samebox selftest --quick` before training (needed on a machine without a GPU)")
+    p.add_argument("--json", action="store_true",
+                   help="print how the run ended (status, steps, adapter, summary) as one JSON object on stdout; "
+                        "progress and messages go to stderr")
     p.set_defaults(func=run)
     plain = p.parse_known_args
 
@@ -43,25 +50,41 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.json:
+        return train(args, {})
+    outcome: dict = {}
+    with contextlib.redirect_stdout(sys.stderr):  # every line for people; stdout keeps the one JSON object
+        code = train(args, outcome)
+    if outcome:
+        print_json(outcome)
+    return code
+
+
+def train(args: argparse.Namespace, outcome: dict) -> int:
     supported.require("train")  # a release outside the tested range: said now, not mid-run
     # The config is checked before torch and transformers are imported: a typo costs no wait.
     from trainer.config import load_config
 
     cfg = load_config(Path(args.config), args.overrides)
+    from trainer.data.dataset import cache_dir
+    from trainer.loop import rundir
     from trainer.loop.distributed import ranks_from_env
     from trainer.loop.preflight import PreflightFailed, run_preflight
     from trainer.loop.prepare import prepare_data
     from trainer.loop.recipe import main
-    from trainer.loop.rundir import open_run
 
-    # output.dir stays locked until the run returns: a second run there is refused, whatever it was asked to do.
-    with open_run(cfg, args.resume, args.overwrite, args.resume_changed_data, ranks_from_env()) as start:
+    # A run that fails its checks leaves no empty output.dir or cache behind (a config's AutoDL paths on another
+    # host); output.dir stays locked until the run returns: a second run there is refused.
+    with pruned_if_left_empty(Path(cfg.output.dir)), pruned_if_left_empty(cache_dir(cfg.data)), \
+            rundir.open_run(cfg, args.resume, args.overwrite, args.resume_changed_data, ranks_from_env()) as start:
         prepared = prepare_data(cfg)
+        rundir.check_samples(start, len(prepared[0]))  # before the self-test, and before the weights
         if not args.no_preflight:
             try:
                 run_preflight(cfg)
             except PreflightFailed as e:
                 print(f"samebox train: {e}", file=sys.stderr)
+                outcome.update(status="preflight failed", problems=e.problems)
                 return 1
         return main(cfg, resume=args.resume, overwrite=args.overwrite, prepared=prepared,
-                    resume_changed_data=args.resume_changed_data, start=start)
+                    resume_changed_data=args.resume_changed_data, start=start, outcome=outcome)

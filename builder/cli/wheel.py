@@ -11,7 +11,7 @@ from builder.cli._args import add_root_argument
 from builder.core import compat
 from builder.core.catalog import Catalog
 from builder.core.environment import Environment
-from builder.core.output import print_json
+from builder.core.output import format_fields, print_json
 from builder.core.settings import AUTODL_SHARED_FS
 from builder.wheels import key as wkey
 from builder.wheels import resolve
@@ -47,18 +47,21 @@ def run(args: argparse.Namespace) -> int:
         key = wkey.key_from_spec(catalog.find(args.image), args.arch, args.profile, args.fa_version)
     else:
         key = wkey.key_from_env(here, args.arch, args.profile, args.fa_version, catalog)
+    notes = wkey.arch_notes(args.arch or [])
     cache = WheelCache(Path(args.cache) if args.cache else default_cache_dir())
     if args.dry_run:
-        plan = resolve.dry_run(key, cache, args.offline)
+        plan = {"arch_notes": notes, **resolve.dry_run(key, cache, args.offline)}
         if args.json:
             print_json(plan)
         else:
-            for name, value in plan.items():
-                print(f"{name}: {value}")
+            print(format_fields(plan))
         return 0
 
     def say(msg: str) -> None:
         print(f"samebox wheel: {msg}", file=sys.stderr, flush=True)
+
+    for note in notes:
+        say(note)
 
     result = resolve.resolve_wheel(key, cache, here, args.offline, Path(args.sdist) if args.sdist else None,
                                    say)

@@ -23,6 +23,11 @@ from builder.core.spec import ImageSpec, find_image, load_catalog, read_catalog,
 # Where a samebox Docker image keeps the lock it was built from (images/Dockerfile.j2).
 IMAGE_LOCKFILE = Path("/opt/samebox/lock.txt")
 
+# The providers whose base images a user can rent. A catalog platform label is "PROVIDER: base image"
+# (images/matrix.toml); an image whose every platform is another provider's (the project's GPU test machine) is
+# checked and built like the rest, but never recommended.
+RENTAL_PLATFORMS = ("AutoDL",)
+
 RUNS = "runs"
 RUNS_WITHOUT_FLASH_ATTN = "runs without flash-attn"
 DOES_NOT_RUN = "does not run"
@@ -236,6 +241,11 @@ def gpu_info(name: str) -> tuple[Capability, str]:
     return Capability.parse(found[0]), found[1]
 
 
+def rentable_platforms(spec: ImageSpec) -> list[str]:
+    """The platform labels of ``spec`` that name a base image a user can rent (RENTAL_PLATFORMS)."""
+    return [p for p in spec.platforms if p.split(":", 1)[0].strip() in RENTAL_PLATFORMS]
+
+
 def _rank(v: ImageVerdict, spec: ImageSpec) -> tuple[Any, ...]:
     order = {RUNS: 2, RUNS_WITHOUT_FLASH_ATTN: 1, DOES_NOT_RUN: 0}[v.verdict]
     return (order, spec.has_torch, compat.version_tuple(spec.torch) if spec.has_torch else (),
@@ -243,18 +253,22 @@ def _rank(v: ImageVerdict, spec: ImageSpec) -> tuple[Any, ...]:
 
 
 def check_gpu(name: str, catalog: Catalog, driver: str = "") -> dict[str, Any]:
-    """{'gpu', 'compute_capability', 'driver', 'images': [verdict...], 'best': image id or None}. The best image
-    is the newest torch among those that run fully, else among those that run without flash-attn."""
+    """{'gpu', 'compute_capability', 'driver', 'images': [verdict + 'rent': its rentable platforms...], 'best':
+    image id or None, 'rent': the base image to rent for it}. The best image is the newest torch among those that
+    run fully, else among those that run without flash-attn, of the images a user can rent a base for."""
     cc, canonical = gpu_info(name)
     if driver and not compat.version_tuple(driver):
         raise SameboxError(f"driver {driver!r} is not a version", "give it as nvidia-smi shows it, e.g. 550.54.14")
     verdicts = [catalog.runs_on(spec, cc, driver, canonical) for spec in catalog.images]
-    ranked = sorted(zip(verdicts, catalog.images, strict=True), key=lambda vs: _rank(*vs), reverse=True)
-    best = ranked[0][0].image if ranked and ranked[0][0].verdict != DOES_NOT_RUN else None
+    ranked = sorted(((v, s) for v, s in zip(verdicts, catalog.images, strict=True) if rentable_platforms(s)),
+                    key=lambda vs: _rank(*vs), reverse=True)
+    best = ranked[0] if ranked and ranked[0][0].verdict != DOES_NOT_RUN else None
     return {
-        "best": best,
+        "best": best[0].image if best else None,
         "compute_capability": str(cc),
         "driver": driver or None,
         "gpu": canonical,
-        "images": [v.to_dict() for v in verdicts],
+        "images": [{**v.to_dict(), "rent": rentable_platforms(s)}
+                   for v, s in zip(verdicts, catalog.images, strict=True)],
+        "rent": rentable_platforms(best[1])[0] if best else None,
     }

@@ -10,7 +10,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from builder.core.errors import SameboxError
@@ -62,9 +62,10 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temp path beside ``path`` to write to (by any library); on success it is fsynced and renamed onto ``path``,
-    on error removed. For writers that want a file name, not bytes (torch.save, safetensors)."""
+def atomic_path(path: Path, mode: int = 0o644) -> Iterator[Path]:
+    """A temp path beside ``path`` to write to (by any library); on success it is fsynced, given ``mode`` (the temp
+    file is made 0600) and renamed onto ``path``, on error removed. For writers that want a file name, not bytes
+    (torch.save, safetensors)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         try:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            os.chmod(tmp, mode)
             os.replace(tmp, path)
         except OSError as e:
             raise _unwritable(path, e) from None
@@ -98,6 +100,54 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
         raise SameboxError(f"{what}={path} is not a writable directory: {e.strerror or e}",
                            f"point {what} at a directory you can write (on AutoDL: under {AUTODL_DATA_DISK})") from None
     return path
+
+
+def readable_files(directory: Path, mode: int = 0o644) -> None:
+    """The files a library wrote into ``directory`` get ``mode``, as samebox's own writers give theirs: some
+    (safetensors) make theirs 0600, beside 0644 files of the same output."""
+    for item in Path(directory).iterdir():
+        if item.is_file() and not item.is_symlink():
+            item.chmod(mode)
+
+
+def check_creatable(path: Path, what: str) -> Path:
+    """That ``path`` can be made later (its nearest existing parent is a directory that takes a new entry), proven
+    now and creating nothing: for work that writes its output only after minutes of loading."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in path.parents if p.exists())
+    hint = "give a path in a directory you can write (not under a file, not on a read-only disk)"
+    if not existing.is_dir():
+        raise SameboxError(f"{what} {path}: {existing} is a file, not a directory", hint)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".samebox-write-test-", dir=existing))
+    except OSError as e:
+        raise SameboxError(f"{what} {path}: cannot write in {existing}: {e.strerror or e}", hint) from None
+    return path
+
+
+@contextmanager
+def pruned_if_left_empty(path: Path) -> Iterator[None]:
+    """Around work that creates ``path`` (and its missing parents) for its output: each directory it created goes
+    again when the work ends with no file under it, so a run that failed its checks leaves nothing behind."""
+    path = Path(path).expanduser().absolute()
+    missing = []  # deepest first
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    try:
+        yield
+    finally:
+        for directory in missing:
+            if not directory.is_dir():
+                continue
+            inside = list(directory.rglob("*"))
+            if any(not p.is_dir() or p.is_symlink() for p in inside):
+                break  # it holds a file: it stays, and so do its parents
+            with suppress(OSError):  # something put a file there meanwhile (another rank): it stays
+                for empty in sorted(inside, reverse=True):  # children before their parents
+                    empty.rmdir()
+                directory.rmdir()
 
 
 def sha256_file(path: Path) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from builder.core import environment
 from builder.core.errors import SameboxError
 from builder.core.lockfile import LockedPackage, read_lock_file
+from builder.core.output import text_value
 from builder.instance import fingerprint
 
 
@@ -177,7 +178,13 @@ def _mods(modified: list[str]) -> str:
     return f" ({len(modified)} modified)" if modified else ""
 
 
+def _shown(value: Any) -> str:
+    """A fingerprint value as text, never a Python repr: '(absent)' where one side lacks it."""
+    return "(absent)" if value is None else text_value(value)
+
+
 def format_diff(report: dict[str, Any]) -> str:
+    """The report for people (`samebox diff`; --json prints it whole): each group, each change as a -> b."""
     lines = []
     for group in DRIFT_GROUPS + INFO_GROUPS:
         items = report["groups"][group]
@@ -187,7 +194,7 @@ def format_diff(report: dict[str, Any]) -> str:
         lines.append(f"{group}{note}: {len(items)}")
         for item in items:
             files = f"  [{', '.join(item['files'][:3])}]" if item.get("files") else ""
-            lines.append(f"  {item['what']}: {item['a']} -> {item['b']}{files}")
+            lines.append(f"  {item['what']}: {_shown(item['a'])} -> {_shown(item['b'])}{files}")
     lines.append("drift: yes" if report["drift"] else "drift: none")
     return "\n".join(lines)
 

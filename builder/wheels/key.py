@@ -89,6 +89,21 @@ def build_archs(capabilities: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(str(a) for a in sorted(out))
 
 
+def arch_notes(capabilities: list[str] | tuple[str, ...]) -> list[str]:
+    """Why a requested compute capability is keyed as another build arch (8.9 -> the sm_80 build), one line each;
+    build_archs has already refused the ones no build runs on."""
+    known = sorted(Capability.parse(a) for a in compat.FLASH_ATTN_BUILD_ARCHS)
+    notes = []
+    for text in dict.fromkeys(t.strip() for t in capabilities):
+        cap = Capability.maybe(text) if "." in text else None
+        runs = [a for a in known if cap is not None and cap.runs(a)]
+        if runs and runs[-1] != cap:
+            notes.append(f"--arch {text} gets the {runs[-1].sm} build: flash-attn compiles SASS for "
+                         f"{', '.join(a.sm for a in known)} only, and code built for {runs[-1]} runs on every "
+                         f"{cap.major}.x GPU from {runs[-1]} up ({cap.sm} included)")
+    return notes
+
+
 def release_facts(version: str) -> compat.FlashAttnRelease:
     release = compat.FLASH_ATTN_RELEASES.get(version)
     if release is None:

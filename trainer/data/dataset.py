@@ -52,10 +52,32 @@ def _row_problem(row: Any, fmt: DataFormat) -> str | None:
     return None if fmt.valid(row) else fmt.expects
 
 
+def missing_data(path: Path) -> SameboxError:
+    """data.path names no file: say where it was looked for (a relative path is taken from the working directory)."""
+    if path.is_absolute():
+        return SameboxError(f"data file not found: {path}", hint="set data.path to a JSONL file")
+    return SameboxError(f"data file not found: {path} (looked for {path.absolute()})",
+                        hint=f"set data.path to a JSONL file; a relative path is taken from the directory samebox runs "
+                             f"in ({Path.cwd()})")
+
+
+def json_problem(text: str, e: json.JSONDecodeError) -> str:
+    """What is wrong with one line of JSON, at the position it goes wrong: a line that ends before its object does
+    (cut off mid-write, or a row split over lines) is said to be so."""
+    cut = "cut short, or one row split over lines (JSONL takes one whole object per line)"
+    if e.msg.startswith("Unterminated string"):
+        return f"the line ends inside the string that starts at character {e.pos + 1} of {len(text)}: {cut}"
+    if e.pos >= len(text.rstrip()):
+        return f"the line ends after {len(text)} characters, before its JSON does ({e.msg}): {cut}"
+    start = max(0, e.pos - 20)
+    near = ("..." if start else "") + text[start: e.pos + 20]
+    return f"{e.msg} at character {e.pos + 1} of {len(text)}, near {json.dumps(near, ensure_ascii=False)}"
+
+
 def read_rows(path: Path, fmt: str) -> tuple[str, list[dict[str, Any]]]:
     """Parse and check every row; all malformed rows are reported together as file:line with what was expected."""
     if not path.is_file():
-        raise SameboxError(f"data file not found: {path}", hint="set data.path to a JSONL file")
+        raise missing_data(path)
     shape = None if fmt == "auto" else FORMATS[fmt]
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -72,10 +94,11 @@ def read_rows(path: Path, fmt: str) -> tuple[str, list[dict[str, Any]]]:
                 continue
             if not line.strip():
                 continue
+            text = line.rstrip("\r\n")
             try:
-                row = json.loads(line)
+                row = json.loads(text)
             except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+                problems.append(f"{path}:{lineno}: not valid JSON: {json_problem(text, e)}")
                 continue
             if shape is None and isinstance(row, dict):
                 shape = detect_format(row)
@@ -132,6 +155,10 @@ def default_cache_dir() -> Path:
     return settings.tokenized_cache()
 
 
+def cache_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+
+
 def check_labels(data: TokenizedData, cfg: DataConfig, path: Path) -> None:
     """A run whose samples have no token left to train (prompts longer than data.max_length) would train on a
     loss of 0.0: stop and say what would work."""
@@ -147,8 +174,8 @@ def load_dataset(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedData, bool]:
     """Tokenized samples, from the cache when the file, tokenizer and data settings are unchanged."""
     path = Path(cfg.path).expanduser()
     if not path.is_file():
-        raise SameboxError(f"data file not found: {path}", hint="set data.path to a JSONL file")
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+        raise missing_data(path)
+    cache = cache_dir(cfg)
     cache_file = cache / f"{cache_key(path, tokenizer, cfg)}.pt"
     if cache_file.is_file():
         blob = torch.load(cache_file, weights_only=True)

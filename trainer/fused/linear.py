@@ -12,7 +12,7 @@ Backward:  dx = dy W + sum_i s_i (dy_i B_i) A_i;  dB_i = s_i dy_i^T (x A_i^T);  
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +21,8 @@ _OUT_FORM = True  # bitsandbytes' dequantize_4bit(out=...) on CUDA; it has no CP
 
 
 def is_4bit(module: torch.nn.Module) -> bool:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return False
-    import bitsandbytes as bnb
-
-    return isinstance(module, bnb.nn.Linear4bit)
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no module of this process is one of its layers
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def quantize_nf4(model: torch.nn.Module, device: torch.device) -> None:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from builder.core.errors import SameboxError
-from builder.core.fsutil import sha256_file
+from builder.core.fsutil import readable_files, sha256_file
 
 PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -246,6 +246,7 @@ def commit_checkpoint(run_dir: Path, step: int, model: Any, trainable: dict[str,
         _write(tmp / "scheduler.pt", lambda fh: torch.save(scheduler.state_dict(), fh))
         _write(tmp / STATE_FILE,
                lambda fh: fh.write(json.dumps(state, indent=2, sort_keys=True, default=str).encode()))
+        readable_files(tmp)
         _fsync_tree(tmp)
         _write_manifest(tmp)
         _fsync_dir(tmp)

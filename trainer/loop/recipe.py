@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from builder.core.fsutil import write_atomic
+from builder.core.fsutil import readable_files, write_atomic
 from trainer.config import TrainConfig
 from trainer.data.batching import build_micro_batches, idle_micro_batch, step_indices, steps_per_epoch
 from trainer.data.dataset import TokenizedData
@@ -63,6 +63,7 @@ class LoRAFinetuneRecipe:
         self.skipped = 0
         self.label_tokens_seen = 0
         self.train_seconds = 0.0
+        self.outcome: dict[str, Any] = {}  # rank 0: how the run ended, for `samebox train --json`
 
     # ----- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -151,7 +152,7 @@ class LoRAFinetuneRecipe:
         self.resumed_state = self.start.state
 
     def _restore(self) -> None:
-        """The rest of the checkpoint _restore_adapter found: optimizer, scheduler, RNG and counters."""
+        """The rest of the checkpoint open_run chose: optimizer, scheduler, RNG and counters."""
         path = self.resumed_from
         if path is None:
             return
@@ -291,6 +292,7 @@ class LoRAFinetuneRecipe:
         out = self.cfg.output
         if self.step >= self.total_steps:
             self.logger.event(f"already finished ({self.step}/{self.total_steps} steps); nothing to do")
+            self._ended("already finished")
             return 0
         self.model.train()
         last_save = time.monotonic()
@@ -310,6 +312,7 @@ class LoRAFinetuneRecipe:
                     self.logger.event(f"checkpoint {path}")
             if stop:
                 self.logger.event(f"stopped by signal at step {self.step}; resume with --resume auto")
+                self._ended("stopped", checkpoint=str(path) if path else None)
                 return 0
         self._finish()
         return 0
@@ -319,6 +322,7 @@ class LoRAFinetuneRecipe:
         if self.rank != 0:
             return
         self.model.save_pretrained(str(self.run_dir / "adapter"), state_dict=trainable)
+        readable_files(self.run_dir / "adapter")
         summary = {"steps": self.step, "skipped_steps": self.skipped, "label_tokens": self.label_tokens_seen,
                    "train_seconds": self.train_seconds, "attention": self.loaded.attention,
                    "packing": self.packing, "gradient_checkpointing": self.checkpointing,
@@ -330,6 +334,12 @@ class LoRAFinetuneRecipe:
             summary["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.loaded.device) / 2**30
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         self.logger.event(f"done: adapter in {self.run_dir / 'adapter'}")
+        self._ended("finished", adapter=str(self.run_dir / "adapter"), **summary)
+
+    def _ended(self, status: str, **facts: Any) -> None:
+        if self.rank == 0:
+            self.outcome = {"status": status, "run_dir": str(self.run_dir), "steps": self.step,
+                            "total_steps": self.total_steps, **facts}
 
     # ----- cleanup -----------------------------------------------------------------------------------------
     def cleanup(self) -> None:
@@ -344,10 +354,14 @@ class LoRAFinetuneRecipe:
 
 def main(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
          prepared: tuple[TokenizedData, str] | None = None, resume_changed_data: bool = False,
-         start: rundir.RunStart | None = None) -> int:
+         start: rundir.RunStart | None = None, outcome: dict[str, Any] | None = None) -> int:
+    """Set up, train, clean up; ``outcome`` (when given) receives how the run ended on rank 0: status (finished,
+    stopped, already finished), steps and, once finished, the adapter and summary.json's facts."""
     recipe = LoRAFinetuneRecipe(cfg, resume, overwrite, prepared, resume_changed_data, start)
     try:
         recipe.setup()
         return recipe.train()
     finally:
         recipe.cleanup()
+        if outcome is not None:
+            outcome.update(recipe.outcome)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +44,15 @@ def fetch_model(cfg: ModelConfig) -> str:
     if source == "hub":
         print(f"samebox: loading {name} from {os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}", flush=True)
     return name
+
+
+def hide_bitsandbytes(quantization: str = "none") -> None:
+    """peft imports bitsandbytes wherever it is installed (at its own import, and again to wrap each layer), and
+    bitsandbytes, on a machine without a CUDA GPU, spends seconds of its import looking for a CPU kernel on the hub
+    and warns about it. A process that quantizes nothing hides it for good: an import of it fails, as if it were not
+    installed, and nothing without NF4 needs it. Called before the first import of peft."""
+    if quantization == "none" and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import fails, find_spec finds nothing
 
 
 def pick_device() -> torch.device:
@@ -242,6 +252,7 @@ def setup_model(cfg: ModelConfig, lora: Any, train: Any, step_tokens: int, packi
 
     Under train.shard=fsdp the weights load into host memory (a rank never holds the whole model on its GPU) and
     stay there until trainer/loop/sharding.py moves each rank's shards to ``LoadedModel.device``."""
+    hide_bitsandbytes(cfg.quantization)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.core.errors import SameboxError
-from builder.core.fsutil import atomic_path, write_atomic
+from builder.core.fsutil import atomic_path, check_creatable, write_atomic
 from trainer.serve.served import ServedModel
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -37,6 +37,9 @@ def merged_model(served: ServedModel, dtype: str) -> tuple[Any, Any]:
     # per forward that a token-by-token generate pays at every step.
     model = AutoModelForCausalLM.from_pretrained(str(served.base_dir), dtype=torch_dtype, **kwargs).to(device)
     if served.adapter_dir is not None:
+        from trainer.model.load import hide_bitsandbytes
+
+        hide_bitsandbytes()  # a merge quantizes nothing
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(served.adapter_dir)).merge_and_unload()
@@ -45,11 +48,11 @@ def merged_model(served: ServedModel, dtype: str) -> tuple[Any, Any]:
 
 
 def check_new_output(out: Path, what: str) -> Path:
+    """A path export may write, checked before minutes of loading: new (or an empty directory), and creatable."""
     out = Path(out).expanduser()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise SameboxError(f"{what} {out} exists; export never overwrites", "give a new path, or remove it first")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise SameboxError(f"{what} {out}: {out.parent} is not a directory", "give a path in a directory")
+    check_creatable(out, what)
     return out
 
 

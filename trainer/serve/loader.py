@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transformers.cli.serving.model_manager import ModelLoader
 
+from trainer.model.load import hide_bitsandbytes
 from trainer.serve.served import loaded_line, merge_lora
 
 
@@ -16,6 +17,7 @@ class MergingLoader(ModelLoader):
     describe = ""  # what the served model is, set by `samebox serve` for the line printed once it has loaded
 
     def _load_model(self, *args, **kwargs):
+        hide_bitsandbytes()  # the served weights are never quantized by bitsandbytes
         model = super()._load_model(*args, **kwargs)
         merged = merge_lora(model)
         print(loaded_line(self.describe, model, merged), flush=True)

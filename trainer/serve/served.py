@@ -49,13 +49,40 @@ def resolve_model(target: str, adapter: str | None = None, name: str | None = No
                            "directory (no config.json)",
                            "pass the output.dir of a finished `samebox train` run, or a model saved with "
                            "save_pretrained (or a hub id such as Qwen/Qwen2.5-1.5B-Instruct)")
-    from trainer.config import ModelConfig
+    if not path.exists():
+        base = _hub_model_dir(target, path)
+    else:
+        from trainer.config import ModelConfig
 
-    base = local_model_dir(ModelConfig(name=target))
+        base = local_model_dir(ModelConfig(name=target))
     adapter_dir = _adapter_dir(Path(adapter).expanduser(), "--adapter") if adapter else None
     served = ServedModel(_name(name, Path(target).name), base, adapter_dir)
     check_adapter_fits(served)
     return served
+
+
+WHAT_WORKS = ("pass the output.dir of a `samebox train` run (it holds config.yaml and adapter/), a model directory "
+              "(config.json and the weights), or a hub id such as Qwen/Qwen2.5-1.5B-Instruct")
+
+
+def _hub_model_dir(target: str, path: Path) -> Path:
+    """A target that is no path here: a hub id (org/name) is fetched; anything else is a run or model directory
+    that does not exist, said so with the absolute path tried and the runs beside it."""
+    from trainer.config import ModelConfig
+    from trainer.model.hub import MIRROR
+
+    missing = f"{target}: no such run directory or model directory ({path.absolute()} does not exist)"
+    if target.startswith(("/", ".", "~")) or target.count("/") != 1 or path.parent.is_dir():
+        runs = [str(Path(target).parent / found.parent.name)
+                for found in sorted(path.parent.glob(f"*/{RUN_CONFIG}"))] if path.parent.is_dir() else []
+        raise SameboxError(missing, WHAT_WORKS + (f"; runs beside it: {', '.join(runs[:10])}" if runs else ""))
+    try:
+        return local_model_dir(ModelConfig(name=target))
+    except SameboxError as e:
+        why = e.message.removeprefix(f"model.name={target!r} is a hub id, but ")
+        raise SameboxError(f"{missing}, and as a hub id it cannot be fetched: {why}",
+                           f"{WHAT_WORKS}; a hub id needs the hub reachable (HF_ENDPOINT={MIRROR} where "
+                           "huggingface.co is not) or the model in the local cache") from None
 
 
 def _from_run_dir(run_dir: Path, adapter: str | None, name: str | None) -> ServedModel:
