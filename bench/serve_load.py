@@ -38,7 +38,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE_LIMITS = ["--max-concurrent", "2", "--max-queue", "8", "--queue-timeout", "5", "--read-timeout", "5"]
+SMOKE_LIMITS = "--max-concurrent 2 --max-queue 8 --queue-timeout 5 --read-timeout 5"
 
 
 @dataclass
@@ -255,7 +255,8 @@ def smoke(args: argparse.Namespace) -> dict:
     key = "sk-load-smoke"
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         run = make_run(Path(tmp), TINY, rank=8)
-        proc, url = start_server(run, ["--device", "cpu", *SMOKE_LIMITS], Path(tmp) / "serve.log", key)
+        proc, url = start_server(run, ["--device", "cpu", *shlex.split(args.serve_args)], Path(tmp) / "serve.log",
+                                 key)
         try:
             report = drive(Load(url, run.name, key, args.clients, args.seconds, args.requests, args.max_tokens,
                                 args.timeout, not args.no_backoff))
@@ -268,7 +269,7 @@ def smoke(args: argparse.Namespace) -> dict:
         log = (Path(tmp) / "serve.log").read_text()
         if key in log:
             raise SystemExit("the server's log shows the API key")
-    report["server"] = f"samebox serve RUN --device cpu {' '.join(SMOKE_LIMITS)} (tiny random Qwen2 + LoRA r8)"
+    report["server"] = f"samebox serve RUN --device cpu {args.serve_args} (tiny random Qwen2 + LoRA r8)"
     return report
 
 
@@ -276,6 +277,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="the server, e.g. http://127.0.0.1:6006 (or --smoke)")
     p.add_argument("--smoke", action="store_true", help="serve a tiny model on the CPU here and drive it")
+    p.add_argument("--serve-args", default=SMOKE_LIMITS, help=f"--smoke: the server's options ({SMOKE_LIMITS})")
     p.add_argument("--model", default="", help="the model name to ask for (default: the server's own)")
     p.add_argument("--key-env", default="SAMEBOX_API_KEY", help="environment variable holding the API key")
     p.add_argument("--clients", type=int, default=64)
