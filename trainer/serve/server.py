@@ -52,8 +52,8 @@ class ServeOptions:
     batching: str = "auto"  # continuous (paged KV cache, many clients at once) on a GPU, one at a time on a CPU
     max_concurrent: int | None = None  # transformers engine: requests in the engine at once (None: by batching)
     max_queue: int | None = None  # requests waiting for a turn (None: twice max_concurrent)
-    queue_timeout_s: float = 30.0  # the longest a request waits for a turn before its 503
-    read_timeout_s: float = 30.0  # the longest a client takes to send its headers, and again its body (408)
+    queue_timeout_s: float = Limits.queue_timeout_s  # the longest a request waits for a turn before its 503
+    read_timeout_s: float = Limits.read_timeout_s  # the longest a client takes to send its headers, again its body
 
 
 @dataclass(frozen=True)
