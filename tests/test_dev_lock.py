@@ -187,7 +187,8 @@ def test_serve_at_the_oldest_transformers_a_lock_pins(tmp_path: Path) -> None:
     require(pip.returncode == 0, f"PyPI unreachable, cannot fetch transformers {version}: {pip.stderr[-500:]}")
     env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{REPO}", "SAMEBOX_TEST_TRANSFORMERS": version}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                           "tests/serve/test_serve_http.py", "tests/serve/test_serve_input.py"],
+                           "tests/serve/test_serve_http.py", "tests/serve/test_serve_input.py",
+                           "tests/serve/test_serve_load.py"],
                           capture_output=True, text=True, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " skipped" not in proc.stdout

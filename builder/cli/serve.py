@@ -18,6 +18,24 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _count(least: int):
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least {least}")
+        return int(text)
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (above 0, at most 3600)")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a trained adapter (or any model) over an OpenAI-compatible HTTP API")
     p.add_argument("target", metavar="RUN_DIR|MODEL",
@@ -37,6 +55,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="transformers engine: cuda (default with a GPU), cpu, cuda:1, or auto (spread over GPUs)")
     p.add_argument("--batching", default="auto", choices=("auto", "continuous", "off"),
                    help="transformers engine: continuous batching (auto: on a GPU)")
+    load = p.add_argument_group("under load (transformers engine; past these a client gets 503 with Retry-After)")
+    load.add_argument("--max-concurrent", type=_count(1), default=None, metavar="N",
+                      help="requests in the engine at once (default: 32 with continuous batching, else 4)")
+    load.add_argument("--max-queue", type=_count(0), default=None, metavar="N",
+                      help="requests waiting for a turn, first come first served (default: 2 x --max-concurrent)")
+    load.add_argument("--queue-timeout", type=_seconds, default=30.0, metavar="S",
+                      help="the longest a request waits for its turn (default: 30)")
+    load.add_argument("--read-timeout", type=_seconds, default=30.0, metavar="S",
+                      help="the longest a client takes to send a request's headers, and again its body (408; "
+                           "default: 30)")
     p.set_defaults(func=run)
 
 
@@ -48,5 +76,7 @@ def run(args: argparse.Namespace) -> int:
     served = resolve_model(args.target, args.adapter, args.name)  # a wrong path fails before torch is imported
     facts = probe()
     opts = ServeOptions(host=args.host, port=args.port or default_port(facts), api_key=api_key(args.api_key),
-                        engine=args.engine, dtype=args.dtype, device=args.device, batching=args.batching)
+                        engine=args.engine, dtype=args.dtype, device=args.device, batching=args.batching,
+                        max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                        queue_timeout_s=args.queue_timeout, read_timeout_s=args.read_timeout)
     return serve(served, opts, facts)

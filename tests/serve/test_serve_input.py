@@ -11,8 +11,9 @@ import pytest
 
 from builder.cli import main
 from tests.serve.conftest import save_adapter, save_tiny_model, write_run_dir
+from trainer.serve.gate import Limits
 from trainer.serve.served import ServedModel, resolve_model
-from trainer.serve.server import Facts, ServeOptions, choose_engine, vllm_argv
+from trainer.serve.server import Facts, ServeOptions, choose_engine, gate_limits, vllm_argv
 
 
 def serve_exit(capsys, *argv: str) -> tuple[int, str]:
@@ -123,3 +124,24 @@ def test_vllm_command_serves_the_adapter_under_the_name_and_keeps_the_key_out_of
     assert argv[argv.index("--max-lora-rank") + 1] == "8"  # r=4 rounded up to a rank vLLM takes
     assert argv[argv.index("--served-model-name") + 1] == "tiny-sft-base"
     assert "--enable-lora" in argv and "sk-secret" not in " ".join(argv)
+
+
+def test_load_limits_follow_the_batching_unless_given():
+    gpu, cpu = Facts("2.11.0", True, "5.25.0"), Facts("2.11.0", False, "5.25.0")
+    assert gate_limits(ServeOptions(), gpu) == Limits(max_concurrent=32, max_queue=64)
+    assert gate_limits(ServeOptions(), cpu) == Limits(max_concurrent=4, max_queue=8)
+    assert gate_limits(ServeOptions(batching="continuous"), cpu).max_concurrent == 32
+    given = gate_limits(ServeOptions(max_concurrent=3, max_queue=0, queue_timeout_s=2, read_timeout_s=5), gpu)
+    assert given == Limits(max_concurrent=3, max_queue=0, queue_timeout_s=2, read_timeout_s=5)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--max-concurrent", "0", "at least 1"),
+    ("--max-queue", "-1", "at least 0"),
+    ("--queue-timeout", "0", "not a number of seconds"),
+    ("--read-timeout", "soon", "not a number of seconds"),
+])
+def test_load_options_out_of_range_are_usage_errors(capsys, run_dir, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(run_dir), flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err

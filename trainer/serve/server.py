@@ -5,7 +5,9 @@ only where it is installed against this very torch (builder/core/compat.py says 
 never installs it, since that would replace the platform's torch. `transformers serve` (transformers >= 5.17 plus
 its serving extra: fastapi, uvicorn, pydantic, openai) runs wherever the lock's transformers does; samebox loads
 base + adapter into it, merges the LoRA into the weights in memory (no extra matmuls per token, nothing written to
-disk) and puts trainer/serve/gate.py in front: API key, the OpenAI routes only, 4xx for bad requests.
+disk) and puts trainer/serve/gate.py in front: API key, the OpenAI routes only, 4xx for bad requests, bounded
+concurrency and queue (503 with Retry-After past them); trainer/serve/connections.py sets uvicorn's connection
+limits beneath it.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ from packaging.version import Version
 
 from builder.core import compat, settings, supported
 from builder.core.errors import SameboxError
+from trainer.serve.gate import Limits
 from trainer.serve.served import ServedModel, adapter_config, loaded_line, merge_lora, overlay_dir
 
 AUTODL_PORT = 6006  # AutoDL maps each instance's 6006 (and 6008) to a public address
 DEFAULT_PORT = 8000  # elsewhere: the port OpenAI-compatible servers (vLLM, transformers serve) use
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
+# Requests in the engine at once by default: continuous batching answers 32 clients at about one client's time to
+# first token (bench/results/serve_gpu.json); one at a time, a few in flight keep the engine busy between answers.
+MAX_CONCURRENT = {"continuous": 32, "off": 4}
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,10 @@ class ServeOptions:
     dtype: str = "auto"  # the weights' own dtype (bf16 for today's chat models)
     device: str | None = None  # transformers engine: cuda (or cpu) when None; "auto" spreads over the GPUs
     batching: str = "auto"  # continuous (paged KV cache, many clients at once) on a GPU, one at a time on a CPU
+    max_concurrent: int | None = None  # transformers engine: requests in the engine at once (None: by batching)
+    max_queue: int | None = None  # requests waiting for a turn (None: twice max_concurrent)
+    queue_timeout_s: float = Limits.queue_timeout_s  # the longest a request waits for a turn before its 503
+    read_timeout_s: float = Limits.read_timeout_s  # the longest a client takes to send its headers, again its body
 
 
 @dataclass(frozen=True)
@@ -187,49 +197,72 @@ def has_chat_template(model_dir: Path) -> bool:
     return bool(getattr(AutoTokenizer.from_pretrained(str(model_dir)), "chat_template", None))
 
 
+def gate_limits(opts: ServeOptions, facts: Facts) -> Limits:
+    """The gate's limits from the options, the defaults filled in by how the engine batches."""
+    running = opts.max_concurrent or MAX_CONCURRENT["continuous" if _continuous(opts, facts) else "off"]
+    return Limits(max_concurrent=running, max_queue=2 * running if opts.max_queue is None else opts.max_queue,
+                  queue_timeout_s=opts.queue_timeout_s, read_timeout_s=opts.read_timeout_s)
+
+
 def _serve_in_process(served: ServedModel, opts: ServeOptions, facts: Facts) -> None:
+    from trainer.serve import connections
     from trainer.serve.gate import Gate
 
     server = _transformers_server(served, opts, facts, non_blocking=True)
     model, tokenizer = _loaded(server)
     merged = merge_lora(model)
-    app = server.server.config.app
-    server.server.config.app = Gate(app, served.name, served.name, opts.api_key,
-                                    chat_template=bool(getattr(tokenizer, "chat_template", None)))
+    limits = gate_limits(opts, facts)
+    config = server.server.config
+    config.app = Gate(config.app, served.name, served.name, opts.api_key,
+                      chat_template=bool(getattr(tokenizer, "chat_template", None)), limits=limits)
+    connections.configure(config, limits)
     print(loaded_line(served.describe(), model, merged), flush=True)
     server.server.run()
 
 
 def _serve_engine_process(served: ServedModel, opts: ServeOptions, facts: Facts, chat_template: bool) -> None:
-    """transformers builds its app inside ``Serve.run`` and loads the model in a spawned process through
-    ``self.loader``: the gate goes around the app ``build_server`` returns (only for this run), and the loader
-    becomes trainer.serve.loader.MergingLoader, which merges the LoRA where the weights live."""
+    """transformers builds its app and its uvicorn.Config inside ``Serve.run`` and loads the model in a spawned
+    process through ``self.loader``: for this run only, the gate goes around the app ``build_server`` returns,
+    uvicorn.Config takes trainer/serve/connections.py's settings, and the loader becomes
+    trainer.serve.loader.MergingLoader, which merges the LoRA where the weights live."""
+    import uvicorn
     from transformers.cli.serve import Serve
     from transformers.cli.serving import server as tf_server
 
+    from trainer.serve import connections
     from trainer.serve.gate import Gate
     from trainer.serve.loader import MergingLoader
 
-    build_server = tf_server.build_server
+    limits = gate_limits(opts, facts)
+    build_server, uvicorn_config = tf_server.build_server, uvicorn.Config
 
     def gated(*args, **kwargs):
-        return Gate(build_server(*args, **kwargs), served.name, served.name, opts.api_key, chat_template)
+        return Gate(build_server(*args, **kwargs), served.name, served.name, opts.api_key, chat_template, limits)
+
+    class _Limited(uvicorn_config):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            connections.configure(self, limits)
 
     class _Gated(Serve):
         def run(self, *args, **kwargs) -> None:
             self.loader.__class__ = MergingLoader
             self.loader.describe = served.describe()
-            tf_server.build_server = gated
+            tf_server.build_server, uvicorn.Config = gated, _Limited
             try:
                 super().run(*args, **kwargs)
             finally:
-                tf_server.build_server = build_server
+                tf_server.build_server, uvicorn.Config = build_server, uvicorn_config
 
     _Gated(**_serve_kwargs(served, opts, facts))
 
 
+def _continuous(opts: ServeOptions, facts: Facts) -> bool:
+    return opts.batching == "continuous" or (opts.batching == "auto" and facts.cuda)
+
+
 def _serve_kwargs(served: ServedModel, opts: ServeOptions, facts: Facts) -> dict:
-    continuous = opts.batching == "continuous" or (opts.batching == "auto" and facts.cuda)
+    continuous = _continuous(opts, facts)
     # One device by default: transformers' "auto" is accelerate's device_map, whose per-module hooks cost every
     # decoding step; "auto" stays available for a model that needs several GPUs.
     device = opts.device or ("cuda" if facts.cuda else "cpu")
@@ -326,6 +359,10 @@ def banner(served: ServedModel, engine: Engine, notes: list[str], opts: ServeOpt
     elif opts.host not in ("127.0.0.1", "localhost", "::1"):
         lines.append(f"samebox serve: no API key: anyone who reaches port {opts.port} can use the model; "
                      f"set {settings.API_KEY_VARIABLE} to require one")
+    if engine.name == "transformers":
+        limits = gate_limits(opts, facts)
+        lines.append(f"samebox serve: at most {limits.max_concurrent} requests at once and {limits.max_queue} waiting "
+                     f"(up to {limits.queue_timeout_s:g} s); past that 503 with Retry-After")
     auth = f" -H \"Authorization: Bearer ${settings.API_KEY_VARIABLE}\"" if opts.api_key else ""
     request = json.dumps({"model": served.name, "messages": [{"role": "user", "content": "hello"}]})
     lines.append(f"samebox serve: try: curl http://127.0.0.1:{opts.port}/v1/chat/completions"
