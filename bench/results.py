@@ -52,6 +52,25 @@ def peers_table() -> str:
     return "\n".join(lines)
 
 
+def peers_detail_table() -> str:
+    """The peers table with the recipe arm and each row's run, for bench/README.md."""
+    result = load("trainer_peers.json")
+    lines = ["| model | mix (run) | samebox label tok/s | unsloth | HF padding-free | recipe | samebox vs unsloth | "
+             "memory vs unsloth (peak allocated GiB) |", "|---|---|---|---|---|---|---|---|"]
+    names = {"7b": "Qwen2.5-7B QLoRA", "1.5b": "Qwen2.5-1.5B LoRA"}
+    for row in sorted(result["rows"], key=lambda r: (r["model"] != "7b", r["mix"])):
+        arms = row["arms"]
+        recipe = _n(arms["recipe"]["label_tokens_per_s"]) if "recipe" in arms else "—"
+        speed = arms["samebox"]["label_tokens_per_s"] / arms["unsloth"]["label_tokens_per_s"]
+        memory = arms["samebox"]["peak_allocated_gib"] / arms["unsloth"]["peak_allocated_gib"]
+        lines.append(
+            f"| {names[row['model']]} | {row['mix']} ({row['run']}) | **{_n(arms['samebox']['label_tokens_per_s'])}** "
+            f"| {_n(arms['unsloth']['label_tokens_per_s'])} | {_n(arms['hf_padding_free']['label_tokens_per_s'])} "
+            f"| {recipe} | {speed:.2f}x | {memory:.2f}x ({arms['samebox']['peak_allocated_gib']:.2f} vs "
+            f"{arms['unsloth']['peak_allocated_gib']:.2f}) |")
+    return "\n".join(lines)
+
+
 def headline_table() -> str:
     """One line per headline measurement, each naming its file."""
     multigpu = load("multigpu.json")
@@ -83,7 +102,8 @@ def headline_table() -> str:
     return "\n".join(lines)
 
 
-TABLES: dict[str, Callable[[], str]] = {"peers": peers_table, "headline": headline_table}
+TABLES: dict[str, Callable[[], str]] = {"peers": peers_table, "peers-detail": peers_detail_table,
+                                        "headline": headline_table}
 
 
 def render(text: str) -> str:
