@@ -38,7 +38,7 @@ help:
 	@echo "           [CONDA_MIRROR=url] [ALLOW_STALE=1]"
 	@echo "make images | make render TORCH=2.3 | make lock [IMAGE=id] | make lock-check | make lock-dev"
 	@echo "make test (fast tier) | make test-all (every test, CI) | make test-latest | make lint"
-	@echo "make demo (a tiny model trained and served on the CPU, under a minute)"
+	@echo "make demo (a tiny model trained and served on the CPU, under a minute) | make results (README tables)"
 
 $(VENV)/.builder: lockfiles/dev-builder.txt pyproject.toml
 	$(PYTHON_BIN) -m venv --clear $(VENV)
