@@ -4,6 +4,7 @@
 #   make test        the fast tier (a developer's loop)      make test-all   every test (what CI runs)
 #   make demo        train and serve a tiny model on the CPU, nothing downloaded (under a minute)
 #   make lock-dev    re-resolve the dev locks               make test-latest  trainer/serve tests on the newest releases
+#   make results     README's numbers tables from bench/results/*.json
 # The virtualenv is the committed dev lock, exactly: lockfiles/dev-builder.txt for the builder (any Python >= 3.10),
 # lockfiles/dev.txt for the tests (Python 3.11, torch's CPU build), both installed with --require-hashes --no-deps.
 PYTHON_BIN ?= python3
@@ -30,14 +31,14 @@ CONDA_MIRROR ?=
 # image and render refuse a lockfile `samebox lock --check` finds stale; ALLOW_STALE=1 builds from it with a warning.
 ALLOW_STALE ?=
 
-.PHONY: help venv image render lock lock-check lock-dev images test test-all test-latest lint demo clean
+.PHONY: help venv image render lock lock-check lock-dev images test test-all test-latest lint demo results clean
 
 help:
 	@echo "make image TORCH=2.3 [CUDA=12.1] [PYTHON=3.12] [ENGINE=docker|podman|buildah|none] [BASE_IMAGE=ref] [TAG=name]"
 	@echo "           [CONDA_MIRROR=url] [ALLOW_STALE=1]"
 	@echo "make images | make render TORCH=2.3 | make lock [IMAGE=id] | make lock-check | make lock-dev"
 	@echo "make test (fast tier) | make test-all (every test, CI) | make test-latest | make lint"
-	@echo "make demo (a tiny model trained and served on the CPU, under a minute)"
+	@echo "make demo (a tiny model trained and served on the CPU, under a minute) | make results (README tables)"
 
 $(VENV)/.builder: lockfiles/dev-builder.txt pyproject.toml
 	$(PYTHON_BIN) -m venv --clear $(VENV)
@@ -100,6 +101,10 @@ test-latest: $(VENV)/.test
 # steps, `samebox serve` on it, one question over HTTP. Everything it writes is under .demo/ (configs/demo/demo.py).
 demo: $(VENV)/.test
 	$(PY) configs/demo/demo.py
+
+# The numbers tables of README.md and bench/README.md, rewritten from bench/results/*.json.
+results: $(VENV)/.builder
+	$(PY) bench/results.py
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check builder trainer tests bench
