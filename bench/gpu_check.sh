@@ -18,7 +18,7 @@ t2=$(date +%s.%N)
 gpu=$($py -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null || echo unknown)
 $py -m builder check-gpu --gpu "$gpu" --json > "$out/check_gpu.json" 2> "$out/check_gpu.err"; check_rc=$?
 $py - "$out" "$quick_rc" "$fused_rc" "$check_rc" "$t0" "$t1" "$t2" <<'PY'
-import json, subprocess, sys, datetime, platform
+import json, sys
 from pathlib import Path
 out, quick_rc, fused_rc, check_rc, t0, t1, t2 = sys.argv[1], *map(int, sys.argv[2:5]), *map(float, sys.argv[5:8])
 def load(name):
@@ -26,27 +26,16 @@ def load(name):
         return json.loads((Path(out) / name).read_text())
     except (OSError, ValueError) as e:
         return {"error": f"{name}: {e}", "stderr": (Path(out) / name.replace(".json", ".err")).read_text()[-2000:]}
-import torch, transformers, peft, accelerate
+sys.path.insert(0, "bench")
+from header import header
 from builder.core import supported
 try:
     supported.require("train"); supported.require("serve"); in_range = "yes"
 except Exception as e:
     in_range = str(e)
-try:
-    import pynvml
-    pynvml.nvmlInit()
-    driver = pynvml.nvmlSystemGetDriverVersion()
-except Exception as e:
-    driver = f"unknown ({e})"
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 fused = load("fused.json")
 result = {
-    "header": {"command": "OUT=... bash bench/gpu_check.sh", "machine": platform.node(), "cpus": __import__("os").cpu_count(),
-               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "driver": driver,
-               "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                            "cuda": torch.version.cuda, "transformers": transformers.__version__,
-                            "peft": peft.__version__, "accelerate": accelerate.__version__},
-               "commit": commit or "(working tree copy, no git)", "date": datetime.datetime.now(datetime.timezone.utc).isoformat()},
+    "header": header("OUT=... bash bench/gpu_check.sh"),
     "supported_range": in_range,
     "quick": {"exit": quick_rc, "seconds": round(t1 - t0, 1), "report": load("quick.json")},
     "fused_full": {"exit": fused_rc, "seconds": round(t2 - t1, 1),

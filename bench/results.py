@@ -33,41 +33,50 @@ def _n(value: float, decimals: int = 0) -> str:
     return f"{value:,.{decimals}f}"
 
 
-def peers_table() -> str:
-    """samebox against unsloth, HF padding-free and the recipe, one row per model and mix."""
-    result = load("trainer_peers.json")
-    lines = ["| model, data | samebox label tok/s | unsloth | HF Trainer, padding-free | samebox vs unsloth: "
-             "speed / peak memory (GiB) |", "|---|---|---|---|---|"]
-    names = {"7b": "Qwen2.5-7B QLoRA", "1.5b": "Qwen2.5-1.5B LoRA"}
-    mixes = {"chat": "multi-turn chat", "short": "short rows"}
-    for row in sorted(result["rows"], key=lambda r: (r["model"] != "7b", r["mix"])):
+MODELS = {"7b": "Qwen2.5-7B QLoRA", "1.5b": "Qwen2.5-1.5B LoRA"}
+
+
+def _peer_rows():
+    """trainer_peers.json's rows, 7B first, each with its arms and samebox's speed and peak-memory ratios to
+    unsloth's."""
+    for row in sorted(load("trainer_peers.json")["rows"], key=lambda r: (r["model"] != "7b", r["mix"])):
         arms = row["arms"]
         speed = arms["samebox"]["label_tokens_per_s"] / arms["unsloth"]["label_tokens_per_s"]
         memory = arms["samebox"]["peak_allocated_gib"] / arms["unsloth"]["peak_allocated_gib"]
+        yield row, arms, speed, memory
+
+
+def _tok_s(arms: dict, arm: str) -> str:
+    return _n(arms[arm]["label_tokens_per_s"])
+
+
+def _peaks(arms: dict) -> str:
+    return f"({arms['samebox']['peak_allocated_gib']:.2f} vs {arms['unsloth']['peak_allocated_gib']:.2f})"
+
+
+def peers_table() -> str:
+    """samebox against unsloth, HF padding-free and the recipe, one row per model and mix."""
+    lines = ["| model, data | samebox label tok/s | unsloth | HF Trainer, padding-free | samebox vs unsloth: "
+             "speed / peak memory (GiB) |", "|---|---|---|---|---|"]
+    mixes = {"chat": "multi-turn chat", "short": "short rows"}
+    for row, arms, speed, memory in _peer_rows():
         lines.append(
-            f"| {names[row['model']]}, {mixes[row['mix']]} | **{_n(arms['samebox']['label_tokens_per_s'])}** "
-            f"| {_n(arms['unsloth']['label_tokens_per_s'])} | {_n(arms['hf_padding_free']['label_tokens_per_s'])} "
-            f"| {speed:.2f}x / {memory:.2f}x ({arms['samebox']['peak_allocated_gib']:.2f} vs "
-            f"{arms['unsloth']['peak_allocated_gib']:.2f}) |")
+            f"| {MODELS[row['model']]}, {mixes[row['mix']]} | **{_tok_s(arms, 'samebox')}** "
+            f"| {_tok_s(arms, 'unsloth')} | {_tok_s(arms, 'hf_padding_free')} "
+            f"| {speed:.2f}x / {memory:.2f}x {_peaks(arms)} |")
     return "\n".join(lines)
 
 
 def peers_detail_table() -> str:
     """The peers table with the recipe arm and each row's run, for bench/README.md."""
-    result = load("trainer_peers.json")
     lines = ["| model | mix (run) | samebox label tok/s | unsloth | HF padding-free | recipe | samebox vs unsloth | "
              "memory vs unsloth (peak allocated GiB) |", "|---|---|---|---|---|---|---|---|"]
-    names = {"7b": "Qwen2.5-7B QLoRA", "1.5b": "Qwen2.5-1.5B LoRA"}
-    for row in sorted(result["rows"], key=lambda r: (r["model"] != "7b", r["mix"])):
-        arms = row["arms"]
-        recipe = _n(arms["recipe"]["label_tokens_per_s"]) if "recipe" in arms else "—"
-        speed = arms["samebox"]["label_tokens_per_s"] / arms["unsloth"]["label_tokens_per_s"]
-        memory = arms["samebox"]["peak_allocated_gib"] / arms["unsloth"]["peak_allocated_gib"]
+    for row, arms, speed, memory in _peer_rows():
+        recipe = _tok_s(arms, "recipe") if "recipe" in arms else "—"
         lines.append(
-            f"| {names[row['model']]} | {row['mix']} ({row['run']}) | **{_n(arms['samebox']['label_tokens_per_s'])}** "
-            f"| {_n(arms['unsloth']['label_tokens_per_s'])} | {_n(arms['hf_padding_free']['label_tokens_per_s'])} "
-            f"| {recipe} | {speed:.2f}x | {memory:.2f}x ({arms['samebox']['peak_allocated_gib']:.2f} vs "
-            f"{arms['unsloth']['peak_allocated_gib']:.2f}) |")
+            f"| {MODELS[row['model']]} | {row['mix']} ({row['run']}) | **{_tok_s(arms, 'samebox')}** "
+            f"| {_tok_s(arms, 'unsloth')} | {_tok_s(arms, 'hf_padding_free')} "
+            f"| {recipe} | {speed:.2f}x | {memory:.2f}x {_peaks(arms)} |")
     return "\n".join(lines)
 
 

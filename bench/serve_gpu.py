@@ -205,12 +205,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, batching: str, device: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, extra: list[str], log: Path, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen, str]:
+    """`samebox serve RUN --host 127.0.0.1 --port FREE *extra` in a subprocess (``env`` added to this process's),
+    once it answers /health; its output goes to ``log``."""
     port = free_port()
-    cmd = [sys.executable, "-m", "builder", "serve", str(run), "--host", "127.0.0.1", "--port", str(port),
-           "--batching", batching, "--device", device]
+    cmd = [sys.executable, "-m", "builder", "serve", str(run), "--host", "127.0.0.1", "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -220,7 +222,7 @@ def start_server(run: Path, batching: str, device: str, log: Path) -> tuple[subp
             with urllib.request.urlopen(url + "/health", timeout=2):
                 return proc, url
         except OSError:
-            time.sleep(1)
+            time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"samebox serve did not come up in 600 s:\n{log.read_text()[-4000:]}")
 
@@ -250,7 +252,7 @@ def stream_chat(url: str, name: str, prompt: str, max_tokens: int, out: dict) ->
 def serve_arm(run: Path, batching: str, device: str, prompts: list[str], clients: list[int], max_tokens: int,
               work: Path) -> tuple[list, str]:
     log = work / f"serve-{batching}.log"
-    proc, url = start_server(run, batching, device, log)
+    proc, url = start_server(run, ["--batching", batching, "--device", device], log)
     rows = []
     try:
         stream_chat(url, run.name, prompts[0], max_tokens, {})  # warm-up as for generate: full length, ...

@@ -24,14 +24,12 @@ import platform
 import random
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,39 +222,15 @@ def drive(load: Load) -> dict:
 # --- --smoke: a tiny model served here --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(run: Path, extra: list[str], log: Path, key: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "builder", "serve", str(run), "--host", "127.0.0.1", "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "SAMEBOX_API_KEY": key})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"samebox serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"samebox serve did not come up in 600 s:\n{log.read_text()[-4000:]}")
-
-
 def smoke(args: argparse.Namespace) -> dict:
-    from serve_gpu import TINY, make_run  # this directory's: the same tiny model and run the serving bench makes
+    # this directory's: the same tiny model, run directory and server start as the serving bench
+    from serve_gpu import TINY, make_run, start_server
 
     key = "sk-load-smoke"
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         run = make_run(Path(tmp), TINY, rank=8)
         proc, url = start_server(run, ["--device", "cpu", *shlex.split(args.serve_args)], Path(tmp) / "serve.log",
-                                 key)
+                                 {"SAMEBOX_API_KEY": key})
         try:
             report = drive(Load(url, run.name, key, args.clients, args.seconds, args.requests, args.max_tokens,
                                 args.timeout, not args.no_backoff))

@@ -9,41 +9,19 @@ fixed header (command, machine, GPU, driver, versions, commit, date).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from header import header  # noqa: E402
 from serve_gpu import ROOT, make_run, start_server  # noqa: E402
 
 QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, tie_word_embeddings=False)
-
-
-def header(command: str) -> dict:
-    import peft
-    import transformers
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
-    except Exception as e:  # no NVML: say so
-        driver = f"unknown ({type(e).__name__})"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    return {"command": command, "machine": platform.node(), "cpus": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "driver": driver,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "peft": peft.__version__},
-            "commit": commit or "(working tree copy)", "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
 def main() -> int:
@@ -62,7 +40,7 @@ def main() -> int:
         result["made_s"] = round(time.perf_counter() - t, 1)
         log = work / "serve.log"
         t = time.perf_counter()
-        proc, url = start_server(run, "continuous", "cuda", log)
+        proc, url = start_server(run, ["--batching", "continuous", "--device", "cuda"], log)
         result["server_up_s"] = round(time.perf_counter() - t, 1)
         try:
             for n in (int(c) for c in args.clients.split(",")):

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from builder.core import supported  # noqa: E402
+from builder.core.lockfile import read_lock  # noqa: E402
 from builder.image import devlock  # noqa: E402
 
 PIP = ["-m", "pip", "--disable-pip-version-check"]
@@ -50,7 +51,7 @@ def main() -> int:
         return 2
     run([py, *PIP, "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."], check=True)
 
-    locked = devlock.locked_versions()
+    locked = read_lock(ROOT / devlock.DEV_LOCK)
     probe = "import importlib.metadata as m, json, sys; print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
     newest = json.loads(run([py, "-c", probe, *supported.PACKAGES], capture_output=True, text=True,
                             check=True).stdout)

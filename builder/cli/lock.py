@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from builder.cli._args import add_root_argument
+from builder.core.lockfile import read_lock
 from builder.core.output import format_table, print_json
 from builder.core.settings import project_root
 from builder.core.spec import ImageSpec, find_image, load_catalog
@@ -91,7 +92,7 @@ def _dev(args: argparse.Namespace) -> int:
     rows = []
     for path in written:
         rel = str(path.relative_to(root))
-        versions = devlock.locked_versions(root, rel=rel)
+        versions = read_lock(path)
         rows.append({"lock": rel, "packages": len(versions),
                      **{k: versions.get(k, "-") for k in devlock.KEY_PACKAGES}})
     if args.json:

@@ -54,10 +54,6 @@ def project_root(environ: Mapping[str, str] | None = None) -> Path:
     return Path(get("ROOT", environ)) if get("ROOT", environ) else Path(__file__).resolve().parents[2]
 
 
-def root_override(environ: Mapping[str, str] | None = None) -> str:
-    return get("ROOT", environ)
-
-
 def state_dir(environ: Mapping[str, str] | None = None) -> Path:
     value = get("STATE", environ)
     return Path(os.path.abspath(value)) if value else _home(environ) / ".samebox"

@@ -20,9 +20,8 @@ from pathlib import Path
 from builder.core import pyindex
 from builder.core.errors import SameboxError
 from builder.core.fsutil import sha256_text, write_atomic
-from builder.core.lockfile import parse_lock
 from builder.core.settings import project_root
-from builder.image.lock import LOCK_PLATFORM, MARKER, check_header, find_uv, split_lock, uv_version
+from builder.image.lock import LOCK_PLATFORM, MARKER, check_header, find_uv, uv_version
 
 try:
     import tomllib
@@ -178,9 +177,3 @@ def _drop_self(body: str) -> str:
         if not skipping:
             kept.append(line)
     return "".join(kept)
-
-
-def locked_versions(root: Path | None = None, rel: str = DEV_LOCK) -> dict[str, str]:
-    path = (root or project_root()) / rel
-    _, body = split_lock(path.read_text(encoding="utf-8"))
-    return {p.name: p.version for p in parse_lock(body)}
