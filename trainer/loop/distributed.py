@@ -46,9 +46,17 @@ def init(ranks: Ranks) -> None:
         torch.distributed.init_process_group("gloo")
 
 
-def shutdown(ranks: Ranks) -> None:
-    if ranks.world > 1 and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def shutdown(ranks: Ranks, clean: bool = True) -> None:
+    """Leave the process group. After a clean end every rank first waits for the others (rank 0 still writing the
+    adapter while rank 1 tore its gloo group down ended in SIGABRT at exit), then the group is destroyed, with no
+    collective left in flight. After an error the group is left to the launcher: destroying it while another rank
+    sits in a collective can hang."""
+    if ranks.world == 1 or not torch.distributed.is_initialized():
+        return
+    if not clean:
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def barrier(ranks: Ranks) -> None:

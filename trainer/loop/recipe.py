@@ -342,14 +342,14 @@ class LoRAFinetuneRecipe:
                             "total_steps": self.total_steps, **facts}
 
     # ----- cleanup -----------------------------------------------------------------------------------------
-    def cleanup(self) -> None:
+    def cleanup(self, clean: bool = True) -> None:
         for sig, handler in getattr(self, "previous_handlers", {}).items():
             signal.signal(sig, handler)
         if getattr(self, "logger", None) is not None:
             self.logger.close()
         if self.given_start is None and getattr(self, "start", None) is not None:
             self.start.release()
-        dist.shutdown(self.ranks)
+        dist.shutdown(self.ranks, clean)
 
 
 def main(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
@@ -358,10 +358,13 @@ def main(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     """Set up, train, clean up; ``outcome`` (when given) receives how the run ended on rank 0: status (finished,
     stopped, already finished), steps and, once finished, the adapter and summary.json's facts."""
     recipe = LoRAFinetuneRecipe(cfg, resume, overwrite, prepared, resume_changed_data, start)
+    clean = False
     try:
         recipe.setup()
-        return recipe.train()
+        code = recipe.train()
+        clean = True
+        return code
     finally:
-        recipe.cleanup()
+        recipe.cleanup(clean)
         if outcome is not None:
             outcome.update(recipe.outcome)
