@@ -27,6 +27,14 @@ def repo() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path_factory, monkeypatch):
+    """Each test keeps samebox's state (the file-check cache, setup's records) out of the real ~/.samebox, where one
+    test's findings would become another's."""
+    if "SAMEBOX_STATE" not in os.environ:
+        monkeypatch.setenv("SAMEBOX_STATE", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
 def _bitsandbytes_visible_again():
     """A process that quantizes nothing hides bitsandbytes for good (trainer/model/load.py hide_bitsandbytes); the
     test process trains unquantized and NF4 models alike, so after each test it is visible again, and the answers

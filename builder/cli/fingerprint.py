@@ -14,11 +14,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, help="write the JSON to FILE (atomically)")
     p.add_argument("--json", action="store_true", help="print the JSON")
     p.add_argument("--no-files", action="store_true", help="skip hashing installed files against their RECORD")
+    p.add_argument("--rehash", action="store_true", help="hash every installed file again (by default a package "
+                   "whose files have the size and mtime they had when last hashed keeps that finding)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    fp = fingerprint.collect(with_files=not args.no_files)
+    fp = fingerprint.collect(with_files=not args.no_files,
+                             cache=None if args.rehash else fingerprint.default_checks_path())
     text = fingerprint.dumps(fp)
     if args.output:
         write_atomic(args.output, text)

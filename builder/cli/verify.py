@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="catalog image (default: $SAMEBOX_IMAGE, else the one this platform fits)")
     p.add_argument("--lockfile", type=Path, help="a lockfile other than the image's")
     p.add_argument("--no-files", action="store_true", help="skip hashing installed files against their RECORD")
+    p.add_argument("--rehash", action="store_true", help="hash every installed file again (by default a package "
+                   "whose files have the size and mtime they had when last hashed keeps that finding)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--built-image", metavar="REF", help="check a local image built by `samebox image` instead: its "
                    "labels name the catalog entry and the lock's sha256, and what is installed in it must match it")
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if not claim.path.is_file():
         hint = f"make it with `make lock IMAGE={spec.id}`" if spec else "pass an existing lockfile to --lockfile"
         raise SameboxError(f"no lockfile {claim.path}", hint)
-    problems = drift.verify_lock(claim.path, torch=spec.torch_full if spec else "", check_files=not args.no_files)
+    problems = drift.verify_lock(claim.path, torch=spec.torch_full if spec else "", check_files=not args.no_files,
+                                rehash=args.rehash)
     name = spec.id if spec else "this environment"
     if args.json:
         print_json({"image": spec.id if spec else None, "lockfile": str(claim.path), "ok": not problems,

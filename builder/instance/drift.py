@@ -38,11 +38,12 @@ def _base_version(version: str) -> str:
 # --- live environment vs lockfile -------------------------------------------------------------------------------
 
 
-def _package_problems(pins: list[LockedPackage], check_files: bool = True) -> dict[str, str]:
+def _package_problems(pins: list[LockedPackage], check_files: bool = True, rehash: bool = False) -> dict[str, str]:
     """Canonical name -> what is wrong with it in the live environment (absent from the result: fine)."""
     dists = environment.installed_distributions()
     present = {p.name: dists[p.name] for p in pins if p.name in dists}
-    modified = fingerprint.check_files(present) if check_files else {name: [] for name in present}
+    cache = None if rehash else fingerprint.default_checks_path()
+    modified = fingerprint.check_files(present, cache=cache) if check_files else {name: [] for name in present}
     problems = {}
     for pin in pins:
         dist = present.get(pin.name)
@@ -60,7 +61,7 @@ def _package_problems(pins: list[LockedPackage], check_files: bool = True) -> di
     return problems
 
 
-def split_lock_problems(lockfile: Path, check_files: bool = True) -> tuple[list[str], list[str]]:
+def split_lock_problems(lockfile: Path, check_files: bool = True, rehash: bool = False) -> tuple[list[str], list[str]]:
     """(drift, platform): problems of the packages samebox installs (and of torch itself), and version differences
     of the other libraries the platform ships with its torch (nvidia-*, triton, cuda-*), which setup keeps as
     they are: those say the base image differs from the one the lock was made for, not that the environment drifted.
@@ -68,20 +69,21 @@ def split_lock_problems(lockfile: Path, check_files: bool = True) -> tuple[list[
     pins = read_pins(lockfile)
     if not pins:
         return [f"{lockfile}: no pinned requirements found"], []
-    problems = _package_problems(pins, check_files)
+    problems = _package_problems(pins, check_files, rehash)
     platform_libs = {p.name for p in pins if p.platform_provided and p.name != "torch"}
     drift = [problems[n] for n in sorted(problems) if n not in platform_libs]
     platform = [problems[n] for n in sorted(problems) if n in platform_libs]
     return drift, platform
 
 
-def verify_lock(lockfile: Path, torch: str = "", check_files: bool = True) -> list[str]:
+def verify_lock(lockfile: Path, torch: str = "", check_files: bool = True, rehash: bool = False) -> list[str]:
     """Problems of the live environment against ``lockfile``, one line each; empty when it matches.
 
     ``torch`` is the torch.__version__ the catalog entry expects ('2.3.0+cu121'); when given, the local tag is
-    checked too. ``check_files=False`` skips hashing installed files against their RECORD.
+    checked too. ``check_files=False`` skips hashing installed files against their RECORD; ``rehash`` hashes every
+    file again, also those of distributions whose files are unchanged since they were last hashed.
     """
-    drift, platform = split_lock_problems(lockfile, check_files)
+    drift, platform = split_lock_problems(lockfile, check_files, rehash)
     out = sorted(drift + platform)
     if torch and torch != "none":
         dists = environment.installed_distributions()
@@ -97,7 +99,7 @@ def is_intact(name: str, version: str = "") -> bool:
     dist = environment.installed_distributions().get(environment.canonical_name(name))
     if dist is None or (version and _base_version(dist.version) != _base_version(version)):
         return False
-    return not fingerprint.check_files({name: dist})[name]
+    return not fingerprint.check_files({name: dist}, cache=fingerprint.default_checks_path())[name]
 
 
 def plan_install(lockfile: Path) -> tuple[list[LockedPackage], list[str]]:

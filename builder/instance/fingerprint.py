@@ -11,6 +11,7 @@ Imports the standard library only (setup.sh runs parts of it before samebox's de
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.metadata as md
 import json
@@ -84,21 +85,89 @@ def _file_matches(dist: md.Distribution, path: str, digest: str) -> bool:
     return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode() == want
 
 
-def check_files(dists: dict[str, md.Distribution], workers: int = 8) -> dict[str, list[str]]:
+# Where check_files keeps what it found per distribution, with the files' stat signature it found it at.
+CHECKS_FILE = "file-checks.json"
+
+
+def _stat_row(dist: md.Distribution, path: str) -> str:
+    try:
+        st = os.stat(dist.locate_file(path))
+    except OSError:
+        return f"{path}:missing"
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_mode}"
+
+
+def _dist_key(name: str, dist: md.Distribution) -> str:
+    return f"{dist.locate_file('')}|{name}|{dist.version}"
+
+
+def _load_checks(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save_checks(path: Path, checks: dict[str, Any]) -> None:
+    """Best effort: a cache that cannot be written (read-only home, a full disk) only costs the next run time."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(checks, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def default_checks_path() -> Path:
+    from builder.core import settings
+
+    return settings.state_dir() / CHECKS_FILE
+
+
+def check_files(dists: dict[str, md.Distribution], workers: int | None = None,
+                cache: Path | None = None) -> dict[str, list[str]]:
     """Canonical name -> RECORD paths whose file is missing or differs from its RECORD hash (hashed in threads;
-    hashlib releases the GIL). A distribution without a RECORD is reported as ['RECORD']."""
-    jobs: list[tuple[str, md.Distribution, str, str]] = []
+    hashlib releases the GIL). A distribution without a RECORD is reported as ['RECORD'].
+
+    With ``cache`` (a JSON file), a distribution whose files all have the size, mtime, inode and mode they had when
+    it was last hashed, under the same RECORD, keeps that finding without being read again (what make, rsync and
+    git's index trust); any change to one of its files hashes the whole distribution again."""
+    workers = workers or min(32, 2 * (os.cpu_count() or 4))
     problems: dict[str, list[str]] = {name: [] for name in dists}
+    rows = {}
     for name, dist in dists.items():
         if dist.files is None:
             problems[name].append("RECORD")
-            continue
-        jobs += [(name, dist, p, d) for p, d in _wheel_rows(dist) if d]
+        else:
+            rows[name] = [(p, d) for p, d in _wheel_rows(dist) if d]
+    checks = _load_checks(cache)
     with ThreadPoolExecutor(max_workers=workers) as pool:
+        todo = dict(rows)
+        signatures: dict[str, str] = {}
+        if cache is not None:
+            for name, found in zip(rows, pool.map(lambda n: [_stat_row(dists[n], p) for p, _ in rows[n]], rows),
+                                   strict=True):
+                signatures[name] = hashlib.sha256(
+                    (record_digest(dists[name]) + "\n" + "\n".join(found)).encode()).hexdigest()
+                known = checks.get(_dist_key(name, dists[name]))
+                if isinstance(known, dict) and known.get("signature") == signatures[name] \
+                        and isinstance(known.get("modified"), list):
+                    problems[name] = list(known["modified"])
+                    del todo[name]
+        jobs = [(name, dists[name], p, d) for name in todo for p, d in todo[name]]
         results = pool.map(lambda j: _file_matches(j[1], j[2], j[3]), jobs)
         for (name, _, path, _), ok in zip(jobs, results, strict=True):
             if not ok:
                 problems[name].append(path)
+    if cache is not None and todo:
+        for name in todo:
+            checks[_dist_key(name, dists[name])] = {"signature": signatures[name], "modified": sorted(problems[name])}
+        _save_checks(cache, checks)
     return {name: sorted(paths) for name, paths in problems.items()}
 
 
@@ -107,9 +176,9 @@ def record_digest(dist: md.Distribution) -> str:
     return hashlib.sha256("".join(f"{p},{d}\n" for p, d in rows).encode()).hexdigest() if rows else ""
 
 
-def packages(with_files: bool = True) -> dict[str, dict[str, Any]]:
+def packages(with_files: bool = True, cache: Path | None = None) -> dict[str, dict[str, Any]]:
     dists = installed_distributions()
-    modified = check_files(dists) if with_files else {}
+    modified = check_files(dists, cache=cache) if with_files else {}
     out = {}
     for name, dist in sorted(dists.items()):
         entry: dict[str, Any] = {"version": dist.version, "record": record_digest(dist)}
@@ -206,15 +275,16 @@ def pip_config_sources(environ: dict[str, str] | os._Environ[str] | None = None)
     return sources
 
 
-def collect(env: Environment | None = None, with_files: bool = True) -> dict[str, Any]:
-    """The fingerprint of the running interpreter's environment and of this machine (``env``: its probe)."""
+def collect(env: Environment | None = None, with_files: bool = True, cache: Path | None = None) -> dict[str, Any]:
+    """The fingerprint of the running interpreter's environment and of this machine (``env``: its probe;
+    ``cache``: check_files' record of unchanged distributions)."""
     env = env or Environment.probe()
     return {
         "env": selected_env(),
         "machine": machine_facts(env),
         "nvcc": nvcc_version(),
         "os": os_facts(),
-        "packages": packages(with_files),
+        "packages": packages(with_files, cache),
         "pip_config": pip_config_sources(),
         "python": python_facts(),
         "schema": SCHEMA,

@@ -4,6 +4,7 @@ deterministic."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,54 @@ def test_check_files_finds_a_modified_file_and_a_missing_record(tmp_path: Path) 
     assert fingerprint.check_files(dists)["alpha"] == ["alpha/__init__.py"]
     (tmp_path / "alpha" / "__init__.py").unlink()
     assert fingerprint.check_files(dists)["alpha"] == ["alpha/__init__.py"]
+
+
+def test_check_files_cache_reads_nothing_for_unchanged_files_and_catches_any_change(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    site, cache = tmp_path / "site", tmp_path / "state" / "file-checks.json"
+    add_dist(site, "alpha", "1.0", {"alpha/__init__.py": "A = 1\n", "alpha/big.py": "B = 2\n"})
+    add_dist(site, "beta", "2.0")
+    dists = fingerprint.installed_distributions([str(site)])
+    reads: list[str] = []
+    real = fingerprint._file_matches
+    monkeypatch.setattr(fingerprint, "_file_matches", lambda d, p, h: reads.append(p) or real(d, p, h))
+
+    assert fingerprint.check_files(dists, cache=cache) == {"alpha": [], "beta": []}
+    first = len(reads)
+    assert first >= 4 and cache.is_file()
+    reads.clear()
+    assert fingerprint.check_files(dists, cache=cache) == {"alpha": [], "beta": []}
+    assert reads == []  # every file has the stat it was hashed at: nothing is read
+
+    # A changed file (same size, new mtime) makes its distribution hashed again, and only that one.
+    target = site / "alpha" / "big.py"
+    target.write_text("B = 3\n")
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 1_000_000))
+    assert fingerprint.check_files(dists, cache=cache) == {"alpha": ["alpha/big.py"], "beta": []}
+    assert reads and all(p.startswith("alpha") for p in reads)
+    reads.clear()
+    assert fingerprint.check_files(dists, cache=cache)["alpha"] == ["alpha/big.py"]  # the finding is kept
+    assert reads == []
+
+    # Put back with the stat it had: the cache cannot see it, a rehash (no cache) can.
+    stat = target.stat()
+    target.write_text("B = 9\n")
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint.check_files(dists)["alpha"] == ["alpha/big.py"]
+
+    # A damaged cache file is no finding: everything is hashed again.
+    cache.write_text("{not json")
+    reads.clear()
+    assert fingerprint.check_files(dists, cache=cache)["beta"] == []
+    assert len(reads) >= 4
+
+
+def test_check_files_cache_that_cannot_be_written_costs_only_time(tmp_path: Path) -> None:
+    add_dist(tmp_path / "site", "alpha", "1.0")
+    dists = fingerprint.installed_distributions([str(tmp_path / "site")])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert fingerprint.check_files(dists, cache=blocker / "file-checks.json") == {"alpha": []}
 
 
 def test_record_digest_ignores_installer_rows_and_bytecode(tmp_path: Path) -> None:
