@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from builder.core.output import print_json
 from builder.selftest import run_selftest
 from builder.selftest.probes import KERNELS
+from builder.selftest.runner import remembered_pass
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,13 +42,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="compare installed packages with this lock "
         "(default: $SAMEBOX_LOCKFILE, else the catalog image matching this torch)",
     )
+    p.add_argument("--reuse", nargs="?", const="kernels", choices=("kernels", "all"),
+                   help="where a self-test passed on this boot with the same GPUs and environment: 'kernels' (the "
+                   "default) takes its kernel checks and runs the rest (health, load, accuracy, disk); 'all' runs "
+                   "nothing and says when it passed")
     p.set_defaults(func=run, mode="quick")
 
 
 def run(args: argparse.Namespace) -> int:
     kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
+    if args.reuse == "all" and not args.data_dir:
+        record = remembered_pass(kernels, args.model)
+        if record is not None:
+            when = time.strftime("%H:%M:%S", time.localtime(record.get("passed_at") or 0))
+            if args.json:
+                print_json({"reused": True, "passed_at": record.get("passed_at"), "mode": record.get("mode"),
+                            "failed": False})
+            else:
+                print(f"selftest {record.get('mode')} passed on this boot at {when} with the same GPUs and "
+                      "environment: not run again (`samebox selftest` runs it now)")
+            return 0
     _register_trainer_checks()
-    report = run_selftest(args.mode, args.model, args.data_dir, args.lockfile, kernels)
+    report = run_selftest(args.mode, args.model, args.data_dir, args.lockfile, kernels, reuse=args.reuse is not None)
     if args.json:
         print_json(report.to_dict())
     else:

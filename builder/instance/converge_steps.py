@@ -380,7 +380,9 @@ def fingerprint(run: Run) -> None:
 
 
 def selftest(run: Run) -> None:
-    if _samebox(run, "selftest", "--quick").returncode != 0:
+    """The quick self-test; a re-run on the same boot, GPUs and environment as one that passed says so and tests
+    nothing (the trainer's preflight still re-runs the health, load and accuracy checks before each job)."""
+    if _samebox(run, "selftest", "--quick", "--reuse", "all").returncode != 0:
         raise StepFailed("the GPU self-test found problems (see above)")
     print("selftest passed")
     run.selftest_passed = True

@@ -150,9 +150,10 @@ class Report:
     def summary_line(self) -> str:
         c = self.counts()
         verdict = "FAILED" if self.failed else "passed"
+        reused = " (kernel checks reused from a pass on this boot)" if self.readings.get("reused") else ""
         return (
             f"selftest {self.mode} {verdict} in {self.duration_s:.1f}s: {c['ok']} ok, {c['warn']} warn, "
-            f"{c['fail']} fail, {c['n/a']} n/a"
+            f"{c['fail']} fail, {c['n/a']} n/a{reused}"
         )
 
     def format(self) -> str:
