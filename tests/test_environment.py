@@ -66,3 +66,23 @@ def test_torch_build_parts() -> None:
     build = TorchBuild(version="2.3.0+cu121", cuda="12.1.105", arch_list=("compute_90", "sm_80", "sm_90"))
     assert (build.local, build.public, build.cuda_minor) == ("cu121", "2.3.0", "12.1")
     assert build.sass() == (Capability(8, 0), Capability(9, 0))
+
+
+def test_an_unchanged_torch_is_not_imported_again_to_be_described(tmp_path) -> None:
+    """setup, fingerprint and verify each ask what torch is; the second asker reads the first one's answer, as long
+    as the torch that imports is the RECORD's (a shadowing torch on PYTHONPATH is imported and reported)."""
+    code = ("import sys; from builder.core.environment import probe_torch; b = probe_torch(); "
+            "print(b.version, b.cuda, 'torch' in sys.modules)")
+    (tmp_path / "state").mkdir()
+    env = {"PATH": "/usr/bin:/bin", "SAMEBOX_STATE": str(tmp_path / "state"), "PYTHONPATH": str(REPO)}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert first.split()[-1] == "True" and second.split()[-1] == "False"
+    assert first.split()[:2] == second.split()[:2]
+    shadow = tmp_path / "shadow" / "torch"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n")
+    code = "from builder.core.environment import probe_torch; print(probe_torch().error)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "PYTHONPATH": f"{tmp_path / 'shadow'}:{REPO}"}).stdout
+    assert "libcudart" in out

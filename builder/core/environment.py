@@ -13,6 +13,7 @@ AutoDL's paths live in builder/core/settings.py; /etc/profile.d/autodl.env.sh ho
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import re
 import shutil
@@ -243,13 +244,75 @@ class Environment:
 # --- probes -----------------------------------------------------------------------------------------------------
 
 
+TORCH_BUILD_FILE = "torch-build.json"
+
+
+def _torch_key() -> str | None:
+    """This interpreter and its installed torch, by the stat of torch's RECORD (a reinstall writes a new one); None
+    where torch has no RECORD (a source tree on sys.path): then nothing is remembered."""
+    import importlib.util
+
+    try:
+        dist = md.distribution("torch")
+        where = Path(str(dist.locate_file("")))
+        spec = importlib.util.find_spec("torch")
+        # The torch that imports must be the one the RECORD belongs to (not another on PYTHONPATH).
+        if spec is None or spec.origin is None or Path(spec.origin).resolve() != \
+                (where / "torch" / "__init__.py").resolve():
+            return None
+        found = next((Path(str(f.locate())) for f in dist.files or [] if str(f).endswith(".dist-info/RECORD")),
+                     None)
+        if found is None:
+            return None
+        st = found.stat()
+    except (md.PackageNotFoundError, OSError, ValueError):
+        return None
+    return f"{sys.executable}|{where}|{found}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def _remembered_build(key: str | None) -> TorchBuild | None:
+    if key is None or "torch" in sys.modules:
+        return None  # torch already in: asking it costs nothing
+    try:
+        data = json.loads((settings.state_dir() / TORCH_BUILD_FILE).read_text())
+        if data.get("key") != key:
+            return None
+        b = data["build"]
+        return TorchBuild(version=str(b["version"]), cuda=b["cuda"], cudnn=b["cudnn"], cxx11abi=bool(b["cxx11abi"]),
+                          arch_list=tuple(b["arch_list"]), import_s=0.0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _remember_build(key: str | None, build: TorchBuild) -> None:
+    if key is None or build.error:
+        return
+    path = settings.state_dir() / TORCH_BUILD_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = {"key": key, "build": {"version": build.version, "cuda": build.cuda, "cudnn": build.cudnn,
+                                  "cxx11abi": build.cxx11abi, "arch_list": list(build.arch_list)}}
+    try:  # only into a state directory that exists: a probe of a run that is refused leaves nothing behind
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def probe_torch(devices: bool = False) -> TorchBuild | None:
     """torch's own report, or None when it is not installed. The only place samebox imports torch to ask it
-    what it is."""
+    what it is. Without ``devices`` the report of an unchanged torch (the same interpreter and RECORD) is read from
+    $SAMEBOX_STATE/torch-build.json: importing torch takes seconds, and setup, fingerprint and verify each ask."""
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
         return None
+    key = None if devices else _torch_key()
+    remembered = _remembered_build(key)
+    if remembered is not None:
+        return remembered
     start = time.perf_counter()
     try:
         import torch
@@ -273,6 +336,7 @@ def probe_torch(devices: bool = False) -> TorchBuild | None:
                        cxx11abi=bool(getattr(native, "_GLIBCXX_USE_CXX11_ABI", True)), arch_list=arch_list,
                        import_s=import_s)
     if not devices:
+        _remember_build(key, build)
         return build
     available = bool(cuda) and torch.cuda.is_available()
     seen = []

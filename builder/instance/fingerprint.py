@@ -112,10 +112,10 @@ def _load_checks(path: Path | None) -> dict[str, Any]:
 
 
 def _save_checks(path: Path, checks: dict[str, Any]) -> None:
-    """Best effort: a cache that cannot be written (read-only home, a full disk) only costs the next run time."""
+    """Best effort: a cache that cannot be written (read-only home, a full disk) only costs the next run time. Only
+    into a directory that exists (samebox's state directory is made by setup, not by a check)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(checks, sort_keys=True))
         os.replace(tmp, path)
     except OSError:

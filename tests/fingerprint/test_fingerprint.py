@@ -54,6 +54,7 @@ def test_check_files_finds_a_modified_file_and_a_missing_record(tmp_path: Path) 
 def test_check_files_cache_reads_nothing_for_unchanged_files_and_catches_any_change(tmp_path: Path,
                                                                                    monkeypatch) -> None:
     site, cache = tmp_path / "site", tmp_path / "state" / "file-checks.json"
+    cache.parent.mkdir()
     add_dist(site, "alpha", "1.0", {"alpha/__init__.py": "A = 1\n", "alpha/big.py": "B = 2\n"})
     add_dist(site, "beta", "2.0")
     dists = fingerprint.installed_distributions([str(site)])
