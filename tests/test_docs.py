@@ -1,4 +1,4 @@
-"""What the README shows is what the commands print, and what it promises of the Makefile holds."""
+"""What the README and docs/image.md show is what the commands print, and what they promise of the Makefile holds."""
 
 from __future__ import annotations
 
@@ -12,23 +12,25 @@ from builder.cli import main
 from tests.conftest import REPO, require
 
 README = (REPO / "README.md").read_text()
+IMAGE_DOC = (REPO / "docs" / "image.md").read_text()
 
 
-def _block_after(command: str) -> str:
-    """The output the README shows under ``$ command`` in a code block."""
-    found = re.search(rf"^\$ {re.escape(command)}\n(.*?)^```", README, re.M | re.S)
-    assert found, f"README shows no output of `{command}`"
+def _block_after(command: str, document: str = README) -> str:
+    """The output a document shows under ``$ command`` in a code block."""
+    found = re.search(rf"^\$ {re.escape(command)}\n(.*?)^```", document, re.M | re.S)
+    assert found, f"no output of `{command}` shown"
     return found.group(1)
 
 
-def test_readme_catalog_is_what_samebox_images_prints(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("document", [README, IMAGE_DOC], ids=["README.md", "docs/image.md"])
+def test_readme_catalog_is_what_samebox_images_prints(document: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["images"]) == 0
-    assert _block_after("samebox images") == capsys.readouterr().out
+    assert _block_after("samebox images", document) == capsys.readouterr().out
 
 
-def test_readme_quickstart_tag_is_the_current_one(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+def test_docs_image_tag_is_the_current_one(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     shown = _block_after("samebox image --torch 2.3 --engine none          # in a checkout at /root/samebox, on a "
-                         "host with a proxy CA").splitlines()[0]
+                         "host with a proxy CA", IMAGE_DOC).splitlines()[0]
     assert main(["image", "--torch", "2.3", "--engine", "none", "--output", str(tmp_path / "ctx")]) == 0
     assert capsys.readouterr().out.splitlines()[0] == shown
 
