@@ -67,24 +67,33 @@ def train(args: argparse.Namespace, outcome: dict) -> int:
 
     cfg = load_config(Path(args.config), args.overrides)
     from trainer.data.dataset import cache_dir
-    from trainer.loop import rundir
+    from trainer.loop import preflight, rundir
     from trainer.loop.distributed import ranks_from_env
-    from trainer.loop.preflight import PreflightFailed, run_preflight
     from trainer.loop.prepare import prepare_data
     from trainer.loop.recipe import main
+    from trainer.loop.startup import STARTUP
+    from trainer.model.load import import_libraries
 
+    STARTUP.reset()
+    STARTUP.mark("command")
     # A run that fails its checks leaves no empty output.dir or cache behind (a config's AutoDL paths on another
     # host); output.dir stays locked until the run returns: a second run there is refused.
     with pruned_if_left_empty(Path(cfg.output.dir)), pruned_if_left_empty(cache_dir(cfg.data)), \
             rundir.open_run(cfg, args.resume, args.overwrite, args.resume_changed_data, ranks_from_env()) as start:
         prepared = prepare_data(cfg)
         rundir.check_samples(start, len(prepared[0]))  # before the self-test, and before the weights
-        if not args.no_preflight:
+        STARTUP.mark("data")
+        # The self-test uses the GPU while this process imports what the weights need (no CUDA context yet).
+        with preflight.Pending(None, 0) if args.no_preflight else preflight.start_preflight(cfg) as pending:
+            import_libraries(cfg.model)
+            STARTUP.mark("imports")
             try:
-                run_preflight(cfg)
-            except PreflightFailed as e:
+                pending.wait()
+            except preflight.PreflightFailed as e:
                 print(f"samebox train: {e}", file=sys.stderr)
                 outcome.update(status="preflight failed", problems=e.problems)
                 return 1
+        if not args.no_preflight:
+            STARTUP.mark("preflight")
         return main(cfg, resume=args.resume, overwrite=args.overwrite, prepared=prepared,
                     resume_changed_data=args.resume_changed_data, start=start, outcome=outcome)

@@ -130,7 +130,7 @@ def test_data_problems_stop_before_the_selftest_and_the_weights(make_config, tmp
     def must_not_run(*args, **kwargs):
         raise AssertionError("ran before the data was checked")
 
-    monkeypatch.setattr(preflight, "run_preflight", must_not_run)
+    monkeypatch.setattr(preflight, "start_preflight", must_not_run)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_run)
     config = tmp_path / "c.yaml"
     cfg = make_config(overrides=overrides).to_dict()
@@ -177,3 +177,45 @@ def test_tokenizing_says_how_far_it_is(make_config, capsys):
     drawn = stream.getvalue()
     assert "\r\033[Ksamebox: tokenizing big.jsonl: 250/1,000 rows (25%), ETA " in drawn
     assert drawn.endswith("done, 250/1,000 rows in 0m00s\n")
+
+
+# A stand-in self-test that passes only once the trainer has imported the weights' libraries: it waits (up to 60 s)
+# for the file the patched import_libraries writes. A command that waited for the self-test before importing would
+# make it fail.
+SELFTEST_BESIDE = """
+import json, os, sys, time
+marker = os.environ["IMPORTED_MARKER"]
+deadline = time.time() + 60
+while not os.path.exists(marker) and time.time() < deadline:
+    time.sleep(0.05)
+ok = os.path.exists(marker)
+print(json.dumps({"findings": [] if ok else [{"check": "order", "severity": "fail", "message": "imports waited",
+                                               "remediation": "-"}], "timings": {}}))
+sys.exit(0 if ok else 1)
+"""
+
+
+def test_the_preflight_runs_beside_the_imports_and_the_start_is_timed(make_config, tmp_path, monkeypatch, capsys):
+    from trainer.model import load
+
+    marker = tmp_path / "imported"
+    real = load.import_libraries
+
+    def import_libraries(cfg):
+        real(cfg)
+        marker.write_text("done")
+
+    monkeypatch.setattr(load, "import_libraries", import_libraries)
+    monkeypatch.setattr(preflight, "SELFTEST", [sys.executable, "-c", SELFTEST_BESIDE, "selftest", "--quick"])
+    monkeypatch.setenv("IMPORTED_MARKER", str(marker))
+    run_dir = tmp_path / "runs" / "beside"
+    config = _config_file(make_config, tmp_path, ("train.max_steps=2", f"output.dir={run_dir}"))
+    assert cli_main(["train", str(config)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "preflight passed in" in out
+    startup = json.loads((run_dir / "summary.json").read_text())["startup"]
+    marks = startup["seconds_to"]
+    order = ["command", "data", "imports", "preflight", "weights", "ready", "step_1"]
+    assert set(marks) == set(order) and [marks[k] for k in order] == sorted(marks.values())
+    assert sum(startup["stage_seconds"].values()) == pytest.approx(marks["step_1"], abs=0.05)
+    assert f"step 1 at {marks['step_1']:.1f} s after the command (" in out

@@ -20,6 +20,21 @@ from tests.conftest import REPO
 DEMO = REPO / "configs" / "demo"
 
 
+class FailingPreflight:
+    """What start_preflight returns when the self-test finds a failure: wait() raises it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def wait(self):
+        from trainer.loop.preflight import PreflightFailed
+
+        raise PreflightFailed(["gpu: no GPU"])
+
+
 # --- make demo ----------------------------------------------------------------------------------------------------
 
 
@@ -66,7 +81,7 @@ def _no_weights(monkeypatch) -> None:
         raise AssertionError("ran before the checks")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_run)
-    monkeypatch.setattr(preflight, "run_preflight", must_not_run)
+    monkeypatch.setattr(preflight, "start_preflight", must_not_run)
 
 
 def _config_file(make_config, tmp_path: Path, overrides: tuple[str, ...] = ()) -> Path:
@@ -134,10 +149,7 @@ def test_a_run_that_fails_its_checks_leaves_no_directories(make_config, tmp_path
     if problem == "malformed row":
         (tmp_path / "run.jsonl").write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x"\n')
     elif problem == "preflight fails":
-        def fails(cfg):
-            raise preflight.PreflightFailed(["gpu: no GPU"])
-
-        monkeypatch.setattr(preflight, "run_preflight", fails)
+        monkeypatch.setattr(preflight, "start_preflight", lambda cfg: FailingPreflight())
     code = cli_main(["train", str(config)])
     assert code == (1 if problem == "preflight fails" else 2), capsys.readouterr().err
     assert not (fresh / "autodl-tmp").exists()
@@ -265,10 +277,7 @@ def test_train_json_prints_one_object_on_stdout_and_the_rest_on_stderr(make_conf
 def test_train_json_says_a_failed_preflight(make_config, tmp_path, monkeypatch, capsys):
     from trainer.loop import preflight
 
-    def fails(cfg):
-        raise preflight.PreflightFailed(["gpu: no GPU"])
-
-    monkeypatch.setattr(preflight, "run_preflight", fails)
+    monkeypatch.setattr(preflight, "start_preflight", lambda cfg: FailingPreflight())
     assert cli_main(["train", str(_config_file(make_config, tmp_path)), "--json"]) == 1
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"status": "preflight failed", "problems": ["gpu: no GPU"]}

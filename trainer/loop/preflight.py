@@ -108,32 +108,75 @@ def preflight_command(cfg: TrainConfig) -> list[str]:
                             kernels_for(cfg))
 
 
-def run_preflight(cfg: TrainConfig | None = None, command: list[str] | None = None, timeout: float = 600) -> None:
-    """Run the quick self-test in a subprocess (``command``, default preflight_command(cfg)); a failure (or a
-    missing selftest) stops the run before the weights load."""
+class Pending:
+    """A preflight self-test running in a subprocess while the run does other work (the imports the weights need);
+    ``wait()`` returns when it passed and raises as run_preflight does; ``close()`` stops one nobody waits for."""
+
+    def __init__(self, command: list[str] | None, timeout: float) -> None:
+        self.command, self.timeout = command, timeout
+        self.proc: subprocess.Popen[str] | None = None
+        self.start = time.monotonic()
+        if command is None:
+            return
+        shown = " ".join(["samebox", *command[command.index("selftest"):]]) if "selftest" in command else command[0]
+        print(f"samebox: preflight: {shown} (GPU health, numerics, the run's kernels, the data disk; "
+              "--no-preflight skips it) ...", flush=True)
+        try:
+            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except OSError as e:
+            raise SameboxError(f"the preflight self-test could not start ({e})",
+                               hint="pass --no-preflight to train without it") from None
+
+    def wait(self) -> None:
+        if self.proc is None:
+            return
+        left = max(1.0, self.timeout - (time.monotonic() - self.start))
+        try:
+            stdout, stderr = self.proc.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise SameboxError(f"preflight self-test did not finish in {self.timeout:.0f} s",
+                               hint="run `samebox selftest --quick` by hand, or pass --no-preflight") from None
+        returncode, self.proc = self.proc.returncode, None
+        report = _report(stdout)
+        if returncode == 0:
+            took = slowest(report.get("timings") or {}, 3)
+            took = f" ({took})" if took else ""
+            print(f"samebox: preflight passed in {time.monotonic() - self.start:.1f} s{took}", flush=True)
+            return
+        if "invalid choice" in stderr and "selftest" in stderr:
+            raise SameboxError("preflight needs `samebox selftest`, which this samebox does not have",
+                               hint="update samebox, or pass --no-preflight to train without the self-test")
+        tail = (stderr or stdout).strip().splitlines()[-5:]
+        raise PreflightFailed(_failed_checks(report) or tail)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+        self.proc = None
+
+    def __enter__(self) -> Pending:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_preflight(cfg: TrainConfig | None = None, command: list[str] | None = None,
+                    timeout: float = 600) -> Pending:
+    """Start the quick self-test in a subprocess (``command``, default preflight_command(cfg)); its ``wait()``
+    stops the run before the weights load when it fails (or when samebox has no selftest)."""
     if os.environ.get("LOCAL_RANK", "0") != "0":
-        return  # one self-test per machine (it checks every local GPU), from each machine's first process
+        return Pending(None, timeout)  # one self-test per machine (it checks every local GPU), from its first process
     if command is None:
         if cfg is None:
-            raise ValueError("run_preflight needs a config or a command")
+            raise ValueError("start_preflight needs a config or a command")
         command = preflight_command(cfg)
-    shown = " ".join(["samebox", *command[command.index("selftest"):]]) if "selftest" in command else command[0]
-    print(f"samebox: preflight: {shown} (GPU health, numerics, the run's kernels, the data disk; "
-          "--no-preflight skips it) ...", flush=True)
-    start = time.monotonic()
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise SameboxError(f"preflight self-test did not finish in {timeout:.0f} s",
-                           hint="run `samebox selftest --quick` by hand, or pass --no-preflight") from None
-    report = _report(proc.stdout)
-    if proc.returncode == 0:
-        took = slowest(report.get("timings") or {}, 3)
-        print(f"samebox: preflight passed in {time.monotonic() - start:.1f} s" + (f" ({took})" if took else ""),
-              flush=True)
-        return
-    if "invalid choice" in proc.stderr and "selftest" in proc.stderr:
-        raise SameboxError("preflight needs `samebox selftest`, which this samebox does not have",
-                           hint="update samebox, or pass --no-preflight to train without the self-test")
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-    raise PreflightFailed(_failed_checks(report) or tail)
+    return Pending(command, timeout)
+
+
+def run_preflight(cfg: TrainConfig | None = None, command: list[str] | None = None, timeout: float = 600) -> None:
+    """Run the quick self-test and wait for it (start_preflight(...).wait())."""
+    with start_preflight(cfg, command, timeout) as pending:
+        pending.wait()

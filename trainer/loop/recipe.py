@@ -28,6 +28,7 @@ from trainer.loop import distributed as dist
 from trainer.loop import rundir, sharding
 from trainer.loop.metrics import MetricsLogger
 from trainer.loop.prepare import prepare_data
+from trainer.loop.startup import STARTUP
 from trainer.loop.step import StepLoss, clip_and_check, is_finite, run_step
 from trainer.model.load import LoadedModel, decoder_and_head, micro_batch_budget, setup_model
 from trainer.model.loss import loss_chunk_rows
@@ -76,6 +77,7 @@ class LoRAFinetuneRecipe:
         self._setup_data()  # the data, its rows and the tokenizer are checked before the weights load
         rundir.check_samples(self.start, len(self.data))
         self._setup_model()
+        STARTUP.mark("weights")
         dist.broadcast_params(self.params, self.ranks, self.loaded.device)
         self._restore_adapter()  # into the whole adapter, before any sharding
         self._shard()
@@ -92,6 +94,7 @@ class LoRAFinetuneRecipe:
                                   f"{self.world} processes: some GPUs idle every step")
         self.previous_handlers = {sig: signal.signal(sig, self._request_stop)
                                   for sig in (signal.SIGTERM, signal.SIGINT)}
+        STARTUP.mark("ready")
 
     def _setup_model(self) -> None:
         loaded, path = setup_model(self.cfg.model, self.cfg.lora, self.cfg.train, self._step_tokens(),
@@ -298,6 +301,9 @@ class LoRAFinetuneRecipe:
         last_save = time.monotonic()
         while self.step < self.total_steps:
             row = self._train_one()
+            if "step_1" not in STARTUP.marks:
+                STARTUP.mark("step_1")
+                self.logger.event(STARTUP.line())
             by_time = time.monotonic() - last_save >= out.save_every_minutes * 60
             (stop, by_time), ranks = dist.exchange([self.stop_signal is not None, by_time],
                                                    [row[k] for k in RANK_TIMES], self.loaded.device, self.ranks)
@@ -328,7 +334,7 @@ class LoRAFinetuneRecipe:
                    "packing": self.packing, "gradient_checkpointing": self.checkpointing,
                    "fused_layers": self.path.fused is not None, "path": self.path.note,
                    "shard": self.cfg.train.shard,
-                   "micro_batch_tokens": self.budget}
+                   "micro_batch_tokens": self.budget, "startup": STARTUP.to_dict()}
         if self.loaded.device.type == "cuda":
             summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.loaded.device) / 2**30
             summary["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.loaded.device) / 2**30

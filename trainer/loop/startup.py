@@ -1,0 +1,61 @@
+"""Where the seconds from the command to step 1 go. Rented GPUs bill from the first second and restart often
+(preemption, clones, `--resume auto`), so each run says how long it took to start and on what: the interpreter and
+samebox's own imports, the data, the libraries the weights need, the preflight self-test (it runs beside those
+imports), the weights loaded (and quantized), and step 1. Marks are seconds since this process started."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+# (mark, what the seconds up to it went to), in the order a run reaches them.
+STAGES = (("command", "interpreter and samebox"), ("data", "data"), ("imports", "libraries"),
+          ("preflight", "preflight (beside the libraries)"), ("weights", "weights"), ("ready", "adapter, optimizer"),
+          ("step_1", "step 1"))
+
+
+def _process_started() -> float:
+    """This process's start as a time.time() value (Linux: /proc), else now."""
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(0.0, age)
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+class Startup:
+    def __init__(self) -> None:
+        self.started = _process_started()
+        self.marks: dict[str, float] = {}
+
+    def reset(self) -> None:
+        """A new command in this process (tests run several): its marks start empty."""
+        self.marks.clear()
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, round(time.time() - self.started, 2))
+
+    def stages(self) -> dict[str, float]:
+        """Seconds spent in each stage reached (from the previous mark reached to this one)."""
+        out, last = {}, 0.0
+        for name, _ in STAGES:
+            if name in self.marks:
+                out[name] = round(self.marks[name] - last, 2)
+                last = self.marks[name]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds_to": dict(self.marks), "stage_seconds": self.stages()}
+
+    def line(self) -> str:
+        what = dict(STAGES)
+        parts = ", ".join(f"{what[k]} {v:.1f} s" for k, v in self.stages().items())
+        return f"step 1 at {self.marks.get('step_1', 0):.1f} s after the command ({parts})"
+
+
+STARTUP = Startup()
