@@ -14,6 +14,7 @@ Standard library only: it runs on the platform's bare Python before anything is 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -28,6 +29,8 @@ from builder.core import compat, settings
 from builder.core.catalog import Catalog
 from builder.core.environment import Capability, Environment
 from builder.core.errors import SameboxError
+from builder.core.fsutil import write_atomic
+from builder.core.output import slowest
 from builder.core.settings import AUTODL_DATA_DISK
 from builder.instance import converge_steps as steps
 from builder.instance.converge_steps import Match, Options, Preflight, Run, StepFailed
@@ -252,11 +255,26 @@ def execute(run: Run, planned: list[Step]) -> None:
     for number, step in enumerate(planned, 1):
         print(f"==> [{number}/{len(planned)}] {step.name}")
         _mark_running(state, number, step.name)
+        began = time.monotonic()
         try:
             step.run(run)
         except StepFailed as e:
             raise StepFailed(f"step '{step.name}' failed: {e}") from None
+        finally:
+            run.seconds[step.name] = round(time.monotonic() - began, 2)
     marker.unlink()
+
+
+def _write_timings(run: Run, total: float) -> None:
+    """$SAMEBOX_STATE/setup-timings.json: each step's seconds in the last run (``checks``: the platform probe and
+    the checks before step 1), for `bench/first_step_gpu.sh` and anyone asking where setup's time went."""
+    if not run.opts.state.is_dir():
+        return
+    data = {"total_s": round(total, 2), "step_seconds": run.seconds, "selftest_passed": run.selftest_passed}
+    try:
+        write_atomic(run.opts.state / "setup-timings.json", json.dumps(data, indent=2) + "\n")
+    except OSError:
+        pass  # a record only
 
 
 def _summary(run: Run, seconds: int) -> str:
@@ -268,7 +286,9 @@ def _summary(run: Run, seconds: int) -> str:
     rows = [("image", pre.match.image), ("python", run.python), ("torch", f"{pre.match.torch} (platform's, untouched)"),
             ("caches", str(pre.cache_dir)), ("environment", f". {opts.state / 'env.sh'} (added to ~/.bashrc)"),
             ("fingerprint", str(opts.state / "fingerprint.json")), ("selftest", selftest)]
-    return f"samebox setup: done in {seconds}s\n" + "".join(f"  {k:<12} {v}\n" for k, v in rows)
+    took = slowest(run.seconds, 3)
+    head = f"samebox setup: done in {seconds}s" + (f" ({took})" if took else "")
+    return head + "\n" + "".join(f"  {k:<12} {v}\n" for k, v in rows)
 
 
 def _pythonpath_without(source: Path, environ: Mapping[str, str]) -> str:
@@ -295,7 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix="samebox-setup."))
         try:
             run = Run(opts=opts, pre=pre, work=work, python=opts.python)
-            execute(run, planned)
+            run.seconds["checks"] = round(time.monotonic() - start, 2)
+            try:
+                execute(run, planned)
+            finally:
+                _write_timings(run, time.monotonic() - start)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     except SameboxError as e:

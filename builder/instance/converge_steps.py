@@ -18,7 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.core import settings
@@ -100,6 +100,7 @@ class Run:
     wheel_cache: Path | None = None
     installer: Installer | None = None
     selftest_passed: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)  # each step's seconds, in order
 
 
 def say(text: str) -> None:

@@ -108,6 +108,12 @@ def test_progress_counts_the_plan_and_the_marker_names_the_step(tmp_path: Path,
     out = capsys.readouterr().out
     assert "the previous run stopped during step 'second'" in out and "==> [1/1] only" in out
     assert not (opts.state / "running").exists()
+    # each step's seconds, the failed one's too, for the summary and setup-timings.json
+    assert list(run.seconds) == ["first", "second", "only"] and all(v >= 0 for v in run.seconds.values())
+    converge._write_timings(run, 1.5)
+    timings = json.loads((opts.state / "setup-timings.json").read_text())
+    assert timings["total_s"] == 1.5 and list(timings["step_seconds"]) == ["first", "second", "only"]
+    assert converge._summary(run, 2).startswith("samebox setup: done in 2s (")
 
 
 # --- refusals: exit 2, nothing written ----------------------------------------------------------------------------
