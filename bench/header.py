@@ -26,8 +26,9 @@ def header(command: str) -> dict:
     from builder.core.nvml import read_nvml
 
     nvml = read_nvml()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    # BENCH_COMMIT: the commit of a working tree copied to another machine, whose .git there may be older.
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     return {"command": command, "machine": platform.node(), "cpus": os.cpu_count(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "driver": nvml.get("driver_version") or f"unknown ({nvml.get('error')})",

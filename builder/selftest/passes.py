@@ -45,9 +45,13 @@ def boot_id() -> str | None:
 
 
 def environment_key() -> str:
-    """This interpreter and every distribution it sees, by version and RECORD digest (no file is hashed)."""
+    """This interpreter and every distribution installed for it, by version and RECORD digest (no file is hashed).
+    The working directory is left out of the search: `samebox train` run from one directory and setup from another
+    see the same environment."""
+    here = Path.cwd().resolve()
+    path = [p for p in sys.path if p and Path(p).resolve() != here]
     h = hashlib.sha256(f"{sys.executable}\n{platform.python_version()}\n".encode())
-    for name, dist in sorted(installed_distributions().items()):
+    for name, dist in sorted(installed_distributions(path).items()):
         h.update(f"{name}=={dist.version} {record_digest(dist)}\n".encode())
     return h.hexdigest()
 

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# A bare instance to its first training step, timed per stage (the GPU machine as a fresh torch2.11-cu130-py312
+# platform instance): setup.sh offline from a wheelhouse, then the shipped 7B QLoRA config (random Qwen2.5-7B weights
+# on local disk) to step 1; a second start on the same instance; setup.sh again (changes nothing); then a second
+# instance of the region: the packages setup installed removed, the instance's state gone, the page cache dropped,
+# the region's shared caches (uv/pip, wheels) kept; setup.sh and the 7B config to step 1 again.
+# One results file with the fixed header: $OUT/first_step_gpu.json (logs: $OUT/first_step_gpu.log).
+#
+# The wheelhouse travels in parts under 64 MiB (the packages the platform lacks or has at other versions), copied to
+# /tmp/samebox-wheelhouse by calls made back to back on one held machine:
+#   bash bench/first_step_gpu.sh wheels     # with .whl/part-N carried: adds them
+#   bash bench/first_step_gpu.sh run        # with the last part carried: adds it, then measures
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+out=${OUT:?set OUT to the results directory}
+py=${PLATFORM_PYTHON:-/opt/torch/.venv/bin/python3}
+wh=/tmp/samebox-wheelhouse
+mkdir -p "$out" "$wh"
+for f in .whl/part-*/*.whl; do [ -f "$f" ] && cp "$f" "$wh/"; done
+echo "wheelhouse: $(ls "$wh" | wc -l) wheels, $(du -sh "$wh" | cut -f1)"
+[ "$mode" = wheels ] && exit 0
+
+work=/tmp/first-step
+rm -rf "$work/i1" "$work/runs"
+mkdir -p "$work" "$work/runs"
+log=$out/first_step_gpu.log
+: > "$log"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+began=$(date +%s.%N)
+elapsed() { python3 -c "import time; print(f'{time.time() - $began:.0f}')"; }
+note() { echo "== $(elapsed)s $*" | tee -a "$log"; }
+
+# Untimed: the model and data a user would have downloaded to the data disk.
+note "making random Qwen2.5-7B weights and data (not timed)"
+"$py" bench/trainer_vs_recipe.py --child prepare --size 7b --workdir "$work" --samples 200 --median 250 --cap 2048 \
+    >> "$log" 2>&1 || { echo "prepare failed" | tee -a "$log"; exit 1; }
+model=$work/model-7b data=$work/data-7b.jsonl cache=$work/region-cache
+
+timed() {  # timed NAME CMD...: wall seconds of CMD into $work/NAME.wall, its output into the log
+    local name=$1 t0 rc
+    shift
+    t0=$(date +%s.%N)
+    timeout 300 "$@" >> "$log" 2>&1
+    rc=$?
+    python3 -c "import time; print(round(time.time() - $t0, 2))" > "$work/$name.wall"
+    echo "$rc" > "$work/$name.rc"
+    note "$name: exit $rc in $(cat "$work/$name.wall") s"
+}
+
+instance() {  # instance N: a fresh HOME and state; setup.sh, then the 7B config to step 1 (twice on the first)
+    local n=$1
+    export HOME=$work/i$n/home SAMEBOX_STATE=$work/i$n/home/.samebox
+    mkdir -p "$HOME"
+    note "instance $n: setup.sh"
+    timed "i$n-setup" bash setup.sh --python "$py" --offline --wheelhouse "$wh" --cache-dir "$cache" --no-flash-attn
+    cp "$SAMEBOX_STATE/setup-timings.json" "$work/i$n-setup-timings.json" 2>/dev/null
+    # shellcheck disable=SC1091
+    . "$SAMEBOX_STATE/env.sh"
+    local starts=1
+    [ "$n" = 1 ] && starts=2
+    for s in $(seq 1 "$starts"); do
+        note "instance $n: samebox train, start $s"
+        timed "i$n-train$s" "$py" -m builder train configs/qwen2.5-7b-qlora-24gb.yaml model.name="$model" \
+            data.path="$data" output.dir="$work/runs/i$n-$s" train.max_steps=2 output.save_every_steps=1000 \
+            data.cache_dir="$work/i$n/tokenized"
+        cp "$work/runs/i$n-$s/summary.json" "$work/i$n-train$s-summary.json" 2>/dev/null
+    done
+}
+
+instance 1
+note "instance 1: setup.sh again (changes nothing)"
+timed i1-setup-again bash setup.sh --python "$py" --offline --wheelhouse "$wh" --cache-dir "$cache" --no-flash-attn
+cp "$SAMEBOX_STATE/setup-timings.json" "$work/i1-setup-again-timings.json" 2>/dev/null
+
+# A second instance of the region: what setup installed is gone (a fresh copy of the platform image would not have
+# it), the instance's state too; the shared caches stay. The page cache is dropped where the kernel lets us.
+note "instance 2: removing what setup installed, the state, the page cache"
+names=$(for f in "$wh"/*.whl; do basename "$f" | cut -d- -f1; done | grep -vx setuptools | sort -u | tr '\n' ' ')
+"$py" -m pip uninstall -y -q samebox $names >> "$log" 2>&1
+rm -rf "$work/i1/home"
+sync
+if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo dropped > "$work/drop_caches"; else echo kept > "$work/drop_caches"; fi
+instance 2
+
+note "writing $out/first_step_gpu.json"
+"$py" - "$work" "$out/first_step_gpu.json" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "bench")
+from header import header  # noqa: E402
+
+work, dest = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+def read(name, default=None):
+    path = work / name
+    if not path.is_file():
+        return default
+    text = path.read_text().strip()
+    return json.loads(text) if name.endswith(".json") else text
+
+
+def start(name):
+    summary = read(f"{name}-summary.json") or {}
+    s = summary.get("startup") or {}
+    return {"exit": int(read(f"{name}.rc", "-1")), "wall_s": float(read(f"{name}.wall", "0")),
+            "seconds_to_step_1": (s.get("seconds_to") or {}).get("step_1"),
+            "stage_seconds": s.get("stage_seconds"), "attention": summary.get("attention"),
+            "peak_mem_gib": summary.get("peak_mem_gib")}
+
+
+def setup(name, timings):
+    t = read(timings) or {}
+    return {"exit": int(read(f"{name}.rc", "-1")), "wall_s": float(read(f"{name}.wall", "0")),
+            "step_seconds": t.get("step_seconds"), "selftest_passed": t.get("selftest_passed")}
+
+
+result = {
+    "header": header("OUT=$OUT bash bench/first_step_gpu.sh run"),
+    "benchmark": "a bare torch2.11-cu130-py312 instance (the GPU machine's /opt/torch/.venv) to step 1 of "
+                 "configs/qwen2.5-7b-qlora-24gb.yaml (random Qwen2.5-7B weights on local disk, max_length 2048, "
+                 "NF4), setup.sh offline from a wheelhouse of the packages the platform lacks, flash-attn off "
+                 "(no wheel carried: SDPA)",
+    "goals": {"first_instance_to_step_1_s": 90, "second_instance_to_step_1_s": 45, "setup_again_s": 10,
+              "second_start_to_step_1_s": 30},
+    "first_instance": {"setup": setup("i1-setup", "i1-setup-timings.json"), "train": start("i1-train1")},
+    "second_start": start("i1-train2"),
+    "setup_again": setup("i1-setup-again", "i1-setup-again-timings.json"),
+    "second_instance": {"setup": setup("i2-setup", "i2-setup-timings.json"), "train": start("i2-train1"),
+                        "page_cache": read("drop_caches")},
+}
+for key in ("first_instance", "second_instance"):
+    part = result[key]
+    part["to_step_1_s"] = round(part["setup"]["wall_s"] + (part["train"]["seconds_to_step_1"] or 0), 1)
+dest.write_text(json.dumps(result, indent=2) + "\n")
+print(json.dumps({k: result[k].get("to_step_1_s") for k in ("first_instance", "second_instance")}))
+print("second start:", result["second_start"]["seconds_to_step_1"], "setup again:", result["setup_again"]["wall_s"])
+EOF
+tail -n 5 "$log"
