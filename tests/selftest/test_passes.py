@@ -148,7 +148,8 @@ def test_environment_key_changes_with_an_installed_distribution(tmp_path: Path, 
 
     site = tmp_path / "site"
     add_dist(site, "alpha", "1.0")
-    monkeypatch.setattr(passes, "installed_distributions", lambda path: environment.installed_distributions([str(site)]))
+    monkeypatch.setattr(passes, "installed_distributions",
+                        lambda path: environment.installed_distributions([str(site)]))
     first = passes.environment_key()
     assert passes.environment_key() == first
     add_dist(site, "beta", "2.0")
