@@ -73,6 +73,9 @@ note "instance 1: setup.sh again (changes nothing)"
 timed i1-setup-again bash setup.sh --python "$py" --offline --wheelhouse "$wh" --cache-dir "$cache" --no-flash-attn
 cp "$SAMEBOX_STATE/setup-timings.json" "$work/i1-setup-again-timings.json" 2>/dev/null
 
+if [ "$(elapsed)" -gt "${SECOND_INSTANCE_AFTER_S:-330}" ]; then
+    note "no time left for the second instance"
+else
 # A second instance of the region: what setup installed is gone (a fresh copy of the platform image would not have
 # it), the instance's state too; the shared caches stay. The page cache is dropped where the kernel lets us.
 note "instance 2: removing what setup installed, the state, the page cache"
@@ -82,6 +85,7 @@ rm -rf "$work/i1/home"
 sync
 if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo dropped > "$work/drop_caches"; else echo kept > "$work/drop_caches"; fi
 instance 2
+fi
 
 note "writing $out/first_step_gpu.json"
 "$py" - "$work" "$out/first_step_gpu.json" <<'EOF'
