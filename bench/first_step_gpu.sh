@@ -22,7 +22,7 @@ echo "wheelhouse: $(ls "$wh" | wc -l) wheels, $(du -sh "$wh" | cut -f1)"
 [ "$mode" = wheels ] && exit 0
 
 work=/tmp/first-step
-rm -rf "$work/i1" "$work/runs"
+rm -rf "$work/i1" "$work/i2" "$work/runs" "$work/region-cache"
 mkdir -p "$work" "$work/runs"
 log=$out/first_step_gpu.log
 : > "$log"
@@ -33,7 +33,7 @@ note() { echo "== $(elapsed)s $*" | tee -a "$log"; }
 
 # Untimed: the model and data a user would have downloaded to the data disk.
 note "making random Qwen2.5-7B weights and data (not timed)"
-"$py" bench/trainer_vs_recipe.py --child prepare --size 7b --workdir "$work" --samples 200 --median 250 --cap 2048 \
+[ -f "$work/model-7b/config.json" ] && [ -f "$work/data-7b.jsonl" ] || "$py" bench/trainer_vs_recipe.py --child prepare --size 7b --workdir "$work" --samples 200 --median 250 --cap 2048 \
     >> "$log" 2>&1 || { echo "prepare failed" | tee -a "$log"; exit 1; }
 model=$work/model-7b data=$work/data-7b.jsonl cache=$work/region-cache
 
