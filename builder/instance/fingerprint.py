@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import csv
 import hashlib
 import importlib.metadata as md
 import json
@@ -22,7 +23,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from builder.core.environment import Environment, TorchBuild, installed_distributions
@@ -58,19 +59,49 @@ def selected_env(environ: dict[str, str] | os._Environ[str] | None = None) -> di
 # --- distributions ----------------------------------------------------------------------------------------------
 
 
-def _wheel_rows(dist: md.Distribution) -> list[tuple[str, str]]:
+def _normal(path: str) -> str:
+    """A RECORD path as importlib's PackagePath spells it (PurePosixPath: no '//', './' or trailing '/'), without
+    building a path object for the paths that need nothing (nearly all of them)."""
+    if "//" in path or "/./" in path or path.startswith("./") or path.endswith(("/", "/.")) or path == ".":
+        return str(PurePosixPath(path))
+    return path
+
+
+def _record(dist: md.Distribution) -> list[tuple[str, str]] | None:
+    """(path, 'sha256=...') rows of the RECORD, read as text: importlib's ``files`` builds a path object per row,
+    and from Python 3.12 leaves out rows whose file is missing (a deleted file must count as modified). None without
+    a RECORD (an egg-info's file list stands in, as importlib reads it)."""
+    text = dist.read_text("RECORD")
+    if not text:
+        files = dist.files
+        if files is None:
+            return None
+        return [(str(f), f"{f.hash.mode}={f.hash.value}" if f.hash else "") for f in files]
+    rows = []
+    for row in csv.reader(text.splitlines()):
+        if not row:
+            continue
+        spec = row[1] if len(row) > 1 else ""
+        rows.append((_normal(row[0]), (spec if "=" in spec else f"{spec}=") if spec else ""))
+    return rows
+
+
+def _wheel_rows(dist: md.Distribution, record: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """(path, 'sha256=...') RECORD rows of the files the wheel brought: no bytecode, no installer bookkeeping.
     Rows outside site-packages (console scripts, which installers rewrite) keep their path and lose their hash."""
     rows = []
-    for f in dist.files or []:
-        path = str(f).replace("\\", "/")
+    for path, digest in (_record(dist) if record is None else record) or []:
+        path = path.replace("\\", "/")
         if path.endswith(".pyc") or "/__pycache__/" in path:
             continue
         if ".dist-info/" in path and path.rsplit("/", 1)[-1] in _INSTALLER_FILES:
             continue
-        digest = f"{f.hash.mode}={f.hash.value}" if f.hash else ""
         rows.append((path, "" if path.startswith("..") else digest))
     return sorted(rows)
+
+
+def _digest_of(rows: list[tuple[str, str]]) -> str:
+    return hashlib.sha256("".join(f"{p},{d}\n" for p, d in rows).encode()).hexdigest() if rows else ""
 
 
 def _file_matches(dist: md.Distribution, path: str, digest: str) -> bool:
@@ -89,9 +120,9 @@ def _file_matches(dist: md.Distribution, path: str, digest: str) -> bool:
 CHECKS_FILE = "file-checks.json"
 
 
-def _stat_row(dist: md.Distribution, path: str) -> str:
+def _stat_row(base: str, path: str) -> str:
     try:
-        st = os.stat(dist.locate_file(path))
+        st = os.stat(os.path.join(base, path))
     except OSError:
         return f"{path}:missing"
     return f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_mode}"
@@ -129,31 +160,40 @@ def default_checks_path() -> Path:
     return settings.state_dir() / CHECKS_FILE
 
 
-def check_files(dists: dict[str, md.Distribution], workers: int | None = None,
-                cache: Path | None = None) -> dict[str, list[str]]:
+def check_files(dists: dict[str, md.Distribution], workers: int | None = None, cache: Path | None = None,
+                wheel_rows: dict[str, list[tuple[str, str]]] | None = None) -> dict[str, list[str]]:
     """Canonical name -> RECORD paths whose file is missing or differs from its RECORD hash (hashed in threads;
     hashlib releases the GIL). A distribution without a RECORD is reported as ['RECORD'].
 
     With ``cache`` (a JSON file), a distribution whose files all have the size, mtime, inode and mode they had when
     it was last hashed, under the same RECORD, keeps that finding without being read again (what make, rsync and
-    git's index trust); any change to one of its files hashes the whole distribution again."""
+    git's index trust); any change to one of its files hashes the whole distribution again. ``wheel_rows``: each
+    distribution's _wheel_rows when the caller has read them already (a RECORD is read once)."""
     workers = workers or min(32, 2 * (os.cpu_count() or 4))
     problems: dict[str, list[str]] = {name: [] for name in dists}
-    rows = {}
+    wheel = wheel_rows or {}
+    rows, digests = {}, {}
     for name, dist in dists.items():
-        if dist.files is None:
-            problems[name].append("RECORD")
-        else:
-            rows[name] = [(p, d) for p, d in _wheel_rows(dist) if d]
+        found = wheel.get(name)
+        if found is None:
+            record = _record(dist)
+            if record is None:
+                problems[name].append("RECORD")
+                continue
+            found = _wheel_rows(dist, record)
+        digests[name] = _digest_of(found)
+        rows[name] = [(p, d) for p, d in found if d]
     checks = _load_checks(cache)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         todo = dict(rows)
         signatures: dict[str, str] = {}
         if cache is not None:
-            for name, found in zip(rows, pool.map(lambda n: [_stat_row(dists[n], p) for p, _ in rows[n]], rows),
-                                   strict=True):
-                signatures[name] = hashlib.sha256(
-                    (record_digest(dists[name]) + "\n" + "\n".join(found)).encode()).hexdigest()
+            def stats(name: str) -> list[str]:
+                base = str(dists[name].locate_file(""))
+                return [_stat_row(base, p) for p, _ in rows[name]]
+
+            for name, found in zip(rows, pool.map(stats, rows), strict=True):
+                signatures[name] = hashlib.sha256((digests[name] + "\n" + "\n".join(found)).encode()).hexdigest()
                 known = checks.get(_dist_key(name, dists[name]))
                 if isinstance(known, dict) and known.get("signature") == signatures[name] \
                         and isinstance(known.get("modified"), list):
@@ -172,16 +212,17 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None,
 
 
 def record_digest(dist: md.Distribution) -> str:
-    rows = _wheel_rows(dist)
-    return hashlib.sha256("".join(f"{p},{d}\n" for p, d in rows).encode()).hexdigest() if rows else ""
+    return _digest_of(_wheel_rows(dist))
 
 
 def packages(with_files: bool = True, cache: Path | None = None) -> dict[str, dict[str, Any]]:
     dists = installed_distributions()
-    modified = check_files(dists, cache=cache) if with_files else {}
+    records = {name: _record(dist) for name, dist in dists.items()}
+    wheel = {name: _wheel_rows(dists[name], rec) for name, rec in records.items() if rec is not None}
+    modified = check_files(dists, cache=cache, wheel_rows=wheel) if with_files else {}
     out = {}
     for name, dist in sorted(dists.items()):
-        entry: dict[str, Any] = {"version": dist.version, "record": record_digest(dist)}
+        entry: dict[str, Any] = {"version": dist.version, "record": _digest_of(wheel.get(name, []))}
         if with_files:
             entry["modified"] = modified[name]
         out[name] = entry

@@ -140,3 +140,35 @@ def test_load_refuses_what_is_not_a_fingerprint(tmp_path: Path) -> None:
         fingerprint.load(bad)
     with pytest.raises(SameboxError, match="cannot read"):
         fingerprint.load(tmp_path / "missing.json")
+
+
+def test_a_deleted_file_counts_even_where_importlib_leaves_missing_files_out(tmp_path: Path, monkeypatch) -> None:
+    """From Python 3.12 importlib's Distribution.files drops RECORD rows whose file is gone; the check reads the
+    RECORD itself, so a deleted file is still reported (the catalog's images run 3.12)."""
+    import importlib.metadata as md
+
+    add_dist(tmp_path, "alpha", "1.0", {"alpha/__init__.py": "A = 1\n", "alpha/gone.py": "G = 1\n"})
+    real = md.PathDistribution.files
+
+    def files_as_in_312(self):
+        found = real.fget(self)
+        return None if found is None else [f for f in found if f.locate().exists()]
+
+    monkeypatch.setattr(md.PathDistribution, "files", property(files_as_in_312))
+    dists = fingerprint.installed_distributions([str(tmp_path)])
+    before = fingerprint.record_digest(dists["alpha"])
+    (tmp_path / "alpha" / "gone.py").unlink()
+    assert fingerprint.check_files(dists) == {"alpha": ["alpha/gone.py"]}
+    assert fingerprint.record_digest(dists["alpha"]) == before  # the RECORD, not what is on disk
+
+
+def test_record_rows_are_spelled_as_importlib_spells_them(tmp_path: Path) -> None:
+    """The record digest a fingerprint holds stays what earlier fingerprints hold (they read importlib's files)."""
+    info = add_dist(tmp_path, "odd", "1.0", {"odd/a.py": "a\n", "odd/b.py": "b\n"})
+    record = info / "RECORD"
+    record.write_text(record.read_text().replace("odd/a.py", "./odd//a.py").replace("odd/b.py,sha256=", "odd/b.py,"))
+    dist = fingerprint.installed_distributions([str(tmp_path)])["odd"]
+    by_importlib = sorted((str(f), f"{f.hash.mode}={f.hash.value}" if f.hash else "") for f in dist.files
+                          if not str(f).startswith("..") and not str(f).endswith(("RECORD", "INSTALLER")))
+    ours = [(p, d) for p, d in fingerprint._wheel_rows(dist) if not p.startswith("..")]
+    assert ours == by_importlib
