@@ -56,6 +56,12 @@ def test_setup_and_samebox_wheel_share_the_region_cache_on_autodl(tmp_path: Path
     # `samebox wheel` on this instance (env.sh sourced or not) and on a clone of the region find the same cache
     assert default_cache_dir({"SAMEBOX_WHEEL_CACHE": exported}) == region
     assert default_cache_dir({"HOME": str(tmp_path / "elsewhere")}) == region
+    # the installed-file findings beside it: a clone's fingerprint re-reads only what changed there
+    checks = shared / "samebox" / "file-checks.json"
+    assert f"export SAMEBOX_FILE_CHECKS={checks}" in (tmp_path / "state" / "env.sh").read_text()
+    assert checks.parent.is_dir()
+    assert settings.file_checks({"SAMEBOX_FILE_CHECKS": str(checks)}) == checks
+    assert settings.file_checks({"SAMEBOX_STATE": str(tmp_path / "s")}) == tmp_path / "s" / "file-checks.json"
 
 
 def test_the_flash_attn_step_asks_the_resolver_for_that_cache(tmp_path: Path, autodl,

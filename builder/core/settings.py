@@ -12,6 +12,8 @@ Locations:
 - the flash-attn wheel cache: $SAMEBOX_WHEEL_CACHE, else AutoDL's region-shared disk (every instance of a region
   finds a wheel built once), else the instance's caches: setup, `samebox wheel` and the self-test agree
 - the trainer's tokenized-data cache: $SAMEBOX_CACHE/tokenized, else ~/.cache/samebox/tokenized
+- the installed files' check findings (fingerprint, verify, setup): $SAMEBOX_FILE_CHECKS (setup points it next to
+  the wheel cache: the clones of one image in a region share them), else the instance's state
 """
 
 from __future__ import annotations
@@ -113,6 +115,18 @@ def wheel_cache(environ: Mapping[str, str] | None = None, caches: Path | None = 
     if shared.is_dir():
         return shared / "samebox" / "wheels"
     return (caches or _home(environ) / ".cache") / "samebox" / "wheels"
+
+
+def file_checks(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the findings of installed-file checks are kept (builder/instance/fingerprint.py check_files):
+    $SAMEBOX_FILE_CHECKS, else file-checks.json in the instance's state."""
+    value = get("FILE_CHECKS", environ)
+    return Path(value) if value else state_dir(environ) / "file-checks.json"
+
+
+def shared_file_checks(wheels: Path) -> Path:
+    """The findings file setup.sh sets beside the wheel cache (``wheels``): region-shared where the wheels are."""
+    return wheels.parent / "file-checks.json"
 
 
 # --- networks ------------------------------------------------------------------------------------------------------

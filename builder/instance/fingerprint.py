@@ -116,8 +116,6 @@ def _file_matches(dist: md.Distribution, path: str, digest: str) -> bool:
     return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode() == want
 
 
-# Where check_files keeps what it found per distribution, with the files' stat signature it found it at.
-CHECKS_FILE = "file-checks.json"
 
 
 def _stat_row(base: str, path: str) -> str:
@@ -125,7 +123,7 @@ def _stat_row(base: str, path: str) -> str:
         st = os.stat(os.path.join(base, path))
     except OSError:
         return f"{path}:missing"
-    return f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_mode}"
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode}"
 
 
 def _dist_key(name: str, dist: md.Distribution) -> str:
@@ -157,7 +155,7 @@ def _save_checks(path: Path, checks: dict[str, Any]) -> None:
 def default_checks_path() -> Path:
     from builder.core import settings
 
-    return settings.state_dir() / CHECKS_FILE
+    return settings.file_checks()
 
 
 def check_files(dists: dict[str, md.Distribution], workers: int | None = None, cache: Path | None = None,
@@ -165,9 +163,10 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
     """Canonical name -> RECORD paths whose file is missing or differs from its RECORD hash (hashed in threads;
     hashlib releases the GIL). A distribution without a RECORD is reported as ['RECORD'].
 
-    With ``cache`` (a JSON file), a distribution whose files all have the size, mtime, inode and mode they had when
-    it was last hashed, under the same RECORD, keeps that finding without being read again (what make, rsync and
-    git's index trust); any change to one of its files hashes the whole distribution again. ``wheel_rows``: each
+    With ``cache`` (a JSON file), a distribution whose files all have the size, mtime and mode they had when it was
+    last hashed, at the same place under the same RECORD, keeps that finding without being read again (rsync's
+    quick check; no inode, so clones of one image share the findings); any change to one of its files hashes the
+    whole distribution again. ``wheel_rows``: each
     distribution's _wheel_rows when the caller has read them already (a RECORD is read once)."""
     workers = workers or min(32, 2 * (os.cpu_count() or 4))
     problems: dict[str, list[str]] = {name: [] for name in dists}

@@ -172,3 +172,21 @@ def test_record_rows_are_spelled_as_importlib_spells_them(tmp_path: Path) -> Non
                           if not str(f).startswith("..") and not str(f).endswith(("RECORD", "INSTALLER")))
     ours = [(p, d) for p, d in fingerprint._wheel_rows(dist) if not p.startswith("..")]
     assert ours == by_importlib
+
+
+def test_a_clone_of_the_same_files_reuses_the_findings(tmp_path: Path, monkeypatch) -> None:
+    """A clone of an image has the same files at the same paths with the same sizes and mtimes, on other inodes:
+    with the findings file shared in the region, its check reads none of them again."""
+    import shutil
+
+    site, cache = tmp_path / "site", tmp_path / "region" / "file-checks.json"
+    cache.parent.mkdir()
+    add_dist(site, "alpha", "1.0", {"alpha/__init__.py": "A = 1\n", "alpha/x.py": "X = 2\n"})
+    assert fingerprint.check_files(fingerprint.installed_distributions([str(site)]), cache=cache) == {"alpha": []}
+    site.rename(tmp_path / "original")
+    shutil.copytree(tmp_path / "original", site)  # copy2: same sizes and mtimes, new inodes
+    reads: list[str] = []
+    real = fingerprint._file_matches
+    monkeypatch.setattr(fingerprint, "_file_matches", lambda d, p, h: reads.append(p) or real(d, p, h))
+    assert fingerprint.check_files(fingerprint.installed_distributions([str(site)]), cache=cache) == {"alpha": []}
+    assert reads == []
