@@ -229,3 +229,16 @@ def test_a_small_lora_update_survives_bf16_rounding():
     delta_f, delta_t = (after_f - before_f).flatten(), (after_t - before_t).flatten()
     gain = float(delta_f @ delta_t / (delta_t @ delta_t))
     assert 0.85 < gain < 1.2, gain  # the LoRA term added to the rounded product or residual: 0.76
+
+
+def test_the_backend_check_warns_of_nothing() -> None:
+    """The start of every run compares the attention backends; it printed torch's 'requires_grad ... to a scalar'
+    warning each time."""
+    import warnings
+
+    from trainer.fused.attention import check
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        err = check("sdpa", torch.device("cpu"), torch.float32, 4, 2, 16)
+    assert err < 1e-5

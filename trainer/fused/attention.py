@@ -93,7 +93,7 @@ def check(name: str, device: torch.device, dtype: torch.dtype, heads: int, kv_he
         ins = [b.to(cast).requires_grad_() for b in base]
         out = fn(*ins, packed, scale)
         out.backward(grad.to(cast))
-        return [out.float()] + [i.grad.float() for i in ins]
+        return [out.detach().float()] + [i.grad.float() for i in ins]  # detached: no autograd warning at float()
 
     got, want = run(BACKENDS[name], dtype), run(_per_sample_sdpa, torch.float32)
     return max(float((g - w).norm() / w.norm()) for g, w in zip(got, want, strict=True))
