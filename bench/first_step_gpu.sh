@@ -22,7 +22,7 @@ echo "wheelhouse: $(ls "$wh" | wc -l) wheels, $(du -sh "$wh" | cut -f1)"
 [ "$mode" = wheels ] && exit 0
 
 work=/tmp/first-step
-rm -rf "$work/i1" "$work/i2" "$work/runs" "$work/region-cache"
+rm -rf "$work/i1" "$work/i2" "$work/runs" "$work/region-cache" "$work"/*.rc "$work"/*.wall "$work"/*.json "$work/drop_caches"
 mkdir -p "$work" "$work/runs"
 log=$out/first_step_gpu.log
 : > "$log"
@@ -68,10 +68,12 @@ instance() {  # instance N: a fresh HOME and state; setup.sh, then the 7B config
     done
 }
 
+(  # each instance in its own shell: nothing of one's env.sh reaches the next
 instance 1
 note "instance 1: setup.sh again (changes nothing)"
 timed i1-setup-again bash setup.sh --python "$py" --offline --wheelhouse "$wh" --cache-dir "$cache" --no-flash-attn
 cp "$SAMEBOX_STATE/setup-timings.json" "$work/i1-setup-again-timings.json" 2>/dev/null
+)
 
 if [ "$(elapsed)" -gt "${SECOND_INSTANCE_AFTER_S:-330}" ]; then
     note "no time left for the second instance"
@@ -84,7 +86,7 @@ names=$(for f in "$wh"/*.whl; do basename "$f" | cut -d- -f1; done | grep -vx se
 rm -rf "$work/i1/home"
 sync
 if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo dropped > "$work/drop_caches"; else echo kept > "$work/drop_caches"; fi
-instance 2
+( instance 2 )
 fi
 
 note "writing $out/first_step_gpu.json"
@@ -138,9 +140,11 @@ result = {
 }
 for key in ("first_instance", "second_instance"):
     part = result[key]
-    part["to_step_1_s"] = round(part["setup"]["wall_s"] + (part["train"]["seconds_to_step_1"] or 0), 1)
+    step_1 = part["train"]["seconds_to_step_1"]
+    part["to_step_1_s"] = None if step_1 is None else round(part["setup"]["wall_s"] + step_1, 1)
 dest.write_text(json.dumps(result, indent=2) + "\n")
-print(json.dumps({k: result[k].get("to_step_1_s") for k in ("first_instance", "second_instance")}))
+print(json.dumps({k: result[k].get("to_step_1_s") for k in ("first_instance", "second_instance")
+                  if isinstance(result[k], dict)}))
 print("second start:", result["second_start"]["seconds_to_step_1"], "setup again:", result["setup_again"]["wall_s"])
 EOF
 tail -n 5 "$log"

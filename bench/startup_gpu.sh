@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:?set OUT to the results directory}
 py=${PLATFORM_PYTHON:-/opt/torch/.venv/bin/python3}
 work=/tmp/startup
+rm -rf "$work/runs" "$work/home" "$work/tokenized" "$work"/*.rc "$work"/*.summary.json  # a fresh state each call
 mkdir -p "$out" "$work/site"
 log=$out/startup_gpu.log
 : > "$log"

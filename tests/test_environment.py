@@ -79,6 +79,10 @@ def test_an_unchanged_torch_is_not_imported_again_to_be_described(tmp_path) -> N
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert first.split()[-1] == "True" and second.split()[-1] == "False"
     assert first.split()[:2] == second.split()[:2]
+    # another loader path can load another cuDNN: torch is asked again
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**env, "LD_LIBRARY_PATH": str(tmp_path)}).stdout
+    assert other.split()[-1] == "True"
     shadow = tmp_path / "shadow" / "torch"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n")

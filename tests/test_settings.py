@@ -62,6 +62,9 @@ def test_setup_and_samebox_wheel_share_the_region_cache_on_autodl(tmp_path: Path
     assert checks.parent.is_dir()
     assert settings.file_checks({"SAMEBOX_FILE_CHECKS": str(checks)}) == checks
     assert settings.file_checks({"SAMEBOX_STATE": str(tmp_path / "s")}) == tmp_path / "s" / "file-checks.json"
+    # a wheel cache the user chose holds it (never its parent, which may be ~); the user's own place wins
+    assert settings.shared_file_checks(Path("/data/mywheels"), {}) == Path("/data/mywheels/file-checks.json")
+    assert settings.shared_file_checks(region, {"SAMEBOX_FILE_CHECKS": "/x/f.json"}) == Path("/x/f.json")
 
 
 def test_the_flash_attn_step_asks_the_resolver_for_that_cache(tmp_path: Path, autodl,

@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    fp = fingerprint.collect(with_files=not args.no_files,
-                             cache=None if args.rehash else fingerprint.default_checks_path())
+    fp = fingerprint.collect(with_files=not args.no_files, cache=fingerprint.default_checks_path(),
+                             refresh=args.rehash)
     text = fingerprint.dumps(fp)
     if args.output:
         write_atomic(args.output, text)

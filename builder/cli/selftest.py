@@ -8,7 +8,7 @@ import time
 from builder.core.output import print_json
 from builder.selftest import run_selftest
 from builder.selftest.probes import KERNELS
-from builder.selftest.runner import remembered_pass
+from builder.selftest.runner import reused_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,16 +51,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
-    if args.reuse == "all" and not args.data_dir:
-        record = remembered_pass(kernels, args.model)
-        if record is not None:
-            when = time.strftime("%H:%M:%S", time.localtime(record.get("passed_at") or 0))
+    # `--reuse all` stands for a quick run only (full's extra checks are never remembered), and not for a run that
+    # names its own lockfile or data disk (those are checked now).
+    if args.reuse == "all" and args.mode == "quick" and not args.data_dir and not args.lockfile:
+        reused = reused_report(kernels, args.model)
+        if reused is not None:
             if args.json:
-                print_json({"reused": True, "passed_at": record.get("passed_at"), "mode": record.get("mode"),
-                            "failed": False})
+                print_json(reused.to_dict())
             else:
-                print(f"selftest {record.get('mode')} passed on this boot at {when} with the same GPUs and "
-                      "environment: not run again (`samebox selftest` runs it now)")
+                when = time.strftime("%H:%M:%S", time.localtime(reused.readings["reused"]["passed_at"] or 0))
+                print(f"selftest quick passed on this boot at {when} with the same GPUs and environment: not run "
+                      "again (`samebox selftest` runs it now)")
             return 0
     _register_trainer_checks()
     report = run_selftest(args.mode, args.model, args.data_dir, args.lockfile, kernels, reuse=args.reuse is not None)

@@ -248,8 +248,9 @@ TORCH_BUILD_FILE = "torch-build.json"
 
 
 def _torch_key() -> str | None:
-    """This interpreter and its installed torch, by the stat of torch's RECORD (a reinstall writes a new one); None
-    where torch has no RECORD (a source tree on sys.path): then nothing is remembered."""
+    """This interpreter and its installed torch, by the stat of the RECORDs of torch and of the packages it requires
+    (the nvidia-* libraries, triton: which cuDNN loads, and whether torch imports at all), and the loader's
+    variables; None where torch has no RECORD (a source tree on sys.path): then nothing is remembered."""
     import importlib.util
 
     try:
@@ -260,14 +261,21 @@ def _torch_key() -> str | None:
         if spec is None or spec.origin is None or Path(spec.origin).resolve() != \
                 (where / "torch" / "__init__.py").resolve():
             return None
-        found = next((Path(str(f.locate())) for f in dist.files or [] if str(f).endswith(".dist-info/RECORD")),
-                     None)
-        if found is None:
-            return None
-        st = found.stat()
+        parts = [sys.executable, str(where), *(os.environ.get(v, "") for v in ("LD_LIBRARY_PATH", "LD_PRELOAD"))]
+        names = ["torch", *sorted({re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0] for r in dist.requires or []})]
+        for name in names:
+            try:
+                record = Path(dist_dir(md.distribution(name))) / "RECORD"
+                st = record.stat()
+            except (md.PackageNotFoundError, OSError):
+                parts.append(f"{name}:-")
+                continue
+            parts.append(f"{record}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
     except (md.PackageNotFoundError, OSError, ValueError):
         return None
-    return f"{sys.executable}|{where}|{found}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if parts[-len(names)].endswith(":-"):
+        return None  # torch without a RECORD
+    return "|".join(parts)
 
 
 def _remembered_build(key: str | None) -> TorchBuild | None:

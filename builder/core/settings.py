@@ -124,9 +124,15 @@ def file_checks(environ: Mapping[str, str] | None = None) -> Path:
     return Path(value) if value else state_dir(environ) / "file-checks.json"
 
 
-def shared_file_checks(wheels: Path) -> Path:
-    """The findings file setup.sh sets beside the wheel cache (``wheels``): region-shared where the wheels are."""
-    return wheels.parent / "file-checks.json"
+def shared_file_checks(wheels: Path, environ: Mapping[str, str] | None = None) -> Path:
+    """The findings file setup.sh points $SAMEBOX_FILE_CHECKS at: the user's own, else beside samebox's wheel cache
+    (``wheels``; region-shared where the wheels are), or inside a wheel cache the user chose."""
+    value = get("FILE_CHECKS", environ)
+    if value:
+        return Path(value)
+    if wheels.name == "wheels" and wheels.parent.name == "samebox":
+        return wheels.parent / "file-checks.json"
+    return wheels / "file-checks.json"
 
 
 # --- networks ------------------------------------------------------------------------------------------------------

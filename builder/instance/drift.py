@@ -42,8 +42,8 @@ def _package_problems(pins: list[LockedPackage], check_files: bool = True, rehas
     """Canonical name -> what is wrong with it in the live environment (absent from the result: fine)."""
     dists = environment.installed_distributions()
     present = {p.name: dists[p.name] for p in pins if p.name in dists}
-    cache = None if rehash else fingerprint.default_checks_path()
-    modified = fingerprint.check_files(present, cache=cache) if check_files else {name: [] for name in present}
+    modified = fingerprint.check_files(present, cache=fingerprint.default_checks_path(), refresh=rehash) \
+        if check_files else {name: [] for name in present}
     problems = {}
     for pin in pins:
         dist = present.get(pin.name)

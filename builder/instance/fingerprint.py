@@ -22,6 +22,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -126,6 +128,16 @@ def _stat_row(base: str, path: str) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode}"
 
 
+# A file modified this close before a check may change again within the same mtime (git's "racy clean").
+RACY_NS = 2_000_000_000
+
+
+def _mtime_ns(row: str) -> int:
+    """The mtime of a _stat_row ('path:size:mtime:mode'; 0 for a missing file)."""
+    parts = row.rsplit(":", 3)
+    return int(parts[2]) if len(parts) == 4 and parts[1].isdigit() else 0
+
+
 def _dist_key(name: str, dist: md.Distribution) -> str:
     return f"{dist.locate_file('')}|{name}|{dist.version}"
 
@@ -143,13 +155,16 @@ def _load_checks(path: Path | None) -> dict[str, Any]:
 def _save_checks(path: Path, checks: dict[str, Any]) -> None:
     """Best effort: a cache that cannot be written (read-only home, a full disk) only costs the next run time. Only
     into a directory that exists (samebox's state directory is made by setup, not by a check)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = None
     try:
-        tmp.write_text(json.dumps(checks, sort_keys=True))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(checks, sort_keys=True))
         os.replace(tmp, path)
     except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def default_checks_path() -> Path:
@@ -159,7 +174,8 @@ def default_checks_path() -> Path:
 
 
 def check_files(dists: dict[str, md.Distribution], workers: int | None = None, cache: Path | None = None,
-                wheel_rows: dict[str, list[tuple[str, str]]] | None = None) -> dict[str, list[str]]:
+                wheel_rows: dict[str, list[tuple[str, str]]] | None = None, refresh: bool = False
+                ) -> dict[str, list[str]]:
     """Canonical name -> RECORD paths whose file is missing or differs from its RECORD hash (hashed in threads;
     hashlib releases the GIL). A distribution without a RECORD is reported as ['RECORD'].
 
@@ -167,7 +183,9 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
     last hashed, at the same place under the same RECORD, keeps that finding without being read again (rsync's
     quick check; no inode, so clones of one image share the findings); any change to one of its files hashes the
     whole distribution again. ``wheel_rows``: each
-    distribution's _wheel_rows when the caller has read them already (a RECORD is read once)."""
+    distribution's _wheel_rows when the caller has read them already (a RECORD is read once); ``refresh``: read every
+    file and write what was found (`--rehash`). A finding is not kept for a distribution with a file modified in the
+    last seconds before the check (it may change again within the same mtime)."""
     workers = workers or min(32, 2 * (os.cpu_count() or 4))
     problems: dict[str, list[str]] = {name: [] for name in dists}
     wheel = wheel_rows or {}
@@ -182,7 +200,9 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
             found = _wheel_rows(dist, record)
         digests[name] = _digest_of(found)
         rows[name] = [(p, d) for p, d in found if d]
-    checks = _load_checks(cache)
+    checks = {} if refresh else _load_checks(cache)
+    began_ns = time.time_ns()
+    recent: set[str] = set()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         todo = dict(rows)
         signatures: dict[str, str] = {}
@@ -193,6 +213,8 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
 
             for name, found in zip(rows, pool.map(stats, rows), strict=True):
                 signatures[name] = hashlib.sha256((digests[name] + "\n" + "\n".join(found)).encode()).hexdigest()
+                if any(_mtime_ns(row) >= began_ns - RACY_NS for row in found):
+                    recent.add(name)
                 known = checks.get(_dist_key(name, dists[name]))
                 if isinstance(known, dict) and known.get("signature") == signatures[name] \
                         and isinstance(known.get("modified"), list):
@@ -204,7 +226,9 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
             if not ok:
                 problems[name].append(path)
     if cache is not None and todo:
-        for name in todo:
+        if refresh:
+            checks = _load_checks(cache)
+        for name in set(todo) - recent:
             checks[_dist_key(name, dists[name])] = {"signature": signatures[name], "modified": sorted(problems[name])}
         _save_checks(cache, checks)
     return {name: sorted(paths) for name, paths in problems.items()}
@@ -214,11 +238,11 @@ def record_digest(dist: md.Distribution) -> str:
     return _digest_of(_wheel_rows(dist))
 
 
-def packages(with_files: bool = True, cache: Path | None = None) -> dict[str, dict[str, Any]]:
+def packages(with_files: bool = True, cache: Path | None = None, refresh: bool = False) -> dict[str, dict[str, Any]]:
     dists = installed_distributions()
     records = {name: _record(dist) for name, dist in dists.items()}
     wheel = {name: _wheel_rows(dists[name], rec) for name, rec in records.items() if rec is not None}
-    modified = check_files(dists, cache=cache, wheel_rows=wheel) if with_files else {}
+    modified = check_files(dists, cache=cache, wheel_rows=wheel, refresh=refresh) if with_files else {}
     out = {}
     for name, dist in sorted(dists.items()):
         entry: dict[str, Any] = {"version": dist.version, "record": _digest_of(wheel.get(name, []))}
@@ -315,7 +339,8 @@ def pip_config_sources(environ: dict[str, str] | os._Environ[str] | None = None)
     return sources
 
 
-def collect(env: Environment | None = None, with_files: bool = True, cache: Path | None = None) -> dict[str, Any]:
+def collect(env: Environment | None = None, with_files: bool = True, cache: Path | None = None,
+            refresh: bool = False) -> dict[str, Any]:
     """The fingerprint of the running interpreter's environment and of this machine (``env``: its probe;
     ``cache``: check_files' record of unchanged distributions)."""
     env = env or Environment.probe()
@@ -324,7 +349,7 @@ def collect(env: Environment | None = None, with_files: bool = True, cache: Path
         "machine": machine_facts(env),
         "nvcc": nvcc_version(),
         "os": os_facts(),
-        "packages": packages(with_files, cache),
+        "packages": packages(with_files, cache, refresh),
         "pip_config": pip_config_sources(),
         "python": python_facts(),
         "schema": SCHEMA,

@@ -23,10 +23,19 @@ def report_from_readings(readings: dict[str, Any], duration_s: float = 0.0) -> R
     return Report(mode, judge(readings, mode), readings, duration_s)
 
 
-def remembered_pass(kernels: tuple[str, ...] = KERNELS, model: str | None = None) -> dict[str, Any] | None:
-    """A quick or full run that passed on this boot, with these GPUs and this environment, covering ``kernels`` and
-    ``model``'s attention (None: none; the caller runs the self-test)."""
-    return passes.reusable(read_nvml(), kernels, attention_needs(model))
+def reused_report(kernels: tuple[str, ...] = KERNELS, model: str | None = None) -> Report | None:
+    """The report of a quick or full run that passed on this boot, with these GPUs and this environment, covering
+    ``kernels`` and ``model``'s attention: its remembered findings, each saying when it passed (None: there is none;
+    the caller runs the self-test)."""
+    needs = attention_needs(model)
+    record = passes.reusable(read_nvml(), kernels, needs)
+    if record is None:
+        return None
+    kernel_of = {c.name: c.probe.kernel for c in CHECKS if c.probe is not None and c.probe.kernel is not None}
+    readings = {"mode": "quick", "model": needs.to_dict(), "kernels": list(kernels),
+                "reused": {"passed_at": record.get("passed_at"), "mode": record.get("mode"), "all": True,
+                           "checks": sorted(c for c, k in kernel_of.items() if k in kernels)}}
+    return Report("quick", passes.reused_findings(record, kernels, kernel_of), readings, 0.0)
 
 
 def run_selftest(

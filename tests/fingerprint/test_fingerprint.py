@@ -51,12 +51,20 @@ def test_check_files_finds_a_modified_file_and_a_missing_record(tmp_path: Path) 
     assert fingerprint.check_files(dists)["alpha"] == ["alpha/__init__.py"]
 
 
+def _age(site: Path, seconds: int = 60) -> None:
+    """Files as an install long ago left them (a finding is not kept for files modified seconds before a check)."""
+    for f in site.rglob("*"):
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 1_000_000_000))
+
+
 def test_check_files_cache_reads_nothing_for_unchanged_files_and_catches_any_change(tmp_path: Path,
                                                                                    monkeypatch) -> None:
     site, cache = tmp_path / "site", tmp_path / "state" / "file-checks.json"
     cache.parent.mkdir()
     add_dist(site, "alpha", "1.0", {"alpha/__init__.py": "A = 1\n", "alpha/big.py": "B = 2\n"})
     add_dist(site, "beta", "2.0")
+    _age(site)
     dists = fingerprint.installed_distributions([str(site)])
     reads: list[str] = []
     real = fingerprint._file_matches
@@ -71,8 +79,9 @@ def test_check_files_cache_reads_nothing_for_unchanged_files_and_catches_any_cha
 
     # A changed file (same size, new mtime) makes its distribution hashed again, and only that one.
     target = site / "alpha" / "big.py"
+    before = target.stat().st_mtime_ns
     target.write_text("B = 3\n")
-    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 1_000_000))
+    os.utime(target, ns=(target.stat().st_atime_ns, before + 1_000_000))
     assert fingerprint.check_files(dists, cache=cache) == {"alpha": ["alpha/big.py"], "beta": []}
     assert reads and all(p.startswith("alpha") for p in reads)
     reads.clear()
@@ -182,6 +191,7 @@ def test_a_clone_of_the_same_files_reuses_the_findings(tmp_path: Path, monkeypat
     site, cache = tmp_path / "site", tmp_path / "region" / "file-checks.json"
     cache.parent.mkdir()
     add_dist(site, "alpha", "1.0", {"alpha/__init__.py": "A = 1\n", "alpha/x.py": "X = 2\n"})
+    _age(site)
     assert fingerprint.check_files(fingerprint.installed_distributions([str(site)]), cache=cache) == {"alpha": []}
     site.rename(tmp_path / "original")
     shutil.copytree(tmp_path / "original", site)  # copy2: same sizes and mtimes, new inodes
@@ -190,3 +200,36 @@ def test_a_clone_of_the_same_files_reuses_the_findings(tmp_path: Path, monkeypat
     monkeypatch.setattr(fingerprint, "_file_matches", lambda d, p, h: reads.append(p) or real(d, p, h))
     assert fingerprint.check_files(fingerprint.installed_distributions([str(site)]), cache=cache) == {"alpha": []}
     assert reads == []
+
+
+def test_a_finding_is_not_kept_for_files_modified_just_before_the_check(tmp_path: Path, monkeypatch) -> None:
+    site, cache = tmp_path / "site", tmp_path / "file-checks.json"
+    add_dist(site, "fresh", "1.0")  # written this second: it may change again within the same mtime
+    dists = fingerprint.installed_distributions([str(site)])
+    reads: list[str] = []
+    real = fingerprint._file_matches
+    monkeypatch.setattr(fingerprint, "_file_matches", lambda d, p, h: reads.append(p) or real(d, p, h))
+    fingerprint.check_files(dists, cache=cache)
+    first = len(reads)
+    fingerprint.check_files(dists, cache=cache)
+    assert first and len(reads) == 2 * first  # read again: nothing was kept
+    _age(site)
+    fingerprint.check_files(dists, cache=cache)
+    reads.clear()
+    fingerprint.check_files(dists, cache=cache)
+    assert reads == []
+
+
+def test_rehash_reads_everything_and_refreshes_the_findings(tmp_path: Path, monkeypatch) -> None:
+    site, cache = tmp_path / "site", tmp_path / "file-checks.json"
+    add_dist(site, "alpha", "1.0", {"alpha/__init__.py": "A = 1\n"})
+    _age(site)
+    dists = fingerprint.installed_distributions([str(site)])
+    assert fingerprint.check_files(dists, cache=cache) == {"alpha": []}
+    target = site / "alpha" / "__init__.py"
+    st = target.stat()
+    target.write_text("A = 9\n")  # same size, the old mtime put back: invisible to the quick check
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fingerprint.check_files(dists, cache=cache) == {"alpha": []}
+    assert fingerprint.check_files(dists, cache=cache, refresh=True) == {"alpha": ["alpha/__init__.py"]}
+    assert fingerprint.check_files(dists, cache=cache) == {"alpha": ["alpha/__init__.py"]}  # remembered now

@@ -136,6 +136,14 @@ def test_reuse_all_tests_nothing_where_a_pass_covers_the_run(healthy, boot, env_
     monkeypatch.setattr(runner, "collect", lambda *a, **k: pytest.fail("reuse all must not test"))
     assert main(["selftest", "--quick", "--reuse", "all", "--kernels", "sdpa"]) == 0
     assert "not run again" in capsys.readouterr().out
+    assert main(["selftest", "--quick", "--reuse", "all", "--kernels", "sdpa", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert schema_problems(report, JSON_SCHEMA) == [] and not report["failed"]
+    assert report["findings"] and all("not run again" in f["message"] for f in report["findings"])
+    # full's own checks, a named lockfile or a data disk are never stood in for by a remembered pass
+    for extra in (["--full"], ["--lockfile", str(path)], ["--data-dir", str(tmp_path)]):
+        with pytest.raises(pytest.fail.Exception, match="reuse all must not test"):
+            main(["selftest", "--reuse", "all", "--kernels", "sdpa", *extra])
     boot.write_text("another-boot\n")
     monkeypatch.setattr(runner, "collect", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("tested")))
     with pytest.raises(RuntimeError, match="tested"):

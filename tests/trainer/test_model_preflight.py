@@ -92,3 +92,21 @@ def test_train_command_runs_the_real_selftest_first(make_config, tmp_path, capsy
     assert cli_main(["train", str(cfg)]) == 1, "a failing check exits 1 (2 is for user mistakes)"
     err = capsys.readouterr().err
     assert "preflight self-test failed" in err and "--no-preflight" in err
+
+
+def test_a_chatty_self_test_runs_on_while_nobody_waits_for_it(tmp_path) -> None:
+    """The command imports for seconds before it waits for the preflight: a self-test that writes more than a pipe
+    holds must not stall meanwhile."""
+    import time
+
+    from trainer.loop.preflight import start_preflight
+
+    marker = tmp_path / "finished"
+    chatty = [sys.executable, "-c", "import sys; sys.stderr.write('x' * (1 << 20)); sys.stderr.flush(); "
+              f"open({str(marker)!r}, 'w').close(); print('{{}}')"]
+    with start_preflight(command=chatty) as pending:
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the self-test stalled on a full pipe"
+        pending.wait()

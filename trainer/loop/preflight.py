@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,11 @@ class Pending:
         shown = " ".join(["samebox", *command[command.index("selftest"):]]) if "selftest" in command else command[0]
         print(f"samebox: preflight: {shown} (GPU health, numerics, the run's kernels, the data disk; "
               "--no-preflight skips it) ...", flush=True)
+        # Into files, not pipes: nobody reads a pipe while the command imports, and a self-test that writes more
+        # than a pipe holds (NCCL_DEBUG=INFO, a flood of warnings) would stall mid-measurement.
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         try:
-            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(command, stdout=self.out, stderr=self.err, text=True)
         except OSError as e:
             raise SameboxError(f"the preflight self-test could not start ({e})",
                                hint="pass --no-preflight to train without it") from None
@@ -132,7 +136,10 @@ class Pending:
             return
         left = max(1.0, self.timeout - (time.monotonic() - self.start))
         try:
-            stdout, stderr = self.proc.communicate(timeout=left)
+            self.proc.wait(timeout=left)
+            self.out.seek(0)
+            self.err.seek(0)
+            stdout, stderr = self.out.read(), self.err.read()
         except subprocess.TimeoutExpired:
             self.close()
             raise SameboxError(f"preflight self-test did not finish in {self.timeout:.0f} s",
@@ -153,8 +160,11 @@ class Pending:
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.communicate()
+            self.proc.wait()
         self.proc = None
+        for f in (getattr(self, "out", None), getattr(self, "err", None)):
+            if f is not None:
+                f.close()
 
     def __enter__(self) -> Pending:
         return self
