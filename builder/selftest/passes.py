@@ -50,7 +50,8 @@ def environment_key() -> str:
     see the same environment."""
     here = Path.cwd().resolve()
     path = [p for p in sys.path if p and Path(p).resolve() != here]
-    h = hashlib.sha256(f"{sys.executable}\n{platform.python_version()}\n".encode())
+    loader = "|".join(os.environ.get(v, "") for v in ("LD_LIBRARY_PATH", "LD_PRELOAD"))  # which CUDA libraries load
+    h = hashlib.sha256(f"{sys.executable}\n{platform.python_version()}\n{loader}\n".encode())
     for name, dist in sorted(installed_distributions(path).items()):
         h.update(f"{name}=={dist.version} {record_digest(dist)}\n".encode())
     return h.hexdigest()
@@ -111,8 +112,18 @@ def remember(readings: dict[str, Any], findings: list[Finding], kernel_checks: s
     if here is None:
         return False
     kept = [f.to_dict() for f in findings if f.check in kernel_checks]
-    record = {"version": VERSION, "machine": here, "environment": environment_key(),
-              "kernels": list(readings.get("kernels") or []), "model": readings.get("model") or {},
+    kernels = list(readings.get("kernels") or [])
+    environment, model = environment_key(), readings.get("model") or {}
+    try:  # a narrower run (fewer kernels) on the same boot, GPUs, environment and model keeps the wider one's rest
+        earlier = json.loads((path or pass_path()).read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("version") == VERSION and earlier.get("machine") == here \
+            and earlier.get("environment") == environment and earlier.get("model") == model:
+        tested = {f["check"] for f in kept}
+        kept += [f for f in earlier.get("findings") or [] if isinstance(f, dict) and f.get("check") not in tested]
+        kernels = sorted(set(kernels) | set(earlier.get("kernels") or []))
+    record = {"version": VERSION, "machine": here, "environment": environment, "kernels": kernels, "model": model,
               "mode": readings.get("mode"), "passed_at": time.time(), "findings": kept}
     try:
         write_atomic(path or pass_path(), json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -162,3 +162,15 @@ def test_environment_key_changes_with_an_installed_distribution(tmp_path: Path, 
     assert passes.environment_key() == first
     add_dist(site, "beta", "2.0")
     assert passes.environment_key() != first
+
+
+def test_a_narrower_pass_keeps_what_the_wider_one_covered(healthy, boot, env_key, tmp_path: Path) -> None:
+    path = tmp_path / "pass.json"
+    remembered(healthy, path)  # every kernel
+    narrow = json.loads(json.dumps(healthy))
+    narrow["kernels"] = ["sdpa"]
+    assert passes.remember(narrow, [f for f in judge(narrow) if f.check in ("sdpa_backends", "ecc")], KERNEL_OF, path)
+    record = json.loads(path.read_text())
+    assert set(record["kernels"]) == set(KERNELS)
+    assert passes.reusable(healthy["nvml"], tuple(KERNELS), AttentionNeeds("default"), path) is not None
+    assert {f["check"] for f in record["findings"]} >= {"sdpa_backends", "bitsandbytes"}
