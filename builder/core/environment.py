@@ -13,7 +13,6 @@ AutoDL's paths live in builder/core/settings.py; /etc/profile.d/autodl.env.sh ho
 from __future__ import annotations
 
 import importlib.metadata as md
-import json
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.core import settings
+from builder.core.fsutil import read_remembered, remember
 
 NO_TORCH = "none"
 
@@ -281,32 +281,23 @@ def _torch_key() -> str | None:
 def _remembered_build(key: str | None) -> TorchBuild | None:
     if key is None or "torch" in sys.modules:
         return None  # torch already in: asking it costs nothing
+    data = read_remembered(settings.state_dir() / TORCH_BUILD_FILE)
+    if data.get("key") != key:
+        return None
     try:
-        data = json.loads((settings.state_dir() / TORCH_BUILD_FILE).read_text())
-        if data.get("key") != key:
-            return None
         b = data["build"]
         return TorchBuild(version=str(b["version"]), cuda=b["cuda"], cudnn=b["cudnn"], cxx11abi=bool(b["cxx11abi"]),
                           arch_list=tuple(b["arch_list"]), import_s=0.0)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         return None
 
 
 def _remember_build(key: str | None, build: TorchBuild) -> None:
     if key is None or build.error:
         return
-    path = settings.state_dir() / TORCH_BUILD_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = {"key": key, "build": {"version": build.version, "cuda": build.cuda, "cudnn": build.cudnn,
-                                  "cxx11abi": build.cxx11abi, "arch_list": list(build.arch_list)}}
-    try:  # only into a state directory that exists: a probe of a run that is refused leaves nothing behind
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+    remember(settings.state_dir() / TORCH_BUILD_FILE,
+             {"key": key, "build": {"version": build.version, "cuda": build.cuda, "cudnn": build.cudnn,
+                                    "cxx11abi": build.cxx11abi, "arch_list": list(build.arch_list)}})
 
 
 def probe_torch(devices: bool = False) -> TorchBuild | None:

@@ -7,6 +7,7 @@ A path the user gave that cannot be read or written is a user mistake (SameboxEr
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -59,6 +60,35 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_remembered(path: Path) -> dict:
+    """A JSON object samebox remembered (a cache: findings, a probe's answer); {} where it is missing, unreadable
+    or not an object: then the work is done again."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remember(path: Path, data: dict) -> bool:
+    """Write a cache atomically, best effort, and only into a directory that exists (a check or a probe never makes
+    samebox's state directory: a refused run leaves nothing behind). False when it could not be written (a read-only
+    home, a full disk): that only costs the next run time."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(data, sort_keys=True))
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if tmp is not None:
+            with suppress(OSError):
+                os.unlink(tmp)
+        return False
 
 
 @contextmanager

@@ -11,7 +11,6 @@ Imports the standard library only (setup.sh runs parts of it before samebox's de
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import hashlib
 import importlib.metadata as md
@@ -22,13 +21,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from builder.core.environment import Environment, TorchBuild, installed_distributions
+from builder.core.fsutil import read_remembered, remember
 from builder.core.pyindex import redact
 
 SCHEMA = 1
@@ -142,31 +141,6 @@ def _dist_key(name: str, dist: md.Distribution) -> str:
     return f"{dist.locate_file('')}|{name}|{dist.version}"
 
 
-def _load_checks(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _save_checks(path: Path, checks: dict[str, Any]) -> None:
-    """Best effort: a cache that cannot be written (read-only home, a full disk) only costs the next run time. Only
-    into a directory that exists (samebox's state directory is made by setup, not by a check)."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(checks, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
 def default_checks_path() -> Path:
     from builder.core import settings
 
@@ -200,7 +174,7 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
             found = _wheel_rows(dist, record)
         digests[name] = _digest_of(found)
         rows[name] = [(p, d) for p, d in found if d]
-    checks = {} if refresh else _load_checks(cache)
+    checks = {} if refresh or cache is None else read_remembered(cache)
     began_ns = time.time_ns()
     recent: set[str] = set()
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -227,10 +201,10 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
                 problems[name].append(path)
     if cache is not None and todo:
         if refresh:
-            checks = _load_checks(cache)
+            checks = read_remembered(cache)
         for name in set(todo) - recent:
             checks[_dist_key(name, dists[name])] = {"signature": signatures[name], "modified": sorted(problems[name])}
-        _save_checks(cache, checks)
+        remember(cache, checks)  # best effort: only into a directory that exists
     return {name: sorted(paths) for name, paths in problems.items()}
 
 

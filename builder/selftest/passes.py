@@ -24,7 +24,7 @@ from typing import Any
 from builder.core import settings
 from builder.core.attention_needs import DEFAULT_HEAD_DIMS, AttentionNeeds
 from builder.core.environment import installed_distributions
-from builder.core.fsutil import write_atomic
+from builder.core.fsutil import read_remembered, write_atomic
 from builder.instance.fingerprint import record_digest
 from builder.selftest.findings import Finding
 
@@ -82,12 +82,8 @@ def _covers(recorded: dict[str, Any], needs: AttentionNeeds) -> bool:
 def reusable(nvml: dict[str, Any], kernels: tuple[str, ...], needs: AttentionNeeds,
              path: Path | None = None) -> dict[str, Any] | None:
     """The remembered pass that covers this run here and now, or None (then the whole self-test runs)."""
-    path = path or pass_path()
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("version") != VERSION:
+    record = read_remembered(path or pass_path())
+    if record.get("version") != VERSION:
         return None
     here = machine_key(nvml)
     if here is None or record.get("machine") != here:
@@ -114,11 +110,9 @@ def remember(readings: dict[str, Any], findings: list[Finding], kernel_checks: s
     kept = [f.to_dict() for f in findings if f.check in kernel_checks]
     kernels = list(readings.get("kernels") or [])
     environment, model = environment_key(), readings.get("model") or {}
-    try:  # a narrower run (fewer kernels) on the same boot, GPUs, environment and model keeps the wider one's rest
-        earlier = json.loads((path or pass_path()).read_text())
-    except (OSError, ValueError):
-        earlier = None
-    if isinstance(earlier, dict) and earlier.get("version") == VERSION and earlier.get("machine") == here \
+    # a narrower run (fewer kernels) on the same boot, GPUs, environment and model keeps the wider one's rest
+    earlier = read_remembered(path or pass_path())
+    if earlier.get("version") == VERSION and earlier.get("machine") == here \
             and earlier.get("environment") == environment and earlier.get("model") == model:
         tested = {f["check"] for f in kept}
         kept += [f for f in earlier.get("findings") or [] if isinstance(f, dict) and f.get("check") not in tested]
