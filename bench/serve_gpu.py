@@ -227,6 +227,15 @@ def start_server(run: Path, extra: list[str], log: Path, env: dict[str, str] | N
     raise SystemExit(f"samebox serve did not come up in 600 s:\n{log.read_text()[-4000:]}")
 
 
+def stop_server(proc: subprocess.Popen, timeout: float, sig: int = signal.SIGINT) -> None:
+    """Stop a server start_server began: ``sig`` (Ctrl-C by default), then kill it after ``timeout`` seconds."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def stream_chat(url: str, name: str, prompt: str, max_tokens: int, out: dict) -> None:
     """One streaming chat completion; notes start, first content chunk, end and completion tokens."""
     body = json.dumps({"model": name, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
@@ -275,11 +284,7 @@ def serve_arm(run: Path, batching: str, device: str, prompts: list[str], clients
                                   [r["tokens"] for r in results]))
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, 60)
     engine = next((line.split("engine ", 1)[1] for line in log.read_text().splitlines()
                    if line.startswith("samebox serve: engine ")), "?")
     return rows, engine

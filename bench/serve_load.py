@@ -23,9 +23,7 @@ import os
 import platform
 import random
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -224,7 +222,7 @@ def drive(load: Load) -> dict:
 
 def smoke(args: argparse.Namespace) -> dict:
     # this directory's: the same tiny model, run directory and server start as the serving bench
-    from serve_gpu import TINY, make_run, start_server
+    from serve_gpu import TINY, make_run, start_server, stop_server
 
     key = "sk-load-smoke"
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
@@ -235,11 +233,7 @@ def smoke(args: argparse.Namespace) -> dict:
             report = drive(Load(url, run.name, key, args.clients, args.seconds, args.requests, args.max_tokens,
                                 args.timeout, not args.no_backoff))
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc, 20)
         log = (Path(tmp) / "serve.log").read_text()
         if key in log:
             raise SystemExit("the server's log shows the API key")

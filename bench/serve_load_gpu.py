@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from header import header  # noqa: E402
-from serve_gpu import ROOT, make_run, start_server  # noqa: E402
+from serve_gpu import ROOT, make_run, start_server, stop_server  # noqa: E402
 
 QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, tie_word_embeddings=False)
@@ -55,11 +56,7 @@ def main() -> int:
                                                    ("requests", "ok", "refused", "errors", "hung", "after")}}),
                       flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc, 60, signal.SIGTERM)
             result["serve_log_tail"] = log.read_text()[-3000:]
     Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")
