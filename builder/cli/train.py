@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
+from typing import Any
 
 from builder.core import supported
 from builder.core.fsutil import pruned_if_left_empty
@@ -66,6 +67,21 @@ def train(args: argparse.Namespace, outcome: dict) -> int:
     from trainer.config import load_config
 
     cfg = load_config(Path(args.config), args.overrides)
+    from trainer.loop.startup import STARTUP
+    from trainer.model.prefetch import start_prefetch
+
+    STARTUP.reset()
+    STARTUP.mark("command")
+    # The weight files are read into memory beside the data checks, the imports and the preflight (a cold disk).
+    STARTUP.prefetch = start_prefetch(cfg.model)
+    try:
+        return _train(args, cfg, outcome)
+    finally:
+        if STARTUP.prefetch is not None:
+            STARTUP.prefetch.stop()
+
+
+def _train(args: argparse.Namespace, cfg: Any, outcome: dict) -> int:
     from trainer.data.dataset import cache_dir
     from trainer.loop import preflight, rundir
     from trainer.loop.distributed import ranks_from_env
@@ -74,8 +90,6 @@ def train(args: argparse.Namespace, outcome: dict) -> int:
     from trainer.loop.startup import STARTUP
     from trainer.model.load import import_libraries
 
-    STARTUP.reset()
-    STARTUP.mark("command")
     # A run that fails its checks leaves no empty output.dir or cache behind (a config's AutoDL paths on another
     # host); output.dir stays locked until the run returns: a second run there is refused.
     with pruned_if_left_empty(Path(cfg.output.dir)), pruned_if_left_empty(cache_dir(cfg.data)), \

@@ -233,7 +233,7 @@ def plan(opts: Options, pre: Preflight) -> list[Step]:
     if opts.flash_attn:
         planned.append(Step("flash-attn", steps.flash_attn))
     planned.append(Step("fingerprint", steps.fingerprint))
-    if opts.selftest and pre.match.gpus:
+    if steps.wants_selftest(opts, pre):  # started beside the fingerprint, waited for here
         planned.append(Step("selftest", steps.selftest))
     return planned
 
@@ -259,7 +259,11 @@ def execute(run: Run, planned: list[Step]) -> None:
         try:
             step.run(run)
         except StepFailed as e:
+            steps.stop_background(run)
             raise StepFailed(f"step '{step.name}' failed: {e}") from None
+        except BaseException:
+            steps.stop_background(run)
+            raise
         finally:
             run.seconds[step.name] = round(time.monotonic() - began, 2)
     marker.unlink()
@@ -270,7 +274,8 @@ def _write_timings(run: Run, total: float) -> None:
     the checks before step 1), for `bench/first_step_gpu.sh` and anyone asking where setup's time went."""
     if not run.opts.state.is_dir():
         return
-    data = {"total_s": round(total, 2), "step_seconds": run.seconds, "selftest_passed": run.selftest_passed}
+    data = {"total_s": round(total, 2), "step_seconds": run.seconds, "selftest_passed": run.selftest_passed,
+            "selftest_own_s": run.selftest_own_s}  # the selftest step's seconds are those left after the fingerprint
     try:
         write_atomic(run.opts.state / "setup-timings.json", json.dumps(data, indent=2) + "\n")
     except OSError:

@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,9 @@ class Run:
     installer: Installer | None = None
     selftest_passed: bool = False
     seconds: dict[str, float] = field(default_factory=dict)  # each step's seconds, in order
+    selftest_proc: subprocess.Popen | None = None  # the self-test, started beside the fingerprint
+    selftest_began: float = 0.0
+    selftest_own_s: float | None = None  # the self-test's own wall seconds (most of them spent beside the fingerprint)
 
 
 def say(text: str) -> None:
@@ -376,7 +380,40 @@ def flash_attn(run: Run) -> None:
         say(f"installed {', '.join(w.name for w in wheels)}")
 
 
+def wants_selftest(opts: Options, pre: Preflight) -> bool:
+    """The self-test checks GPUs: planned only where there is one, unless --no-selftest."""
+    return opts.selftest and bool(pre.match.gpus)
+
+
+SELFTEST = ("selftest", "--quick", "--reuse", "all")
+
+
+def start_selftest(run: Run) -> None:
+    """The self-test in the background, its output into files: it and the fingerprint both only read the environment
+    the steps before them finished, so the self-test's seconds of imports and GPU checks pass while the fingerprint
+    hashes files. The selftest step waits for it and prints what it said."""
+    out, err = (run.work / "selftest.out").open("wb"), (run.work / "selftest.err").open("wb")
+    with out, err:
+        run.selftest_began = time.monotonic()
+        run.selftest_proc = subprocess.Popen([run.python, "-m", "builder", *SELFTEST], stdout=out, stderr=err)
+
+
+def stop_background(run: Run) -> None:
+    """A step failed or the run was interrupted: the background self-test does not outlive setup."""
+    proc, run.selftest_proc = run.selftest_proc, None
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def fingerprint(run: Run) -> None:
+    if wants_selftest(run.opts, run.pre) and run.selftest_proc is None:
+        start_selftest(run)
+        say("the self-test runs beside it")
     out = run.opts.state / "fingerprint.json"
     if _samebox(run, "fingerprint", "-o", str(out)).returncode != 0:
         raise StepFailed("samebox fingerprint failed")
@@ -384,9 +421,20 @@ def fingerprint(run: Run) -> None:
 
 
 def selftest(run: Run) -> None:
-    """The quick self-test; a re-run on the same boot, GPUs and environment as one that passed says so and tests
-    nothing (the trainer's preflight still re-runs the health, load and accuracy checks before each job)."""
-    if _samebox(run, "selftest", "--quick", "--reuse", "all").returncode != 0:
+    """The quick self-test (started beside the fingerprint); a re-run on the same boot, GPUs and environment as one
+    that passed says so and tests nothing (the trainer's preflight still re-runs the health, load and accuracy checks
+    before each job)."""
+    if run.selftest_proc is None:
+        start_selftest(run)
+    proc = run.selftest_proc
+    assert proc is not None
+    rc = proc.wait()
+    run.selftest_proc = None
+    run.selftest_own_s = round(time.monotonic() - run.selftest_began, 2)
+    sys.stdout.write((run.work / "selftest.out").read_text(errors="replace"))
+    sys.stdout.flush()
+    sys.stderr.write((run.work / "selftest.err").read_text(errors="replace"))
+    if rc != 0:
         raise StepFailed("the GPU self-test found problems (see above)")
-    print("selftest passed")
+    print(f"selftest passed ({run.selftest_own_s:.1f} s, beside the fingerprint)")
     run.selftest_passed = True

@@ -117,6 +117,11 @@ def _file_matches(dist: md.Distribution, path: str, digest: str) -> bool:
     return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode() == want
 
 
+def _size(dist: md.Distribution, path: str) -> int:
+    try:
+        return os.path.getsize(dist.locate_file(path))
+    except OSError:
+        return 0
 
 
 def _stat_row(base: str, path: str) -> str:
@@ -195,6 +200,9 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
                     problems[name] = list(known["modified"])
                     del todo[name]
         jobs = [(name, dists[name], p, d) for name in todo for p, d in todo[name]]
+        # the largest files first: a 1 GB library started last would hash alone while the other threads idle
+        sizes = list(pool.map(lambda j: _size(j[1], j[2]), jobs))
+        jobs = [job for _, job in sorted(zip(sizes, jobs, strict=True), key=lambda pair: -pair[0])]
         results = pool.map(lambda j: _file_matches(j[1], j[2], j[3]), jobs)
         for (name, _, path, _), ok in zip(jobs, results, strict=True):
             if not ok:

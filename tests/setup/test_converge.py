@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,6 +115,64 @@ def test_progress_counts_the_plan_and_the_marker_names_the_step(tmp_path: Path,
     timings = json.loads((opts.state / "setup-timings.json").read_text())
     assert timings["total_s"] == 1.5 and list(timings["step_seconds"]) == ["first", "second", "only"]
     assert converge._summary(run, 2).startswith("samebox setup: done in 2s (")
+
+
+# A stand-in for the target interpreter: `python -m builder fingerprint|selftest ...` as the steps call it. The
+# self-test writes when it started and ended; the fingerprint waits until the self-test has started (it runs beside).
+FAKE_PYTHON = """#!/bin/sh
+shift 2
+case "$1" in
+  fingerprint)
+    for _ in $(seq 100); do [ -f "$LOG/selftest.began" ] && break; sleep 0.05; done
+    [ -f "$LOG/selftest.began" ] && echo began-before-fingerprint-ended > "$LOG/overlap"
+    exit "${FINGERPRINT_RC:-0}" ;;
+  selftest)
+    date +%s.%N > "$LOG/selftest.began"; echo "selftest says $*"; echo "selftest warns" >&2
+    sleep "${SELFTEST_SLEEP:-0}"; date +%s.%N > "$LOG/selftest.ended"; exit "${SELFTEST_RC:-0}" ;;
+esac
+"""
+
+
+def _fake_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **environ: str) -> Run:
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    monkeypatch.setenv("LOG", str(tmp_path))
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    opts = _opts(SAMEBOX_STATE=str(tmp_path / "state"))
+    work = tmp_path / "work"
+    work.mkdir()
+    return Run(opts=opts, pre=_pre(H100, tmp_path), work=work, python=str(fake))
+
+
+def test_the_selftest_runs_beside_the_fingerprint_and_its_output_comes_in_its_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _fake_run(tmp_path, monkeypatch)
+    execute(run, [Step("fingerprint", steps.fingerprint), Step("selftest", steps.selftest)])
+    assert (tmp_path / "overlap").is_file()  # started before the fingerprint ended
+    captured = capsys.readouterr()
+    fingerprint_part, _, selftest_part = captured.out.partition("==> [2/2] selftest")
+    assert "selftest says" not in fingerprint_part and "the self-test runs beside it" in fingerprint_part
+    assert "selftest says selftest --quick --reuse all" in selftest_part and "selftest passed (" in selftest_part
+    assert "selftest warns" in captured.err
+    assert run.selftest_passed and run.selftest_own_s is not None and run.selftest_proc is None
+
+
+def test_a_failing_background_selftest_fails_its_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _fake_run(tmp_path, monkeypatch, SELFTEST_RC="1")
+    with pytest.raises(StepFailed, match="step 'selftest' failed: the GPU self-test found problems"):
+        execute(run, [Step("fingerprint", steps.fingerprint), Step("selftest", steps.selftest)])
+    assert not run.selftest_passed
+
+
+def test_a_failed_fingerprint_stops_the_selftest_beside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _fake_run(tmp_path, monkeypatch, FINGERPRINT_RC="1", SELFTEST_SLEEP="30")
+    began = time.monotonic()
+    with pytest.raises(StepFailed, match="step 'fingerprint' failed"):
+        execute(run, [Step("fingerprint", steps.fingerprint), Step("selftest", steps.selftest)])
+    assert run.selftest_proc is None and time.monotonic() - began < 20
+    assert not (tmp_path / "selftest.ended").exists()  # terminated, not waited for
 
 
 # --- refusals: exit 2, nothing written ----------------------------------------------------------------------------

@@ -195,7 +195,8 @@ sys.exit(0 if ok else 1)
 """
 
 
-def test_the_preflight_runs_beside_the_imports_and_the_start_is_timed(make_config, tmp_path, monkeypatch, capsys):
+def test_the_preflight_runs_beside_the_imports_and_the_start_is_timed(make_config, tiny_model_dir, tmp_path,
+                                                                      monkeypatch, capsys):
     from trainer.model import load
 
     marker = tmp_path / "imported"
@@ -219,3 +220,7 @@ def test_the_preflight_runs_beside_the_imports_and_the_start_is_timed(make_confi
     assert set(marks) == set(order) and [marks[k] for k in order] == sorted(marks.values())
     assert sum(startup["stage_seconds"].values()) == pytest.approx(marks["step_1"], abs=0.05)
     assert f"step 1 at {marks['step_1']:.1f} s after the command (" in out
+    # the tiny model's weight files were read beside the imports, whole
+    warmed = startup["weights_prefetch"]
+    weights = sum(f.stat().st_size for f in Path(tiny_model_dir).glob("*.safetensors"))
+    assert warmed["bytes"] == weights > 0 and warmed["read_bytes"] == warmed["bytes"]

@@ -32,10 +32,12 @@ class Startup:
     def __init__(self) -> None:
         self.started = _process_started()
         self.marks: dict[str, float] = {}
+        self.prefetch: Any = None  # trainer.model.prefetch.Prefetch: the weight files read beside the imports
 
     def reset(self) -> None:
         """A new command in this process (tests run several): its marks start empty."""
         self.marks.clear()
+        self.prefetch = None
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, round(time.time() - self.started, 2))
@@ -50,7 +52,11 @@ class Startup:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seconds_to": dict(self.marks), "stage_seconds": self.stages()}
+        out: dict[str, Any] = {"seconds_to": dict(self.marks), "stage_seconds": self.stages()}
+        if self.prefetch is not None:
+            out["weights_prefetch"] = {"bytes": self.prefetch.total_bytes, "read_bytes": self.prefetch.read_bytes,
+                                       "seconds": self.prefetch.seconds}
+        return out
 
     def line(self) -> str:
         what = dict(STAGES)

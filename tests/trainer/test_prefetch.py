@@ -1,0 +1,78 @@
+"""trainer/model/prefetch.py: which files a model's start reads ahead, that it reads them whole, and when it reads
+nothing (weights larger than half the memory available, a second process of the node, a model not on disk)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from trainer.config import ModelConfig
+from trainer.model import hub, prefetch
+
+
+def _model(folder: Path, files: dict[str, int]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    for name, size in files.items():
+        (folder / name).write_bytes(b"w" * size)
+    return folder
+
+
+def _wait(warm: prefetch.Prefetch) -> prefetch.Prefetch:
+    deadline = time.monotonic() + 30
+    while not warm.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert warm.done()
+    return warm
+
+
+def test_a_local_models_safetensors_are_read_whole(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    folder = _model(tmp_path / "m", {"a.safetensors": 3 * prefetch.CHUNK + 5, "b.safetensors": 7,
+                                     "old.bin": 11, "tokenizer.json": 13})
+    cfg = ModelConfig(name=str(folder))
+    assert [p.name for p in prefetch.weight_files(cfg)] == ["a.safetensors", "b.safetensors"]  # not .bin beside
+    warm = _wait(prefetch.start_prefetch(cfg, threads=2, available=1 << 40))
+    assert warm.total_bytes == warm.read_bytes == 3 * prefetch.CHUNK + 12 and warm.seconds is not None
+
+
+def test_bin_weights_when_there_are_no_safetensors_and_a_cached_hub_snapshot(tmp_path: Path, monkeypatch) -> None:
+    folder = _model(tmp_path / "snapshot", {"pytorch_model.bin": 10})
+    assert [p.name for p in prefetch.weight_files(ModelConfig(name=str(folder)))] == ["pytorch_model.bin"]
+    monkeypatch.setattr(hub, "cached_config", lambda name, revision: str(folder / "config.json"))
+    monkeypatch.setattr(prefetch, "cached_config", hub.cached_config)
+    assert [p.name for p in prefetch.weight_files(ModelConfig(name="Org/Model"))] == ["pytorch_model.bin"]
+    monkeypatch.setattr(prefetch, "cached_config", lambda name, revision: None)  # not downloaded yet: nothing
+    assert prefetch.weight_files(ModelConfig(name="Org/Model")) == []
+    assert prefetch.weight_files(ModelConfig(name="modelscope://Org/Model")) == []
+
+
+def test_nothing_is_read_when_it_would_crowd_memory_or_on_a_second_process(tmp_path: Path, monkeypatch) -> None:
+    folder = _model(tmp_path / "m", {"a.safetensors": 1000})
+    cfg = ModelConfig(name=str(folder))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert prefetch.start_prefetch(cfg, available=1999) is None  # more than half of what is available
+    assert prefetch.start_prefetch(cfg, available=2000) is not None
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert prefetch.start_prefetch(cfg, available=1 << 40) is None
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert prefetch.start_prefetch(ModelConfig(name=str(tmp_path / "absent")), available=1 << 40) is None
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000 kB\nMemAvailable:     300 kB\n")
+    assert prefetch.available_bytes(meminfo) == 300 * 1024
+    meminfo.write_text("MemTotal: 1000 kB\n")
+    assert prefetch.available_bytes(meminfo) is None
+    assert prefetch.available_bytes(tmp_path / "none") is None
+
+
+def test_stop_ends_the_readers_early(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(prefetch, "CHUNK", 1)  # one byte per read: far from done when stopped
+    folder = _model(tmp_path / "m", {"a.safetensors": 5_000_000})
+    warm = prefetch.Prefetch([folder / "a.safetensors"], 5_000_000)
+    warm.stop()
+    warm.start(threads=1)
+    _wait(warm)
+    assert warm.read_bytes < warm.total_bytes
