@@ -114,14 +114,15 @@ def start(name):
     s = summary.get("startup") or {}
     return {"exit": int(read(f"{name}.rc", "-1")), "wall_s": float(read(f"{name}.wall", "0")),
             "seconds_to_step_1": (s.get("seconds_to") or {}).get("step_1"),
-            "stage_seconds": s.get("stage_seconds"), "attention": summary.get("attention"),
-            "peak_mem_gib": summary.get("peak_mem_gib")}
+            "stage_seconds": s.get("stage_seconds"), "weights_prefetch": s.get("weights_prefetch"),
+            "attention": summary.get("attention"), "peak_mem_gib": summary.get("peak_mem_gib")}
 
 
 def setup(name, timings):
     t = read(timings) or {}
     return {"exit": int(read(f"{name}.rc", "-1")), "wall_s": float(read(f"{name}.wall", "0")),
-            "step_seconds": t.get("step_seconds"), "selftest_passed": t.get("selftest_passed")}
+            "step_seconds": t.get("step_seconds"), "selftest_passed": t.get("selftest_passed"),
+            "selftest_own_s": t.get("selftest_own_s")}  # it runs beside the fingerprint: the step is what was left
 
 
 result = {
