@@ -6,7 +6,8 @@ seed recipe's settings, HF padding-free, and unsloth. Each trains on exactly the
 
 unsloth must be imported before transformers: this module imports neither at the top, and the unsloth arm imports
 unsloth first thing. The result file is rewritten after every mix, so a crash or a timeout in a later mix keeps the
-earlier ones; a failure is written with the stage it happened in and the versions found.
+earlier ones; a failure is written with the stage it happened in and the versions found. Each arm also says where
+its start went (PEER_STAGES), in seconds since its process started, as `samebox train` does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -28,9 +30,27 @@ from trainer_arms import SAMPLES_PER_STEP, step_timer
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEER_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "flash-attn", "unsloth",
                  "unsloth_zoo", "trl", "datasets", "torchao", "triton", "xformers", "cut_cross_entropy")
+# (mark, what the seconds up to it went to), as trainer/loop/startup.py's STAGES: step 1 is the first mix's.
+PEER_STAGES = (("imports", "interpreter and libraries"), ("weights", "weights, quantization, LoRA"),
+               ("step_1", "step 1"), ("checkpoint", "LoRA adapter saved"))
+CHECKPOINT_HOLDS = "the LoRA adapter (model.save_pretrained)"
 
 
 # ----- the HF-Trainer-based arms (child process) ---------------------------------------------------------------
+def import_hf() -> None:
+    """What the HF-Trainer-based arms load and train with, transformers' lazy modules included."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, Trainer  # noqa: F401
+
+
+def import_unsloth() -> None:
+    """unsloth first (it patches transformers and peft as it is imported), then the Trainer it patched."""
+    import unsloth  # noqa: F401 - before transformers, as unsloth requires
+    from transformers import Trainer  # noqa: F401
+    from unsloth import FastLanguageModel  # noqa: F401
+
+
 @dataclass
 class Loaded:
     model: Any
@@ -162,14 +182,12 @@ def load_unsloth(plan: dict) -> Loaded:
     """unsloth's documented path: FastLanguageModel (4-bit for the QLoRA config), its get_peft_model with
     lora_dropout 0 (its fast LoRA path needs 0) and use_gradient_checkpointing="unsloth" (offloaded checkpointing),
     trained by the HF Trainer it patches, on the same flattened batches plus packed_seq_lengths."""
-    stage = "import unsloth"
-    try:
-        import torch
-        import unsloth  # noqa: F401 - before transformers, as unsloth requires
-        from unsloth import FastLanguageModel
+    import torch
+    from unsloth import FastLanguageModel  # imported already (import_unsloth)
 
-        stage = "FastLanguageModel.from_pretrained"
-        notes: list[str] = []
+    notes: list[str] = []
+    stage = "FastLanguageModel.from_pretrained"
+    try:
         common = {"model_name": plan["model_dir"], "max_seq_length": plan["max_length"],
                   "dtype": getattr(torch, plan["dtype"]), "load_in_4bit": plan["quantize"]}
         try:
@@ -212,10 +230,16 @@ def unsloth_attention() -> str:
     return "unsloth: " + (", ".join(found) if found else "sdpa")
 
 
-ARMS: dict[str, Callable[[dict], Loaded]] = {
-    "recipe": load_recipe,
-    "hf_padding_free": load_hf_padding_free,
-    "unsloth": load_unsloth,
+@dataclass(frozen=True)
+class Arm:
+    imports: Callable[[], None]  # the libraries, imported before the start-up's "imports" mark
+    load: Callable[[dict], Loaded]  # weights, quantization and LoRA, before its "weights" mark
+
+
+ARMS: dict[str, Arm] = {
+    "recipe": Arm(import_hf, load_recipe),
+    "hf_padding_free": Arm(import_hf, load_hf_padding_free),
+    "unsloth": Arm(import_unsloth, load_unsloth),
 }
 
 
@@ -254,8 +278,9 @@ def diagnostics() -> dict:
     return info
 
 
-def train_mix(loaded: Loaded, plan: dict, mix: dict) -> dict:
-    """One mix: a fresh Trainer (fresh optimizer and schedule) over the mix's first steps x 16 samples, in order."""
+def train_mix(loaded: Loaded, plan: dict, mix: dict, after_step_1: Callable[[], None] | None = None) -> dict:
+    """One mix: a fresh Trainer (fresh optimizer and schedule) over the mix's first steps x 16 samples, in order;
+    ``after_step_1`` is called when its first optimizer step has finished."""
     import torch
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
@@ -289,7 +314,7 @@ def train_mix(loaded: Loaded, plan: dict, mix: dict) -> dict:
                              save_strategy="no", remove_unused_columns=False, use_cpu=not cuda, seed=train["seed"],
                              dataloader_num_workers=0, disable_tqdm=True, **schedule, **loaded.trainer_args)
     trainer = InOrderTrainer(model=loaded.model, args=args, train_dataset=dataset, data_collator=counting,
-                             callbacks=[step_timer(times, losses, cuda)])
+                             callbacks=[step_timer(times, losses, cuda, after_step_1)])
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
@@ -305,21 +330,38 @@ def train_mix(loaded: Loaded, plan: dict, mix: dict) -> dict:
     return result
 
 
+def adapter_save_seconds(model: Any) -> float:
+    """One save of the LoRA adapter (model.save_pretrained into a temporary directory): what a checkpoint costs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        model.save_pretrained(tmp)
+        return time.perf_counter() - started
+
+
 def run_arm(plan: dict) -> int:
     """Load once, then every mix of the plan from the same initial LoRA weights (restored between mixes)."""
-    started = time.perf_counter()
+    # The child's PYTHONPATH has the repository (trainer_peers.run_child); the parent imports this module for
+    # versions() alone, where samebox may not be importable.
+    from trainer.loop.startup import Startup
+
+    startup = Startup(PEER_STAGES)
     out = Path(plan["result"])
     report: dict[str, Any] = {"arm": plan["arm"], "mixes": {}, "errors": []}
 
     def save() -> None:
+        report["startup"] = {**startup.to_dict(), "checkpoint_holds": CHECKPOINT_HOLDS}
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(report))
         tmp.rename(out)
 
+    arm, stage = ARMS[plan["arm"]], "import"
     try:
-        loaded = ARMS[plan["arm"]](plan)
+        arm.imports()
+        startup.mark("imports")
+        stage = "load"
+        loaded = arm.load(plan)
     except Exception as e:  # noqa: BLE001 - reported with its stage and the versions found
-        stage = e.stage if isinstance(e, ArmStageError) else "load"
+        stage = e.stage if isinstance(e, ArmStageError) else stage
         message = str(e) if isinstance(e, ArmStageError) else f"{type(e).__name__}: {e}"
         report["errors"].append({"stage": stage, "error": message,
                                  "traceback": traceback.format_exc()[-4000:], "diagnostics": diagnostics()})
@@ -328,7 +370,8 @@ def run_arm(plan: dict) -> int:
         return 1
     import torch
 
-    report["load_s"] = time.perf_counter() - started
+    startup.mark("weights")
+    report["load_s"] = time.time() - startup.started  # from the process start, as end_to_end_s says
     report["settings"] = loaded.settings
     report["notes"] = loaded.notes
     report["versions"] = versions()
@@ -344,7 +387,7 @@ def run_arm(plan: dict) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            result = train_mix(loaded, plan, mix)
+            result = train_mix(loaded, plan, mix, (lambda: startup.mark("step_1")) if k == 0 else None)
         except Exception as e:  # noqa: BLE001 - a failing mix must not lose the other one
             report["errors"].append({"stage": f"train {mix['mix']}", "error": f"{type(e).__name__}: {e}",
                                      "traceback": traceback.format_exc()[-4000:], "diagnostics": diagnostics()})
@@ -354,6 +397,15 @@ def run_arm(plan: dict) -> int:
             return 1
         result["end_to_end_s"] = report["load_s"] + result["train_wall_s"]
         report["mixes"][mix["mix"]] = result
+        if k == 0 and "step_1" in startup.marks:
+            # The first checkpoint: one adapter save after this mix's steps, its seconds added to step 1's mark.
+            # Saving right after step 1 (in the step callback) would sit inside the timed training (train_wall_s,
+            # end_to_end_s) and between steps 1 and 2; the adapter is as large after the last step as after the
+            # first, so this save costs what that one would.
+            try:
+                startup.marks["checkpoint"] = round(startup.marks["step_1"] + adapter_save_seconds(loaded.model), 2)
+            except Exception as e:  # noqa: BLE001 - the throughput result stands without it
+                report["notes"].append(f"checkpoint save failed: {type(e).__name__}: {e}")
         save()
         print(f"{plan['arm']} {mix['mix']}: losses {[round(x, 4) for x in result['losses']]}", flush=True)
     return 0 if not report["errors"] else 1

@@ -1,6 +1,7 @@
 """The peer benchmark's measures and comparisons: throughput over the steady steps, MFU, each row's ratios against
 unsloth and HF padding-free, step-1 loss and label-token agreement, the 50-step curve check, merging split runs,
-and the markdown table. Pure functions over the JSON the arms write (bench/trainer_peers.py calls them)."""
+the start-up seconds, and the markdown tables. Pure functions over the JSON the arms write (bench/trainer_peers.py
+calls them)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def summarize_arm(raw: dict, step_flops: list[float], peak_tflops: float | None,
     }
     flops = sum(step_flops[first:len(times)])
     out["mfu"] = flops / seconds / (peak_tflops * 1e12) if peak_tflops and seconds else None
-    for key in ("settings", "notes", "micro_batches", "gpu", "process_s"):
+    for key in ("settings", "notes", "micro_batches", "gpu", "process_s", "startup"):
         if raw.get(key):
             out[key] = raw[key]
     return out
@@ -57,6 +58,28 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def startup_columns(startup: dict | None) -> dict[str, float | None]:
+    """An arm's start-up in the same columns for samebox and its peers, from its marks (seconds since its process
+    started): to step 1; imports = the process start to the libraries imported (samebox's data checks come before
+    them); preflight = samebox's wait for its self-test after those imports; load = to the model ready to train
+    (weights, quantization, LoRA; samebox's optimizer too); first step; save = the first checkpoint's own seconds;
+    to the checkpoint. imports + preflight + load + first step = to step 1."""
+    marks = (startup or {}).get("seconds_to", {})
+    get = marks.get
+    before_load = get("preflight", get("imports"))
+    loaded = get("ready", get("weights"))
+    diff = lambda a, b: round(a - b, 2) if a is not None and b is not None else None  # noqa: E731
+    return {"step_1": get("step_1"), "imports": get("imports"), "preflight": diff(get("preflight"), get("imports")),
+            "load": diff(loaded, before_load), "first_step": diff(get("step_1"), loaded),
+            "save": diff(get("checkpoint"), get("step_1")), "checkpoint": get("checkpoint")}
+
+
+def startup_ratios(row: dict, peer: str) -> dict[str, float | None]:
+    """samebox's seconds over the peer's, to step 1 and to the first checkpoint (below 1: samebox starts sooner)."""
+    s, p = (startup_columns(row["arms"].get(n, {}).get("startup")) for n in ("samebox", peer))
+    return {k: ratio(s[k], p[k]) for k in ("step_1", "checkpoint")}
+
+
 def compare_row(row: dict) -> None:
     """Fill in the row's ratios, step-1 loss agreement and label-token agreement from its arms (in place)."""
     arms = {k: v for k, v in row["arms"].items() if "label_tokens_per_s" in v}
@@ -65,6 +88,8 @@ def compare_row(row: dict) -> None:
         p = arms.get(peer, {})
         row[f"ratio_vs_{peer}"] = ratio(s.get("label_tokens_per_s"), p.get("label_tokens_per_s"))
         row[f"memory_vs_{peer}"] = ratio(s.get("peak_allocated_gib"), p.get("peak_allocated_gib"))
+    for peer in ("unsloth", "hf_padding_free"):
+        row[f"startup_vs_{peer}"] = startup_ratios(row, peer)
     firsts = {name: a["losses"][0] for name, a in arms.items() if a.get("losses")}
     reference = next((n for n in ("samebox", "hf_padding_free", "unsloth", "recipe") if n in firsts), None)
     diffs = {n: abs(v - firsts[reference]) for n, v in firsts.items()} if reference else {}
@@ -127,6 +152,27 @@ def fmt(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
+def startup_table(result: dict) -> list[str]:
+    """Seconds from each arm's process start, per row where an arm has them, and samebox's ratios (lines)."""
+    lines = ["| model | mix | arm | to step 1 s | imports | preflight | load/quantize | first step | "
+             "checkpoint save | to checkpoint s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for row in result.get("rows", []):
+        found = [n for n in ARM_ORDER if row["arms"].get(n, {}).get("startup")]
+        for name in found:
+            c = startup_columns(row["arms"][name]["startup"])
+            lines.append(f"| {row['model']} | {row['mix']} | {name} | "
+                         + " | ".join(fmt(c[k], ".2f") for k in ("step_1", "imports", "preflight", "load",
+                                                                  "first_step", "save", "checkpoint")) + " |")
+        if "samebox" in found and len(found) > 1:
+            u, h = row.get("startup_vs_unsloth") or {}, row.get("startup_vs_hf_padding_free") or {}
+            notes.append(f"start-up {row['model']}/{row['mix']}: samebox's seconds to step 1 "
+                         f"{fmt(u.get('step_1'), '.2f')}x unsloth's, {fmt(h.get('step_1'), '.2f')}x HF "
+                         f"padding-free's; to the first checkpoint {fmt(u.get('checkpoint'), '.2f')}x, "
+                         f"{fmt(h.get('checkpoint'), '.2f')}x")
+    return lines + [""] + notes if len(lines) > 2 else []
+
+
 def markdown_table(result: dict) -> str:
     lines = ["| model | mix | arm | label tok/s | tok/s | peak alloc GiB | peak reserved GiB | MFU | end-to-end s | "
              "step-1 loss |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -166,4 +212,5 @@ def markdown_table(result: dict) -> str:
     if curve:
         notes.append(f"curve {curve.get('model')}/{curve.get('mix')}: {curve.get('steps')} steps, smoothed max diff "
                      f"{fmt(curve.get('smoothed_max_abs_diff'), '.4f')} (ok <= {CURVE_TOLERANCE}: {curve.get('ok')})")
-    return "\n".join(lines + [""] + notes)
+    startup = startup_table(result)
+    return "\n".join(lines + [""] + notes + ([""] + startup if startup else []))

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SAMPLES_PER_STEP = 16
@@ -67,8 +68,9 @@ def prepare(size: str, workdir: Path, samples: int, median: int, cap: int, seed:
             fh.write(json.dumps({"prompt": text[:prompt_len], "completion": text[prompt_len:]}) + "\n")
 
 
-def step_timer(times: list[float], losses: list[float], cuda: bool):
-    """An HF Trainer callback: each optimizer step's seconds (GPU synchronised at both ends) and logged loss."""
+def step_timer(times: list[float], losses: list[float], cuda: bool, after_step_1: Callable[[], None] | None = None):
+    """An HF Trainer callback: each optimizer step's seconds (GPU synchronised at both ends) and logged loss;
+    ``after_step_1`` is called once the first step has finished (outside its timing)."""
     import torch
     from transformers import TrainerCallback
 
@@ -82,6 +84,8 @@ def step_timer(times: list[float], losses: list[float], cuda: bool):
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t)
+            if after_step_1 is not None and len(times) == 1:
+                after_step_1()
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:

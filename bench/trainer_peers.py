@@ -13,6 +13,12 @@ the model rows run concurrently, every arm of one row on the same GPU.
   python bench/trainer_peers.py --out R.json --curve      # 50-step loss curves, samebox vs HF padding-free
   python bench/trainer_peers.py --out R.json --merge A.json B.json --merge-only   # combine split runs
   python bench/trainer_peers.py --smoke --out /tmp/peers_smoke.json     # CPU, tiny model, ~1-2 min
+
+Start-up: each arm's first mix says how many seconds from its process's start it took to import its libraries, to
+load (quantize, wrap in LoRA) the weights, to finish step 1 and to save a first checkpoint (peer_report.startup_table).
+samebox runs with --no-preflight unless --startup-preflight is given: then its start includes the preflight self-test
+as a user's `samebox train` runs it (beside the imports, done before the weights load, so the steps' throughput is
+the same).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from peer_data import write_mix
 from peer_report import ARM_ORDER, compare_row, curve_check, lora_flops, markdown_table, merge_results, summarize_arm
 from trainer_arms import SAMPLES_PER_STEP
 from trainer_vs_recipe import peak_tflops, read_samebox
+
+SAMEBOX_CHECKPOINT_HOLDS = "adapter, optimizer, scheduler, RNG states and a sha256 manifest, fsynced"
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -106,6 +114,35 @@ def last_line(output: str, rc: int | None) -> str:
     return ("timed out: " if rc is None else f"exit {rc}: ") + (lines[-1][:300] if lines else "no output")
 
 
+def final_save_seconds(run_dir: Path) -> float | None:
+    """Seconds samebox's last checkpoint took to save, from the run's files: its trainer appends the step's row to
+    metrics.jsonl, then saves, and a checkpoint's manifest.json is the last file it writes (trainer/loop/recipe.py
+    train, trainer/loop/checkpoint.py commit_checkpoint). None without a checkpoint."""
+    manifests = sorted((run_dir / "checkpoints").glob("step-*/manifest.json"))
+    metrics = run_dir / "metrics.jsonl"
+    if not manifests or not metrics.is_file():
+        return None
+    return max(0.0, (manifests[-1].stat().st_mtime_ns - metrics.stat().st_mtime_ns) / 1e9)
+
+
+def samebox_startup(run_dir: Path, summary: dict) -> dict | None:
+    """samebox's start-up from its summary.json, with the first checkpoint as the peers report it: step 1's mark
+    plus one save's seconds (its checkpoint after the last step; the trainer times no save of its own, and a
+    checkpoint at step 1 would put a save between the timed steps)."""
+    found = summary.get("startup")
+    if not found or "step_1" not in found.get("seconds_to", {}):
+        return found
+    startup = {**found, "seconds_to": dict(found["seconds_to"]), "stage_seconds": dict(found["stage_seconds"]),
+               "checkpoint_holds": SAMEBOX_CHECKPOINT_HOLDS}
+    save_s = final_save_seconds(run_dir)
+    if save_s is None:
+        startup["checkpoint_note"] = "no checkpoint in the run directory"
+        return startup
+    startup["seconds_to"]["checkpoint"] = round(startup["seconds_to"]["step_1"] + save_s, 2)
+    startup["stage_seconds"]["checkpoint"] = round(save_s, 2)
+    return startup
+
+
 class Bench:
     """One run: the selected models x mixes x arms, results kept in ``self.result`` and rewritten as they come."""
 
@@ -127,6 +164,7 @@ class Bench:
             "settings": {"steps": opts.steps, "recipe_steps": opts.recipe_steps,
                          "warmup_steps": opts.warmup_steps, "samples_per_step": SAMPLES_PER_STEP,
                          "deadline_s": opts.deadline, "arm_timeout_s": opts.arm_timeout, "gpus": opts.gpus,
+                         "startup_preflight": opts.startup_preflight,
                          "configs": {m: CONFIGS[m] for m in models}},
             "note": ("Throughput over the steps after the first warmup_steps (synchronised step times; HF arms: "
                      "from on_step_begin to on_step_end, after the step's batches are collated). end_to_end_s: "
@@ -134,7 +172,11 @@ class Bench:
                      "arms load once and train both mixes in one process, so theirs = process start to model ready "
                      "+ that mix's training (process_s: the whole process, both mixes). Peak memory: samebox's is "
                      "over its whole process, the HF arms' over the mix's training (reset after loading). The HF "
-                     "arms seed torch with train.seed before loading, as samebox does, so LoRA A starts the same."),
+                     "arms seed torch with train.seed before loading, as samebox does, so LoRA A starts the same. "
+                     "startup: seconds since the arm's process started, in the first mix's row only for the HF "
+                     "arms (their process trains every mix); checkpoint = step_1 + the seconds of one save after "
+                     "the mix's last step (samebox: its final checkpoint, timed from its files; HF arms: the LoRA "
+                     "adapter saved once after training), so no save sits inside the timed steps."),
             "rows": [],
         }
         self.rows: dict[tuple[str, str], dict] = {}
@@ -270,14 +312,19 @@ class Bench:
     def tokens_file(self, model: str, mix: str) -> Path:
         return self.work / f"tokens-{model}-{mix}-{self.opts.steps * SAMPLES_PER_STEP}.json"
 
+    def samebox_argv(self, model: str, mix: str, run_dir: Path) -> list[str]:
+        """One checkpoint, at the last step (outside every step's time); the preflight only with
+        --startup-preflight."""
+        return [sys.executable, "-m", "builder", "train", str(REPO / CONFIGS[model]),
+                *self.config_overrides(model, mix), "data.shuffle=false", f"train.max_steps={self.opts.steps}",
+                "train.warmup_ratio=0", f"output.dir={run_dir}", "output.save_every_steps=100000",
+                "output.tensorboard=false"] + ([] if self.opts.startup_preflight else ["--no-preflight"])
+
     def run_samebox(self, model: str, mix: str, env: dict[str, str], flops: list[float], peak: float | None,
                     gpu: str | None) -> None:
         run_dir = self.work / "runs" / f"samebox-{model}-{mix}"
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        argv = [sys.executable, "-m", "builder", "train", str(REPO / CONFIGS[model]),
-                *self.config_overrides(model, mix), "data.shuffle=false", f"train.max_steps={self.opts.steps}",
-                "train.warmup_ratio=0", f"output.dir={run_dir}", "output.save_every_steps=100000",
-                "output.tensorboard=false", "--no-preflight"]
+        argv = self.samebox_argv(model, mix, run_dir)
         if self.remaining() < self.opts.min_arm_s:
             self.record(model, mix, "samebox", error={"stage": "samebox", "error": "skipped: --deadline reached"})
             return
@@ -291,6 +338,7 @@ class Bench:
                                                       "output": tail})
             return
         raw.update(end_to_end_s=wall, peak_allocated_gib=raw.get("peak_mem_gib"), gpu=gpu,
+                   startup=samebox_startup(run_dir, raw["summary"]),
                    settings={k: raw["summary"].get(k) for k in ("attention", "packing", "gradient_checkpointing",
                                                                 "micro_batch_tokens")})
         self.record(model, mix, "samebox", summarize_arm(raw, flops, peak, self.opts.warmup_steps),
@@ -326,13 +374,16 @@ class Bench:
             report = {"mixes": {}, "errors": []}
         for mix in self.mixes:
             raw = report["mixes"].get(mix)
-            errors = [e for e in report.get("errors", []) if e["stage"] in ("load", "import unsloth")
-                      or e["stage"].startswith(("Fast", f"train {mix}"))]
+            # A failure before training (import, load) is every mix's; a training failure is its mix's.
+            errors = [e for e in report.get("errors", []) if not e["stage"].startswith("train ")
+                      or e["stage"] == f"train {mix}"]
             if raw is None and not errors:
                 errors = [{"stage": arm, "error": "timed out" if rc is None else f"exit {rc}, no result",
                            "wall_s": wall}]
             if raw is not None:
                 raw.update(settings=report.get("settings"), notes=report.get("notes"), gpu=gpu, process_s=wall)
+                if mix == self.mixes[0]:  # the process's start: its first mix's step 1
+                    raw["startup"] = report.get("startup")
                 self.record(model, mix, arm, summarize_arm(raw, flops[mix], peak, self.opts.warmup_steps))
             for e in errors:
                 self.record(model, mix, arm, error={**e, "output": tail})
@@ -414,6 +465,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--merge", nargs="+", default=[], help="earlier result files: their rows are kept unless rerun")
     p.add_argument("--merge-only", action="store_true", help="only merge --merge files into --out")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, 3 steps: checks the script works")
+    p.add_argument("--startup-preflight", action="store_true",
+                   help="samebox runs with its preflight self-test (as `samebox train` does); default --no-preflight")
     opts = p.parse_args(argv)
     if opts.smoke:
         opts.steps, opts.recipe_steps, opts.warmup_steps, opts.gpus = min(opts.steps, 3), min(opts.steps, 3), 1, ""

@@ -130,3 +130,124 @@ def test_only_picks_within_each_kind_and_rejects_unknown_names():
     with pytest.raises(SystemExit):
         trainer_peers.selection(trainer_peers.parse_args(["--only", "13b"]))
     assert Path(trainer_peers.CONFIGS["7b"]).suffix == ".yaml"
+
+
+STARTUP_ORDER = ("command", "data", "imports", "preflight", "weights", "ready", "step_1", "checkpoint")
+
+
+@pytest.mark.slow
+def test_smoke_start_up_is_measured_from_each_arm_process_start(smoke):
+    from peer_report import startup_columns
+
+    result, stdout = smoke
+    rows = {r["mix"]: r for r in result["rows"]}
+    first, second = rows["short"], rows["chat"]  # the peers' process trains short first: its step 1 is short's
+    for name in ("samebox", "hf_padding_free", "recipe"):
+        arm = first["arms"][name]
+        startup = arm["startup"]
+        marks, stages = startup["seconds_to"], startup["stage_seconds"]
+        reached = [m for m in STARTUP_ORDER if m in marks]
+        assert {"imports", "weights", "step_1", "checkpoint"} <= set(reached), (name, marks)
+        assert [marks[m] for m in reached] == sorted(marks[m] for m in reached), (name, marks)
+        assert 0 < marks["imports"] < marks["weights"] < marks["step_1"] <= marks["checkpoint"], (name, marks)
+        assert set(stages) == set(marks)
+        assert sum(v for k, v in stages.items() if k != "checkpoint") == pytest.approx(marks["step_1"], abs=0.05)
+        assert marks["checkpoint"] == pytest.approx(marks["step_1"] + stages["checkpoint"], abs=0.011)
+        assert startup["checkpoint_holds"]
+        # From the process's start, not from some later point: within the process's wall time as the parent saw it
+        # (samebox's end_to_end_s, the peers' process_s), and torch plus transformers take a while to import.
+        assert marks["checkpoint"] <= arm.get("process_s", arm["end_to_end_s"]), (name, marks)
+        assert marks["imports"] > 0.3
+        c = startup_columns(startup)
+        assert c["imports"] + (c["preflight"] or 0) + c["load"] + c["first_step"] == pytest.approx(c["step_1"],
+                                                                                                   abs=0.05)
+        line = f"| smoke | short | {name} | {c['step_1']:.2f} | {c['imports']:.2f} | - | {c['load']:.2f} |"
+        assert line in stdout, (line, stdout[-2000:])
+    to_step_1 = {n: a["startup"]["seconds_to"]["step_1"] for n, a in first["arms"].items() if a.get("startup")}
+    assert first["startup_vs_hf_padding_free"]["step_1"] == pytest.approx(to_step_1["samebox"]
+                                                                          / to_step_1["hf_padding_free"])
+    assert first["startup_vs_unsloth"] == {"step_1": None, "checkpoint": None}  # no unsloth on CPU
+    assert "start-up smoke/short: samebox's seconds to step 1" in stdout
+    # samebox starts a process per mix; a peer's second mix has no start of its own.
+    assert "step_1" in second["arms"]["samebox"]["startup"]["seconds_to"]
+    assert "startup" not in second["arms"]["hf_padding_free"]
+    assert result["settings"]["startup_preflight"] is False
+
+
+def test_startup_table_columns_and_ratios_against_the_peers():
+    from peer_report import compare_row, markdown_table, startup_columns
+
+    samebox = {"seconds_to": {"command": 0.5, "data": 1.0, "imports": 6.0, "preflight": 9.0, "weights": 14.0,
+                              "ready": 14.5, "step_1": 16.0, "checkpoint": 17.0}}
+    unsloth = {"seconds_to": {"imports": 12.0, "weights": 30.0, "step_1": 32.0, "checkpoint": 34.0}}
+    hf = {"seconds_to": {"imports": 8.0, "weights": 20.0, "step_1": 20.0, "checkpoint": 20.5}}
+    assert startup_columns(samebox) == {"step_1": 16.0, "imports": 6.0, "preflight": 3.0, "load": 5.5,
+                                        "first_step": 1.5, "save": 1.0, "checkpoint": 17.0}
+    assert startup_columns(unsloth)["preflight"] is None and startup_columns(unsloth)["load"] == 18.0
+    assert startup_columns(None)["step_1"] is None
+    row = {"model": "7b", "mix": "chat", "errors": [], "label_tokens_expected": [],
+           "arms": {"samebox": {"startup": samebox}, "unsloth": {"startup": unsloth},
+                    "hf_padding_free": {"startup": hf}}}
+    compare_row(row)
+    assert row["startup_vs_unsloth"] == {"step_1": 0.5, "checkpoint": 0.5}
+    assert row["startup_vs_hf_padding_free"] == {"step_1": 0.8, "checkpoint": pytest.approx(17.0 / 20.5)}
+    table = markdown_table({"rows": [row]})
+    assert "| 7b | chat | samebox | 16.00 | 6.00 | 3.00 | 5.50 | 1.50 | 1.00 | 17.00 |" in table
+    assert "| 7b | chat | unsloth | 32.00 | 12.00 | - | 18.00 | 2.00 | 2.00 | 34.00 |" in table
+    assert ("samebox's seconds to step 1 0.50x unsloth's, 0.80x HF padding-free's; to the first checkpoint 0.50x, "
+            "0.83x") in table
+    row["arms"] = {name: {} for name in row["arms"]}
+    assert "to step 1 s" not in markdown_table({"rows": [row]})  # no start-up measured: no start-up table
+
+
+def test_samebox_checkpoint_seconds_come_from_its_run_files(tmp_path):
+    import os
+
+    from trainer_peers import samebox_startup
+
+    summary = {"startup": {"seconds_to": {"imports": 5.0, "step_1": 9.0}, "stage_seconds": {"imports": 5.0,
+                                                                                            "step_1": 4.0}}}
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000006").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "checkpoints" / "step-00000006" / "manifest.json").write_text("{}")
+    os.utime(run / "metrics.jsonl", ns=(0, 1_000_000_000_000))
+    os.utime(run / "checkpoints" / "step-00000006" / "manifest.json", ns=(0, 1_002_500_000_000))
+    startup = samebox_startup(run, summary)
+    assert startup["seconds_to"] == {"imports": 5.0, "step_1": 9.0, "checkpoint": 11.5}
+    assert startup["stage_seconds"]["checkpoint"] == 2.5 and "optimizer" in startup["checkpoint_holds"]
+    assert "checkpoint" not in summary["startup"]["seconds_to"]  # the summary read is left as it was
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    startup = samebox_startup(empty, summary)
+    assert "checkpoint" not in startup["seconds_to"] and startup["checkpoint_note"]
+    assert samebox_startup(empty, {}) is None
+
+
+def test_startup_preflight_runs_samebox_as_a_user_does(tmp_path):
+    import trainer_peers
+
+    def argv(*extra: str) -> tuple[list[str], dict]:
+        opts = trainer_peers.parse_args(["--smoke", "--workdir", str(tmp_path), "--out", str(tmp_path / "r.json"),
+                                         *extra])
+        bench = trainer_peers.Bench(opts, ["smoke"], ["short"], ["samebox"])
+        return bench.samebox_argv("smoke", "short", tmp_path / "run"), bench.result["settings"]
+
+    plain, settings = argv()
+    assert plain[-1] == "--no-preflight" and settings["startup_preflight"] is False
+    with_preflight, settings = argv("--startup-preflight")
+    assert "--no-preflight" not in with_preflight and settings["startup_preflight"] is True
+    assert with_preflight == plain[:-1]
+
+
+def test_startup_stages_follow_the_order_given():
+    from peer_arms import PEER_STAGES
+
+    from trainer.loop.startup import Startup
+
+    startup = Startup(PEER_STAGES)
+    startup.marks.update({"step_1": 9.0, "imports": 4.0, "checkpoint": 9.5, "weights": 7.0})
+    assert list(startup.stages().items()) == [("imports", 4.0), ("weights", 3.0), ("step_1", 2.0),
+                                              ("checkpoint", 0.5)]
+    assert "LoRA adapter saved 0.5 s" in startup.line()
+    assert list(Startup().stages()) == []  # samebox train's own stages, none reached yet

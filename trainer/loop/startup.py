@@ -29,7 +29,11 @@ def _process_started() -> float:
 
 
 class Startup:
-    def __init__(self) -> None:
+    """Marks in seconds since this process started; ``stages``: (mark, what the seconds up to it went to), in the
+    order a run reaches them (samebox train's STAGES; the peer benchmark's arms have their own)."""
+
+    def __init__(self, stages: tuple[tuple[str, str], ...] = STAGES) -> None:
+        self.order = stages
         self.started = _process_started()
         self.marks: dict[str, float] = {}
         self.prefetch: Any = None  # trainer.model.prefetch.Prefetch: the weight files read beside the imports
@@ -45,7 +49,7 @@ class Startup:
     def stages(self) -> dict[str, float]:
         """Seconds spent in each stage reached (from the previous mark reached to this one)."""
         out, last = {}, 0.0
-        for name, _ in STAGES:
+        for name, _ in self.order:
             if name in self.marks:
                 out[name] = round(self.marks[name] - last, 2)
                 last = self.marks[name]
@@ -59,7 +63,7 @@ class Startup:
         return out
 
     def line(self) -> str:
-        what = dict(STAGES)
+        what = dict(self.order)
         parts = ", ".join(f"{what[k]} {v:.1f} s" for k, v in self.stages().items())
         return f"step 1 at {self.marks.get('step_1', 0):.1f} s after the command ({parts})"
 
