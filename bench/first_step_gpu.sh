@@ -73,6 +73,10 @@ instance 1
 note "instance 1: setup.sh again (changes nothing)"
 timed i1-setup-again bash setup.sh --python "$py" --offline --wheelhouse "$wh" --cache-dir "$cache" --no-flash-attn
 cp "$SAMEBOX_STATE/setup-timings.json" "$work/i1-setup-again-timings.json" 2>/dev/null
+# Untimed: where the trainer's first seconds go before its "command" mark (the interpreter, its .pth files, the CLI)
+"$py" -X importtime -c "import builder.cli" 2> "$out/first_step_importtime.txt"
+{ /usr/bin/time -f "bare interpreter %e s" "$py" -c pass; /usr/bin/time -f "interpreter -S %e s" "$py" -S -c pass
+  /usr/bin/time -f "import builder.cli %e s" "$py" -c "import builder.cli"; } >> "$log" 2>&1
 )
 
 if [ "$(elapsed)" -gt "${SECOND_INSTANCE_AFTER_S:-330}" ]; then
