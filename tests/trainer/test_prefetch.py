@@ -76,3 +76,13 @@ def test_stop_ends_the_readers_early(tmp_path: Path, monkeypatch) -> None:
     warm.start(threads=1)
     _wait(warm)
     assert warm.read_bytes < warm.total_bytes
+
+
+def test_one_large_file_is_read_by_every_thread_in_segments(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(prefetch, "SEGMENT", 1000)
+    monkeypatch.setattr(prefetch, "CHUNK", 300)
+    folder = _model(tmp_path / "m", {"model.safetensors": 4321})
+    warm = prefetch.Prefetch([folder / "model.safetensors"], 4321).start(threads=3)
+    assert len(warm._threads) == 3  # five segments, three readers
+    _wait(warm)
+    assert warm.read_bytes == 4321

@@ -17,6 +17,7 @@ from trainer.model.hub import cached_config, resolve_source
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 CHUNK = 16 << 20
+SEGMENT = 256 << 20  # what one thread reads at a time
 
 
 def weight_files(cfg: ModelConfig) -> list[Path]:
@@ -63,20 +64,23 @@ class Prefetch:
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _read(self, queue: list[Path], began: float) -> None:
+    def _read(self, queue: list[tuple[Path, int, int]], began: float) -> None:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         while not self._stop.is_set():
             with self._lock:
                 if not queue:
                     break
-                path = queue.pop(0)
+                path, offset, length = queue.pop(0)
             try:
                 with open(path, "rb", buffering=0) as fh:
-                    while not self._stop.is_set():
-                        n = fh.readinto(view)
+                    fh.seek(offset)
+                    left = length
+                    while left > 0 and not self._stop.is_set():
+                        n = fh.readinto(view[:min(CHUNK, left)])
                         if not n:
                             break
+                        left -= n
                         with self._lock:
                             self.read_bytes += n
             except OSError:
@@ -85,7 +89,10 @@ class Prefetch:
             self.seconds = round(time.monotonic() - began, 2)
 
     def start(self, threads: int) -> Prefetch:
-        queue = sorted(self.files, key=lambda p: -p.stat().st_size)
+        """Each file in segments (one 15 GB shard is read by every thread, not one), in file order."""
+        queue = [(path, offset, min(SEGMENT, size - offset))
+                 for path, size in ((p, p.stat().st_size) for p in self.files)
+                 for offset in range(0, size, SEGMENT)]
         began = time.monotonic()
         for _ in range(max(1, min(threads, len(queue)))):
             t = threading.Thread(target=self._read, args=(queue, began), name="samebox-prefetch", daemon=True)
