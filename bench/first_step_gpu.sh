@@ -24,6 +24,12 @@ echo "wheelhouse: $(ls "$wh" | wc -l) wheels, $(du -sh "$wh" | cut -f1)"
 work=/tmp/first-step
 rm -rf "$work/i1" "$work/i2" "$work/runs" "$work/region-cache" "$work"/*.rc "$work"/*.wall "$work"/*.json "$work/drop_caches"
 mkdir -p "$work" "$work/runs"
+# The bare platform's site-packages but torch, triton and nvidia-* (setup never touches those), kept across calls on
+# one held machine: a second instance starts from exactly these again.
+site=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+keep=(! -name 'torch' ! -name 'torch-*' ! -name 'triton' ! -name 'triton-*' ! -name 'nvidia*' ! -name '_sandboxing*')
+[ -s "$work/platform-site.tar" ] || (cd "$site" && find . -mindepth 1 -maxdepth 1 "${keep[@]}" -print0 \
+    | tar --null -cf "$work/platform-site.tar" -T -)
 log=$out/first_step_gpu.log
 : > "$log"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -82,11 +88,11 @@ cp "$SAMEBOX_STATE/setup-timings.json" "$work/i1-setup-again-timings.json" 2>/de
 if [ "$(elapsed)" -gt "${SECOND_INSTANCE_AFTER_S:-330}" ]; then
     note "no time left for the second instance"
 else
-# A second instance of the region: what setup installed is gone (a fresh copy of the platform image would not have
-# it), the instance's state too; the shared caches stay. The page cache is dropped where the kernel lets us.
+# A second instance of the region: the platform's site-packages as they were before setup (a fresh copy of the
+# platform image), the instance's state gone; the shared caches stay. The page cache is dropped where the kernel lets us.
 note "instance 2: removing what setup installed, the state, the page cache"
-names=$(for f in "$wh"/*.whl; do basename "$f" | cut -d- -f1; done | grep -vx setuptools | sort -u | tr '\n' ' ')
-"$py" -m pip uninstall -y -q samebox $names >> "$log" 2>&1
+find "$site" -mindepth 1 -maxdepth 1 "${keep[@]}" -exec rm -rf {} +
+tar -C "$site" -xf "$work/platform-site.tar"
 rm -rf "$work/i1/home"
 sync
 if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo dropped > "$work/drop_caches"; else echo kept > "$work/drop_caches"; fi
@@ -142,6 +148,14 @@ result = {
     "setup_again": setup("i1-setup-again", "i1-setup-again-timings.json"),
     "second_instance": {"setup": setup("i2-setup", "i2-setup-timings.json"), "train": start("i2-train1"),
                         "page_cache": read("drop_caches")},
+    "notes": ["to_step_1_s = setup.sh's wall seconds + the trainer's seconds from its process start to step 1",
+              "the second instance: the platform's site-packages restored as they were before setup (torch, triton "
+              "and nvidia-* untouched), the instance's state removed, the page cache dropped, the region's caches "
+              "(uv, pip, wheels, file-check findings) kept",
+              "setup's self-test runs beside its fingerprint: the selftest step's seconds are what was left after "
+              "the fingerprint; selftest_own_s is its own wall time",
+              "no flash-attn wheel was carried (--no-flash-attn): the trainer ran on SDPA",
+              "uv on PATH: setup installed with uv"],
 }
 for key in ("first_instance", "second_instance"):
     part = result[key]

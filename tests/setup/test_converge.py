@@ -123,6 +123,7 @@ FAKE_PYTHON = """#!/bin/sh
 shift 2
 case "$1" in
   fingerprint)
+    nice > "$LOG/fingerprint.nice"
     for _ in $(seq 100); do [ -f "$LOG/selftest.began" ] && break; sleep 0.05; done
     [ -f "$LOG/selftest.began" ] && echo began-before-fingerprint-ended > "$LOG/overlap"
     exit "${FINGERPRINT_RC:-0}" ;;
@@ -151,6 +152,7 @@ def test_the_selftest_runs_beside_the_fingerprint_and_its_output_comes_in_its_st
     run = _fake_run(tmp_path, monkeypatch)
     execute(run, [Step("fingerprint", steps.fingerprint), Step("selftest", steps.selftest)])
     assert (tmp_path / "overlap").is_file()  # started before the fingerprint ended
+    assert int((tmp_path / "fingerprint.nice").read_text()) >= 10  # the hashing yields to the self-test
     captured = capsys.readouterr()
     fingerprint_part, _, selftest_part = captured.out.partition("==> [2/2] selftest")
     assert "selftest says" not in fingerprint_part and "the self-test runs beside it" in fingerprint_part
