@@ -70,9 +70,9 @@ def test_available_memory_is_read_from_meminfo(tmp_path: Path) -> None:
     assert prefetch.available_bytes(tmp_path / "none") is None
 
 
-@pytest.mark.parametrize("advise", [True, False] if prefetch.ADVISE else [False])
-def test_both_ways_read_every_segment_once(tmp_path: Path, monkeypatch, advise: bool) -> None:
-    monkeypatch.setattr(prefetch, "ADVISE", advise)
+@pytest.mark.parametrize("sendfile", [True, False] if prefetch.SENDFILE else [False])
+def test_both_ways_read_every_segment_once(tmp_path: Path, monkeypatch, sendfile: bool) -> None:
+    monkeypatch.setattr(prefetch, "SENDFILE", sendfile)
     monkeypatch.setattr(prefetch, "SEGMENT", 1000)
     folder = _model(tmp_path / "m", {"a.safetensors": 2500, "b.safetensors": 10})
     warm = _wait(prefetch.Prefetch([folder / "a.safetensors", folder / "b.safetensors"], 2510).start(threads=2))
@@ -80,7 +80,7 @@ def test_both_ways_read_every_segment_once(tmp_path: Path, monkeypatch, advise: 
 
 
 def test_stop_ends_the_readers_early(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(prefetch, "ADVISE", False)
+    monkeypatch.setattr(prefetch, "SENDFILE", False)
     monkeypatch.setattr(prefetch, "CHUNK", 1)  # one byte per read: far from done when stopped
     folder = _model(tmp_path / "m", {"a.safetensors": 5_000_000})
     warm = prefetch.Prefetch([folder / "a.safetensors"], 5_000_000)
@@ -91,7 +91,7 @@ def test_stop_ends_the_readers_early(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_one_large_file_is_read_by_every_thread_in_segments(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(prefetch, "ADVISE", False)
+    monkeypatch.setattr(prefetch, "SENDFILE", False)
     monkeypatch.setattr(prefetch, "SEGMENT", 1000)
     monkeypatch.setattr(prefetch, "CHUNK", 300)
     folder = _model(tmp_path / "m", {"model.safetensors": 4321})
