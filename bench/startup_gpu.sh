@@ -4,7 +4,8 @@
 # one run: a first start on a fresh instance state (the whole preflight self-test, beside the imports), a second start
 # (the self-test's kernel checks reused from the first, torch's report remembered), and a start with --no-preflight
 # (the floor). Each start's stages come from its summary.json (trainer/loop/startup.py).
-#   carry .whl/site/bnb-site.tar.xz (bitsandbytes 0.50.2 unpacked, CUDA 13.0 and CPU libraries only)
+#   carry .whl/site: bnb-site.tar.xz (bitsandbytes 0.50.2 unpacked, CUDA 13.0 and CPU libraries only) and
+#   peft-0.21.2-py3-none-any.whl
 #   OUT=... BENCH_COMMIT=... bash bench/startup_gpu.sh      -> $OUT/startup_gpu.json, $OUT/startup_gpu.log
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ mkdir -p "$out" "$work/site"
 log=$out/startup_gpu.log
 : > "$log"
 tar -C "$work/site" -xJf .whl/site/bnb-site.tar.xz
+# the platform's peft 0.21.0 is older than any lock's (samebox train refuses it): the locked one, unpacked beside
+for whl in .whl/site/*.whl; do [ -f "$whl" ] && "$py" -m zipfile -e "$whl" "$work/site"; done
 export PYTHONPATH=$work/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HOME=$work/home SAMEBOX_STATE=$work/home/.samebox
 mkdir -p "$SAMEBOX_STATE"
 echo "== making random Qwen2.5-7B weights and data (not timed)" | tee -a "$log"
