@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from builder.core.attention_needs import AttentionNeeds
+from builder.core.lazy_compile import compile_on_first_call
 from builder.selftest import allreduce, gpu_probes
 from builder.selftest.probes import (
     ACCURACY,
@@ -68,11 +69,12 @@ def _importing(timings: dict[str, float], modules: list[str]) -> dict[str, Calla
 
     def run() -> None:
         try:
-            for m in order:
-                try:
-                    _probe(timings, f"import_{m}", lambda m=m: _import_quietly(m))
-                finally:
-                    done[m].set()
+            with compile_on_first_call():  # bitsandbytes' import would otherwise import TorchInductor (seconds)
+                for m in order:
+                    try:
+                        _probe(timings, f"import_{m}", lambda m=m: _import_quietly(m))
+                    finally:
+                        done[m].set()
         finally:  # an import that raised BaseException (SystemExit) must not leave a waiter hanging
             for event in done.values():
                 event.set()

@@ -14,6 +14,7 @@ import torch
 
 from builder.core import compat
 from builder.core.errors import SameboxError
+from builder.core.lazy_compile import compile_on_first_call
 from trainer.config import ModelConfig
 from trainer.model.hub import resolve_source
 from trainer.model.loss import loss_chunk_rows
@@ -59,13 +60,14 @@ def import_libraries(cfg: ModelConfig) -> None:
     """The libraries the weights need (peft, transformers' model classes, bitsandbytes for NF4, the fused layers),
     imported now: seconds of CPU the command spends while the preflight self-test uses the GPU."""
     hide_bitsandbytes(cfg.quantization)
-    import peft  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
+    with compile_on_first_call():  # bitsandbytes' import would otherwise import TorchInductor (seconds)
+        import peft  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
 
-    import trainer.fused  # noqa: F401
+        import trainer.fused  # noqa: F401
 
-    if cfg.quantization == "nf4":
-        import bitsandbytes  # noqa: F401
+        if cfg.quantization == "nf4":
+            import bitsandbytes  # noqa: F401
 
 
 def pick_device() -> torch.device:
