@@ -70,8 +70,7 @@ class Prefetch:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _read(self, queue: list[tuple[Path, int, int]], began: float) -> None:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
+        view: memoryview | None = None  # a buffer only where the kernel cannot read for us (no zeroed 16 MiB each)
         while not self._stop.is_set():
             with self._lock:
                 if not queue:
@@ -84,6 +83,8 @@ class Prefetch:
                         left = self._send(fh.fileno(), offset, length)
                         offset += length - left
                     fh.seek(offset)
+                    if left > 0 and view is None:
+                        view = memoryview(bytearray(CHUNK))
                     while left > 0 and not self._stop.is_set():
                         n = fh.readinto(view[:min(CHUNK, left)])
                         if not n:
