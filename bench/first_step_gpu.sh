@@ -42,6 +42,16 @@ note "making random Qwen2.5-7B weights and data (not timed)"
 [ -f "$work/model-7b/config.json" ] && [ -f "$work/data-7b.jsonl" ] || "$py" bench/trainer_vs_recipe.py --child prepare --size 7b --workdir "$work" --samples 200 --median 250 --cap 2048 \
     >> "$log" 2>&1 || { echo "prepare failed" | tee -a "$log"; exit 1; }
 model=$work/model-7b data=$work/data-7b.jsonl cache=$work/region-cache
+# Untimed: how fast this host is (lent H100 hosts differ by up to 1.7x in one CPU's speed): one core's sha256 and a
+# Python loop, so runs on different hosts can be compared stage by stage.
+"$py" - > "$work/host.json" <<'PY'
+import hashlib, json, os, time
+buf = os.urandom(256 << 20)
+t = time.perf_counter(); hashlib.sha256(buf).hexdigest(); sha = time.perf_counter() - t
+t = time.perf_counter(); sum(i * i for i in range(5_000_000)); loop = time.perf_counter() - t
+print(json.dumps({"sha256_one_core_gib_s": round(0.25 / sha, 2), "python_loop_5m_s": round(loop, 3)}))
+PY
+note "host: $(cat "$work/host.json")"
 
 timed() {  # timed NAME CMD...: wall seconds of CMD into $work/NAME.wall, its output into the log
     local name=$1 t0 rc
@@ -141,6 +151,7 @@ result = {
                  "configs/qwen2.5-7b-qlora-24gb.yaml (random Qwen2.5-7B weights on local disk, max_length 2048, "
                  "NF4), setup.sh offline from a wheelhouse of the packages the platform lacks, flash-attn off "
                  "(no wheel carried: SDPA)",
+    "host_speed": read("host.json"),
     "goals": {"first_instance_to_step_1_s": 90, "second_instance_to_step_1_s": 45, "setup_again_s": 10,
               "second_start_to_step_1_s": 30},
     "first_instance": {"setup": setup("i1-setup", "i1-setup-timings.json"), "train": start("i1-train1")},

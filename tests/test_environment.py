@@ -90,3 +90,46 @@ def test_an_unchanged_torch_is_not_imported_again_to_be_described(tmp_path) -> N
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**env, "PYTHONPATH": f"{tmp_path / 'shadow'}:{REPO}"}).stdout
     assert "libcudart" in out
+
+
+def test_a_second_instance_of_the_region_reads_the_torch_report_the_first_kept(tmp_path) -> None:
+    """setup.sh points $SAMEBOX_FILE_CHECKS at the region's shared disk: an instance with an empty state (a clone, a
+    second instance) reads the report another instance of the same torch kept there, and keeps it in its own state;
+    another torch (another loader path here) is imported and reported."""
+    code = ("import sys; from builder.core.environment import probe_torch; b = probe_torch(); "
+            "print(b.version, b.cuda, 'torch' in sys.modules)")
+    region = tmp_path / "region" / "samebox"
+    region.mkdir(parents=True)
+    base = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "SAMEBOX_FILE_CHECKS": str(region / "file-checks.json")}
+
+    def probe(state: str, **extra: str) -> list[str]:
+        (tmp_path / state).mkdir(exist_ok=True)
+        env = {**base, "SAMEBOX_STATE": str(tmp_path / state), **extra}
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=env).stdout.split()
+
+    first = probe("one")
+    assert first[-1] == "True"
+    shared = json.loads((region / "torch-builds.json").read_text())["builds"]
+    assert len(shared) == 1 and shared[0]["build"]["version"] == first[0]
+    second = probe("two")
+    assert second == [*first[:2], "False"]
+    assert json.loads((tmp_path / "two" / "torch-build.json").read_text())["build"]["version"] == first[0]
+    assert probe("three", LD_LIBRARY_PATH=str(tmp_path))[-1] == "True"
+    assert len(json.loads((region / "torch-builds.json").read_text())["builds"]) == 2
+    # an unreadable shared file is no report: torch is asked again
+    (region / "torch-builds.json").write_text("{not json")
+    assert probe("four")[-1] == "True"
+
+
+def test_an_instance_that_knew_its_torch_before_the_region_did_tells_the_region(tmp_path) -> None:
+    code = "from builder.core.environment import probe_torch; print(probe_torch().version)"
+    (tmp_path / "state").mkdir()
+    region = tmp_path / "region"
+    region.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "SAMEBOX_STATE": str(tmp_path / "state")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+    assert not (region / "torch-builds.json").exists()
+    env["SAMEBOX_FILE_CHECKS"] = str(region / "file-checks.json")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+    assert len(json.loads((region / "torch-builds.json").read_text())["builds"]) == 1

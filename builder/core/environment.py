@@ -247,10 +247,11 @@ class Environment:
 TORCH_BUILD_FILE = "torch-build.json"
 
 
-def _torch_key() -> str | None:
+def _torch_key(inode: bool = True) -> str | None:
     """This interpreter and its installed torch, by the stat of the RECORDs of torch and of the packages it requires
     (the nvidia-* libraries, triton: which cuDNN loads, and whether torch imports at all), and the loader's
-    variables; None where torch has no RECORD (a source tree on sys.path): then nothing is remembered."""
+    variables; None where torch has no RECORD (a source tree on sys.path): then nothing is remembered. Without
+    ``inode``, the key clones of one image share (size and mtime, as the file-check findings are kept)."""
     import importlib.util
 
     try:
@@ -270,7 +271,7 @@ def _torch_key() -> str | None:
             except (md.PackageNotFoundError, OSError):
                 parts.append(f"{name}:-")
                 continue
-            parts.append(f"{record}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+            parts.append(f"{record}:{st.st_size}:{st.st_mtime_ns}" + (f":{st.st_ino}" if inode else ""))
     except (md.PackageNotFoundError, OSError, ValueError):
         return None
     if parts[-len(names)].endswith(":-"):
@@ -278,32 +279,83 @@ def _torch_key() -> str | None:
     return "|".join(parts)
 
 
-def _remembered_build(key: str | None) -> TorchBuild | None:
-    if key is None or "torch" in sys.modules:
-        return None  # torch already in: asking it costs nothing
-    data = read_remembered(settings.state_dir() / TORCH_BUILD_FILE)
-    if data.get("key") != key:
-        return None
+SHARED_TORCH_BUILDS = 16  # reports kept in the region-shared file (one per platform image and interpreter)
+
+
+def _shared_builds_path() -> Path | None:
+    """The region-shared torch reports, beside the file-check findings setup.sh points $SAMEBOX_FILE_CHECKS at (a
+    clone or a second instance of the region starts with an empty state but the same torch); None where that variable
+    is unset (the findings live in the state, and so does the report)."""
+    value = settings.get("FILE_CHECKS")
+    return Path(value).with_name("torch-builds.json") if value else None
+
+
+def _build_from(b: Any) -> TorchBuild | None:
     try:
-        b = data["build"]
         return TorchBuild(version=str(b["version"]), cuda=b["cuda"], cudnn=b["cudnn"], cxx11abi=bool(b["cxx11abi"]),
                           arch_list=tuple(b["arch_list"]), import_s=0.0)
     except (KeyError, TypeError, AttributeError):
         return None
 
 
+def _build_dict(build: TorchBuild) -> dict:
+    return {"version": build.version, "cuda": build.cuda, "cudnn": build.cudnn, "cxx11abi": build.cxx11abi,
+            "arch_list": list(build.arch_list)}
+
+
+def _remembered_build(key: str | None) -> TorchBuild | None:
+    """The report of this torch: the instance's own (its RECORDs' stat, inode included), else the region's (a clone
+    of the same image: its RECORDs' size and mtime), which is then kept in the instance's state too."""
+    if key is None or "torch" in sys.modules:
+        return None  # torch already in: asking it costs nothing
+    data = read_remembered(settings.state_dir() / TORCH_BUILD_FILE)
+    shared = _shared_builds_path()
+    if data.get("key") == key:
+        build = _build_from(data.get("build"))
+        if build is not None and shared is not None:
+            _share_build(shared, build)  # the region learns it from the first instance that has it
+        return build
+    if shared is None:
+        return None
+    clone_key = _torch_key(inode=False)
+    entries = read_remembered(shared).get("builds")
+    found = [e for e in entries if isinstance(e, dict) and e.get("key") == clone_key] \
+        if isinstance(entries, list) else []
+    build = _build_from(found[0].get("build")) if found else None
+    if build is not None:
+        remember(settings.state_dir() / TORCH_BUILD_FILE, {"key": key, "build": _build_dict(build)})
+    return build
+
+
+def _share_build(shared: Path, build: TorchBuild) -> None:
+    """Keep ``build`` in the region-shared file under this torch's clone key (the newest first, a few kept), where
+    it is not there already."""
+    clone_key = _torch_key(inode=False)
+    if clone_key is None:
+        return
+    entries = read_remembered(shared).get("builds")
+    entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    entry = {"key": clone_key, "build": _build_dict(build)}
+    if entry in entries:
+        return
+    kept = [e for e in entries if e.get("key") != clone_key]
+    remember(shared, {"builds": [entry, *kept][:SHARED_TORCH_BUILDS]})
+
+
 def _remember_build(key: str | None, build: TorchBuild) -> None:
     if key is None or build.error:
         return
-    remember(settings.state_dir() / TORCH_BUILD_FILE,
-             {"key": key, "build": {"version": build.version, "cuda": build.cuda, "cudnn": build.cudnn,
-                                    "cxx11abi": build.cxx11abi, "arch_list": list(build.arch_list)}})
+    remember(settings.state_dir() / TORCH_BUILD_FILE, {"key": key, "build": _build_dict(build)})
+    shared = _shared_builds_path()
+    if shared is not None:
+        _share_build(shared, build)
 
 
 def probe_torch(devices: bool = False) -> TorchBuild | None:
     """torch's own report, or None when it is not installed. The only place samebox imports torch to ask it
     what it is. Without ``devices`` the report of an unchanged torch (the same interpreter and RECORD) is read from
-    $SAMEBOX_STATE/torch-build.json: importing torch takes seconds, and setup, fingerprint and verify each ask."""
+    $SAMEBOX_STATE/torch-build.json, or for a clone of the same image from the region-shared torch-builds.json beside
+    $SAMEBOX_FILE_CHECKS: importing torch takes seconds, and setup, fingerprint and verify each ask."""
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import builder
 from builder.core import compat, settings
 from builder.core.catalog import Catalog
-from builder.core.environment import Capability, Environment
+from builder.core.environment import Capability, Environment, probe_rental
 from builder.core.errors import SameboxError
 from builder.core.fsutil import write_atomic
 from builder.core.output import slowest
@@ -180,6 +180,18 @@ def _writable(path: Path) -> bool:
     return here.is_dir() and os.access(here, os.W_OK | os.X_OK)
 
 
+def _share_findings(opts: Options) -> None:
+    """$SAMEBOX_FILE_CHECKS as the caches step will export it (the findings beside the region's wheel cache), set
+    before the platform probe: a second instance of the region reads the torch report the first one kept there
+    instead of importing torch from a cold disk. Reads only; nothing is made here."""
+    if settings.get("FILE_CHECKS"):
+        return
+    rental = probe_rental()
+    cache = settings.instance_cache(opts.cache_dir, rental.data_disk, rental.shared_fs)
+    wheels = settings.wheel_cache(caches=cache, shared_fs=Path(rental.shared_fs) if rental.shared_fs else None)
+    os.environ[settings.PREFIX + "FILE_CHECKS"] = str(settings.shared_file_checks(wheels))
+
+
 def preflight(opts: Options, match: Callable[[Path, str], Match] = _detect_and_match) -> Preflight:
     """Everything that can refuse the run, checked before the first step writes anything."""
     if not _writable(opts.state):
@@ -310,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.monotonic()
     try:
         opts = parse_options(sys.argv[1:] if argv is None else argv, os.environ)
+        _share_findings(opts)
         pre = preflight(opts)
         planned = plan(opts, pre)
         outer = _pythonpath_without(opts.samebox_src, os.environ)

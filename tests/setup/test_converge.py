@@ -263,6 +263,26 @@ def test_env_sh_keeps_a_path_full_of_shell_syntax_a_path(tmp_path: Path) -> None
     assert not (tmp_path / "pwned").exists()
 
 
+def test_the_platform_probe_sees_the_findings_where_the_caches_step_will_put_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the probe (a second instance's state is empty): $SAMEBOX_FILE_CHECKS is the path the caches step
+    exports, beside the region's wheels, so the torch report an earlier instance kept there is found."""
+    monkeypatch.delenv("SAMEBOX_FILE_CHECKS", raising=False)
+    monkeypatch.delenv("SAMEBOX_WHEEL_CACHE", raising=False)
+    opts = _opts("--cache-dir", str(tmp_path / "region"))
+    pre = replace(_pre(H100, tmp_path), cache_dir=tmp_path / "region")
+    run = Run(opts=opts, pre=pre, work=tmp_path, python=sys.executable,
+              wheel_cache=settings.wheel_cache(caches=pre.cache_dir, shared_fs=None))
+    exported = dict(line[len("export "):].split("=", 1) for line in steps.env_sh(run).splitlines()[1:])
+    converge._share_findings(opts)
+    assert settings.file_checks() == tmp_path / "region" / "samebox" / "file-checks.json"
+    assert str(settings.file_checks()) == exported["SAMEBOX_FILE_CHECKS"]
+    assert not (tmp_path / "region").exists()  # a check writes nothing
+    monkeypatch.setenv("SAMEBOX_FILE_CHECKS", str(tmp_path / "mine.json"))  # the user's own is kept
+    converge._share_findings(opts)
+    assert settings.file_checks() == tmp_path / "mine.json"
+
+
 def test_the_rendered_setup_sh_only_finds_python_and_the_source() -> None:
     text = (REPO / "setup.sh").read_text()
     assert len(text.splitlines()) < 80
