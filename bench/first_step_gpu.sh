@@ -25,11 +25,13 @@ work=/tmp/first-step
 rm -rf "$work/i1" "$work/i2" "$work/runs" "$work/region-cache" "$work"/*.rc "$work"/*.wall "$work"/*.json "$work/drop_caches"
 mkdir -p "$work" "$work/runs"
 # The bare platform's site-packages but torch, triton and nvidia-* (setup never touches those), kept across calls on
-# one held machine: a second instance starts from exactly these again.
+# one held machine: a second instance starts from exactly these again. POSIX format: the files come back with their
+# mtimes to the nanosecond, as two instances of one image see the same files (a GNU tar would cut them to seconds,
+# and every restored package would look changed to the file-check findings).
 site=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 keep=(! -name 'torch' ! -name 'torch-*' ! -name 'triton' ! -name 'triton-*' ! -name 'nvidia*' ! -name '_sandboxing*')
 [ -s "$work/platform-site.tar" ] || (cd "$site" && find . -mindepth 1 -maxdepth 1 "${keep[@]}" -print0 \
-    | tar --null -cf "$work/platform-site.tar" -T -)
+    | tar --format=posix --null -cf "$work/platform-site.tar" -T -)
 log=$out/first_step_gpu.log
 : > "$log"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -165,6 +167,8 @@ result = {
               "(uv, pip, wheels, file-check findings) kept",
               "setup's self-test runs beside its fingerprint: the selftest step's seconds are what was left after "
               "the fingerprint; selftest_own_s is its own wall time",
+              "the platform's site-packages are restored from a POSIX tar (mtimes to the nanosecond, as two "
+              "instances of one image have them)",
               "no flash-attn wheel was carried (--no-flash-attn): the trainer ran on SDPA",
               "uv on PATH: setup installed with uv"],
 }

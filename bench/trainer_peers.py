@@ -114,30 +114,22 @@ def last_line(output: str, rc: int | None) -> str:
     return ("timed out: " if rc is None else f"exit {rc}: ") + (lines[-1][:300] if lines else "no output")
 
 
-def final_save_seconds(run_dir: Path) -> float | None:
-    """Seconds samebox's last checkpoint took to save, from the run's files: its trainer appends the step's row to
-    metrics.jsonl, then saves, and a checkpoint's manifest.json is the last file it writes (trainer/loop/recipe.py
-    train, trainer/loop/checkpoint.py commit_checkpoint). None without a checkpoint."""
-    manifests = sorted((run_dir / "checkpoints").glob("step-*/manifest.json"))
-    metrics = run_dir / "metrics.jsonl"
-    if not manifests or not metrics.is_file():
-        return None
-    return max(0.0, (manifests[-1].stat().st_mtime_ns - metrics.stat().st_mtime_ns) / 1e9)
-
-
-def samebox_startup(run_dir: Path, summary: dict) -> dict | None:
+def samebox_startup(summary: dict) -> dict | None:
     """samebox's start-up from its summary.json, with the first checkpoint as the peers report it: step 1's mark
-    plus one save's seconds (its checkpoint after the last step; the trainer times no save of its own, and a
-    checkpoint at step 1 would put a save between the timed steps)."""
+    plus the seconds the trainer timed its first save (its checkpoint after the last step: a checkpoint at step 1
+    would put a save between the timed steps)."""
     found = summary.get("startup")
     if not found or "step_1" not in found.get("seconds_to", {}):
         return found
     startup = {**found, "seconds_to": dict(found["seconds_to"]), "stage_seconds": dict(found["stage_seconds"]),
                "checkpoint_holds": SAMEBOX_CHECKPOINT_HOLDS}
-    save_s = final_save_seconds(run_dir)
+    save_s = found.get("first_save_s")
     if save_s is None:
-        startup["checkpoint_note"] = "no checkpoint in the run directory"
+        startup["checkpoint_note"] = "the run saved no checkpoint"
         return startup
+    startup["seconds_to"]["checkpoint"] = round(startup["seconds_to"]["step_1"] + save_s, 2)
+    startup["stage_seconds"]["checkpoint"] = round(save_s, 2)
+    return startup
     startup["seconds_to"]["checkpoint"] = round(startup["seconds_to"]["step_1"] + save_s, 2)
     startup["stage_seconds"]["checkpoint"] = round(save_s, 2)
     return startup
@@ -338,7 +330,7 @@ class Bench:
                                                       "output": tail})
             return
         raw.update(end_to_end_s=wall, peak_allocated_gib=raw.get("peak_mem_gib"), gpu=gpu,
-                   startup=samebox_startup(run_dir, raw["summary"]),
+                   startup=samebox_startup(raw["summary"]),
                    settings={k: raw["summary"].get(k) for k in ("attention", "packing", "gradient_checkpointing",
                                                                 "micro_batch_tokens")})
         self.record(model, mix, "samebox", summarize_arm(raw, flops, peak, self.opts.warmup_steps),

@@ -200,28 +200,19 @@ def test_startup_table_columns_and_ratios_against_the_peers():
     assert "to step 1 s" not in markdown_table({"rows": [row]})  # no start-up measured: no start-up table
 
 
-def test_samebox_checkpoint_seconds_come_from_its_run_files(tmp_path):
-    import os
-
+def test_samebox_checkpoint_seconds_are_the_ones_its_trainer_timed():
     from trainer_peers import samebox_startup
 
-    summary = {"startup": {"seconds_to": {"imports": 5.0, "step_1": 9.0}, "stage_seconds": {"imports": 5.0,
-                                                                                            "step_1": 4.0}}}
-    run = tmp_path / "run"
-    (run / "checkpoints" / "step-00000006").mkdir(parents=True)
-    (run / "metrics.jsonl").write_text("{}\n")
-    (run / "checkpoints" / "step-00000006" / "manifest.json").write_text("{}")
-    os.utime(run / "metrics.jsonl", ns=(0, 1_000_000_000_000))
-    os.utime(run / "checkpoints" / "step-00000006" / "manifest.json", ns=(0, 1_002_500_000_000))
-    startup = samebox_startup(run, summary)
+    summary = {"startup": {"seconds_to": {"imports": 5.0, "step_1": 9.0}, "first_save_s": 2.5,
+                           "stage_seconds": {"imports": 5.0, "step_1": 4.0}}}
+    startup = samebox_startup(summary)
     assert startup["seconds_to"] == {"imports": 5.0, "step_1": 9.0, "checkpoint": 11.5}
     assert startup["stage_seconds"]["checkpoint"] == 2.5 and "optimizer" in startup["checkpoint_holds"]
     assert "checkpoint" not in summary["startup"]["seconds_to"]  # the summary read is left as it was
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    startup = samebox_startup(empty, summary)
+    del summary["startup"]["first_save_s"]
+    startup = samebox_startup(summary)
     assert "checkpoint" not in startup["seconds_to"] and startup["checkpoint_note"]
-    assert samebox_startup(empty, {}) is None
+    assert samebox_startup({}) is None
 
 
 def test_startup_preflight_runs_samebox_as_a_user_does(tmp_path):

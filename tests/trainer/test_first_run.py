@@ -220,6 +220,8 @@ def test_the_preflight_runs_beside_the_imports_and_the_start_is_timed(make_confi
     assert set(marks) == set(order) and [marks[k] for k in order] == sorted(marks.values())
     assert sum(startup["stage_seconds"].values()) == pytest.approx(marks["step_1"], abs=0.05)
     assert f"step 1 at {marks['step_1']:.1f} s after the command (" in out
+    # the trainer timed its one save (after the last step), the checkpoint a restart would resume from
+    assert startup["first_save_s"] > 0 and len(list((run_dir / "checkpoints").glob("step-*/manifest.json"))) == 1
     # the tiny model's weight files were read beside the imports, whole
     warmed = startup["weights_prefetch"]
     weights = sum(f.stat().st_size for f in Path(tiny_model_dir).glob("*.safetensors"))

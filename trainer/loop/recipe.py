@@ -269,6 +269,7 @@ class LoRAFinetuneRecipe:
         return ckpt.trainable_state(self.model)
 
     def save(self) -> Path | None:
+        began = time.monotonic()
         if self.rank == 0:
             ckpt.clear_staging(self.run_dir, self.step)
         dist.barrier(self.ranks)
@@ -289,6 +290,7 @@ class LoRAFinetuneRecipe:
             path = ckpt.commit_checkpoint(self.run_dir, self.step, self.model, trainable, optimizer_state,
                                           self.scheduler, state, self.cfg.output.keep_last)
         dist.barrier(self.ranks)
+        STARTUP.saved(time.monotonic() - began)
         return path
 
     def train(self) -> int:

@@ -37,11 +37,19 @@ class Startup:
         self.started = _process_started()
         self.marks: dict[str, float] = {}
         self.prefetch: Any = None  # trainer.model.prefetch.Prefetch: the weight files read beside the imports
+        self.first_save_s: float | None = None  # the seconds this command's first checkpoint took to save
 
     def reset(self) -> None:
         """A new command in this process (tests run several): its marks start empty."""
         self.marks.clear()
         self.prefetch = None
+        self.first_save_s = None
+
+    def saved(self, seconds: float) -> None:
+        """A checkpoint took ``seconds`` to save; the first one of the command is kept (what a restart pays before
+        its progress is safe again)."""
+        if self.first_save_s is None:
+            self.first_save_s = round(seconds, 2)
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, round(time.time() - self.started, 2))
@@ -57,6 +65,8 @@ class Startup:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"seconds_to": dict(self.marks), "stage_seconds": self.stages()}
+        if self.first_save_s is not None:
+            out["first_save_s"] = self.first_save_s
         if self.prefetch is not None:
             out["weights_prefetch"] = {"bytes": self.prefetch.total_bytes, "read_bytes": self.prefetch.read_bytes,
                                        "seconds": self.prefetch.seconds}
