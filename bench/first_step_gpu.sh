@@ -136,7 +136,7 @@ def start(name):
     s = summary.get("startup") or {}
     return {"exit": int(read(f"{name}.rc", "-1")), "wall_s": float(read(f"{name}.wall", "0")),
             "seconds_to_step_1": (s.get("seconds_to") or {}).get("step_1"),
-            "stage_seconds": s.get("stage_seconds"), "weights_prefetch": s.get("weights_prefetch"),
+            "stage_seconds": s.get("stage_seconds"), "prefetch": s.get("prefetch") or s.get("weights_prefetch"),
             "attention": summary.get("attention"), "peak_mem_gib": summary.get("peak_mem_gib")}
 
 

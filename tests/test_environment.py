@@ -133,3 +133,34 @@ def test_an_instance_that_knew_its_torch_before_the_region_did_tells_the_region(
     env["SAMEBOX_FILE_CHECKS"] = str(region / "file-checks.json")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
     assert len(json.loads((region / "torch-builds.json").read_text())["builds"]) == 1
+
+
+def test_the_torch_report_is_keyed_by_torch_and_its_native_libraries_not_its_python_requirements(tmp_path) -> None:
+    """setup reinstalls torch's pure-Python requirements (filelock, ...) at the lock's versions between its checks and
+    its fingerprint: that keeps the report; another cuDNN does not."""
+    site = tmp_path / "site"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text("__version__ = '9.9.0'\n")
+    records = {}
+    for dist, requires in (("torch-9.9.0", ["filelock", "nvidia-cudnn-cu12==9.1"]), ("filelock-3.0", []),
+                           ("nvidia_cudnn_cu12-9.1", [])):
+        info = site / f"{dist}.dist-info"
+        info.mkdir()
+        name, version = dist.rsplit("-", 1)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                                       + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        records[name] = info / "RECORD"
+        records[name].write_text(f"{info.name}/METADATA,,\n")
+    code = "from builder.core.environment import _torch_key; print(_torch_key(inode=False))"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{site}:{REPO}"}
+
+    def key() -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=env).stdout.strip()
+
+    first = key()
+    assert "nvidia_cudnn_cu12-9.1.dist-info/RECORD" in first and "filelock" not in first
+    records["filelock"].write_text("another filelock\n")
+    assert key() == first
+    records["nvidia_cudnn_cu12"].write_text("another cudnn\n")
+    assert key() != first

@@ -65,6 +65,13 @@ def test_setup_and_samebox_wheel_share_the_region_cache_on_autodl(tmp_path: Path
     # a wheel cache the user chose holds it (never its parent, which may be ~); the user's own place wins
     assert settings.shared_file_checks(Path("/data/mywheels"), {}) == Path("/data/mywheels/file-checks.json")
     assert settings.shared_file_checks(region, {"SAMEBOX_FILE_CHECKS": "/x/f.json"}) == Path("/x/f.json")
+    # the compiled-kernel caches beside it, made, and exported to every later shell
+    text = (tmp_path / "state" / "env.sh").read_text()
+    for name, sub in (("CUDA_CACHE_PATH", "cuda"), ("TRITON_CACHE_DIR", "triton"),
+                      ("TORCHINDUCTOR_CACHE_DIR", "torchinductor")):
+        assert f"export {name}={shared / 'samebox' / 'kernels' / sub}\n" in text
+        assert (shared / "samebox" / "kernels" / sub).is_dir()
+    assert settings.kernel_caches(Path("/data/mywheels"))["TRITON_CACHE_DIR"] == Path("/data/mywheels/kernels/triton")
 
 
 def test_the_flash_attn_step_asks_the_resolver_for_that_cache(tmp_path: Path, autodl,

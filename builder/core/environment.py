@@ -247,11 +247,16 @@ class Environment:
 TORCH_BUILD_FILE = "torch-build.json"
 
 
+NATIVE_REQUIREMENTS = ("nvidia-", "triton", "pytorch-triton", "cuda-")
+
+
 def _torch_key(inode: bool = True) -> str | None:
-    """This interpreter and its installed torch, by the stat of the RECORDs of torch and of the packages it requires
-    (the nvidia-* libraries, triton: which cuDNN loads, and whether torch imports at all), and the loader's
-    variables; None where torch has no RECORD (a source tree on sys.path): then nothing is remembered. Without
-    ``inode``, the key clones of one image share (size and mtime, as the file-check findings are kept)."""
+    """This interpreter and its installed torch, by the stat of the RECORDs of torch and of the native libraries it
+    requires (the nvidia-* libraries, triton, cuda-*: which cuDNN loads), and the loader's variables; None where
+    torch has no RECORD (a source tree on sys.path): then nothing is remembered. Its pure-Python requirements
+    (filelock, fsspec, sympy, ...) are left out: setup reinstalls them at the lock's versions, which changes nothing
+    of the report. Without ``inode``, the key clones of one image share (size and mtime, as the file-check findings
+    are kept)."""
     import importlib.util
 
     try:
@@ -263,7 +268,8 @@ def _torch_key(inode: bool = True) -> str | None:
                 (where / "torch" / "__init__.py").resolve():
             return None
         parts = [sys.executable, str(where), *(os.environ.get(v, "") for v in ("LD_LIBRARY_PATH", "LD_PRELOAD"))]
-        names = ["torch", *sorted({re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0] for r in dist.requires or []})]
+        required = {re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0] for r in dist.requires or []}
+        names = ["torch", *sorted(r for r in required if canonical_name(r).startswith(NATIVE_REQUIREMENTS))]
         for name in names:
             try:
                 record = Path(dist_dir(md.distribution(name))) / "RECORD"

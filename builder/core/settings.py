@@ -124,15 +124,29 @@ def file_checks(environ: Mapping[str, str] | None = None) -> Path:
     return Path(value) if value else state_dir(environ) / "file-checks.json"
 
 
+def region_dir(wheels: Path) -> Path:
+    """What samebox shares beside its wheel cache (``wheels``; region-shared on AutoDL): samebox/ when the cache is
+    samebox/wheels, else the wheel cache a user chose itself."""
+    return wheels.parent if wheels.name == "wheels" and wheels.parent.name == "samebox" else wheels
+
+
 def shared_file_checks(wheels: Path, environ: Mapping[str, str] | None = None) -> Path:
     """The findings file setup.sh points $SAMEBOX_FILE_CHECKS at: the user's own, else beside samebox's wheel cache
     (``wheels``; region-shared where the wheels are), or inside a wheel cache the user chose."""
     value = get("FILE_CHECKS", environ)
     if value:
         return Path(value)
-    if wheels.name == "wheels" and wheels.parent.name == "samebox":
-        return wheels.parent / "file-checks.json"
-    return wheels / "file-checks.json"
+    return region_dir(wheels) / "file-checks.json"
+
+
+def kernel_caches(wheels: Path) -> dict[str, Path]:
+    """The compiled-kernel caches setup.sh points the libraries at, beside the wheel cache: the CUDA driver's JIT
+    cache (PTX compiled for this GPU), Triton's and TorchInductor's. Each keys its entries by the code, the compiler
+    and the GPU, so instances of a region share them: a second instance's first run loads what the first compiled
+    instead of compiling it again in a fresh home directory."""
+    kernels = region_dir(wheels) / "kernels"
+    return {"CUDA_CACHE_PATH": kernels / "cuda", "TRITON_CACHE_DIR": kernels / "triton",
+            "TORCHINDUCTOR_CACHE_DIR": kernels / "torchinductor"}
 
 
 # --- networks ------------------------------------------------------------------------------------------------------

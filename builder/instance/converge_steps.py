@@ -224,6 +224,7 @@ def env_sh(run: Run) -> str:
     values = [("HF_HOME", cache / "huggingface"), ("PIP_CACHE_DIR", cache / "pip"), ("TORCH_HOME", cache / "torch"),
               ("UV_CACHE_DIR", cache / "uv"), ("SAMEBOX_WHEEL_CACHE", run.wheel_cache),
               ("SAMEBOX_FILE_CHECKS", settings.shared_file_checks(run.wheel_cache)),
+              *settings.kernel_caches(run.wheel_cache).items(),
               ("SAMEBOX_IMAGE", pre.match.image), ("SAMEBOX_PYTHON", run.python), ("SAMEBOX_LOCKFILE", pre.lockfile)]
     if pre.root:
         values.append(("SAMEBOX_ROOT", pre.root))
@@ -240,6 +241,8 @@ def caches(run: Run) -> None:
     run.wheel_cache = settings.wheel_cache(caches=cache, shared_fs=Path(shared) if shared else None)
     # the file-check findings live beside the wheels (region-shared on AutoDL); only a directory that exists is used
     settings.shared_file_checks(run.wheel_cache).parent.mkdir(parents=True, exist_ok=True)
+    for folder in settings.kernel_caches(run.wheel_cache).values():
+        folder.mkdir(parents=True, exist_ok=True)
     text = env_sh(run)
     write_atomic(state / "env.sh", text)
     for line in text.splitlines()[1:]:  # what the later steps' commands see, as a new shell would

@@ -267,7 +267,8 @@ def test_the_platform_probe_sees_the_findings_where_the_caches_step_will_put_the
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before the probe (a second instance's state is empty): $SAMEBOX_FILE_CHECKS is the path the caches step
     exports, beside the region's wheels, so the torch report an earlier instance kept there is found."""
-    monkeypatch.delenv("SAMEBOX_FILE_CHECKS", raising=False)
+    monkeypatch.setenv("SAMEBOX_FILE_CHECKS", "")  # recorded, so what _share_findings sets is undone after the test
+    monkeypatch.delenv("SAMEBOX_FILE_CHECKS")
     monkeypatch.delenv("SAMEBOX_WHEEL_CACHE", raising=False)
     opts = _opts("--cache-dir", str(tmp_path / "region"))
     pre = replace(_pre(H100, tmp_path), cache_dir=tmp_path / "region")

@@ -222,7 +222,8 @@ def test_the_preflight_runs_beside_the_imports_and_the_start_is_timed(make_confi
     assert f"step 1 at {marks['step_1']:.1f} s after the command (" in out
     # the trainer timed its one save (after the last step), the checkpoint a restart would resume from
     assert startup["first_save_s"] > 0 and len(list((run_dir / "checkpoints").glob("step-*/manifest.json"))) == 1
-    # the tiny model's weight files were read beside the imports, whole
-    warmed = startup["weights_prefetch"]
+    # the tiny model's weight files and torch's libraries were read beside the imports, whole
+    warmed = startup["prefetch"]
     weights = sum(f.stat().st_size for f in Path(tiny_model_dir).glob("*.safetensors"))
-    assert warmed["bytes"] == weights > 0 and warmed["read_bytes"] == warmed["bytes"]
+    assert warmed["library_bytes"] > weights > 0
+    assert warmed["bytes"] == warmed["library_bytes"] + weights and warmed["read_bytes"] == warmed["bytes"]

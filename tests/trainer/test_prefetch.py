@@ -34,7 +34,7 @@ def test_a_local_models_safetensors_are_read_whole(tmp_path: Path, monkeypatch) 
                                      "old.bin": 11, "tokenizer.json": 13})
     cfg = ModelConfig(name=str(folder))
     assert [p.name for p in prefetch.weight_files(cfg)] == ["a.safetensors", "b.safetensors"]  # not .bin beside
-    warm = _wait(prefetch.start_prefetch(cfg, threads=2, available=1 << 40))
+    warm = _wait(prefetch.start_prefetch(cfg, threads=2, available=1 << 40, libraries=[]))
     assert warm.total_bytes == warm.read_bytes == 3 * prefetch.CHUNK + 12 and warm.seconds is not None
 
 
@@ -53,12 +53,55 @@ def test_nothing_is_read_when_it_would_crowd_memory_or_on_a_second_process(tmp_p
     folder = _model(tmp_path / "m", {"a.safetensors": 1000})
     cfg = ModelConfig(name=str(folder))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert prefetch.start_prefetch(cfg, available=1999) is None  # more than half of what is available
-    assert prefetch.start_prefetch(cfg, available=2000) is not None
+    assert prefetch.start_prefetch(cfg, available=1999, libraries=[]) is None  # more than half of what is available
+    assert prefetch.start_prefetch(cfg, available=2000, libraries=[]) is not None
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert prefetch.start_prefetch(cfg, available=1 << 40) is None
+    assert prefetch.start_prefetch(cfg, available=1 << 40, libraries=[]) is None
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert prefetch.start_prefetch(ModelConfig(name=str(tmp_path / "absent")), available=1 << 40) is None
+    assert prefetch.start_prefetch(ModelConfig(name=str(tmp_path / "absent")), available=1 << 40,
+                                   libraries=[]) is None
+
+
+def test_libraries_are_read_first_and_the_weights_left_out_when_both_do_not_fit(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = ModelConfig(name=str(_model(tmp_path / "m", {"a.safetensors": 1000})))
+    lib = tmp_path / "libtorch_cuda.so"
+    lib.write_bytes(b"l" * 500)
+    warm = _wait(prefetch.start_prefetch(cfg, available=3000, libraries=[lib]))
+    assert warm.files[0] == lib and (warm.total_bytes, warm.library_bytes, warm.read_bytes) == (1500, 500, 1500)
+    warm = _wait(prefetch.start_prefetch(cfg, available=2999, libraries=[lib]))  # the libraries alone fit
+    assert warm.files == [lib] and warm.total_bytes == warm.library_bytes == 500
+    assert prefetch.start_prefetch(cfg, available=999, libraries=[lib]) is None  # neither
+    assert _wait(prefetch.start_prefetch(ModelConfig(name=str(tmp_path / "absent")), available=1 << 40,
+                                         libraries=[lib])).files == [lib]  # a model not on disk yet
+
+
+def test_library_files_by_package_in_import_order_largest_first(tmp_path: Path) -> None:
+    def lib(path: str, size: int) -> Path:
+        f = tmp_path / path
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x" * size)
+        return f
+
+    small, big = lib("torch/lib/libc10.so", 10), lib("torch/lib/libtorch_cuda.so", 99)
+    cudnn = lib("nv/cudnn/lib/libcudnn.so.9", 50)
+    lib("nv/cudnn/include/cudnn.h", 70)  # not a library
+    (tmp_path / "torch/lib/libalias.so").symlink_to(big)  # read once, through its real name
+    bnb = lib("bnb/libbitsandbytes_cuda130.so", 5)
+    roots = {"bitsandbytes": [tmp_path / "bnb"], "nvidia": [tmp_path / "nv"], "torch": [tmp_path / "torch"]}
+    assert prefetch.library_files(roots) == [big, small, cudnn, bnb]
+    assert prefetch.library_files({}) == []
+
+
+def test_the_libraries_of_the_torch_here_are_found_without_importing_anything_new() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from trainer.model.prefetch import library_files; files = library_files(); "
+            "print(any(f.name.startswith('libtorch') for f in files), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
 
 
 def test_available_memory_is_read_from_meminfo(tmp_path: Path) -> None:

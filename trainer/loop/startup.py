@@ -68,8 +68,8 @@ class Startup:
         if self.first_save_s is not None:
             out["first_save_s"] = self.first_save_s
         if self.prefetch is not None:
-            out["weights_prefetch"] = {"bytes": self.prefetch.total_bytes, "read_bytes": self.prefetch.read_bytes,
-                                       "seconds": self.prefetch.seconds}
+            out["prefetch"] = {"bytes": self.prefetch.total_bytes, "library_bytes": self.prefetch.library_bytes,
+                               "read_bytes": self.prefetch.read_bytes, "seconds": self.prefetch.seconds}
         return out
 
     def line(self) -> str:

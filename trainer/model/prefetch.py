@@ -1,11 +1,14 @@
-"""The model's weight files read into the page cache by background threads from the moment the command starts, so
-the seconds a cold disk needs (a new or cloned instance, a restart after the page cache went) pass beside the data
-checks, the imports and the preflight instead of inside the load. A file already in memory reads in a fraction of a
-second; nothing is read when the weights would not fit in half of the memory available now, or under torchrun
-but on the node's first process. The load itself reads the same files as it always did: this only warms them."""
+"""The model's weight files, and the native libraries the command is about to map (torch's, the nvidia-* CUDA
+libraries, Triton's, bitsandbytes', flash-attn's), read into the page cache by background threads from the moment the
+command starts, so the seconds a cold disk needs (a new or cloned instance, a restart after the page cache went) pass
+beside the data checks, the imports and the preflight instead of inside them and the load: an import maps a library
+and faults its pages in a few at a time, a reader streams it whole. A file already in memory reads in a fraction of a
+second; nothing is read when the files would not fit in half of the memory available now, or under torchrun but on
+the node's first process. The imports and the load read the same files as they always did: this only warms them."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import threading
@@ -17,6 +20,9 @@ from trainer.config import ModelConfig
 from trainer.model.hub import cached_config, resolve_source
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+# Where each package keeps the libraries an import maps, in the order the command imports them (torch's first).
+LIBRARY_GLOBS = (("torch", ("lib/*.so*",)), ("nvidia", ("*/lib/*.so*",)), ("triton", ("_C/*.so*",)),
+                 ("bitsandbytes", ("*.so",)), ("flash_attn_2_cuda", ()))
 CHUNK = 16 << 20
 SEGMENT = 256 << 20  # what one thread reads at a time
 # Linux: sendfile() to /dev/null has the kernel read each segment into the page cache without copying it out (a
@@ -46,6 +52,45 @@ def weight_files(cfg: ModelConfig) -> list[Path]:
     return [p for p in found if p.is_file()]
 
 
+def _roots(package: str) -> tuple[list[Path], Path | None]:
+    """A package's directories (several for a namespace package such as nvidia), or a lone extension module's file,
+    found without importing it."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return [], None
+    if spec is None:
+        return [], None
+    if spec.submodule_search_locations:
+        return [Path(p) for p in spec.submodule_search_locations], None
+    origin = Path(spec.origin) if spec.origin else None
+    return [], origin if origin is not None and ".so" in origin.name else None
+
+
+def library_files(roots: dict[str, list[Path]] | None = None) -> list[Path]:
+    """The native libraries of LIBRARY_GLOBS' packages (``roots``: each package's directories, else where Python
+    would import it from), by package in import order, the largest first within one; each file once."""
+    found: list[Path] = []
+    for package, patterns in LIBRARY_GLOBS:
+        if roots is not None:
+            dirs, single = roots.get(package, []), None
+        else:
+            dirs, single = _roots(package)
+        files = [single] if single is not None else []
+        for folder in dirs:
+            for pattern in patterns:
+                files += [f for f in folder.glob(pattern) if f.is_file() and not f.is_symlink()]
+        sizes = {}
+        for f in files:
+            try:
+                sizes[f] = f.stat().st_size
+            except OSError:
+                continue
+        found += sorted(sizes, key=lambda f: -sizes[f])
+    seen: set[Path] = set()
+    return [f for f in found if not (f in seen or seen.add(f))]  # type: ignore[func-returns-value]
+
+
 def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """MemAvailable, or None where the system does not say (not Linux)."""
     try:
@@ -63,6 +108,7 @@ class Prefetch:
 
     files: list[Path]
     total_bytes: int
+    library_bytes: int = 0  # of total_bytes, the native libraries' (read first)
     read_bytes: int = 0
     seconds: float | None = None  # when the last reader finished
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -135,19 +181,29 @@ class Prefetch:
         return all(not t.is_alive() for t in self._threads)
 
 
-def start_prefetch(cfg: ModelConfig, threads: int = 4, share: float = 0.5,
-                   available: int | None = None) -> Prefetch | None:
-    """Start reading ``cfg``'s weight files when they fit in ``share`` of the available memory; None when not."""
+def start_prefetch(cfg: ModelConfig, threads: int = 4, share: float = 0.5, available: int | None = None,
+                   libraries: list[Path] | None = None) -> Prefetch | None:
+    """Start reading the native libraries (``libraries``, else library_files()) and ``cfg``'s weight files when
+    they fit in ``share`` of the available memory (the weights are left out where both do not); None when nothing
+    is read."""
     if int(os.environ.get("LOCAL_RANK", "0") or 0) != 0:
         return None  # one reader per node: the other processes find the pages the first one read
-    files = weight_files(cfg)
-    if not files:
-        return None
-    try:
-        total = sum(p.stat().st_size for p in files)
-    except OSError:
-        return None
     room = available_bytes() if available is None else available
-    if room is None or total > share * room:
+    if room is None:
         return None
-    return Prefetch(files, total).start(threads)
+
+    def sized(files: list[Path]) -> tuple[list[Path], int]:
+        try:
+            return files, sum(p.stat().st_size for p in files)
+        except OSError:
+            return [], 0
+
+    libs, lib_bytes = sized(library_files() if libraries is None else libraries)
+    weights, weight_bytes = sized(weight_files(cfg))
+    if lib_bytes + weight_bytes > share * room:
+        weights, weight_bytes = [], 0
+    if lib_bytes > share * room:
+        libs, lib_bytes = [], 0
+    if not libs and not weights:
+        return None
+    return Prefetch(libs + weights, lib_bytes + weight_bytes, lib_bytes).start(threads)
