@@ -144,7 +144,7 @@ def setup(name, timings):
     t = read(timings) or {}
     return {"exit": int(read(f"{name}.rc", "-1")), "wall_s": float(read(f"{name}.wall", "0")),
             "step_seconds": t.get("step_seconds"), "selftest_passed": t.get("selftest_passed"),
-            "selftest_own_s": t.get("selftest_own_s")}  # it runs beside the fingerprint: the step is what was left
+            "selftest_own_s": t.get("selftest_own_s"), "readahead": t.get("readahead")}  # it runs beside the fingerprint: the step is what was left
 
 
 result = {

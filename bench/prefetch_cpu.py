@@ -1,6 +1,7 @@
-"""The trainer's read-ahead of the weights (trainer/model/prefetch.py), its mechanism measured on any Linux machine
-with root (the page cache is dropped before each arm): a file standing in for the weights, a main thread doing
-CPU-bound Python work standing in for the imports, then a full read of the file standing in for the load.
+"""The trainer's read-ahead of the weights (builder/core/readahead.py, used by trainer/model/prefetch.py), its
+mechanism measured on any Linux machine with root (the page cache is dropped before each arm): a file standing in for
+the weights, a main thread doing CPU-bound Python work standing in for the imports, then a full read of the file
+standing in for the load.
 
 Arms, side by side in one run:
   none      no read-ahead: the load reads a cold file (what a start did before the read-ahead)
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from header import header  # noqa: E402
 
-from trainer.model import prefetch  # noqa: E402
+from builder.core import readahead as prefetch  # noqa: E402
 
 ARMS = ("none", "fadvise", "threads", "sendfile")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import builder
-from builder.core import compat, settings
+from builder.core import compat, readahead, settings
 from builder.core.catalog import Catalog
 from builder.core.environment import Capability, Environment, probe_rental
 from builder.core.errors import SameboxError
@@ -281,6 +281,12 @@ def execute(run: Run, planned: list[Step]) -> None:
     marker.unlink()
 
 
+def start_readahead(opts: Options, pre: Preflight) -> readahead.Prefetch | None:
+    """Where the self-test will run: the libraries its torch maps, read from a cold disk (a new instance) beside the
+    steps before it, which install packages and hash files but import no torch."""
+    return readahead.start_libraries() if steps.wants_selftest(opts, pre) else None
+
+
 def _write_timings(run: Run, total: float) -> None:
     """$SAMEBOX_STATE/setup-timings.json: each step's seconds in the last run (``checks``: the platform probe and
     the checks before step 1), for `bench/first_step_gpu.sh` and anyone asking where setup's time went."""
@@ -288,6 +294,9 @@ def _write_timings(run: Run, total: float) -> None:
         return
     data = {"total_s": round(total, 2), "step_seconds": run.seconds, "selftest_passed": run.selftest_passed,
             "selftest_own_s": run.selftest_own_s}  # the selftest step's seconds are those left after the fingerprint
+    if run.readahead is not None:
+        data["readahead"] = {"bytes": run.readahead.total_bytes, "read_bytes": run.readahead.read_bytes,
+                             "seconds": run.readahead.seconds}
     try:
         write_atomic(run.opts.state / "setup-timings.json", json.dumps(data, indent=2) + "\n")
     except OSError:
@@ -334,9 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             run = Run(opts=opts, pre=pre, work=work, python=opts.python)
             run.seconds["checks"] = round(time.monotonic() - start, 2)
+            run.readahead = start_readahead(opts, pre)
             try:
                 execute(run, planned)
             finally:
+                if run.readahead is not None:
+                    run.readahead.stop()
                 _write_timings(run, time.monotonic() - start)
         finally:
             shutil.rmtree(work, ignore_errors=True)

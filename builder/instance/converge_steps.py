@@ -26,6 +26,7 @@ from builder.core import settings
 from builder.core.environment import NO_TORCH
 from builder.core.errors import SameboxError
 from builder.core.fsutil import write_atomic
+from builder.core.readahead import Prefetch
 
 # What `samebox` step copies of a source checkout to build from (an in-tree build would leave build/ and
 # *.egg-info in the checkout), and what its digest covers: a change to any of these reinstalls samebox.
@@ -105,6 +106,7 @@ class Run:
     selftest_proc: subprocess.Popen | None = None  # the self-test, started beside the fingerprint
     selftest_began: float = 0.0
     selftest_own_s: float | None = None  # the self-test's own wall seconds (most of them spent beside the fingerprint)
+    readahead: Prefetch | None = None  # the libraries the self-test maps, read from the start
 
 
 def say(text: str) -> None:

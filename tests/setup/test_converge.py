@@ -284,6 +284,24 @@ def test_the_platform_probe_sees_the_findings_where_the_caches_step_will_put_the
     assert settings.file_checks() == tmp_path / "mine.json"
 
 
+def test_where_the_selftest_runs_setup_reads_its_libraries_from_the_start(tmp_path: Path) -> None:
+    opts = _opts("--cache-dir", str(tmp_path / "c"))
+    state = tmp_path / "state"
+    state.mkdir()
+    opts = replace(opts, state=state)
+    warm = converge.start_readahead(opts, _pre(H100, tmp_path))
+    assert warm is not None and warm.total_bytes == warm.library_bytes > 0  # this torch's libraries
+    assert any(f.name.startswith("libtorch") for f in warm.files)
+    assert converge.start_readahead(opts, _pre(CPU, tmp_path)) is None  # no GPU, no self-test
+    assert converge.start_readahead(replace(opts, selftest=False), _pre(H100, tmp_path)) is None
+    while not warm.done():
+        time.sleep(0.01)
+    run = Run(opts=opts, pre=_pre(H100, tmp_path), work=tmp_path, python=sys.executable, readahead=warm)
+    converge._write_timings(run, 1.0)
+    timings = json.loads((state / "setup-timings.json").read_text())
+    assert timings["readahead"]["bytes"] == timings["readahead"]["read_bytes"] == warm.total_bytes
+
+
 def test_the_rendered_setup_sh_only_finds_python_and_the_source() -> None:
     text = (REPO / "setup.sh").read_text()
     assert len(text.splitlines()) < 80
