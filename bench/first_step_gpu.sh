@@ -3,7 +3,8 @@
 # platform instance): setup.sh offline from a wheelhouse, then the shipped 7B QLoRA config (random Qwen2.5-7B weights
 # on local disk) to step 1; a second start on the same instance; setup.sh again (changes nothing); then a second
 # instance of the region: the packages setup installed removed, the instance's state gone, the page cache dropped,
-# the region's shared caches (uv/pip, wheels) kept; setup.sh and the 7B config to step 1 again.
+# the region's shared caches (uv/pip, wheels, file-check findings and torch's report, compiled kernels) kept; setup.sh
+# and the 7B config to step 1 again. The host's speed is recorded too: lent H100 hosts differ (up to 1.6x per core).
 # One results file with the fixed header: $OUT/first_step_gpu.json (logs: $OUT/first_step_gpu.log).
 #
 # The wheelhouse travels in parts under 64 MiB (the packages the platform lacks or has at other versions), copied to
@@ -35,6 +36,16 @@ keep=(! -name 'torch' ! -name 'torch-*' ! -name 'triton' ! -name 'triton-*' ! -n
 log=$out/first_step_gpu.log
 : > "$log"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# The GPU machine's own sandbox hook rewrites certifi's cacert.pem at every interpreter start, which setup would rightly
+# report as drift (certifi's files differ from its RECORD): moved aside for the run, put back however it ends.
+hook=$site/_sandboxing_egress_ca.pth
+rm -f "$work/hook-moved"
+if [ -f "$hook" ]; then
+    mv "$hook" "$work/hook.pth" && touch "$work/hook-moved"
+    trap 'mv "$work/hook.pth" "$hook"' EXIT
+fi
+command -v uv > "$work/uv" || rm -f "$work/uv"
+ls "$wh" | wc -l > "$work/wheels"
 began=$(date +%s.%N)
 elapsed() { python3 -c "import time; print(f'{time.time() - $began:.0f}')"; }
 note() { echo "== $(elapsed)s $*" | tee -a "$log"; }
@@ -167,13 +178,19 @@ result = {
     "notes": ["to_step_1_s = setup.sh's wall seconds + the trainer's seconds from its process start to step 1",
               "the second instance: the platform's site-packages restored as they were before setup (torch, triton "
               "and nvidia-* untouched), the instance's state removed, the page cache dropped, the region's caches "
-              "(uv, pip, wheels, file-check findings) kept",
+              "(uv, pip, wheels, file-check findings and torch's report, compiled kernels: CUDA's JIT cache, "
+              "Triton's) kept",
               "setup's self-test runs beside its fingerprint: the selftest step's seconds are what was left after "
               "the fingerprint; selftest_own_s is its own wall time",
               "the platform's site-packages are restored from a POSIX tar (mtimes to the nanosecond, as two "
               "instances of one image have them)",
               "no flash-attn wheel was carried (--no-flash-attn): the trainer ran on SDPA",
-              "uv on PATH: setup installed with uv"],
+              "uv on PATH: setup installed with uv" if read("uv") else "no uv on PATH: setup installed with pip",
+              f"the wheelhouse: {read('wheels')} wheels, the locked packages this platform lacks or has at other "
+              "versions (bench/first_step_wheels.txt)"]
+             + (["the GPU machine's own sandbox hook (_sandboxing_egress_ca.pth) rewrites certifi's cacert.pem at "
+                 "every interpreter start (setup would report that as drift): moved aside for the run"]
+                if (work / "hook-moved").exists() else []),
 }
 for key in ("first_instance", "second_instance"):
     part = result[key]

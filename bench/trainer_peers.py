@@ -167,7 +167,7 @@ class Bench:
                      "arms seed torch with train.seed before loading, as samebox does, so LoRA A starts the same. "
                      "startup: seconds since the arm's process started, in the first mix's row only for the HF "
                      "arms (their process trains every mix); checkpoint = step_1 + the seconds of one save after "
-                     "the mix's last step (samebox: its final checkpoint, timed from its files; HF arms: the LoRA "
+                     "the mix's last step (samebox: its final checkpoint, as its trainer timed it; HF arms: the LoRA "
                      "adapter saved once after training), so no save sits inside the timed steps."),
             "rows": [],
         }
