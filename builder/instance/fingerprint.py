@@ -144,6 +144,12 @@ def _mtime_ns(row: str) -> int:
     return int(parts[2]) if len(parts) == 4 and parts[1].isdigit() else 0
 
 
+def _row_size(row: str) -> int:
+    """The size of a _stat_row (0 for a missing file)."""
+    parts = row.rsplit(":", 3)
+    return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else 0
+
+
 def _dist_key(name: str, dist: md.Distribution) -> str:
     return f"{dist.locate_file('')}|{name}|{dist.version}"
 
@@ -187,12 +193,14 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
     with ThreadPoolExecutor(max_workers=workers) as pool:
         todo = dict(rows)
         signatures: dict[str, str] = {}
+        sized: dict[tuple[str, str], int] = {}  # (name, path) -> size, from the stats the findings needed anyway
         if cache is not None:
             def stats(name: str) -> list[str]:
                 base = str(dists[name].locate_file(""))
                 return [_stat_row(base, p) for p, _ in rows[name]]
 
             for name, found in zip(rows, pool.map(stats, rows), strict=True):
+                sized.update(((name, p), _row_size(row)) for (p, _), row in zip(rows[name], found, strict=True))
                 signatures[name] = hashlib.sha256((digests[name] + "\n" + "\n".join(found)).encode()).hexdigest()
                 if any(_mtime_ns(row) >= began_ns - RACY_NS for row in found):
                     recent.add(name)
@@ -203,7 +211,7 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
                     del todo[name]
         jobs = [(name, dists[name], p, d) for name in todo for p, d in todo[name]]
         # the largest files first: a 1 GB library started last would hash alone while the other threads idle
-        sizes = list(pool.map(lambda j: _size(j[1], j[2]), jobs))
+        sizes = [sized[(j[0], j[2])] for j in jobs] if sized else list(pool.map(lambda j: _size(j[1], j[2]), jobs))
         jobs = [job for _, job in sorted(zip(sizes, jobs, strict=True), key=lambda pair: -pair[0])]
         results = pool.map(lambda j: _file_matches(j[1], j[2], j[3]), jobs)
         for (name, _, path, _), ok in zip(jobs, results, strict=True):

@@ -233,3 +233,23 @@ def test_rehash_reads_everything_and_refreshes_the_findings(tmp_path: Path, monk
     assert fingerprint.check_files(dists, cache=cache) == {"alpha": []}
     assert fingerprint.check_files(dists, cache=cache, refresh=True) == {"alpha": ["alpha/__init__.py"]}
     assert fingerprint.check_files(dists, cache=cache) == {"alpha": ["alpha/__init__.py"]}  # remembered now
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_the_largest_files_are_hashed_first_from_one_stat_each(tmp_path: Path, monkeypatch, cached: bool) -> None:
+    """A 1 GB library started last would hash alone while the other threads idle: the largest first. With the
+    findings cache the sizes come from the stats the findings took (a file is not stat'ed twice)."""
+    site, cache = tmp_path / "site", tmp_path / "state" / "file-checks.json"
+    cache.parent.mkdir()
+    add_dist(site, "alpha", "1.0", {"alpha/small.py": "a\n", "alpha/large.py": "b" * 5000 + "\n",
+                                    "alpha/mid.py": "c" * 300 + "\n"})
+    _age(site)
+    dists = fingerprint.installed_distributions([str(site)])
+    reads: list[str] = []
+    real = fingerprint._file_matches
+    monkeypatch.setattr(fingerprint, "_file_matches", lambda d, p, h: reads.append(p) or real(d, p, h))
+    if cached:
+        monkeypatch.setattr(fingerprint, "_size", lambda d, p: pytest.fail("stat'ed twice"))
+    assert fingerprint.check_files(dists, workers=1, cache=cache if cached else None) == {"alpha": []}
+    order = [p for p in reads if p.endswith(".py")]
+    assert order[:3] == ["alpha/large.py", "alpha/mid.py", "alpha/small.py"]
