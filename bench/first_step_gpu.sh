@@ -31,8 +31,8 @@ mkdir -p "$work" "$work/runs"
 # and every restored package would look changed to the file-check findings).
 site=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 keep=(! -name 'torch' ! -name 'torch-*' ! -name 'triton' ! -name 'triton-*' ! -name 'nvidia*' ! -name '_sandboxing*')
-[ -s "$work/platform-site.tar" ] || (cd "$site" && find . -mindepth 1 -maxdepth 1 "${keep[@]}" -print0 \
-    | tar --format=posix --null -cf "$work/platform-site.tar" -T -)
+[ -s "$work/platform-site.posix.tar" ] || (cd "$site" && find . -mindepth 1 -maxdepth 1 "${keep[@]}" -print0 \
+    | tar --format=posix --null -cf "$work/platform-site.posix.tar" -T -)
 log=$out/first_step_gpu.log
 : > "$log"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -40,6 +40,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # report as drift (certifi's files differ from its RECORD): moved aside for the run, put back however it ends.
 hook=$site/_sandboxing_egress_ca.pth
 rm -f "$work/hook-moved"
+# a run killed at the call's limit (no EXIT trap then) left the hook aside: back first, moved aside again below
+[ -f "$work/hook.pth" ] && [ ! -f "$hook" ] && mv "$work/hook.pth" "$hook"
 if [ -f "$hook" ]; then
     mv "$hook" "$work/hook.pth" && touch "$work/hook-moved"
     trap 'mv "$work/hook.pth" "$hook"' EXIT
@@ -55,15 +57,16 @@ note "making random Qwen2.5-7B weights and data (not timed)"
 [ -f "$work/model-7b/config.json" ] && [ -f "$work/data-7b.jsonl" ] || "$py" bench/trainer_vs_recipe.py --child prepare --size 7b --workdir "$work" --samples 200 --median 250 --cap 2048 \
     >> "$log" 2>&1 || { echo "prepare failed" | tee -a "$log"; exit 1; }
 model=$work/model-7b data=$work/data-7b.jsonl cache=$work/region-cache
-# Untimed: how fast this host is (lent H100 hosts differ by up to 1.7x in one CPU's speed): one core's sha256 and a
+# Untimed: how fast this host is (lent H100 hosts differ by up to 1.6x in one core's speed): one core's sha256 and a
 # Python loop, so runs on different hosts can be compared stage by stage.
-"$py" - > "$work/host.json" <<'PY'
+"$py" - > "$work/host.json.tmp" <<'PY'
 import hashlib, json, os, time
 buf = os.urandom(256 << 20)
 t = time.perf_counter(); hashlib.sha256(buf).hexdigest(); sha = time.perf_counter() - t
 t = time.perf_counter(); sum(i * i for i in range(5_000_000)); loop = time.perf_counter() - t
 print(json.dumps({"sha256_one_core_gib_s": round(0.25 / sha, 2), "python_loop_5m_s": round(loop, 3)}))
 PY
+[ -s "$work/host.json.tmp" ] && mv "$work/host.json.tmp" "$work/host.json"
 note "host: $(cat "$work/host.json")"
 
 timed() {  # timed NAME CMD...: wall seconds of CMD into $work/NAME.wall, its output into the log
@@ -117,7 +120,7 @@ else
 # platform image), the instance's state gone; the shared caches stay. The page cache is dropped where the kernel lets us.
 note "instance 2: removing what setup installed, the state, the page cache"
 find "$site" -mindepth 1 -maxdepth 1 "${keep[@]}" -exec rm -rf {} +
-tar -C "$site" -xf "$work/platform-site.tar"
+tar -C "$site" -xf "$work/platform-site.posix.tar"
 rm -rf "$work/i1/home"
 sync
 if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo dropped > "$work/drop_caches"; else echo kept > "$work/drop_caches"; fi

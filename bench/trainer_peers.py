@@ -130,9 +130,6 @@ def samebox_startup(summary: dict) -> dict | None:
     startup["seconds_to"]["checkpoint"] = round(startup["seconds_to"]["step_1"] + save_s, 2)
     startup["stage_seconds"]["checkpoint"] = round(save_s, 2)
     return startup
-    startup["seconds_to"]["checkpoint"] = round(startup["seconds_to"]["step_1"] + save_s, 2)
-    startup["stage_seconds"]["checkpoint"] = round(save_s, 2)
-    return startup
 
 
 class Bench:

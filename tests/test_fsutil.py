@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from builder.core.errors import SameboxError
-from builder.core.fsutil import atomic_path, check_creatable, pruned_if_left_empty, readable_files, write_atomic
+from builder.core.fsutil import (
+    atomic_path,
+    check_creatable,
+    pruned_if_left_empty,
+    readable_files,
+    remember,
+    write_atomic,
+)
 
 
 def test_write_atomic_replaces_whole(tmp_path: Path) -> None:
@@ -35,7 +42,8 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path: Path) -
 
 
 def test_files_are_written_0644_like_the_rest(tmp_path: Path) -> None:
-    """A GGUF (atomic_path) and a library's 0600 files (safetensors) end up readable by all, as write_atomic's."""
+    """A GGUF (atomic_path), a library's 0600 files (safetensors) and the caches remember() keeps end up readable by
+    all, as write_atomic's."""
     with atomic_path(tmp_path / "model.gguf") as tmp:
         tmp.write_bytes(b"GGUF")
     write_atomic(tmp_path / "Modelfile", "FROM ./model.gguf\n")
@@ -44,7 +52,9 @@ def test_files_are_written_0644_like_the_rest(tmp_path: Path) -> None:
     private.write_bytes(b"x")
     private.chmod(0o600)
     readable_files(tmp_path / "adapter")
-    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "model.gguf", tmp_path / "Modelfile", private)}
+    assert remember(tmp_path / "torch-builds.json", {"builds": []})  # a region-shared cache other users read
+    modes = {p.name: oct(p.stat().st_mode & 0o777)
+             for p in (tmp_path / "model.gguf", tmp_path / "Modelfile", private, tmp_path / "torch-builds.json")}
     assert set(modes.values()) == {"0o644"}, modes
 
 

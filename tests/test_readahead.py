@@ -79,7 +79,27 @@ def test_stop_ends_the_readers_early(tmp_path: Path, monkeypatch) -> None:
     warm.stop()
     warm.start(threads=1)
     _wait(warm)
-    assert warm.read_bytes < warm.total_bytes
+    assert warm.read_bytes < warm.total_bytes and warm.stopped
+
+
+def test_stop_can_wait_for_the_readers_and_says_whether_they_finished(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(readahead, "SENDFILE", False)
+    monkeypatch.setattr(readahead, "CHUNK", 1)
+    folder = _files(tmp_path / "m", {"a.so": 3_000_000})
+    warm = readahead.Prefetch([folder / "a.so"], 3_000_000).start(threads=2)
+    warm.stop(wait=5.0)
+    assert warm.done() and warm.seconds is not None and warm.stopped  # final numbers, and they say it was cut
+    monkeypatch.setattr(readahead, "CHUNK", 1 << 16)
+    whole = _wait(readahead.Prefetch([folder / "a.so"], 3_000_000).start(threads=2))
+    whole.stop(wait=1.0)
+    assert not whole.stopped and whole.read_bytes == 3_000_000
+
+
+def test_a_file_gone_before_the_readers_start_is_left_out(tmp_path: Path) -> None:
+    folder = _files(tmp_path / "m", {"a.so": 10, "b.so": 20})
+    warm = readahead.Prefetch([folder / "a.so", folder / "b.so"], 30)
+    (folder / "a.so").unlink()
+    assert _wait(warm.start(threads=2)).read_bytes == 20
 
 
 def test_one_large_file_is_read_by_every_thread_in_segments(tmp_path: Path, monkeypatch) -> None:

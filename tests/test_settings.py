@@ -46,6 +46,8 @@ def test_setup_and_samebox_wheel_share_the_region_cache_on_autodl(tmp_path: Path
     data, shared = autodl
     run = _run(tmp_path, data, str(shared))
     with mock.patch.dict(os.environ):
+        for name, _ in settings.KERNEL_CACHES:
+            os.environ.pop(name, None)
         steps.caches(run)
         exported = os.environ["SAMEBOX_WHEEL_CACHE"]
     region = shared / "samebox" / "wheels"
@@ -71,7 +73,24 @@ def test_setup_and_samebox_wheel_share_the_region_cache_on_autodl(tmp_path: Path
                       ("TORCHINDUCTOR_CACHE_DIR", "torchinductor")):
         assert f"export {name}={shared / 'samebox' / 'kernels' / sub}\n" in text
         assert (shared / "samebox" / "kernels" / sub).is_dir()
-    assert settings.kernel_caches(Path("/data/mywheels"))["TRITON_CACHE_DIR"] == Path("/data/mywheels/kernels/triton")
+    assert settings.kernel_caches(Path("/data/mywheels"), {})["TRITON_CACHE_DIR"] == \
+        Path("/data/mywheels/kernels/triton")
+    # a cache the user points somewhere already is theirs: not exported
+    assert "TRITON_CACHE_DIR" not in settings.kernel_caches(region, {"TRITON_CACHE_DIR": "/mine"})
+    assert set(settings.kernel_caches(region, {"TRITON_CACHE_DIR": ""})) == {name for name, _ in settings.KERNEL_CACHES}
+
+
+def test_a_kernel_cache_that_cannot_be_made_is_left_to_the_library(tmp_path: Path, autodl, capsys) -> None:
+    data, shared = autodl
+    run = _run(tmp_path, data, str(shared))
+    (shared / "samebox").mkdir(parents=True)
+    (shared / "samebox" / "kernels").write_text("a file where the folder would go")
+    with mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": str(tmp_path / "mine")}):
+        steps.caches(run)
+    text = (tmp_path / "state" / "env.sh").read_text()
+    assert "CUDA_CACHE_PATH" not in text and "TRITON_CACHE_DIR" not in text and "TORCHINDUCTOR" not in text
+    assert "cannot be made" in capsys.readouterr().out
+    assert "SAMEBOX_FILE_CHECKS" in text  # the rest of the caches as before
 
 
 def test_the_flash_attn_step_asks_the_resolver_for_that_cache(tmp_path: Path, autodl,

@@ -72,7 +72,8 @@ def train(args: argparse.Namespace, outcome: dict) -> int:
 
     STARTUP.reset()
     STARTUP.mark("command")
-    # The weight files are read into memory beside the data checks, the imports and the preflight (a cold disk).
+    # The native libraries and the weight files are read into memory beside the data checks, the imports and the
+    # preflight (a cold disk).
     STARTUP.prefetch = start_prefetch(cfg.model)
     try:
         return _train(args, cfg, outcome)

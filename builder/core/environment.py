@@ -255,8 +255,10 @@ def _torch_key(inode: bool = True) -> str | None:
     requires (the nvidia-* libraries, triton, cuda-*: which cuDNN loads), and the loader's variables; None where
     torch has no RECORD (a source tree on sys.path): then nothing is remembered. Its pure-Python requirements
     (filelock, fsspec, sympy, ...) are left out: setup reinstalls them at the lock's versions, which changes nothing
-    of the report. Without ``inode``, the key clones of one image share (size and mtime, as the file-check findings
-    are kept)."""
+    of the report. So a requirement broken after the report was kept (torch no longer imports) is not seen here: the
+    report describes the build; the self-test, the trainer and `samebox verify` import torch or check every locked
+    package's files, and say so. Without ``inode``, the key clones of one image share (size and mtime, as the
+    file-check findings are kept)."""
     import importlib.util
 
     try:
@@ -334,8 +336,8 @@ def _remembered_build(key: str | None) -> TorchBuild | None:
 
 
 def _share_build(shared: Path, build: TorchBuild) -> None:
-    """Keep ``build`` in the region-shared file under this torch's clone key (the newest first, a few kept), where
-    it is not there already."""
+    """Keep ``build`` in the region-shared file under this torch's clone key where it is new there: the newest entry
+    first, the SHARED_TORCH_BUILDS most recently added kept."""
     clone_key = _torch_key(inode=False)
     if clone_key is None:
         return
@@ -343,7 +345,7 @@ def _share_build(shared: Path, build: TorchBuild) -> None:
     entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
     entry = {"key": clone_key, "build": _build_dict(build)}
     if entry in entries:
-        return
+        return  # known: the shared file is written only when a report is new to it
     kept = [e for e in entries if e.get("key") != clone_key]
     remember(shared, {"builds": [entry, *kept][:SHARED_TORCH_BUILDS]})
 

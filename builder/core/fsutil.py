@@ -80,6 +80,7 @@ def remember(path: Path, data: dict) -> bool:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o644)  # findings, no secrets: readable by the other users of a region-shared cache
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(data, sort_keys=True))
         os.replace(tmp, path)

@@ -137,10 +137,15 @@ class Prefetch:
         return length if not self._stop.is_set() else 0
 
     def start(self, threads: int) -> Prefetch:
-        """Each file in segments (one 15 GB shard is read by every thread, not one), in file order."""
-        queue = [(path, offset, min(SEGMENT, size - offset))
-                 for path, size in ((p, p.stat().st_size) for p in self.files)
-                 for offset in range(0, size, SEGMENT)]
+        """Each file in segments (one 15 GB shard is read by every thread, not one), in file order; a file that is
+        gone by now is left out (whoever needs it reports it)."""
+        queue = []
+        for path in self.files:
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            queue += [(path, offset, min(SEGMENT, size - offset)) for offset in range(0, size, SEGMENT)]
         began = time.monotonic()
         for _ in range(max(1, min(threads, len(queue)))):
             t = threading.Thread(target=self._read, args=(queue, began), name="samebox-prefetch", daemon=True)
@@ -148,13 +153,21 @@ class Prefetch:
             self._threads.append(t)
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """End the readers; with ``wait``, give them that many seconds to return (each finishes the chunk it is in),
+        so ``read_bytes`` and ``seconds`` are final where they made it."""
         self._stop.set()
+        deadline = time.monotonic() + wait
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def stopped(self) -> bool:
+        """Whether stop() came before every file was read."""
+        return self._stop.is_set() and self.read_bytes < self.total_bytes
 
     def done(self) -> bool:
         return all(not t.is_alive() for t in self._threads)
-
-
 
 
 def sized(files: list[Path]) -> tuple[list[Path], int]:

@@ -139,14 +139,20 @@ def shared_file_checks(wheels: Path, environ: Mapping[str, str] | None = None) -
     return region_dir(wheels) / "file-checks.json"
 
 
-def kernel_caches(wheels: Path) -> dict[str, Path]:
+KERNEL_CACHES = (("CUDA_CACHE_PATH", "cuda"), ("TRITON_CACHE_DIR", "triton"),
+                 ("TORCHINDUCTOR_CACHE_DIR", "torchinductor"))
+
+
+def kernel_caches(wheels: Path, environ: Mapping[str, str] | None = None) -> dict[str, Path]:
     """The compiled-kernel caches setup.sh points the libraries at, beside the wheel cache: the CUDA driver's JIT
     cache (PTX compiled for this GPU), Triton's and TorchInductor's. Each keys its entries by the code, the compiler
     and the GPU, so instances of a region share them: a second instance's first run loads what the first compiled
-    instead of compiling it again in a fresh home directory."""
+    instead of compiling it again in a fresh home directory. A variable the user set already is left to them (not
+    in the result). The caches have no size limit of samebox's: the libraries bound their own (CUDA's 256 MiB by
+    default), Triton's and TorchInductor's grow with the kernels compiled (a few MB per model)."""
     kernels = region_dir(wheels) / "kernels"
-    return {"CUDA_CACHE_PATH": kernels / "cuda", "TRITON_CACHE_DIR": kernels / "triton",
-            "TORCHINDUCTOR_CACHE_DIR": kernels / "torchinductor"}
+    env = _env(environ)
+    return {name: kernels / sub for name, sub in KERNEL_CACHES if not env.get(name)}
 
 
 # --- networks ------------------------------------------------------------------------------------------------------

@@ -296,7 +296,7 @@ def _write_timings(run: Run, total: float) -> None:
             "selftest_own_s": run.selftest_own_s}  # the selftest step's seconds are those left after the fingerprint
     if run.readahead is not None:
         data["readahead"] = {"bytes": run.readahead.total_bytes, "read_bytes": run.readahead.read_bytes,
-                             "seconds": run.readahead.seconds}
+                             "seconds": run.readahead.seconds, "stopped": run.readahead.stopped}
     try:
         write_atomic(run.opts.state / "setup-timings.json", json.dumps(data, indent=2) + "\n")
     except OSError:
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 execute(run, planned)
             finally:
                 if run.readahead is not None:
-                    run.readahead.stop()
+                    run.readahead.stop(wait=2.0)
                 _write_timings(run, time.monotonic() - start)
         finally:
             shutil.rmtree(work, ignore_errors=True)

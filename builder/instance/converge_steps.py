@@ -106,6 +106,7 @@ class Run:
     selftest_proc: subprocess.Popen | None = None  # the self-test, started beside the fingerprint
     selftest_began: float = 0.0
     selftest_own_s: float | None = None  # the self-test's own wall seconds (most of them spent beside the fingerprint)
+    kernel_caches: dict[str, Path] = field(default_factory=dict)  # the compiled-kernel caches env.sh exports
     readahead: Prefetch | None = None  # the libraries the self-test maps, read from the start
 
 
@@ -226,7 +227,7 @@ def env_sh(run: Run) -> str:
     values = [("HF_HOME", cache / "huggingface"), ("PIP_CACHE_DIR", cache / "pip"), ("TORCH_HOME", cache / "torch"),
               ("UV_CACHE_DIR", cache / "uv"), ("SAMEBOX_WHEEL_CACHE", run.wheel_cache),
               ("SAMEBOX_FILE_CHECKS", settings.shared_file_checks(run.wheel_cache)),
-              *settings.kernel_caches(run.wheel_cache).items(),
+              *run.kernel_caches.items(),
               ("SAMEBOX_IMAGE", pre.match.image), ("SAMEBOX_PYTHON", run.python), ("SAMEBOX_LOCKFILE", pre.lockfile)]
     if pre.root:
         values.append(("SAMEBOX_ROOT", pre.root))
@@ -243,8 +244,14 @@ def caches(run: Run) -> None:
     run.wheel_cache = settings.wheel_cache(caches=cache, shared_fs=Path(shared) if shared else None)
     # the file-check findings live beside the wheels (region-shared on AutoDL); only a directory that exists is used
     settings.shared_file_checks(run.wheel_cache).parent.mkdir(parents=True, exist_ok=True)
-    for folder in settings.kernel_caches(run.wheel_cache).values():
-        folder.mkdir(parents=True, exist_ok=True)
+    run.kernel_caches = {}
+    for name, folder in settings.kernel_caches(run.wheel_cache).items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a read-only wheel cache of the user's: the library keeps its own default
+            say(f"{folder} cannot be made ({e.strerror}): {name} is left as it is")
+            continue
+        run.kernel_caches[name] = folder
     text = env_sh(run)
     write_atomic(state / "env.sh", text)
     for line in text.splitlines()[1:]:  # what the later steps' commands see, as a new shell would

@@ -270,6 +270,8 @@ def test_the_platform_probe_sees_the_findings_where_the_caches_step_will_put_the
     monkeypatch.setenv("SAMEBOX_FILE_CHECKS", "")  # recorded, so what _share_findings sets is undone after the test
     monkeypatch.delenv("SAMEBOX_FILE_CHECKS")
     monkeypatch.delenv("SAMEBOX_WHEEL_CACHE", raising=False)
+    for where in ("AUTODL_DATA_DISK", "AUTODL_SHARED_FS"):  # not AutoDL, whatever this host is
+        monkeypatch.setattr(settings, where, tmp_path / "absent" / where)
     opts = _opts("--cache-dir", str(tmp_path / "region"))
     pre = replace(_pre(H100, tmp_path), cache_dir=tmp_path / "region")
     run = Run(opts=opts, pre=pre, work=tmp_path, python=sys.executable,

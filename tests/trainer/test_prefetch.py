@@ -61,15 +61,16 @@ def test_nothing_is_read_when_it_would_crowd_memory_or_on_a_second_process(tmp_p
                                    libraries=[]) is None
 
 
-def test_libraries_are_read_first_and_the_weights_left_out_when_both_do_not_fit(tmp_path: Path,
-                                                                                  monkeypatch) -> None:
+def test_libraries_are_read_first_and_what_does_not_fit_is_left_out(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     cfg = ModelConfig(name=str(_model(tmp_path / "m", {"a.safetensors": 1000})))
     lib = tmp_path / "libtorch_cuda.so"
     lib.write_bytes(b"l" * 500)
-    warm = _wait(prefetch.start_prefetch(cfg, available=3000, libraries=[lib]))
+    warm = _wait(prefetch.start_prefetch(cfg, available=3000, libraries=[lib]))  # both fit in half
     assert warm.files[0] == lib and (warm.total_bytes, warm.library_bytes, warm.read_bytes) == (1500, 500, 1500)
-    warm = _wait(prefetch.start_prefetch(cfg, available=2999, libraries=[lib]))  # the libraries alone fit
+    warm = _wait(prefetch.start_prefetch(cfg, available=2999, libraries=[lib]))  # not both: the weights
+    assert [f.name for f in warm.files] == ["a.safetensors"] and warm.library_bytes == 0
+    warm = _wait(prefetch.start_prefetch(cfg, available=1999, libraries=[lib]))  # the libraries alone fit
     assert warm.files == [lib] and warm.total_bytes == warm.library_bytes == 500
     assert prefetch.start_prefetch(cfg, available=999, libraries=[lib]) is None  # neither
     assert _wait(prefetch.start_prefetch(ModelConfig(name=str(tmp_path / "absent")), available=1 << 40,

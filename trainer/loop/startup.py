@@ -36,7 +36,7 @@ class Startup:
         self.order = stages
         self.started = _process_started()
         self.marks: dict[str, float] = {}
-        self.prefetch: Any = None  # trainer.model.prefetch.Prefetch: the weight files read beside the imports
+        self.prefetch: Any = None  # builder.core.readahead.Prefetch: libraries and weights read beside the imports
         self.first_save_s: float | None = None  # the seconds this command's first checkpoint took to save
 
     def reset(self) -> None:

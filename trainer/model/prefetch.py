@@ -3,8 +3,9 @@ libraries, Triton's, bitsandbytes', flash-attn's), read into the page cache by b
 command starts, so the seconds a cold disk needs (a new or cloned instance, a restart after the page cache went) pass
 beside the data checks, the imports and the preflight instead of inside them and the load: an import maps a library
 and faults its pages in a few at a time, a reader streams it whole. A file already in memory reads in a fraction of a
-second; nothing is read when the files would not fit in half of the memory available now, or under torchrun but on
-the node's first process. The imports and the load read the same files as they always did: this only warms them."""
+second; what would not fit in half of the memory available now is left out (the libraries first, then the weights),
+and under torchrun only the node's first process reads. The imports and the load read the same files as they always
+did: this only warms them."""
 
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def weight_files(cfg: ModelConfig) -> list[Path]:
 
 def start_prefetch(cfg: ModelConfig, threads: int = 4, share: float = 0.5, available: int | None = None,
                    libraries: list[Path] | None = None) -> Prefetch | None:
-    """Start reading the native libraries (``libraries``, else library_files()) and ``cfg``'s weight files when
-    they fit in ``share`` of the available memory (the weights are left out where both do not); None when nothing
-    is read."""
+    """Start reading the native libraries (``libraries``, else library_files()) and then ``cfg``'s weight files when
+    both fit in ``share`` of the available memory; where they do not, the weights alone when they fit (the larger
+    cold read), else the libraries alone when they do; None when nothing is read."""
     if int(os.environ.get("LOCAL_RANK", "0") or 0) != 0:
         return None  # one reader per node: the other processes find the pages the first one read
     room = available_bytes() if available is None else available
@@ -53,10 +54,14 @@ def start_prefetch(cfg: ModelConfig, threads: int = 4, share: float = 0.5, avail
         return None
     libs, lib_bytes = sized(library_files() if libraries is None else libraries)
     weights, weight_bytes = sized(weight_files(cfg))
-    if lib_bytes + weight_bytes > share * room:
-        weights, weight_bytes = [], 0
-    if lib_bytes > share * room:
-        libs, lib_bytes = [], 0
+    fits = share * room
+    if lib_bytes + weight_bytes > fits:  # not both: the weights (the larger cold read), else the libraries
+        if weight_bytes and weight_bytes <= fits:
+            libs, lib_bytes = [], 0
+        else:
+            weights, weight_bytes = [], 0
+            if lib_bytes > fits:
+                libs, lib_bytes = [], 0
     if not libs and not weights:
         return None
     return Prefetch(libs + weights, lib_bytes + weight_bytes, lib_bytes).start(threads)
