@@ -182,9 +182,10 @@ class Environment:
 
     @classmethod
     def probe(cls, *, torch: bool = True, torch_devices: bool = False, gpus: bool = True,
-              distributions: bool = False) -> Environment:
+              distributions: bool = False, rental: Rental | None = None) -> Environment:
         """The environment of the interpreter running this. Each part can be left out where it is not needed
-        (importing torch takes seconds; ``torch_devices`` initialises CUDA)."""
+        (importing torch takes seconds; ``torch_devices`` initialises CUDA); ``rental``: the rental facts where the
+        caller probed them already (setup needs them before torch's report, to find the region's copy)."""
         build = probe_torch(devices=torch_devices) if torch else None
         inventory, driver = probe_gpus() if gpus else ((), "")
         notes = (f"torch is installed but does not import: {build.error}",) if build and build.error else ()
@@ -195,7 +196,7 @@ class Environment:
             torch=build,
             gpus=inventory,
             driver=driver,
-            rental=probe_rental(),
+            rental=rental or probe_rental(),
             distributions=tuple(sorted((name, d.version) for name, d in installed_distributions().items()))
             if distributions else (),
             notes=notes,

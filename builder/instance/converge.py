@@ -14,6 +14,7 @@ Standard library only: it runs on the platform's bare Python before anything is 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from pathlib import Path
 import builder
 from builder.core import compat, readahead, settings
 from builder.core.catalog import Catalog
-from builder.core.environment import Capability, Environment, probe_rental
+from builder.core.environment import Capability, Environment, Rental, probe_rental
 from builder.core.errors import SameboxError
 from builder.core.fsutil import write_atomic
 from builder.core.output import slowest
@@ -149,7 +150,7 @@ def flash_attn2_gpu(env: Environment) -> bool:
     return any(g.capability is None or g.capability >= floor for g in env.gpus)
 
 
-def _detect_and_match(catalog: Path, image: str) -> Match:
+def _detect_and_match(catalog: Path, image: str, rental: Rental | None = None) -> Match:
     """The one place converge asks what the instance is (the Environment probe) and which catalog image replicates
     it (``Catalog.match``)."""
     try:
@@ -157,7 +158,7 @@ def _detect_and_match(catalog: Path, image: str) -> Match:
     except (ValueError, KeyError, TypeError) as e:  # JSON syntax, or entries of the wrong shape
         raise SameboxError(f"the catalog {catalog} cannot be read ({type(e).__name__}: {e})",
                            "pass images/matrix.toml or the JSON list a setup script embeds") from None
-    env = Environment.probe()
+    env = Environment.probe(rental=rental)
     try:
         spec = entries.match(env, image)
     except SameboxError as e:
@@ -180,13 +181,12 @@ def _writable(path: Path) -> bool:
     return here.is_dir() and os.access(here, os.W_OK | os.X_OK)
 
 
-def _share_findings(opts: Options) -> None:
+def _share_findings(opts: Options, rental: Rental) -> None:
     """$SAMEBOX_FILE_CHECKS as the caches step will export it (the findings beside the region's wheel cache), set
     before the platform probe: a second instance of the region reads the torch report the first one kept there
     instead of importing torch from a cold disk. Reads only; nothing is made here."""
     if settings.get("FILE_CHECKS"):
         return
-    rental = probe_rental()
     cache = settings.instance_cache(opts.cache_dir, rental.data_disk, rental.shared_fs)
     wheels = settings.wheel_cache(caches=cache, shared_fs=Path(rental.shared_fs) if rental.shared_fs else None)
     os.environ[settings.PREFIX + "FILE_CHECKS"] = str(settings.shared_file_checks(wheels))
@@ -331,8 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.monotonic()
     try:
         opts = parse_options(sys.argv[1:] if argv is None else argv, os.environ)
-        _share_findings(opts)
-        pre = preflight(opts)
+        rental = probe_rental()  # the platform probe's rental part, taken first: where the region's caches are
+        _share_findings(opts, rental)
+        pre = preflight(opts, functools.partial(_detect_and_match, rental=rental))
         planned = plan(opts, pre)
         outer = _pythonpath_without(opts.samebox_src, os.environ)
         if outer:

@@ -229,6 +229,39 @@ def test_a_platform_the_catalog_cannot_replicate_exits_2_with_nothing_written(tm
     assert list(home.iterdir()) == [] and run.stdout == ""
 
 
+def test_the_rental_is_probed_once_and_the_probe_sees_the_regions_findings(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """setup needs the rental facts (where the region's caches are) before torch's report: they are probed once and
+    handed to the platform probe, which runs with $SAMEBOX_FILE_CHECKS already pointing at the region."""
+    from builder.core import environment
+
+    calls, seen = [], []
+    real_rental = environment.probe_rental
+
+    def rental():
+        calls.append(1)
+        return real_rental()
+
+    def probe(**kwargs):
+        seen.append((kwargs.get("rental"), settings.get("FILE_CHECKS")))
+        raise SameboxError("stop here")
+
+    monkeypatch.setattr(environment, "probe_rental", rental)
+    monkeypatch.setattr(converge, "probe_rental", rental)
+    monkeypatch.setattr(environment.Environment, "probe", staticmethod(probe))
+    monkeypatch.setenv("SAMEBOX_FILE_CHECKS", "")  # recorded: what main sets is undone after the test
+    monkeypatch.delenv("SAMEBOX_FILE_CHECKS")
+    monkeypatch.delenv("SAMEBOX_WHEEL_CACHE", raising=False)
+    monkeypatch.setenv("SAMEBOX_STATE", str(tmp_path / "state"))
+    lock = tmp_path / "lock.txt"
+    lock.write_text("six==1.16.0\n")
+    code = converge.main(["--catalog", str(REPO / "images" / "matrix.toml"), "--lockfile", str(lock), "--cache-dir",
+                          str(tmp_path / "region"), "--python", sys.executable, "--samebox-src", str(REPO)])
+    assert code == 2 and calls == [1]
+    assert seen == [(real_rental(), str(tmp_path / "region" / "samebox" / "file-checks.json"))]
+    assert not (tmp_path / "state").exists() and not (tmp_path / "region").exists()
+
+
 # --- what the steps write -----------------------------------------------------------------------------------------
 
 
@@ -277,12 +310,13 @@ def test_the_platform_probe_sees_the_findings_where_the_caches_step_will_put_the
     run = Run(opts=opts, pre=pre, work=tmp_path, python=sys.executable,
               wheel_cache=settings.wheel_cache(caches=pre.cache_dir, shared_fs=None))
     exported = dict(line[len("export "):].split("=", 1) for line in steps.env_sh(run).splitlines()[1:])
-    converge._share_findings(opts)
+    rental = converge.probe_rental()
+    converge._share_findings(opts, rental)
     assert settings.file_checks() == tmp_path / "region" / "samebox" / "file-checks.json"
     assert str(settings.file_checks()) == exported["SAMEBOX_FILE_CHECKS"]
     assert not (tmp_path / "region").exists()  # a check writes nothing
     monkeypatch.setenv("SAMEBOX_FILE_CHECKS", str(tmp_path / "mine.json"))  # the user's own is kept
-    converge._share_findings(opts)
+    converge._share_findings(opts, rental)
     assert settings.file_checks() == tmp_path / "mine.json"
 
 
