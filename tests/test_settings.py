@@ -80,17 +80,22 @@ def test_setup_and_samebox_wheel_share_the_region_cache_on_autodl(tmp_path: Path
     assert set(settings.kernel_caches(region, {"TRITON_CACHE_DIR": ""})) == {name for name, _ in settings.KERNEL_CACHES}
 
 
-def test_a_kernel_cache_that_cannot_be_made_is_left_to_the_library(tmp_path: Path, autodl, capsys) -> None:
+def test_a_cache_folder_that_cannot_be_made_is_said_and_left_out(tmp_path: Path, autodl, capsys) -> None:
     data, shared = autodl
     run = _run(tmp_path, data, str(shared))
     (shared / "samebox").mkdir(parents=True)
     (shared / "samebox" / "kernels").write_text("a file where the folder would go")
-    with mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": str(tmp_path / "mine")}):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder would go")
+    with mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": str(tmp_path / "mine"),
+                                      "SAMEBOX_FILE_CHECKS": str(blocked / "findings" / "file-checks.json")}):
         steps.caches(run)
     text = (tmp_path / "state" / "env.sh").read_text()
     assert "CUDA_CACHE_PATH" not in text and "TRITON_CACHE_DIR" not in text and "TORCHINDUCTOR" not in text
-    assert "cannot be made" in capsys.readouterr().out
-    assert "SAMEBOX_FILE_CHECKS" in text  # the rest of the caches as before
+    said = capsys.readouterr().out
+    assert said.count("cannot be made") == 3  # CUDA's and TorchInductor's caches (Triton's is the user's), findings
+    assert "file-check findings are not kept" in said
+    assert "SAMEBOX_FILE_CHECKS" in text and "HF_HOME" in text  # the rest of the caches as before
 
 
 def test_the_flash_attn_step_asks_the_resolver_for_that_cache(tmp_path: Path, autodl,

@@ -243,7 +243,11 @@ def caches(run: Run) -> None:
     shared = run.pre.match.shared_fs
     run.wheel_cache = settings.wheel_cache(caches=cache, shared_fs=Path(shared) if shared else None)
     # the file-check findings live beside the wheels (region-shared on AutoDL); only a directory that exists is used
-    settings.shared_file_checks(run.wheel_cache).parent.mkdir(parents=True, exist_ok=True)
+    findings = settings.shared_file_checks(run.wheel_cache).parent
+    try:
+        findings.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only place of the user's: every check hashes again, nothing else changes
+        say(f"{findings} cannot be made ({e.strerror}): file-check findings are not kept")
     run.kernel_caches = {}
     for name, folder in settings.kernel_caches(run.wheel_cache).items():
         try:
