@@ -46,7 +46,7 @@ def test_setup_and_samebox_wheel_share_the_region_cache_on_autodl(tmp_path: Path
     data, shared = autodl
     run = _run(tmp_path, data, str(shared))
     with mock.patch.dict(os.environ):
-        for name, _ in settings.KERNEL_CACHES:
+        for name, _ in settings.KERNEL_CACHES:  # torch sets TORCHINDUCTOR_CACHE_DIR once inductor ran in this process
             os.environ.pop(name, None)
         steps.caches(run)
         exported = os.environ["SAMEBOX_WHEEL_CACHE"]
@@ -89,6 +89,8 @@ def test_a_cache_folder_that_cannot_be_made_is_said_and_left_out(tmp_path: Path,
     blocked.write_text("a file where a folder would go")
     with mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": str(tmp_path / "mine"),
                                       "SAMEBOX_FILE_CHECKS": str(blocked / "findings" / "file-checks.json")}):
+        for name in ("CUDA_CACHE_PATH", "TORCHINDUCTOR_CACHE_DIR"):  # torch sets the latter once inductor ran here
+            os.environ.pop(name, None)
         steps.caches(run)
     text = (tmp_path / "state" / "env.sh").read_text()
     assert "CUDA_CACHE_PATH" not in text and "TRITON_CACHE_DIR" not in text and "TORCHINDUCTOR" not in text
