@@ -151,7 +151,7 @@ def test_the_torch_report_is_keyed_by_torch_and_its_native_libraries_not_its_pyt
                                        + "".join(f"Requires-Dist: {r}\n" for r in requires))
         records[name] = info / "RECORD"
         records[name].write_text(f"{info.name}/METADATA,,\n")
-    code = "from builder.core.environment import _torch_key; print(_torch_key(inode=False))"
+    code = "from builder.core.environment import _torch_keys; print(_torch_keys()[1])"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{site}:{REPO}"}
 
     def key() -> str:

@@ -251,15 +251,15 @@ TORCH_BUILD_FILE = "torch-build.json"
 NATIVE_REQUIREMENTS = ("nvidia-", "triton", "pytorch-triton", "cuda-")
 
 
-def _torch_key(inode: bool = True) -> str | None:
-    """This interpreter and its installed torch, by the stat of the RECORDs of torch and of the native libraries it
-    requires (the nvidia-* libraries, triton, cuda-*: which cuDNN loads), and the loader's variables; None where
-    torch has no RECORD (a source tree on sys.path): then nothing is remembered. Its pure-Python requirements
-    (filelock, fsspec, sympy, ...) are left out: setup reinstalls them at the lock's versions, which changes nothing
-    of the report. So a requirement broken after the report was kept (torch no longer imports) is not seen here: the
-    report describes the build; the self-test, the trainer and `samebox verify` import torch or check every locked
-    package's files, and say so. Without ``inode``, the key clones of one image share (size and mtime, as the
-    file-check findings are kept)."""
+def _torch_keys() -> tuple[str | None, str | None]:
+    """(instance key, clone key) of this interpreter and its installed torch, both from one look at the stat of the
+    RECORDs of torch and of the native libraries it requires (the nvidia-* libraries, triton, cuda-*: which cuDNN
+    loads), and the loader's variables; (None, None) where torch has no RECORD (a source tree on sys.path): then
+    nothing is remembered. Its pure-Python requirements (filelock, fsspec, sympy, ...) are left out: setup reinstalls
+    them at the lock's versions, which changes nothing of the report. So a requirement broken after the report was
+    kept (torch no longer imports) is not seen here: the report describes the build; the self-test, the trainer and
+    `samebox verify` import torch or check every locked package's files, and say so. The clone key leaves the inode
+    out: clones of one image share it (size and mtime, as the file-check findings are kept)."""
     import importlib.util
 
     try:
@@ -269,8 +269,9 @@ def _torch_key(inode: bool = True) -> str | None:
         # The torch that imports must be the one the RECORD belongs to (not another on PYTHONPATH).
         if spec is None or spec.origin is None or Path(spec.origin).resolve() != \
                 (where / "torch" / "__init__.py").resolve():
-            return None
+            return None, None
         parts = [sys.executable, str(where), *(os.environ.get(v, "") for v in ("LD_LIBRARY_PATH", "LD_PRELOAD"))]
+        clone = list(parts)
         required = {re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0] for r in dist.requires or []}
         names = ["torch", *sorted(r for r in required if canonical_name(r).startswith(NATIVE_REQUIREMENTS))]
         for name in names:
@@ -279,13 +280,15 @@ def _torch_key(inode: bool = True) -> str | None:
                 st = record.stat()
             except (md.PackageNotFoundError, OSError):
                 parts.append(f"{name}:-")
+                clone.append(f"{name}:-")
                 continue
-            parts.append(f"{record}:{st.st_size}:{st.st_mtime_ns}" + (f":{st.st_ino}" if inode else ""))
+            clone.append(f"{record}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{clone[-1]}:{st.st_ino}")
     except (md.PackageNotFoundError, OSError, ValueError):
-        return None
+        return None, None
     if parts[-len(names)].endswith(":-"):
-        return None  # torch without a RECORD
-    return "|".join(parts)
+        return None, None  # torch without a RECORD
+    return "|".join(parts), "|".join(clone)
 
 
 SHARED_TORCH_BUILDS = 16  # reports kept in the region-shared file (one per platform image and interpreter)
@@ -312,9 +315,9 @@ def _build_dict(build: TorchBuild) -> dict:
             "arch_list": list(build.arch_list)}
 
 
-def _remembered_build(key: str | None) -> TorchBuild | None:
-    """The report of this torch: the instance's own (its RECORDs' stat, inode included), else the region's (a clone
-    of the same image: its RECORDs' size and mtime), which is then kept in the instance's state too."""
+def _remembered_build(key: str | None, clone_key: str | None) -> TorchBuild | None:
+    """The report of this torch: the instance's own (its RECORDs' stat, inode included: ``key``), else the region's
+    (a clone of the same image: their size and mtime, ``clone_key``), which is then kept in the instance's state too."""
     if key is None or "torch" in sys.modules:
         return None  # torch already in: asking it costs nothing
     data = read_remembered(settings.state_dir() / TORCH_BUILD_FILE)
@@ -322,11 +325,10 @@ def _remembered_build(key: str | None) -> TorchBuild | None:
     if data.get("key") == key:
         build = _build_from(data.get("build"))
         if build is not None and shared is not None:
-            _share_build(shared, build)  # the region learns it from the first instance that has it
+            _share_build(shared, clone_key, build)  # the region learns it from the first instance that has it
         return build
     if shared is None:
         return None
-    clone_key = _torch_key(inode=False)
     entries = read_remembered(shared).get("builds")
     found = [e for e in entries if isinstance(e, dict) and e.get("key") == clone_key] \
         if isinstance(entries, list) else []
@@ -336,10 +338,9 @@ def _remembered_build(key: str | None) -> TorchBuild | None:
     return build
 
 
-def _share_build(shared: Path, build: TorchBuild) -> None:
+def _share_build(shared: Path, clone_key: str | None, build: TorchBuild) -> None:
     """Keep ``build`` in the region-shared file under this torch's clone key where it is new there: the newest entry
     first, the SHARED_TORCH_BUILDS most recently added kept."""
-    clone_key = _torch_key(inode=False)
     if clone_key is None:
         return
     entries = read_remembered(shared).get("builds")
@@ -351,13 +352,13 @@ def _share_build(shared: Path, build: TorchBuild) -> None:
     remember(shared, {"builds": [entry, *kept][:SHARED_TORCH_BUILDS]})
 
 
-def _remember_build(key: str | None, build: TorchBuild) -> None:
+def _remember_build(key: str | None, clone_key: str | None, build: TorchBuild) -> None:
     if key is None or build.error:
         return
     remember(settings.state_dir() / TORCH_BUILD_FILE, {"key": key, "build": _build_dict(build)})
     shared = _shared_builds_path()
     if shared is not None:
-        _share_build(shared, build)
+        _share_build(shared, clone_key, build)
 
 
 def probe_torch(devices: bool = False) -> TorchBuild | None:
@@ -369,8 +370,8 @@ def probe_torch(devices: bool = False) -> TorchBuild | None:
 
     if importlib.util.find_spec("torch") is None:
         return None
-    key = None if devices else _torch_key()
-    remembered = _remembered_build(key)
+    key, clone_key = (None, None) if devices else _torch_keys()
+    remembered = _remembered_build(key, clone_key)
     if remembered is not None:
         return remembered
     start = time.perf_counter()
@@ -396,7 +397,7 @@ def probe_torch(devices: bool = False) -> TorchBuild | None:
                        cxx11abi=bool(getattr(native, "_GLIBCXX_USE_CXX11_ABI", True)), arch_list=arch_list,
                        import_s=import_s)
     if not devices:
-        _remember_build(key, build)
+        _remember_build(key, clone_key, build)
         return build
     available = bool(cuda) and torch.cuda.is_available()
     seen = []
