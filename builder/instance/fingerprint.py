@@ -138,16 +138,10 @@ def _stat_row(base: str, path: str) -> str:
 RACY_NS = 2_000_000_000
 
 
-def _mtime_ns(row: str) -> int:
-    """The mtime of a _stat_row ('path:size:mtime:mode'; 0 for a missing file)."""
+def _row_stat(row: str) -> tuple[int, int]:
+    """(size, mtime) of a _stat_row ('path:size:mtime:mode'; (0, 0) for a missing file)."""
     parts = row.rsplit(":", 3)
-    return int(parts[2]) if len(parts) == 4 and parts[1].isdigit() else 0
-
-
-def _row_size(row: str) -> int:
-    """The size of a _stat_row (0 for a missing file)."""
-    parts = row.rsplit(":", 3)
-    return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else 0
+    return (int(parts[1]), int(parts[2])) if len(parts) == 4 and parts[1].isdigit() else (0, 0)
 
 
 def _dist_key(name: str, dist: md.Distribution) -> str:
@@ -200,9 +194,10 @@ def check_files(dists: dict[str, md.Distribution], workers: int | None = None, c
                 return [_stat_row(base, p) for p, _ in rows[name]]
 
             for name, found in zip(rows, pool.map(stats, rows), strict=True):
-                sized.update(((name, p), _row_size(row)) for (p, _), row in zip(rows[name], found, strict=True))
+                stat = [_row_stat(row) for row in found]
+                sized.update(((name, p), size) for (p, _), (size, _) in zip(rows[name], stat, strict=True))
                 signatures[name] = hashlib.sha256((digests[name] + "\n" + "\n".join(found)).encode()).hexdigest()
-                if any(_mtime_ns(row) >= began_ns - RACY_NS for row in found):
+                if any(mtime >= began_ns - RACY_NS for _, mtime in stat):
                     recent.add(name)
                 known = checks.get(_dist_key(name, dists[name]))
                 if isinstance(known, dict) and known.get("signature") == signatures[name] \
