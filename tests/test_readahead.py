@@ -3,7 +3,6 @@ large file among threads; the native libraries an import of torch maps, listed w
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,8 @@ def _files(folder: Path, files: dict[str, int]) -> Path:
     return folder
 
 
-def _wait(warm: readahead.Prefetch) -> readahead.Prefetch:
-    deadline = time.monotonic() + 30
-    while not warm.done() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert warm.done()
+def _done(warm: readahead.Prefetch) -> readahead.Prefetch:
+    assert warm.join(30).done()
     return warm
 
 
@@ -67,7 +63,7 @@ def test_both_ways_read_every_segment_once(tmp_path: Path, monkeypatch, sendfile
     monkeypatch.setattr(readahead, "SENDFILE", sendfile)
     monkeypatch.setattr(readahead, "SEGMENT", 1000)
     folder = _files(tmp_path / "m", {"a.safetensors": 2500, "b.safetensors": 10})
-    warm = _wait(readahead.Prefetch([folder / "a.safetensors", folder / "b.safetensors"], 2510).start(threads=2))
+    warm = _done(readahead.Prefetch([folder / "a.safetensors", folder / "b.safetensors"], 2510).start(threads=2))
     assert warm.read_bytes == 2510
 
 
@@ -78,7 +74,7 @@ def test_stop_ends_the_readers_early(tmp_path: Path, monkeypatch) -> None:
     warm = readahead.Prefetch([folder / "a.safetensors"], 5_000_000)
     warm.stop()
     warm.start(threads=1)
-    _wait(warm)
+    _done(warm)
     assert warm.read_bytes < warm.total_bytes and warm.stopped
 
 
@@ -90,7 +86,7 @@ def test_stop_can_wait_for_the_readers_and_says_whether_they_finished(tmp_path: 
     warm.stop(wait=5.0)
     assert warm.done() and warm.seconds is not None and warm.stopped  # final numbers, and they say it was cut
     monkeypatch.setattr(readahead, "CHUNK", 1 << 16)
-    whole = _wait(readahead.Prefetch([folder / "a.so"], 3_000_000).start(threads=2))
+    whole = _done(readahead.Prefetch([folder / "a.so"], 3_000_000).start(threads=2))
     whole.stop(wait=1.0)
     assert not whole.stopped and whole.read_bytes == 3_000_000
 
@@ -99,7 +95,7 @@ def test_a_file_gone_before_the_readers_start_is_left_out(tmp_path: Path) -> Non
     folder = _files(tmp_path / "m", {"a.so": 10, "b.so": 20})
     warm = readahead.Prefetch([folder / "a.so", folder / "b.so"], 30)
     (folder / "a.so").unlink()
-    assert _wait(warm.start(threads=2)).read_bytes == 20
+    assert _done(warm.start(threads=2)).read_bytes == 20
 
 
 def test_one_large_file_is_read_by_every_thread_in_segments(tmp_path: Path, monkeypatch) -> None:
@@ -109,14 +105,14 @@ def test_one_large_file_is_read_by_every_thread_in_segments(tmp_path: Path, monk
     folder = _files(tmp_path / "m", {"model.safetensors": 4321})
     warm = readahead.Prefetch([folder / "model.safetensors"], 4321).start(threads=3)
     assert len(warm._threads) == 3  # five segments, three readers
-    _wait(warm)
+    _done(warm)
     assert warm.read_bytes == 4321
 
 
 def test_setup_reads_the_libraries_only_when_they_fit(tmp_path: Path) -> None:
     lib = tmp_path / "libtorch_cuda.so"
     lib.write_bytes(b"l" * 500)
-    warm = _wait(readahead.start_libraries(available=1000, libraries=[lib]))
+    warm = _done(readahead.start_libraries(available=1000, libraries=[lib]))
     assert (warm.total_bytes, warm.library_bytes, warm.read_bytes) == (500, 500, 500)
     assert readahead.start_libraries(available=999, libraries=[lib]) is None
     assert readahead.start_libraries(available=1 << 40, libraries=[]) is None

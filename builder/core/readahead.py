@@ -157,9 +157,14 @@ class Prefetch:
         """End the readers; with ``wait``, give them that many seconds to return (each finishes the chunk it is in),
         so ``read_bytes`` and ``seconds`` are final where they made it."""
         self._stop.set()
-        deadline = time.monotonic() + wait
+        self.join(wait)
+
+    def join(self, timeout: float) -> Prefetch:
+        """Wait up to ``timeout`` seconds for the readers to return (``done()`` says whether they did)."""
+        deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        return self
 
     @property
     def stopped(self) -> bool:

@@ -330,8 +330,7 @@ def test_where_the_selftest_runs_setup_reads_its_libraries_from_the_start(tmp_pa
     assert any(f.name.startswith("libtorch") for f in warm.files)
     assert converge.start_readahead(opts, _pre(CPU, tmp_path)) is None  # no GPU, no self-test
     assert converge.start_readahead(replace(opts, selftest=False), _pre(H100, tmp_path)) is None
-    while not warm.done():
-        time.sleep(0.01)
+    assert warm.join(30).done()
     run = Run(opts=opts, pre=_pre(H100, tmp_path), work=tmp_path, python=sys.executable, readahead=warm)
     converge._write_timings(run, 1.0)
     timings = json.loads((state / "setup-timings.json").read_text())

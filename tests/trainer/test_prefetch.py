@@ -3,7 +3,6 @@ nothing (weights larger than half the memory available, a second process of the 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from builder.core import readahead
@@ -19,11 +18,8 @@ def _model(folder: Path, files: dict[str, int]) -> Path:
     return folder
 
 
-def _wait(warm: prefetch.Prefetch) -> prefetch.Prefetch:
-    deadline = time.monotonic() + 30
-    while not warm.done() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert warm.done()
+def _done(warm: prefetch.Prefetch) -> prefetch.Prefetch:
+    assert warm.join(30).done()
     return warm
 
 
@@ -33,7 +29,7 @@ def test_a_local_models_safetensors_are_read_whole(tmp_path: Path, monkeypatch) 
                                      "old.bin": 11, "tokenizer.json": 13})
     cfg = ModelConfig(name=str(folder))
     assert [p.name for p in prefetch.weight_files(cfg)] == ["a.safetensors", "b.safetensors"]  # not .bin beside
-    warm = _wait(prefetch.start_prefetch(cfg, threads=2, available=1 << 40, libraries=[]))
+    warm = _done(prefetch.start_prefetch(cfg, threads=2, available=1 << 40, libraries=[]))
     assert warm.total_bytes == warm.read_bytes == 3 * readahead.CHUNK + 12 and warm.seconds is not None
 
 
@@ -66,12 +62,12 @@ def test_libraries_are_read_first_and_what_does_not_fit_is_left_out(tmp_path: Pa
     cfg = ModelConfig(name=str(_model(tmp_path / "m", {"a.safetensors": 1000})))
     lib = tmp_path / "libtorch_cuda.so"
     lib.write_bytes(b"l" * 500)
-    warm = _wait(prefetch.start_prefetch(cfg, available=3000, libraries=[lib]))  # both fit in half
+    warm = _done(prefetch.start_prefetch(cfg, available=3000, libraries=[lib]))  # both fit in half
     assert warm.files[0] == lib and (warm.total_bytes, warm.library_bytes, warm.read_bytes) == (1500, 500, 1500)
-    warm = _wait(prefetch.start_prefetch(cfg, available=2999, libraries=[lib]))  # not both: the weights
+    warm = _done(prefetch.start_prefetch(cfg, available=2999, libraries=[lib]))  # not both: the weights
     assert [f.name for f in warm.files] == ["a.safetensors"] and warm.library_bytes == 0
-    warm = _wait(prefetch.start_prefetch(cfg, available=1999, libraries=[lib]))  # the libraries alone fit
+    warm = _done(prefetch.start_prefetch(cfg, available=1999, libraries=[lib]))  # the libraries alone fit
     assert warm.files == [lib] and warm.total_bytes == warm.library_bytes == 500
     assert prefetch.start_prefetch(cfg, available=999, libraries=[lib]) is None  # neither
-    assert _wait(prefetch.start_prefetch(ModelConfig(name=str(tmp_path / "absent")), available=1 << 40,
+    assert _done(prefetch.start_prefetch(ModelConfig(name=str(tmp_path / "absent")), available=1 << 40,
                                          libraries=[lib])).files == [lib]  # a model not on disk yet
