@@ -384,6 +384,8 @@ def run_arm(plan: dict) -> int:
                         p.copy_(initial[name])
                         p.grad = None
         if torch.cuda.is_available():
+            if k == 0:  # from the process start to the model ready: loading, quantizing, LoRA
+                report["load_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:

@@ -47,7 +47,8 @@ def summarize_arm(raw: dict, step_flops: list[float], peak_tflops: float | None,
     }
     flops = sum(step_flops[first:len(times)])
     out["mfu"] = flops / seconds / (peak_tflops * 1e12) if peak_tflops and seconds else None
-    for key in ("settings", "notes", "micro_batches", "gpu", "process_s", "startup"):
+    for key in ("settings", "notes", "micro_batches", "gpu", "process_s", "startup", "load_peak_allocated_gib",
+                "process_peak_allocated_gib", "memory_gib"):
         if raw.get(key):
             out[key] = raw[key]
     return out

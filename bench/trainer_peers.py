@@ -159,8 +159,11 @@ class Bench:
                      "from on_step_begin to on_step_end, after the step's batches are collated). end_to_end_s: "
                      "samebox = its CLI process (import, load, tokenization cache, steps, checkpoint); HF-based "
                      "arms load once and train both mixes in one process, so theirs = process start to model ready "
-                     "+ that mix's training (process_s: the whole process, both mixes). Peak memory: samebox's is "
-                     "over its whole process, the HF arms' over the mix's training (reset after loading). The HF "
+                     "+ that mix's training (process_s: the whole process, both mixes). Peak memory "
+                     "(peak_allocated_gib, the ratios): every arm's over its steps alone, the allocator's peak reset "
+                     "after loading (samebox: its summary's memory_gib.train, the largest of its steps' phases); "
+                     "load_peak_allocated_gib: every arm's from its start to its model ready; samebox's whole "
+                     "process in process_peak_allocated_gib, its phases in memory_gib. The HF "
                      "arms seed torch with train.seed before loading, as samebox does, so LoRA A starts the same. "
                      "startup: seconds since the arm's process started, in the first mix's row only for the HF "
                      "arms (their process trains every mix); checkpoint = step_1 + the seconds of one save after "
@@ -326,7 +329,11 @@ class Bench:
                                                       "error": f"no result ({e}); {last_line(tail, rc)}",
                                                       "output": tail})
             return
-        raw.update(end_to_end_s=wall, peak_allocated_gib=raw.get("peak_mem_gib"), gpu=gpu,
+        memory = raw["summary"].get("memory_gib") or {}
+        # The steps' window, as the HF arms measure theirs (their peak is reset once the model is loaded).
+        raw.update(end_to_end_s=wall, peak_allocated_gib=memory.get("train", raw.get("peak_mem_gib")), gpu=gpu,
+                   process_peak_allocated_gib=raw.get("peak_mem_gib"), load_peak_allocated_gib=memory.get("load"),
+                   memory_gib=memory or None,
                    startup=samebox_startup(raw["summary"]),
                    settings={k: raw["summary"].get(k) for k in ("attention", "packing", "gradient_checkpointing",
                                                                 "micro_batch_tokens")})
@@ -370,7 +377,8 @@ class Bench:
                 errors = [{"stage": arm, "error": "timed out" if rc is None else f"exit {rc}, no result",
                            "wall_s": wall}]
             if raw is not None:
-                raw.update(settings=report.get("settings"), notes=report.get("notes"), gpu=gpu, process_s=wall)
+                raw.update(settings=report.get("settings"), notes=report.get("notes"), gpu=gpu, process_s=wall,
+                           load_peak_allocated_gib=report.get("load_peak_allocated_gib"))
                 if mix == self.mixes[0]:  # the process's start: its first mix's step 1
                     raw["startup"] = report.get("startup")
                 self.record(model, mix, arm, summarize_arm(raw, flops[mix], peak, self.opts.warmup_steps))

@@ -147,5 +147,12 @@ def test_every_location_has_one_reader() -> None:
     assert settings.venv_dir(env) == Path("/v") and settings.venv_dir({}) == settings.DEFAULT_VENV
     assert settings.min_free_mb(env) == str(settings.DEFAULT_MIN_FREE_MB)  # empty means unset
     assert settings.pin_memory(env) is False and settings.pin_memory({}) is True
+    assert settings.mlp_chunk_tokens({"SAMEBOX_MLP_CHUNK_TOKENS": "2048"}) == 2048
+    assert settings.mlp_chunk_tokens({"SAMEBOX_MLP_CHUNK_TOKENS": "0"}) is None  # not a chunk: the default
+    assert settings.mlp_chunk_tokens({"SAMEBOX_MLP_CHUNK_TOKENS": "lots"}) is None
+    assert settings.mlp_chunk_tokens({}) is None
+    assert settings.offload_in_flight({"SAMEBOX_OFFLOAD_IN_FLIGHT": "0"}) == 0  # 0 = no bound
+    assert settings.offload_in_flight({"SAMEBOX_OFFLOAD_IN_FLIGHT": "x"}) is None
+    assert settings.offload_in_flight({}) is None
     assert settings.instance_cache(None, "/root/autodl-tmp", "/root/autodl-fs") == Path("/root/autodl-tmp/.cache")
     assert settings.instance_cache(None, "", "", {"HOME": "/h"}) == Path("/h/.cache")

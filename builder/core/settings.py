@@ -191,6 +191,20 @@ def fused_attention(environ: Mapping[str, str] | None = None) -> str:
     return get("FUSED_ATTENTION", environ)
 
 
+def mlp_chunk_tokens(environ: Mapping[str, str] | None = None) -> int | None:
+    """For diagnosis: $SAMEBOX_MLP_CHUNK_TOKENS=N runs the fused layers' MLP N tokens at a time (default: sized by
+    trainer/fused/decoder.py); None when unset or not a positive number."""
+    value = get("MLP_CHUNK_TOKENS", environ)
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def offload_in_flight(environ: Mapping[str, str] | None = None) -> int | None:
+    """For diagnosis: $SAMEBOX_OFFLOAD_IN_FLIGHT=N lets N layers' activation copies to the host run at once before
+    the forward pass waits for the oldest (0: no bound); None when unset or not a number."""
+    value = get("OFFLOAD_IN_FLIGHT", environ)
+    return int(value) if value.isdigit() else None
+
+
 def pin_memory(environ: Mapping[str, str] | None = None) -> bool:
     """$SAMEBOX_PIN_MEMORY=0 turns off pinned host memory for offloaded layers."""
     return get("PIN_MEMORY", environ, "1") != "0"

@@ -194,6 +194,51 @@ def test_offload_store_round_trips_and_reuses_its_buffers():
     assert store.host_bytes() == first
 
 
+class FakeCopyEvent:
+    """A CUDA event of a copy to the host: done once the test says so; synchronize() waits for it (here: ends it)."""
+
+    log: list[str] = []
+
+    def __init__(self) -> None:
+        self.done = False
+        self.name = f"copy{sum(not e.startswith('wait') for e in FakeCopyEvent.log)}"
+        FakeCopyEvent.log.append(self.name)
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        FakeCopyEvent.log.append(f"wait {self.name}")
+        self.done = True
+
+
+@pytest.mark.parametrize("limit,waits", [(2, 2), (0, 0)])
+def test_offload_waits_for_the_oldest_copy_past_the_bound(monkeypatch, limit, waits):
+    """At most ``limit`` layers' copies to the host are queued: the forward pass waits for the oldest one past
+    it (their tensors stay allocated until then); 0 lets every layer's copy queue (the GPU then holds them all)."""
+    from trainer.fused import offload
+
+    FakeCopyEvent.log = []
+    monkeypatch.setattr(offload.torch.cuda, "Event", FakeCopyEvent)
+    monkeypatch.setenv("SAMEBOX_OFFLOAD_IN_FLIGHT", str(limit))
+    store = ActivationStore(torch.device("cpu"), offload=True)
+    store.stream = object()  # a side stream, as on a GPU: _bound_in_flight is what save() then calls
+    for _ in range(4):
+        store._bound_in_flight()
+    assert store.waits == waits
+    assert len(store.in_flight) == (limit or 4)
+    if limit:
+        assert FakeCopyEvent.log == ["copy0", "copy1", "copy2", "wait copy0", "copy3", "wait copy1"]
+    store.in_flight[0].done = True  # a copy that already ended is not waited for
+    store._bound_in_flight()
+    assert store.waits == waits
+    store.clear()
+    assert not store.in_flight
+
+
 def test_a_small_lora_update_survives_bf16_rounding():
     """After the first optimizer step B is lr-sized: its effect on the hidden states must survive bf16 rounding (it
     did not when the LoRA term was added to an already rounded product or to the residual stream: training then

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from builder.core import settings
 from trainer.fused import attention as attn
 from trainer.fused.kernels import Kernels
 from trainer.fused.layer import Batch, DecoderLayerFn, LayerSpec
@@ -95,6 +96,15 @@ class FinalNormFn(torch.autograd.Function):
         return ctx.kernels.rms_norm_backward(dy.contiguous(), x, weight, ctx.state), None, None, None
 
 
+MLP_CHUNK_BYTES = 2**29  # a chunk's (tokens x intermediate) tensors, four of them at once
+
+
+def mlp_chunk_tokens(intermediate: int, elem: int) -> int:
+    """Tokens the MLP runs at a time: MLP_CHUNK_BYTES of (chunk x intermediate) tensors at most, in multiples of
+    1024 (7B: 3k tokens, still a GEMM that fills the GPU); $SAMEBOX_MLP_CHUNK_TOKENS for diagnosis."""
+    return settings.mlp_chunk_tokens() or max(1024, (MLP_CHUNK_BYTES // (4 * intermediate * elem)) // 1024 * 1024)
+
+
 class FusedDecoder:
     """Called like the transformers model body on a packed micro-batch: returns ``.last_hidden_state``."""
 
@@ -107,10 +117,7 @@ class FusedDecoder:
         config = body.config
         self.hidden = config.hidden_size
         self.intermediate = config.intermediate_size
-        elem = torch.finfo(dtype).bits // 8
-        # The MLP runs a chunk of tokens at a time: ~512 MiB of (chunk x intermediate) tensors at most (7B: 7k
-        # tokens, still a GEMM that fills the GPU).
-        self.mlp_chunk = max(1024, (2 ** 29 // (4 * self.intermediate * elem)) // 1024 * 1024)
+        self.mlp_chunk = mlp_chunk_tokens(self.intermediate, torch.finfo(dtype).bits // 8)
 
     def describe(self) -> str:
         return (f"fused layers ({self.kernels.name} kernels, {self.attention} attention, "

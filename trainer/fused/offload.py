@@ -4,16 +4,21 @@ Those two (tokens x hidden) tensors per layer are all a checkpointed layer keeps
 add up (7B, 28 layers, 32k tokens: 12.8 GB). With offloading they go to pinned host memory on a side stream while
 the next layers compute, and come back one layer ahead of the backward pass that needs them, so the GPU holds a
 single layer's worth. The copies overlap compute: a 7B forward over 32k tokens takes about a second, its 6.4 GB
-of copies about a quarter of that over PCIe 4.0.
+of copies about a quarter of that over PCIe 4.0. Where the copies are slower than the compute (a small model, short
+rows, a slow bus), the tensors wait on the GPU until their copy is done; at most IN_FLIGHT layers' copies are
+queued before the forward pass waits for the oldest, so the GPU holds a few layers' worth, not every layer's.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
 
 from builder.core import settings
+
+IN_FLIGHT = 2  # layers whose copies to the host may run at once ($SAMEBOX_OFFLOAD_IN_FLIGHT for diagnosis)
 
 
 def host_available_bytes() -> int:
@@ -41,6 +46,10 @@ class ActivationStore:
         cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if cuda and offload else None
         self.pin = cuda and offload and settings.pin_memory()
+        limit = settings.offload_in_flight()
+        self.in_flight_limit = IN_FLIGHT if limit is None else limit  # 0: no bound
+        self.in_flight: collections.deque = collections.deque()  # events of queued copies to the host, oldest first
+        self.waits = 0  # how often the forward pass waited for a copy
 
     # ----- forward -----------------------------------------------------------------------------------------
     def save(self, layer: int, *tensors: torch.Tensor) -> None:
@@ -56,6 +65,20 @@ class ActivationStore:
                 buf[: t.numel()].copy_(t.reshape(-1), non_blocking=True)
                 if self.stream is not None:
                     t.record_stream(self.stream)  # t may be freed on the compute stream while the copy runs
+        if self.stream is not None:
+            self._bound_in_flight()
+
+    def _bound_in_flight(self) -> None:
+        """The tensors of a queued copy stay allocated until it ends: past the limit, wait for the oldest copy
+        (the host waits; the GPU still has the layers queued since then to compute)."""
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self.in_flight.append(event)
+        while self.in_flight_limit and len(self.in_flight) > self.in_flight_limit:
+            oldest = self.in_flight.popleft()
+            if not oldest.query():
+                self.waits += 1
+                oldest.synchronize()
 
     def _buffer(self, layer: int, slot: int, t: torch.Tensor) -> torch.Tensor:
         buf = self.host.get((layer, slot))
@@ -99,6 +122,7 @@ class ActivationStore:
         """Drop what a pass left behind (a pass that failed half way, e.g. out of memory); host buffers stay."""
         self.kept.clear()
         self.ready.clear()
+        self.in_flight.clear()
         self.meta.clear()
 
     def host_bytes(self) -> int:

@@ -26,6 +26,7 @@ from trainer.data.dataset import TokenizedData
 from trainer.loop import checkpoint as ckpt
 from trainer.loop import distributed as dist
 from trainer.loop import rundir, sharding
+from trainer.loop.memory import MemoryPhases
 from trainer.loop.metrics import MetricsLogger
 from trainer.loop.prepare import prepare_data
 from trainer.loop.startup import STARTUP
@@ -94,19 +95,21 @@ class LoRAFinetuneRecipe:
                                   f"{self.world} processes: some GPUs idle every step")
         self.previous_handlers = {sig: signal.signal(sig, self._request_stop)
                                   for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.memory.mark("load")  # weights, adapter, a restored optimizer: what the steps start from
         STARTUP.mark("ready")
 
     def _setup_model(self) -> None:
         loaded, path = setup_model(self.cfg.model, self.cfg.lora, self.cfg.train, self._step_tokens(),
                                    packing_allowed=self.cfg.data.packing != "false")
         self.loaded: LoadedModel = loaded
+        self.memory = MemoryPhases(loaded.device)
         self.path = path
         self.checkpointing = path.checkpointing
         self.model = loaded.model
         self.decoder, self.head = decoder_and_head(self.model, path.fused)
         vocab = self.head.weight.shape[0]
         self.step_loss = StepLoss(self.decoder, self.head, loaded.device, loaded.dtype,
-                                  loss_chunk_rows(self.cfg.train.loss_chunk_tokens, vocab))
+                                  loss_chunk_rows(self.cfg.train.loss_chunk_tokens, vocab), self.memory.mark)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # The fused layers and flash-attn take packed rows with the samples' boundaries (varlen attention).
         self.varlen = path.fused is not None or loaded.attention == "flash_attention_2"
@@ -215,7 +218,7 @@ class LoRAFinetuneRecipe:
         result = run_step(self.step_loss, make, self.params, label_total, self.budget, self.loaded.device,
                           scale=self.scaler.scale if self.scaler else None,
                           on_oom=lambda b: self.logger.event(f"out of memory: micro-batch budget now {b} tokens"),
-                          retry_oom=not self.path.sharded)
+                          retry_oom=not self.path.sharded, mark=self.memory.mark)
         self.budget = result.budget
         loss_sum = result.loss_sum
         clock.mark("computed")
@@ -238,6 +241,7 @@ class LoRAFinetuneRecipe:
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.memory.mark("optimizer")  # the all-reduce, clipping and the update (AdamW's moments appear at step 1)
         self.step += 1
         elapsed = time.perf_counter() - started
         self.train_seconds += elapsed
@@ -255,7 +259,7 @@ class LoRAFinetuneRecipe:
             "compute_s": clock.span("start", "computed"), "reduce_s": clock.span("computed", "reduced"),
         }
         if self.loaded.device.type == "cuda":
-            row["mem_gib"] = torch.cuda.max_memory_allocated(self.loaded.device) / 2**30
+            row["mem_gib"] = self.memory.take_step_peak()  # this step's own peak (trainer/loop/memory.py)
         if skipped:
             row["skipped"] = skipped
         if result.oom_retries:
@@ -290,6 +294,7 @@ class LoRAFinetuneRecipe:
             path = ckpt.commit_checkpoint(self.run_dir, self.step, self.model, trainable, optimizer_state,
                                           self.scheduler, state, self.cfg.output.keep_last)
         dist.barrier(self.ranks)
+        self.memory.mark("save")
         STARTUP.saved(time.monotonic() - began)
         return path
 
@@ -338,8 +343,11 @@ class LoRAFinetuneRecipe:
                    "shard": self.cfg.train.shard,
                    "micro_batch_tokens": self.budget, "startup": STARTUP.to_dict()}
         if self.loaded.device.type == "cuda":
-            summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.loaded.device) / 2**30
-            summary["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.loaded.device) / 2**30
+            # The whole process's peak, and each phase's: memory_gib.train (the steps alone) is what peers that
+            # reset the allocator's peak after loading report.
+            summary["peak_mem_gib"] = self.memory.process_peak()
+            summary["memory_gib"] = self.memory.summary()
+            summary["peak_reserved_gib"] = self.memory.process_reserved()
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         self.logger.event(f"done: adapter in {self.run_dir / 'adapter'}")
         self._ended("finished", adapter=str(self.run_dir / "adapter"), **summary)

@@ -37,11 +37,17 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
 
 
 def forward_loss_sum(decoder: Any, head: torch.nn.Module, mb: MicroBatch, device: torch.device,
-                     dtype: torch.dtype, chunk: int) -> torch.Tensor:
-    """Sum of token losses of one micro-batch; logits are never materialised for the whole batch."""
+                     dtype: torch.dtype, chunk: int, mark: Callable[[str], None] | None = None) -> torch.Tensor:
+    """Sum of token losses of one micro-batch; logits are never materialised for the whole batch. ``mark`` is
+    told where the decoder's forward pass ended and where the loss did (trainer/loop/memory.py)."""
     with autocast_context(device, dtype):
         hidden = decoder(**mb.model_inputs(device), use_cache=False).last_hidden_state
-    return chunked_cross_entropy_sum(hidden, head.weight, mb.targets.to(device, non_blocking=True), chunk)
+    if mark:
+        mark("forward")
+    loss = chunked_cross_entropy_sum(hidden, head.weight, mb.targets.to(device, non_blocking=True), chunk)
+    if mark:
+        mark("loss")
+    return loss
 
 
 class StepLoss(torch.nn.Module):
@@ -53,23 +59,26 @@ class StepLoss(torch.nn.Module):
     so the read happens in this module's forward, where the root's weights are whole."""
 
     def __init__(self, decoder: Any, head: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                 chunk: int) -> None:
+                 chunk: int, mark: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self.decoder = decoder  # the transformers body (a submodule) or the fused decoder
         self.head = head
         self.device, self.dtype, self.chunk = device, dtype, chunk
+        self.mark = mark
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
-        return forward_loss_sum(self.decoder, self.head, mb, self.device, self.dtype, self.chunk)
+        return forward_loss_sum(self.decoder, self.head, mb, self.device, self.dtype, self.chunk, self.mark)
 
 
 def run_step(loss_of: Callable[[MicroBatch], torch.Tensor], make_batches: Callable[[int], list[MicroBatch]],
              params: list[torch.nn.Parameter], label_total: int, budget: int, device: torch.device,
              scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             on_oom: Callable[[int], None] | None = None, retry_oom: bool = True) -> StepResult:
+             on_oom: Callable[[int], None] | None = None, retry_oom: bool = True,
+             mark: Callable[[str], None] | None = None) -> StepResult:
     """Accumulate the step's gradient into ``params``; ``make_batches(budget)`` cuts the step's samples and
     ``loss_of`` (a StepLoss) gives a micro-batch's loss sum. ``retry_oom=False`` (FSDP2: the other ranks wait in
-    a collective for this one, so it cannot redo the step alone) makes out of memory an error at once."""
+    a collective for this one, so it cannot redo the step alone) makes out of memory an error at once. ``mark`` is
+    told where each backward pass ended."""
     retries = 0
     while True:
         batches = make_batches(budget)
@@ -79,6 +88,8 @@ def run_step(loss_of: Callable[[MicroBatch], torch.Tensor], make_batches: Callab
                 loss = loss_of(mb)
                 normalised = loss / max(label_total, 1)
                 (scale(normalised) if scale else normalised).backward()
+                if mark:
+                    mark("backward")
                 loss_sum += loss.detach()
             return StepResult(loss_sum, len(batches), budget, retries)
         except torch.OutOfMemoryError as e:

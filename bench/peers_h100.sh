@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Issue 23's H100 run in two calls on one warm single-GPU machine (no network there), back to back so /tmp stays:
+#
+#   bash bench/peers_h100.sh build   # carried wheels into /tmp/site; flash-attn 2.8.3 lean sm_90 built by
+#                                    # `samebox wheel flash-attn` and installed; meanwhile (the GPU is idle while
+#                                    # nvcc runs) samebox's 1.5B rows under memory variants: peaks only, the
+#                                    # compile takes the cores
+#   bash bench/peers_h100.sh rows    # the peer table, samebox vs unsloth, 7B then 1.5B, both mixes, preflight on:
+#                                    # samebox's short mix is a first start, its chat mix a second start
+#
+# Carry .whl (bench/peers_wheels.sh --lean; the flash-attn sdist and setuptools/wheel/packaging wheels). SWEEP
+# names the variants of `build` (name=VAR=value,...; default below). Results land in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: peers_h100.sh build|rows}
+OUT=${OUT:-/tmp/peers-h100-out}
+WORK=/tmp/peers-h100
+SITE=/tmp/site
+started=$(date +%s)
+mkdir -p "$OUT" "$WORK" "$SITE"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+elapsed() { echo $(( $(date +%s) - started )); }
+
+install_carried() {
+    [ -f .whl/site/bnb-site.tar.xz ] && tar -C "$SITE" -xJf .whl/site/bnb-site.tar.xz
+    for dir in .whl/site .whl/base .whl/unsloth-lean; do
+        ls "$dir"/*.whl >/dev/null 2>&1 || continue
+        echo "== $(elapsed)s installing $dir ($(du -sh "$dir" | cut -f1)) into $SITE"
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            "$dir"/*.whl 2>&1 | grep -v "Running pip as" || true
+    done
+}
+
+versions() {
+    python3 -c "import torch, transformers, peft, bitsandbytes
+try:
+    import flash_attn; fa = flash_attn.__version__
+except Exception as e:
+    fa = f'missing ({type(e).__name__})'
+print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__,
+      '| bitsandbytes', bitsandbytes.__version__, '| flash_attn', fa, '|', torch.cuda.get_device_name(0))" 2>&1 | tail -1
+}
+
+case "$stage" in
+build)
+    install_carried
+    echo "== $(elapsed)s flash-attn lean sm_90 build in the background"
+    OUT=$OUT/fa CACHE=/tmp/fa-cache SRC_DIR=.whl PROFILE=lean BUILD_TIMEOUT=${BUILD_TIMEOUT:-500} \
+        bash bench/flash_attn_gpu.sh >"$OUT/fa_build.log" 2>&1 &
+    fa=$!
+    SWEEP=${SWEEP:-"bounded2= unbounded=SAMEBOX_OFFLOAD_IN_FLIGHT=0 mlp2048=SAMEBOX_MLP_CHUNK_TOKENS=2048 mlp1024=SAMEBOX_MLP_CHUNK_TOKENS=1024 mlp1024_bounded1=SAMEBOX_MLP_CHUNK_TOKENS=1024,SAMEBOX_OFFLOAD_IN_FLIGHT=1"}
+    for variant in $SWEEP; do
+        name=${variant%%=*}; vars=${variant#*=}
+        left=$(( 470 - $(elapsed) ))
+        [ "$left" -lt 60 ] && { echo "== $(elapsed)s sweep stops before $name (time)"; break; }
+        echo "== $(elapsed)s 1.5B samebox, variant $name (${vars:-as shipped})"
+        env ${vars//,/ } python3 bench/trainer_peers.py --only 1.5b,samebox --gpus 0 --workdir "$WORK" \
+            --out "$OUT/sweep_$name.json" --deadline "$left" --arm-timeout 120 >"$OUT/sweep_$name.log" 2>&1
+        python3 - "$OUT/sweep_$name.json" <<'P' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d["rows"]:
+    s = r.get("arms", {}).get("samebox") or {}
+    print(f"   {r['model']} {r['mix']}: {s.get('label_tokens_per_s', 0):.0f} label tok/s, "
+          f"steps' peak {s.get('peak_allocated_gib')} GiB, phases {s.get('memory_gib')}, errors {r.get('errors')}")
+P
+    done
+    echo "== $(elapsed)s waiting for the flash-attn build"
+    wait $fa; echo "flash_attn_gpu.sh exit $?"; tail -n 25 "$OUT/fa_build.log"
+    for w in "$OUT"/fa/flash_attn-*+*.whl; do
+        [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" --upgrade "$w" \
+            2>&1 | grep -v "Running pip as"
+    done
+    rm -f "$OUT"/fa/*.whl  # too big to come back; the build's record and logs do
+    versions
+    ;;
+rows)
+    versions
+    python3 -c "import flash_attn" 2>/dev/null || echo "!! flash_attn missing: run the build stage first on this machine"
+    left=$(( ${CALL_LIMIT:-590} - $(elapsed) - 25 ))
+    echo "== $(elapsed)s bench/trainer_peers.py samebox vs unsloth, 7B then 1.5B (deadline ${left}s)"
+    python3 bench/trainer_peers.py --only samebox,unsloth --gpus 0 --startup-preflight --workdir "$WORK" \
+        --out "$OUT/trainer_peers_h100.json" --deadline "$left" --arm-timeout 200 2>&1 | tee "$OUT/peers.log" | tail -n 40
+    ;;
+*) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
+(cd "$WORK" && { find . -maxdepth 1 \( -name '*.json' -o -name '*.log' \) ! -name 'tokens-*';
+    find runs -name metrics.jsonl -o -name summary.json; } 2>/dev/null | tar czf "$OUT/logs_$stage.tgz" -T -)
+echo "== $(elapsed)s done"
