@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Issue 23's H100 run in two calls on one warm single-GPU machine (no network there), back to back so /tmp stays:
+# Issue 23's run on one single-GPU machine (no network there); stages run in the order given, in one call:
 #
-#   bash bench/peers_h100.sh build   # carried wheels into /tmp/site; flash-attn 2.8.3 lean sm_90 built by
-#                                    # `samebox wheel flash-attn` and installed; meanwhile (the GPU is idle while
-#                                    # nvcc runs) samebox's 1.5B rows under memory variants: peaks only, the
-#                                    # compile takes the cores
-#   bash bench/peers_h100.sh rows    # the peer table, samebox vs unsloth, 7B then 1.5B, both mixes, preflight on:
-#                                    # samebox's short mix is a first start, its chat mix a second start
+#   bash bench/peers_h100.sh build        # flash-attn 2.8.3 lean sm_90 built by `samebox wheel flash-attn` and
+#                                         # installed; meanwhile (the GPU is idle while nvcc runs) the 1.5B sweep
+#   bash bench/peers_h100.sh rows sweep   # the peer table, samebox vs unsloth, 7B then 1.5B, both mixes,
+#                                         # preflight on (samebox's short mix a first start, its chat mix a second
+#                                         # start); then samebox's 1.5B short row under memory variants
 #
-# Carry .whl (bench/peers_wheels.sh --lean; the flash-attn sdist and setuptools/wheel/packaging wheels). SWEEP
-# names the variants of `build` (name=VAR=value,...; default below). Results land in $OUT.
+# A later call on the same warm machine keeps /tmp (the installs, flash-attn, the models). Every stage first installs
+# the carried wheels into /tmp/site: carry .whl (bench/peers_wheels.sh --lean; for build also the flash-attn sdist
+# and setuptools/wheel/packaging wheels). SWEEP names the variants (name=VAR=value,...; default below); CALL_LIMIT
+# (default 590 s) bounds the whole call, ROWS_S (default 430 s) the rows. Results land in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: peers_h100.sh build|rows}
+[ $# -gt 0 ] || { echo "usage: peers_h100.sh build|rows|sweep ..." >&2; exit 2; }
 OUT=${OUT:-/tmp/peers-h100-out}
 WORK=/tmp/peers-h100
 SITE=/tmp/site
@@ -41,21 +42,16 @@ print('torch', torch.__version__, '| transformers', transformers.__version__, '|
       '| bitsandbytes', bitsandbytes.__version__, '| flash_attn', fa, '|', torch.cuda.get_device_name(0))" 2>&1 | tail -1
 }
 
-case "$stage" in
-build)
-    install_carried
-    echo "== $(elapsed)s flash-attn lean sm_90 build in the background"
-    OUT=$OUT/fa CACHE=/tmp/fa-cache SRC_DIR=.whl PROFILE=lean BUILD_TIMEOUT=${BUILD_TIMEOUT:-500} \
-        bash bench/flash_attn_gpu.sh >"$OUT/fa_build.log" 2>&1 &
-    fa=$!
+sweep() {  # samebox's 1.5B rows under memory variants, until $1 seconds into the call
+    local until=$1 only=${SWEEP_ONLY:-1.5b,short,samebox}
     SWEEP=${SWEEP:-"bounded2= unbounded=SAMEBOX_OFFLOAD_IN_FLIGHT=0 mlp2048=SAMEBOX_MLP_CHUNK_TOKENS=2048 mlp1024=SAMEBOX_MLP_CHUNK_TOKENS=1024 mlp1024_bounded1=SAMEBOX_MLP_CHUNK_TOKENS=1024,SAMEBOX_OFFLOAD_IN_FLIGHT=1"}
     for variant in $SWEEP; do
         name=${variant%%=*}; vars=${variant#*=}
-        left=$(( 470 - $(elapsed) ))
-        [ "$left" -lt 60 ] && { echo "== $(elapsed)s sweep stops before $name (time)"; break; }
-        echo "== $(elapsed)s 1.5B samebox, variant $name (${vars:-as shipped})"
-        env ${vars//,/ } python3 bench/trainer_peers.py --only 1.5b,samebox --gpus 0 --workdir "$WORK" \
-            --out "$OUT/sweep_$name.json" --deadline "$left" --arm-timeout 120 >"$OUT/sweep_$name.log" 2>&1
+        left=$(( until - $(elapsed) ))
+        [ "$left" -lt 45 ] && { echo "== $(elapsed)s sweep stops before $name (time)"; break; }
+        echo "== $(elapsed)s $only, variant $name (${vars:-as shipped})"
+        env ${vars//,/ } python3 bench/trainer_peers.py --only "$only" --gpus 0 --workdir "$WORK" \
+            --out "$OUT/sweep_$name.json" --deadline "$left" --min-arm-s 30 --arm-timeout 120 >"$OUT/sweep_$name.log" 2>&1
         python3 - "$OUT/sweep_$name.json" <<'P' || true
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -65,6 +61,17 @@ for r in d["rows"]:
           f"steps' peak {s.get('peak_allocated_gib')} GiB, phases {s.get('memory_gib')}, errors {r.get('errors')}")
 P
     done
+}
+
+install_carried
+for stage in "$@"; do
+case "$stage" in
+build)
+    echo "== $(elapsed)s flash-attn lean sm_90 build in the background"
+    OUT=$OUT/fa CACHE=/tmp/fa-cache SRC_DIR=.whl PROFILE=lean BUILD_TIMEOUT=${BUILD_TIMEOUT:-500} \
+        bash bench/flash_attn_gpu.sh >"$OUT/fa_build.log" 2>&1 &
+    fa=$!
+    sweep 470
     echo "== $(elapsed)s waiting for the flash-attn build"
     wait $fa; echo "flash_attn_gpu.sh exit $?"; tail -n 25 "$OUT/fa_build.log"
     for w in "$OUT"/fa/flash_attn-*+*.whl; do
@@ -76,14 +83,25 @@ P
     ;;
 rows)
     versions
-    python3 -c "import flash_attn" 2>/dev/null || echo "!! flash_attn missing: run the build stage first on this machine"
-    left=$(( ${CALL_LIMIT:-590} - $(elapsed) - 25 ))
+    python3 -c "import flash_attn" 2>/dev/null || echo "!! no flash_attn here: every arm attends without it"
+    left=$(( ${ROWS_S:-430} - $(elapsed) ))
     echo "== $(elapsed)s bench/trainer_peers.py samebox vs unsloth, 7B then 1.5B (deadline ${left}s)"
     python3 bench/trainer_peers.py --only samebox,unsloth --gpus 0 --startup-preflight --workdir "$WORK" \
         --out "$OUT/trainer_peers_h100.json" --deadline "$left" --arm-timeout 200 2>&1 | tee "$OUT/peers.log" | tail -n 40
+    # The fixed header (bench/header.py) on top of the file, taken on this machine.
+    python3 - "$OUT/trainer_peers_h100.json" <<'P' || true
+import json, sys
+from pathlib import Path
+from bench.header import header
+path = Path(sys.argv[1])
+data = json.loads(path.read_text())
+path.write_text(json.dumps({"header": header("bash bench/peers_h100.sh rows sweep"), **data}, indent=2))
+P
     ;;
-*) echo "unknown stage $stage" >&2; exit 2 ;;
+sweep) sweep $(( ${CALL_LIMIT:-590} - 20 )) ;;
+*) echo "unknown stage $stage (build, rows, sweep)" >&2; exit 2 ;;
 esac
+done
 (cd "$WORK" && { find . -maxdepth 1 \( -name '*.json' -o -name '*.log' \) ! -name 'tokens-*';
-    find runs -name metrics.jsonl -o -name summary.json; } 2>/dev/null | tar czf "$OUT/logs_$stage.tgz" -T -)
+    find runs -name metrics.jsonl -o -name summary.json; } 2>/dev/null | tar czf "$OUT/logs.tgz" -T -)
 echo "== $(elapsed)s done"
