@@ -80,6 +80,28 @@ def peers_detail_table() -> str:
     return "\n".join(lines)
 
 
+def peers_h100_table() -> str:
+    """trainer_peers_h100.json: samebox against unsloth on one H100 (no flash-attn in either arm), with start-up."""
+    result = load("trainer_peers_h100.json")
+    mixes = {"chat": "multi-turn chat", "short": "short rows"}
+    lines = ["| model, data | samebox label tok/s | unsloth | speed | peak memory (GiB) | samebox to step 1 s "
+             "(first, second start) | unsloth (first) |", "|---|---|---|---|---|---|---|"]
+    first = {(s["model"], s["mix"], s["arm"]): s["to_step_1_s"] for s in result["run_a"]["startup"]}
+    for row in sorted(result["rows"], key=lambda r: (r["model"] != "7b", r["mix"])):
+        arms = row["arms"]
+        speed = arms["samebox"]["label_tokens_per_s"] / arms["unsloth"]["label_tokens_per_s"]
+        memory = arms["samebox"]["peak_allocated_gib"] / arms["unsloth"]["peak_allocated_gib"]
+        start = "—"
+        if row["mix"] == "short":  # each arm's first mix: samebox's second start, after run A's first
+            start = (f"{first[(row['model'], 'short', 'samebox')]:.1f} first, "
+                     f"{arms['samebox']['startup']['seconds_to']['step_1']:.1f} second")
+        peer_start = f"{first[(row['model'], 'short', 'unsloth')]:.1f}" if row["mix"] == "short" else "—"
+        lines.append(f"| {MODELS[row['model']]}, {mixes[row['mix']]} | **{_tok_s(arms, 'samebox')}** "
+                     f"| {_tok_s(arms, 'unsloth')} | {speed:.2f}x | {memory:.2f}x {_peaks(arms)} | {start} "
+                     f"| {peer_start} |")
+    return "\n".join(lines)
+
+
 def headline_table() -> str:
     """One line per headline measurement, each naming its file."""
     multigpu = load("multigpu.json")
@@ -112,7 +134,7 @@ def headline_table() -> str:
 
 
 TABLES: dict[str, Callable[[], str]] = {"peers": peers_table, "peers-detail": peers_detail_table,
-                                        "headline": headline_table}
+                                        "peers-h100": peers_h100_table, "headline": headline_table}
 
 
 def render(text: str) -> str:
