@@ -20,15 +20,8 @@ SITE=/tmp/site
 mkdir -p "$OUT" "$WORKDIR" "$SITE"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 
-# .whl/site: bitsandbytes unpacked (CUDA 13.0 and CPU libraries only, ~3 MB instead of a 43 MB wheel) and the locked
-# peft (the platform's 0.21.0 is older than samebox supports)
-[ -f .whl/site/bnb-site.tar.xz ] && tar -C "$SITE" -xJf .whl/site/bnb-site.tar.xz
-for dir in .whl/site .whl/base .whl/unsloth .whl/unsloth-lean; do
-    ls "$dir"/*.whl >/dev/null 2>&1 || continue
-    echo "== installing $dir ($(du -sh "$dir" | cut -f1)) into $SITE"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        "$dir"/*.whl 2>&1 | grep -v "^WARNING: Running pip as" || true
-done
+. bench/carried.sh
+install_carried
 python3 -m pip list 2>/dev/null | grep -i -E "^(torch|triton|transformers|peft|accelerate|bitsandbytes|flash.attn|unsloth|unsloth.zoo|trl|datasets|torchao|certifi|fsspec|typing.extensions|pydantic|huggingface.hub) " \
     | tee "$OUT/packages.txt"
 

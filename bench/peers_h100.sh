@@ -22,15 +22,7 @@ mkdir -p "$OUT" "$WORK" "$SITE"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 elapsed() { echo $(( $(date +%s) - started )); }
 
-install_carried() {
-    [ -f .whl/site/bnb-site.tar.xz ] && tar -C "$SITE" -xJf .whl/site/bnb-site.tar.xz
-    for dir in .whl/site .whl/base .whl/unsloth-lean; do
-        ls "$dir"/*.whl >/dev/null 2>&1 || continue
-        echo "== $(elapsed)s installing $dir ($(du -sh "$dir" | cut -f1)) into $SITE"
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-            "$dir"/*.whl 2>&1 | grep -v "Running pip as" || true
-    done
-}
+. bench/carried.sh
 
 versions() {
     python3 -c "import torch, transformers, peft, bitsandbytes

@@ -36,10 +36,10 @@ def _n(value: float, decimals: int = 0) -> str:
 MODELS = {"7b": "Qwen2.5-7B QLoRA", "1.5b": "Qwen2.5-1.5B LoRA"}
 
 
-def _peer_rows():
-    """trainer_peers.json's rows, 7B first, each with its arms and samebox's speed and peak-memory ratios to
+def _peer_rows(name: str = "trainer_peers.json"):
+    """A peers file's rows, 7B first, each with its arms and samebox's speed and peak-memory ratios to
     unsloth's."""
-    for row in sorted(load("trainer_peers.json")["rows"], key=lambda r: (r["model"] != "7b", r["mix"])):
+    for row in sorted(load(name)["rows"], key=lambda r: (r["model"] != "7b", r["mix"])):
         arms = row["arms"]
         speed = arms["samebox"]["label_tokens_per_s"] / arms["unsloth"]["label_tokens_per_s"]
         memory = arms["samebox"]["peak_allocated_gib"] / arms["unsloth"]["peak_allocated_gib"]
@@ -87,10 +87,7 @@ def peers_h100_table() -> str:
     lines = ["| model, data | samebox label tok/s | unsloth | speed | peak memory (GiB) | samebox to step 1 s "
              "(first, second start) | unsloth (first) |", "|---|---|---|---|---|---|---|"]
     first = {(s["model"], s["mix"], s["arm"]): s["to_step_1_s"] for s in result["run_a"]["startup"]}
-    for row in sorted(result["rows"], key=lambda r: (r["model"] != "7b", r["mix"])):
-        arms = row["arms"]
-        speed = arms["samebox"]["label_tokens_per_s"] / arms["unsloth"]["label_tokens_per_s"]
-        memory = arms["samebox"]["peak_allocated_gib"] / arms["unsloth"]["peak_allocated_gib"]
+    for row, arms, speed, memory in _peer_rows("trainer_peers_h100.json"):
         start = "—"
         if row["mix"] == "short":  # each arm's first mix: samebox's second start, after run A's first
             start = (f"{first[(row['model'], 'short', 'samebox')]:.1f} first, "
